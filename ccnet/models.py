@@ -1,0 +1,183 @@
+"""CCNet and its variants, built by name.
+
+Every model is a :class:`CCNet` configured by a :class:`CCNetConfig`; the registry holds one config per
+self-describing name (``{method}_{backbone}``), and :func:`build_ccnet` applies keyword overrides::
+
+    model = build_ccnet("ccnet_r101_deepstem_d8", num_classes=19)             # the paper's model
+    model = build_ccnet("ccnet_tiny", num_classes=4, recurrence=1)            # CPU demo, R=1
+    model = build_ccnet("ccnet_r50_d8", num_classes=150, placement="both")    # attention also at stride 4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ccnet.attention import ATTENTION_TYPES
+from ccnet.backbones import BACKBONES, build_backbone
+from ccnet.heads import FCNHead, RCCAHead, build_recurrent_attention
+
+PLACEMENTS = ("head", "stem", "both")
+
+
+@dataclass(frozen=True)
+class CCNetConfig:
+    """Everything that defines a CCNet model. Defaults are the paper's Cityscapes model.
+
+    Attributes:
+        backbone: one of :data:`ccnet.backbones.BACKBONES`.
+        num_classes: number of output classes.
+        attention: ``"criss_cross"`` (RCCA), ``"axial"`` (rows then columns) or ``"nonlocal"``.
+        recurrence: shared-weight attention steps R (0 = plain dilated FCN).
+        placement: where attention goes: ``"head"`` (after the backbone, the paper's), ``"stem"`` (on the
+            stem's stride-4 features, before the deep stages) or ``"both"``.
+        reduction: query/key channels are the attention width divided by this.
+        head_channels: width of the head's attention (the 3x3 reduce conv's output).
+        bottleneck_channels: width of the 3x3 conv after concatenating backbone and context features.
+        aux_channels: width of the auxiliary FCN head; 0 turns the aux head off.
+        dropout: Dropout2d before both classifiers.
+        embedding_channels: > 0 adds the projection used by the category-consistent loss.
+        output_stride: 8 (the paper's) or 16.
+        pretrained: local file with ImageNet backbone weights, or None; never downloaded.
+    """
+
+    backbone: str = "resnet101_deepstem"
+    num_classes: int = 19
+    attention: str = "criss_cross"
+    recurrence: int = 2
+    placement: str = "head"
+    reduction: int = 8
+    head_channels: int = 512
+    bottleneck_channels: int = 512
+    aux_channels: int = 512
+    dropout: float = 0.1
+    embedding_channels: int = 0
+    output_stride: int = 8
+    pretrained: str | None = None
+
+    def __post_init__(self) -> None:
+        checks = {
+            "backbone": self.backbone in BACKBONES,
+            "attention": self.attention in ATTENTION_TYPES,
+            "placement": self.placement in PLACEMENTS,
+            "num_classes": self.num_classes >= 1,
+            "recurrence": self.recurrence >= 0,
+            "reduction": self.reduction >= 1,
+            "head_channels": self.head_channels >= self.reduction,
+            "bottleneck_channels": self.bottleneck_channels >= 1,
+            "aux_channels": self.aux_channels >= 0,
+            "dropout": 0.0 <= self.dropout < 1.0,
+            "embedding_channels": self.embedding_channels >= 0,
+            "output_stride": self.output_stride in (8, 16),
+        }
+        choices = {"backbone": BACKBONES, "attention": tuple(ATTENTION_TYPES), "placement": PLACEMENTS}
+        for key, ok in checks.items():
+            if not ok:
+                hint = f"; choose one of {list(choices[key])}" if key in choices else ""
+                raise ValueError(f"invalid model config: {key}={getattr(self, key)!r}{hint}")
+
+
+class CCNet(nn.Module):
+    """Dilated backbone -> RCCA head (+ auxiliary FCN head on stage 3).
+
+    ``forward(image (B, 3, H, W))`` returns ``{"out": logits (B, K, H, W)}``, plus ``"aux"`` (same shape)
+    when the aux head is on and ``"embedding"`` (B, E, H/8, W/8) when ``embedding_channels > 0``. Logits
+    are upsampled to the input size; the losses (aux weight 0.4) live in :mod:`ccnet.losses`.
+    """
+
+    def __init__(self, config: CCNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = build_backbone(
+            config.backbone, output_stride=config.output_stride, pretrained=config.pretrained
+        )
+        use_stem = config.placement in ("stem", "both")
+        use_head = config.placement in ("head", "both")
+        self.stem_attention = (
+            build_recurrent_attention(
+                config.attention, self.backbone.stem_channels, config.recurrence, config.reduction
+            )
+            if use_stem
+            else None
+        )
+        self.head = RCCAHead(
+            self.backbone.out_channels,
+            config.num_classes,
+            channels=config.head_channels,
+            bottleneck_channels=config.bottleneck_channels,
+            attention=config.attention,
+            recurrence=config.recurrence if use_head else 0,
+            reduction=config.reduction,
+            dropout=config.dropout,
+            embedding_channels=config.embedding_channels,
+        )
+        self.aux_head = (
+            FCNHead(self.backbone.aux_channels, config.num_classes, config.aux_channels, config.dropout)
+            if config.aux_channels > 0
+            else None
+        )
+
+    def forward(self, image: Tensor) -> dict[str, Tensor]:
+        size = image.shape[-2:]
+        features = self.backbone(image, stem_hook=self.stem_attention)
+        outputs = self.head(features["out"])
+        outputs["out"] = F.interpolate(outputs["out"], size=size, mode="bilinear", align_corners=False)
+        if self.aux_head is not None:
+            aux = self.aux_head(features["aux"])
+            outputs["aux"] = F.interpolate(aux, size=size, mode="bilinear", align_corners=False)
+        return outputs
+
+
+_BACKBONE_SUFFIXES = {
+    "r50_d8": dict(backbone="resnet50"),
+    "r101_d8": dict(backbone="resnet101"),
+    "r101_deepstem_d8": dict(backbone="resnet101_deepstem"),
+    # The tiny backbone's stage widths are (16, 32, 64, 128): a head of 64 keeps the proportions.
+    "tiny": dict(backbone="tiny", head_channels=64, bottleneck_channels=64, aux_channels=32),
+}
+_METHODS = {
+    "ccnet": dict(attention="criss_cross", recurrence=2),
+    "axial": dict(attention="axial", recurrence=1),
+    "nonlocal": dict(attention="nonlocal", recurrence=1),
+    "fcn": dict(recurrence=0),
+}
+_REGISTRY: dict[str, CCNetConfig] = {
+    f"{method}_{suffix}": CCNetConfig(**method_fields, **backbone_fields)
+    for method, method_fields in _METHODS.items()
+    for suffix, backbone_fields in _BACKBONE_SUFFIXES.items()
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`build_ccnet`, sorted."""
+    return sorted(_REGISTRY)
+
+
+def model_config(name: str, **overrides: object) -> CCNetConfig:
+    """The registered config of ``name`` with ``overrides`` applied (validated)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")
+    fields = {field.name for field in dataclasses.fields(CCNetConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"unknown option(s) for model {name!r}: {unknown}; valid options: {sorted(fields)}")
+    return dataclasses.replace(_REGISTRY[name], **overrides)
+
+
+def build_ccnet(name: str, num_classes: int, **overrides: object) -> CCNet:
+    """Build a registered model (see :func:`list_models`) for ``num_classes`` classes.
+
+    Args:
+        name: registered name, e.g. ``"ccnet_r101_deepstem_d8"``, ``"nonlocal_r50_d8"``, ``"ccnet_tiny"``.
+        num_classes: number of output classes.
+        **overrides: any :class:`CCNetConfig` field, e.g. ``recurrence=3``, ``placement="both"``,
+            ``pretrained="/path/resnet101.pth"``.
+
+    Raises:
+        ValueError: unknown name or invalid value (the message names the field).
+        TypeError: an override that is not a config field.
+    """
+    return CCNet(model_config(name, num_classes=num_classes, **overrides))

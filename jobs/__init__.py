@@ -1,0 +1,1 @@
+"""Thin entry points, one per job a user submits (``python -m jobs.NAME``)."""

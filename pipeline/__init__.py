@@ -1,0 +1,1 @@
+"""The CCNet pipeline: data, storage, training, evaluation, tuning and tracking around ``ccnet``."""

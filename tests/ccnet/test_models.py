@@ -1,0 +1,130 @@
+"""CCNet models: output contract, variants, registry and config errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ccnet import CCNet, CrissCrossAttention, NonLocal2d, build_ccnet, list_models, model_config
+from ccnet.attention import AxialAttention, RecurrentAttention
+
+TINY_VARIANTS = {
+    "ccnet": {},
+    "ccnet_r1": {"recurrence": 1},
+    "ccnet_r3": {"recurrence": 3},
+    "fcn_r0": {"recurrence": 0},
+    "nonlocal": {"attention": "nonlocal", "recurrence": 1},
+    "axial": {"attention": "axial", "recurrence": 1},
+    "stem_only": {"placement": "stem"},
+    "stem_and_head": {"placement": "both"},
+    "no_aux": {"aux_channels": 0},
+    "embedding": {"embedding_channels": 16},
+}
+
+
+@pytest.mark.parametrize("variant", TINY_VARIANTS)
+def test_tiny_variants_output_contract_and_gradients(variant: str) -> None:
+    torch.manual_seed(0)
+    model = build_ccnet("ccnet_tiny", num_classes=5, **TINY_VARIANTS[variant])
+    for module in model.modules():  # gamma starts at 0: give attention a say so its params get gradients
+        if hasattr(module, "gamma"):
+            torch.nn.init.constant_(module.gamma, 0.5)
+    image = torch.randn(2, 3, 45, 61)  # non-square, not a multiple of 8
+    outputs = model(image)
+    assert outputs["out"].shape == (2, 5, 45, 61)
+    assert ("aux" in outputs) == (model.config.aux_channels > 0)
+    if "aux" in outputs:
+        assert outputs["aux"].shape == (2, 5, 45, 61)
+    if model.config.embedding_channels:
+        assert outputs["embedding"].shape == (2, 16, 6, 8)
+    sum(o.sum() for o in outputs.values()).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad, f"parameters without gradient: {no_grad}"
+
+
+def test_variants_build_the_right_modules() -> None:
+    def attention(model: CCNet) -> torch.nn.Module:
+        return model.head.attention
+
+    ccnet = build_ccnet("ccnet_tiny", 3)
+    assert isinstance(attention(ccnet), RecurrentAttention) and attention(ccnet).recurrence == 2
+    assert isinstance(attention(ccnet).attention, CrissCrossAttention)
+    assert isinstance(attention(build_ccnet("nonlocal_tiny", 3)).attention, NonLocal2d)
+    assert isinstance(attention(build_ccnet("axial_tiny", 3)).attention, AxialAttention)
+    assert isinstance(attention(build_ccnet("fcn_tiny", 3)), torch.nn.Identity)
+    stem_only = build_ccnet("ccnet_tiny", 3, placement="stem")
+    assert isinstance(attention(stem_only), torch.nn.Identity)
+    assert stem_only.stem_attention.attention.in_channels == stem_only.backbone.stem_channels
+    assert ccnet.stem_attention is None
+
+
+def test_stem_attention_runs_at_stride_four() -> None:
+    model = build_ccnet("ccnet_tiny", 3, placement="stem").eval()
+    seen = []
+    model.stem_attention.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].shape))
+    model(torch.randn(1, 3, 64, 96))
+    assert seen == [torch.Size([1, model.backbone.stem_channels, 16, 24])]
+
+
+def test_registry_names_are_self_describing() -> None:
+    names = list_models()
+    assert "ccnet_r101_deepstem_d8" in names and "ccnet_tiny" in names
+    for method in ("ccnet", "nonlocal", "axial", "fcn"):
+        for backbone in ("r50_d8", "r101_d8", "r101_deepstem_d8", "tiny"):
+            assert f"{method}_{backbone}" in names
+    reference = model_config("ccnet_r101_deepstem_d8")
+    assert reference.backbone == "resnet101_deepstem"
+    assert (reference.recurrence, reference.head_channels) == (2, 512)
+    assert (reference.reduction, reference.dropout, reference.output_stride) == (8, 0.1, 8)
+
+
+def test_reference_model_structure_on_meta() -> None:
+    with torch.device("meta"):
+        model = build_ccnet("ccnet_r101_deepstem_d8", num_classes=19)
+        outputs = model(torch.empty(1, 3, 769, 769))
+    assert outputs["out"].shape == (1, 19, 769, 769) and outputs["aux"].shape == (1, 19, 769, 769)
+    head = model.head
+    assert head.reduce[0].in_channels == 2048 and head.reduce[0].out_channels == 512
+    assert head.reduce[0].kernel_size == (3, 3) and head.project[0].kernel_size == (3, 3)
+    assert head.bottleneck[0].in_channels == 2048 + 512 and head.bottleneck[0].out_channels == 512
+    assert head.dropout.p == 0.1 and head.classifier.kernel_size == (1, 1)
+    attention = head.attention.attention
+    assert attention.query.out_channels == 64 and attention.value.out_channels == 512
+    assert model.aux_head[0][0].in_channels == 1024
+
+
+@pytest.mark.parametrize("name", ["ccnet_r50_d8", "ccnet_r101_d8", "ccnet_r101_deepstem_d8"])
+def test_resnet_models_forward_on_cpu(name: str) -> None:
+    model = build_ccnet(name, num_classes=4, head_channels=64, bottleneck_channels=64, aux_channels=32).eval()
+    with torch.no_grad():
+        outputs = model(torch.randn(1, 3, 33, 41))
+    assert outputs["out"].shape == (1, 4, 33, 41) and torch.isfinite(outputs["out"]).all()
+
+
+def test_config_errors_name_the_key() -> None:
+    with pytest.raises(ValueError, match="unknown model 'ccnet_r18'"):
+        build_ccnet("ccnet_r18", 3)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) for model 'ccnet_tiny': \['recurrance'\]"):
+        build_ccnet("ccnet_tiny", 3, recurrance=2)
+    with pytest.raises(ValueError, match="recurrence=-1"):
+        build_ccnet("ccnet_tiny", 3, recurrence=-1)
+    with pytest.raises(ValueError, match="attention='dense'"):
+        build_ccnet("ccnet_tiny", 3, attention="dense")
+    with pytest.raises(ValueError, match="placement='neck'"):
+        build_ccnet("ccnet_tiny", 3, placement="neck")
+    with pytest.raises(ValueError, match="num_classes=0"):
+        build_ccnet("ccnet_tiny", 0)
+
+
+def test_ccnet_imports_no_pipeline_dependencies() -> None:
+    code = (
+        "import sys, ccnet, ccnet.attention, ccnet.attention_maps, ccnet.backbones, ccnet.heads, "
+        "ccnet.inference, ccnet.losses, ccnet.metrics, ccnet.models, ccnet.profiling\n"
+        "bad = [m for m in ('ray', 'mlflow', 'boto3', 'pyarrow', 'pipeline') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
