@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import Tensor
 
 from ccnet import AxialAttention, CrissCrossAttention, NonLocal2d, RecurrentAttention
 from ccnet.attention import build_attention
+from ccnet.criss_cross_op import CrissCrossStep
+from ccnet.profiling import saved_tensor_bytes
 
-MODULES = [CrissCrossAttention, AxialAttention, NonLocal2d]
+# The criss-cross module runs its hand-written op when training; memory_efficient=False differentiates the
+# plain formulation with autograd. Both are checked against the same oracles.
+CrissCrossAutograd = functools.partial(CrissCrossAttention, memory_efficient=False)
+MODULES = [CrissCrossAttention, CrissCrossAutograd, AxialAttention, NonLocal2d]
 
 
 def _random_module(cls: type, channels: int = 16, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -56,15 +63,54 @@ def nonlocal_oracle(module: NonLocal2d, x: Tensor) -> Tensor:
     return module.gamma * _dense(*_projections(module, x), everything).view_as(x) + x
 
 
-ORACLES = {CrissCrossAttention: criss_cross_oracle, AxialAttention: axial_oracle, NonLocal2d: nonlocal_oracle}
+ORACLES = {
+    CrissCrossAttention: criss_cross_oracle,
+    CrissCrossAutograd: criss_cross_oracle,
+    AxialAttention: axial_oracle,
+    NonLocal2d: nonlocal_oracle,
+}
 
 
 @pytest.mark.parametrize("cls", MODULES)
 @pytest.mark.parametrize("shape", [(2, 16, 5, 7), (3, 16, 9, 4), (2, 16, 1, 6)])
 def test_matches_dense_oracle(cls: type, shape: tuple[int, ...]) -> None:
     module = _random_module(cls)
-    x = torch.randn(*shape)
-    torch.testing.assert_close(module(x), ORACLES[cls](module, x), atol=1e-5, rtol=1e-5)
+    x = torch.randn(*shape, requires_grad=True)
+    out = module(x)
+    expected = ORACLES[cls](module, x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # inference takes another path through the criss-cross module
+        torch.testing.assert_close(module(x), expected, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, *module.parameters()], grad)
+    want = torch.autograd.grad(expected, [x, *module.parameters()], grad)
+    for name, g, w in zip(["x", *dict(module.named_parameters())], got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"d/d{n}: {m}")
+
+
+def test_memory_efficient_step_saves_only_input_and_attention() -> None:
+    x = torch.randn(1, 64, 12, 10, requires_grad=True)
+    lean = saved_tensor_bytes(RecurrentAttention(_random_module(CrissCrossAttention, 64), 2), x)
+    plain = saved_tensor_bytes(RecurrentAttention(_random_module(CrissCrossAutograd, 64), 2), x)
+    attention_bytes = 12 * 10 * (12 + 10) * 4
+    # step 1 keeps its attention (x and the parameters are excluded), step 2 its input and its attention
+    assert lean == 2 * attention_bytes + x.numel() * 4
+    assert plain > 2 * lean
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16])
+def test_memory_efficient_step_chunks_values_exactly(chunk: int) -> None:
+    module = _random_module(CrissCrossAttention, channels=16, dtype=torch.float64)
+    x = torch.randn(2, 16, 4, 3, dtype=torch.float64, requires_grad=True)
+
+    def step(x: Tensor, *params: Tensor) -> Tensor:
+        gamma, wq, bq, wk, bk, wv, bv = params
+        return CrissCrossStep.apply(x, gamma, chunk, wq, bq, wk, bk, wv, bv)
+
+    params = [module.gamma, module.query.weight, module.query.bias, module.key.weight, module.key.bias,
+              module.value.weight, module.value.bias]
+    torch.testing.assert_close(step(x, *params), criss_cross_oracle(module, x))
+    assert torch.autograd.gradcheck(step, (x, *params))
 
 
 def test_criss_cross_counts_the_centre_once() -> None:
@@ -88,8 +134,8 @@ def test_identity_at_init(cls: type) -> None:
 
 @pytest.mark.parametrize("cls", MODULES)
 def test_gradcheck_float64(cls: type) -> None:
-    module = _random_module(cls, channels=8, dtype=torch.float64)
-    x = torch.randn(2, 8, 3, 4, dtype=torch.float64, requires_grad=True)
+    module = _random_module(cls, channels=16, dtype=torch.float64)
+    x = torch.randn(2, 16, 3, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(module, (x,))
     params = tuple(module.parameters())
     assert torch.autograd.gradcheck(lambda *p: torch.func.functional_call(
