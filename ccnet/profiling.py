@@ -178,11 +178,13 @@ def compare_attention(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     repeats: int = 3,
+    include_autograd: bool = False,
 ) -> list[Profile]:
     """The paper's efficiency comparison: Non-local vs criss-cross R=1/2/3 vs rows-then-columns.
 
     The default is the paper's setting: a 769x769 image at output stride 8 gives 97x97 features of 512
-    channels (queries/keys at 64).
+    channels (queries/keys at 64). ``include_autograd`` adds criss-cross R=2 differentiated by plain
+    autograd (``memory_efficient=False``) for comparison with the hand-written backward.
     """
     from ccnet.attention import AxialAttention, CrissCrossAttention, NonLocal2d, RecurrentAttention
 
@@ -190,6 +192,10 @@ def compare_attention(
     for recurrence in (1, 2, 3):
         builds[f"criss-cross R={recurrence}"] = lambda r=recurrence: RecurrentAttention(
             CrissCrossAttention(channels), r
+        )
+    if include_autograd:
+        builds["criss-cross R=2 autograd"] = lambda: RecurrentAttention(
+            CrissCrossAttention(channels, memory_efficient=False), 2
         )
     builds["rows-then-columns"] = lambda: AxialAttention(channels)
     shape = (batch, channels, *feature_size)

@@ -1,0 +1,45 @@
+"""The ``ccnet`` command line, in process and as the installed console script."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+
+
+def test_models_lists_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "ccnet_r101_deepstem_d8" in names and "nonlocal_tiny" in names
+
+
+def test_efficiency_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["efficiency", "--feature-size", "9", "--channels", "32", "--repeats", "1",
+                 "--model", "ccnet_tiny"]) == 0
+    out = capsys.readouterr().out
+    for row in ("non-local", "criss-cross R=1", "criss-cross R=2", "criss-cross R=3", "rows-then-columns"):
+        assert f"\n{row} " in out
+    assert "ccnet_tiny (19 classes) at 65x65" in out
+
+
+def test_bad_value_is_one_line_and_nonzero() -> None:
+    command = [sys.executable, "-m", "pipeline.cli", "efficiency", "--feature-size", "9", "--channels", "4"]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "ERROR in_channels=4 and reduction=8 leave no query/key channels"
+    )
+
+
+CONSOLE_SCRIPT = Path(sys.executable).parent / "ccnet"
+
+
+@pytest.mark.skipif(not CONSOLE_SCRIPT.exists(), reason="console script not installed (pip install -e .)")
+def test_console_script() -> None:
+    result = subprocess.run([str(CONSOLE_SCRIPT), "models"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and "ccnet_tiny" in result.stdout
