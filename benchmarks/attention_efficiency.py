@@ -11,12 +11,7 @@ on CUDA a bf16 table and a check that bf16/fp16 autocast gives finite outputs an
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-# The CPU profiler behind the peak-memory column logs every start/stop to stderr unless told otherwise
-# before torch loads.
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
 import torch
 

@@ -12,11 +12,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,12 +77,33 @@ def _forward_backward(module: nn.Module, x: Tensor) -> None:
     module(x).float().sum().backward()
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null: the profiler's native library logs every start and stop there,
+    whatever its log-level variable says once torch is loaded."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_peak_bytes(fn: Callable[[], None]) -> int:
     """Peak of allocated-minus-freed bytes while ``fn`` runs, from the profiler's memory events."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced():
+        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        prof.start()
+    try:
         fn()
+    finally:
+        with _native_stderr_silenced():
+            prof.stop()
     with tempfile.TemporaryDirectory() as folder:
         trace = Path(folder) / "trace.json"
         prof.export_chrome_trace(str(trace))

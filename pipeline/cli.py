@@ -9,12 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-
-# The CPU profiler behind the peak-memory column logs every start/stop to stderr unless told otherwise
-# before torch loads.
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
 import torch
 
