@@ -27,6 +27,8 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck
 
+from ccnet.layers import ConvBNReLU
+
 logger = logging.getLogger(__name__)
 
 BACKBONES: tuple[str, ...] = ("resnet50", "resnet101", "resnet101_deepstem", "tiny")
@@ -206,21 +208,12 @@ class DeepStemResNet101(Backbone):
         return self.maxpool(x)
 
 
-class _ConvBNReLU(nn.Sequential):
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1) -> None:
-        super().__init__(
-            _conv3x3(in_channels, out_channels, stride, dilation),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-        )
-
-
 class _TinyBlock(nn.Module):
     """Residual block: two 3x3 conv-BN (ReLU between), a 1x1 conv-BN shortcut when the shape changes."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1) -> None:
         super().__init__()
-        self.conv1 = _ConvBNReLU(in_channels, out_channels, stride, dilation)
+        self.conv1 = ConvBNReLU(in_channels, out_channels, stride=stride, dilation=dilation)
         self.conv2 = _conv3x3(out_channels, out_channels, dilation=dilation)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.shortcut: nn.Module = nn.Identity()
@@ -260,8 +253,8 @@ class TinyBackbone(Backbone):
             raise ValueError(f"need 4 positive widths and stem_channels >= 1, got {widths}, {stem_channels}")
         layer3_stride, layer3_dilation, layer4_dilation = (1, 2, 4) if output_stride == 8 else (2, 1, 2)
         self.stem = nn.Sequential(
-            _ConvBNReLU(3, stem_channels, stride=2),
-            _ConvBNReLU(stem_channels, stem_channels, stride=2),
+            ConvBNReLU(3, stem_channels, stride=2),
+            ConvBNReLU(stem_channels, stem_channels, stride=2),
         )
         self.layer1 = _TinyBlock(stem_channels, widths[0])
         self.layer2 = _TinyBlock(widths[0], widths[1], stride=2)

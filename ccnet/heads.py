@@ -6,17 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ccnet.attention import RecurrentAttention, build_attention
-
-
-class ConvBNReLU(nn.Sequential):
-    """``kernel_size`` conv (no bias, "same" padding) -> BatchNorm -> ReLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-        )
+from ccnet.layers import ConvBNReLU
 
 
 def build_recurrent_attention(

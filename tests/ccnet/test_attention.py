@@ -222,3 +222,15 @@ def test_cuda_autocast_matches_cpu(cls: type, dtype: torch.dtype) -> None:
     out.float().sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(x_cuda.grad).all()
     torch.testing.assert_close(out.float().cpu(), expected.detach(), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("cls", MODULES)
+def test_runs_in_bfloat16_weights(cls: type) -> None:
+    module = _random_module(cls, dtype=torch.bfloat16)
+    x = torch.randn(2, 16, 6, 5, dtype=torch.bfloat16, requires_grad=True)
+    out = module(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
+    assert all(p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all() for p in module.parameters())
+    reference = _random_module(cls)
+    torch.testing.assert_close(out.float(), ORACLES[cls](reference, x.detach().float()), atol=0.15, rtol=0.05)
