@@ -3,6 +3,9 @@
     ccnet models                                   # registered model names
     ccnet efficiency                               # the paper's efficiency table (97x97x512 features)
     ccnet efficiency --feature-size 33 --repeats 1 # a quick one
+    ccnet data prepare --dataset camvid --root ../shared/data/camvid --out s3://bucket/datasets
+    ccnet data prepare --dataset generated --out ./runs/datasets --count train=200,val=50
+    ccnet data inspect s3://bucket/datasets/camvid/v1 --grid camvid.png
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from ccnet import list_models
 from ccnet.profiling import compare_attention, format_table, model_summary
 
 log = logging.getLogger("ccnet")
+
+DATASETS = ("cityscapes", "ade20k", "cocostuff", "camvid", "generated")
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -38,6 +43,81 @@ def _efficiency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_counts(text: str) -> dict[str, int]:
+    """``train=200,val=50`` -> {"train": 200, "val": 50}."""
+    try:
+        counts = {split: int(count) for split, count in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected split=count[,split=count...], got {text!r}") from None
+    if any(count < 1 for count in counts.values()):
+        raise argparse.ArgumentTypeError(f"counts must be positive, got {text!r}")
+    return counts
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+    from pipeline.data.sources import build_source
+    from pipeline.data.writer import write_shards
+
+    options: dict[str, object] = {}
+    if args.dataset == "generated":
+        options = {"seed": args.seed, "image_size": (args.image_size, args.image_size)}
+        if args.count:
+            options["counts"] = args.count
+    elif args.root is None:
+        raise ValueError(f"--root is required for dataset {args.dataset!r}")
+    source = build_source(args.dataset, args.root, **options)
+    splits = args.splits.split(",") if args.splits else None
+    uri, manifest = write_shards(
+        source,
+        args.out,
+        version=args.version,
+        splits=splits,
+        max_shard_bytes=int(args.max_shard_mb * 2**20),
+        workers=args.workers,
+        skip_bad=args.skip_bad,
+    )
+    counts = ", ".join(f"{split} {count}" for split, count in manifest.counts.items())
+    skipped = f", {len(manifest.skipped)} skipped" if manifest.skipped else ""
+    sys.stdout.write(f"{uri}: {counts} samples in {len(manifest.shards)} shards{skipped}\n")
+    return 0
+
+
+def _data_inspect(args: argparse.Namespace) -> int:
+    from pipeline.data.inspect import inspect_dataset
+
+    report = inspect_dataset(args.uri, split=args.split, limit=args.limit, grid=args.grid)
+    sys.stdout.write(report.format() + "\n")
+    if args.grid:
+        sys.stdout.write(f"sample grid: {args.grid}\n")
+    return 0
+
+
+def _add_data_commands(commands: argparse._SubParsersAction) -> None:
+    data = commands.add_parser("data", help="prepare and inspect datasets as Parquet shards")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+
+    prepare = data_commands.add_parser("prepare", help="turn a downloaded dataset into shards")
+    prepare.add_argument("--dataset", required=True, choices=DATASETS)
+    prepare.add_argument("--root", help="the dataset as downloaded (not needed for 'generated')")
+    prepare.add_argument("--out", required=True, help="root URI: s3://bucket/prefix or a local folder")
+    prepare.add_argument("--version", default="v1", help="version name; a published version is immutable")
+    prepare.add_argument("--splits", help="comma-separated splits (default: the dataset's train and val)")
+    prepare.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    prepare.add_argument("--max-shard-mb", type=float, default=128.0, help="bound on a shard's size")
+    prepare.add_argument("--skip-bad", action="store_true", help="leave out bad samples, list them")
+    prepare.add_argument("--seed", type=int, default=0, help="generated: random seed")
+    prepare.add_argument("--image-size", type=int, default=128, help="generated: image side in pixels")
+    prepare.add_argument("--count", type=_parse_counts, help="generated: e.g. train=200,val=50")
+    prepare.set_defaults(run=_data_prepare)
+
+    inspect = data_commands.add_parser("inspect", help="counts, class histogram and a sample grid")
+    inspect.add_argument("uri", help="a dataset version, e.g. s3://bucket/datasets/camvid/v1")
+    inspect.add_argument("--split", help="one split (default: all)")
+    inspect.add_argument("--limit", type=int, help="samples read per split for the histogram")
+    inspect.add_argument("--grid", help="save a PNG grid of samples with coloured labels here")
+    inspect.set_defaults(run=_data_inspect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ccnet", description=__doc__.split("\n\n")[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -55,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     efficiency.add_argument("--model", default="ccnet_r101_deepstem_d8", choices=list_models())
     efficiency.add_argument("--num-classes", type=int, default=19)
     efficiency.set_defaults(run=_efficiency)
+
+    _add_data_commands(commands)
     return parser
 
 
@@ -64,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(message)s")
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
         if args.debug:
             raise
         log.error("%s", error)

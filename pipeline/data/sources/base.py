@@ -30,6 +30,10 @@ class BadSampleError(ValueError):
         self.path = str(path)
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Raised in worker processes and pickled back to the parent: rebuild from both fields.
+        return type(self), (self.path, self.reason)
+
 
 @dataclass(frozen=True)
 class SampleRef:
@@ -88,6 +92,17 @@ class DatasetSource(ABC):
     @abstractmethod
     def samples(self, split: str) -> Iterator[SampleRef]:
         """The samples of ``split`` in a stable order; raises FileNotFoundError naming a missing folder."""
+
+    def size_hint(self, ref: SampleRef) -> int | None:
+        """Bytes the sample will take in a shard, estimated without reading it (file sizes on disk), or
+        None when unknown; the writer uses it to cut shards of a bounded size deterministically."""
+        try:
+            total = (self.root / ref.image).stat().st_size
+            if ref.label is not None:
+                total += (self.root / ref.label).stat().st_size
+        except OSError:
+            return None
+        return total
 
     def extra(self) -> dict[str, object]:
         """Adapter-specific facts recorded in the manifest (e.g. generator settings)."""

@@ -1,0 +1,99 @@
+"""Look at a prepared dataset: counts, class histogram, and a grid of samples with their coloured labels."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from pipeline import storage
+from pipeline.data.readers import open_manifest, read_shard
+from pipeline.data.schema import Manifest
+
+
+@dataclass(frozen=True)
+class DatasetReport:
+    """What ``ccnet data inspect`` prints: per-split counts and per-class pixel counts (void last)."""
+
+    manifest: Manifest
+    pixels: dict[str, np.ndarray]  # split -> (num_classes + 1,) pixel counts, the last entry void
+    samples_read: dict[str, int]
+
+    def format(self) -> str:
+        m = self.manifest
+        lines = [
+            f"{m.dataset} {m.version}: {m.num_classes} classes, ignore index {m.ignore_index}, "
+            f"{len(m.shards)} shards, {sum(s.bytes for s in m.shards) / 2**20:.1f} MiB",
+            "samples: " + ", ".join(f"{split} {count}" for split, count in m.counts.items()),
+        ]
+        if m.skipped:
+            lines.append(f"skipped at preparation: {len(m.skipped)} (listed in the manifest)")
+        for split, counts in self.pixels.items():
+            total = max(int(counts.sum()), 1)
+            lines.append(f"class pixels, {split} ({self.samples_read[split]} samples read):")
+            names = [*m.classes, "(void)"]
+            for name, count in sorted(zip(names, counts.tolist(), strict=True), key=lambda item: -item[1]):
+                lines.append(f"  {name:<24}{count / total:>8.2%}")
+        return "\n".join(lines)
+
+
+def colorize(label: np.ndarray, palette: tuple[tuple[int, int, int], ...], ignore_index: int) -> np.ndarray:
+    """(H, W) train ids -> (H, W, 3) uint8 colours; void black."""
+    table = np.zeros((256, 3), dtype=np.uint8)
+    table[: len(palette)] = np.array(palette, dtype=np.uint8)
+    table[ignore_index] = 0
+    return table[label]
+
+
+def inspect_dataset(
+    uri: str,
+    *,
+    split: str | None = None,
+    limit: int | None = None,
+    grid: str | None = None,
+    grid_rows: int = 4,
+) -> DatasetReport:
+    """Read a prepared dataset version: verify its shards, count class pixels, optionally save a grid.
+
+    Args:
+        uri: the dataset version (``.../<dataset>/<version>``), local or ``s3://``.
+        split: one split, or every split when None.
+        limit: read at most this many samples per split (the whole split when None).
+        grid: where to save a PNG grid of the first ``grid_rows`` samples of the first split (image beside
+            its coloured label), a local path or URI.
+        grid_rows: samples in the grid.
+    """
+    manifest = open_manifest(uri)
+    splits = [split] if split else list(manifest.counts)
+    pixels: dict[str, np.ndarray] = {}
+    read: dict[str, int] = {}
+    tiles: list[np.ndarray] = []
+    for name in splits:
+        counts = np.zeros(manifest.num_classes + 1, dtype=np.int64)
+        seen = 0
+        for shard in manifest.shards_of(name):
+            if limit is not None and seen >= limit:
+                break
+            table = read_shard(uri, shard)
+            images, labels = table["image"].to_pylist(), table["label"].to_pylist()
+            for image_bytes, label_bytes in zip(images, labels, strict=True):
+                if limit is not None and seen >= limit:
+                    break
+                label = np.array(Image.open(io.BytesIO(label_bytes)))
+                ids = np.where(label == manifest.ignore_index, manifest.num_classes, label)
+                counts += np.bincount(ids.ravel(), minlength=manifest.num_classes + 1)
+                seen += 1
+                if grid and len(tiles) < grid_rows:
+                    image = np.array(Image.open(io.BytesIO(image_bytes)).convert("RGB"))
+                    colours = colorize(label, manifest.palette, manifest.ignore_index)
+                    tiles.append(np.concatenate([image, colours], axis=1))  # (H, 2W, 3)
+        pixels[name], read[name] = counts, seen
+    if grid and tiles:
+        width = max(tile.shape[1] for tile in tiles)
+        padded = [np.pad(tile, ((0, 4), (0, width - tile.shape[1]), (0, 0))) for tile in tiles]
+        buffer = io.BytesIO()
+        Image.fromarray(np.concatenate(padded, 0)).save(buffer, format="PNG")
+        storage.write_bytes(grid, buffer.getvalue())
+    return DatasetReport(manifest, pixels, read)
