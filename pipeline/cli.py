@@ -103,7 +103,7 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     prepare.add_argument("--version", default="v1", help="version name; a published version is immutable")
     prepare.add_argument("--splits", help="comma-separated splits (default: the dataset's train and val)")
     prepare.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    prepare.add_argument("--max-shard-mb", type=float, default=128.0, help="bound on a shard's size")
+    prepare.add_argument("--max-shard-mb", type=float, default=64.0, help="bound on a shard's size")
     prepare.add_argument("--skip-bad", action="store_true", help="leave out bad samples, list them")
     prepare.add_argument("--seed", type=int, default=0, help="generated: random seed")
     prepare.add_argument("--image-size", type=int, default=128, help="generated: image side in pixels")

@@ -41,7 +41,7 @@ from pipeline.data.sources.base import BadSampleError, DatasetSource, SampleRef
 log = logging.getLogger(__name__)
 
 RECEIPTS_DIR = "_receipts"
-DEFAULT_SHARD_BYTES = 128 * 2**20
+DEFAULT_SHARD_BYTES = 64 * 2**20
 DEFAULT_ROW_GROUP_ROWS = 16  # a few MB to tens of MB per row group at Cityscapes size
 
 
