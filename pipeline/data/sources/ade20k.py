@@ -76,6 +76,7 @@ class ADE20KSource(DatasetSource):
     palette = PALETTE
     id_mapping = {0: IGNORE_INDEX, **{raw: raw - 1 for raw in range(1, len(CLASSES) + 1)}}
     splits = ("train", "val")
+    known_splits = tuple(SPLIT_FOLDERS)
 
     def __init__(self, root: str | Path) -> None:
         super().__init__(root)
@@ -89,13 +90,9 @@ class ADE20KSource(DatasetSource):
             ValueError: ``split`` is not train or val.
             FileNotFoundError: the split's image folder is missing.
         """
-        if split not in SPLIT_FOLDERS:
-            raise ValueError(f"ade20k has no split {split!r}; splits: {list(SPLIT_FOLDERS)}")
-        images = f"{self.prefix}images/{SPLIT_FOLDERS[split]}"
-        labels = f"{self.prefix}annotations/{SPLIT_FOLDERS[split]}"
-        folder = self.root / images
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: split folder is missing")
+        images = f"{self.prefix}images/{SPLIT_FOLDERS.get(split, split)}"
+        labels = f"{self.prefix}annotations/{SPLIT_FOLDERS.get(split, split)}"
+        folder = self.split_folder(split, images)
         refs = [
             SampleRef(path.stem, split, f"{images}/{path.name}", f"{labels}/{path.stem}.png")
             for path in folder.glob("ADE_*.jpg")

@@ -81,7 +81,8 @@ class DatasetSource(ABC):
     palette: tuple[tuple[int, int, int], ...]
     id_mapping: dict[int, int]  # raw label value -> train id; any other raw value is an error
     ignore_index: int = IGNORE_INDEX
-    splits: tuple[str, ...] = ("train", "val")
+    splits: tuple[str, ...] = ("train", "val")  # prepared by default
+    known_splits: tuple[str, ...] = ("train", "val")  # accepted on request
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -103,6 +104,20 @@ class DatasetSource(ABC):
         except OSError:
             return None
         return total
+
+    def split_folder(self, split: str, relative: str) -> Path:
+        """``root / relative``, the folder listing ``split``, after checking both exist.
+
+        Raises:
+            ValueError: ``split`` is not one of ``known_splits``.
+            FileNotFoundError: the folder is missing (the message names it).
+        """
+        if split not in self.known_splits:
+            raise ValueError(f"{self.name} has no split {split!r}; splits: {list(self.known_splits)}")
+        folder = self.root / relative
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: split folder is missing")
+        return folder
 
     def extra(self) -> dict[str, object]:
         """Adapter-specific facts recorded in the manifest (e.g. generator settings)."""

@@ -47,11 +47,7 @@ class CamVidSource(DatasetSource):
             ValueError: ``split`` is not one of ``known_splits``.
             FileNotFoundError: the split's image folder is missing.
         """
-        if split not in self.known_splits:
-            raise ValueError(f"camvid has no split {split!r}; splits: {list(self.known_splits)}")
-        folder = self.root / split
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: split folder is missing")
+        folder = self.split_folder(split, split)
         refs = [
             SampleRef(path.stem, split, f"{split}/{path.name}", f"{split}annot/{path.name}")
             for path in folder.glob("*.png")

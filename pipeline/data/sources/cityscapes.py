@@ -69,11 +69,7 @@ class CityscapesSource(DatasetSource):
             ValueError: ``split`` is not one of ``known_splits``.
             FileNotFoundError: ``leftImg8bit/<split>`` is not a folder.
         """
-        if split not in self.known_splits:
-            raise ValueError(f"cityscapes has no split {split!r}; splits: {list(self.known_splits)}")
-        folder = self.root / "leftImg8bit" / split
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: split folder is missing")
+        folder = self.split_folder(split, f"leftImg8bit/{split}")
         refs = []
         for city in (path for path in folder.iterdir() if path.is_dir()):
             for image in city.glob(f"*{IMAGE_SUFFIX}"):

@@ -91,6 +91,7 @@ class COCOStuffSource(DatasetSource):
     palette = PALETTE
     id_mapping = _id_mapping()
     splits = ("train", "val")
+    known_splits = tuple(SPLIT_FOLDERS)
 
     def samples(self, split: str) -> Iterator[SampleRef]:
         """Every ``images/<folder>/*.jpg`` of ``split``, sorted by sample id, with its expected label path.
@@ -99,13 +100,9 @@ class COCOStuffSource(DatasetSource):
             ValueError: ``split`` is not train or val.
             FileNotFoundError: the split's image folder is missing.
         """
-        if split not in SPLIT_FOLDERS:
-            raise ValueError(f"cocostuff has no split {split!r}; splits: {list(SPLIT_FOLDERS)}")
-        images = f"images/{SPLIT_FOLDERS[split]}"
-        labels = f"annotations/{SPLIT_FOLDERS[split]}"
-        folder = self.root / images
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: split folder is missing")
+        images = f"images/{SPLIT_FOLDERS.get(split, split)}"
+        labels = f"annotations/{SPLIT_FOLDERS.get(split, split)}"
+        folder = self.split_folder(split, images)
         refs = [
             SampleRef(path.stem, split, f"{images}/{path.name}", f"{labels}/{path.stem}.png")
             for path in folder.glob("*.jpg")
