@@ -55,10 +55,11 @@ class StorageError(RuntimeError):
 
 def redact(text: str) -> str:
     """Returns ``text`` without URI userinfo (``s3://user:pass@host`` -> ``s3://***@host``) and without the
-    current ``AWS_SECRET_ACCESS_KEY`` / ``AWS_ACCESS_KEY_ID`` values."""
+    current ``AWS_SECRET_ACCESS_KEY`` / ``AWS_ACCESS_KEY_ID`` values (from 6 characters: shorter ones are
+    placeholders such as "test", and replacing them everywhere would garble the message instead)."""
     text = _USERINFO.sub(r"\1***@", text)
     for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"):
-        if value := os.environ.get(name):
+        if len(value := os.environ.get(name, "")) >= 6:
             text = text.replace(value, "***")
     return text
 
@@ -232,10 +233,12 @@ def retry(fn: Callable[[], T], *, what: str, attempts: int = 6, base_delay: floa
         except Exception as exc:
             if (final := _final(what, exc)) is exc:
                 raise
+            # "from None": the message names the cause, redacted; the cause itself (a server's StringToSign,
+            # say) may echo the key id into a logged traceback.
             if final is not None:
-                raise final from None  # the cause (a server's StringToSign, say) may echo the key id
+                raise final from None
             if attempt == attempts:
-                raise StorageError(f"gave up after {attempts} attempts: {_describe(what, exc)}") from exc
+                raise StorageError(f"gave up after {attempts} attempts: {_describe(what, exc)}") from None
             delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
             log.warning("retry %d/%d in %.1f s: %s", attempt, attempts - 1, delay, _describe(what, exc))
             _sleep(delay)

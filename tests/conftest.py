@@ -1,8 +1,9 @@
 """Shared fixtures: a real SeaweedFS S3 server (``seaweedfs``) and an environment pointing at it (``s3_env``).
 
-The server is one ``weed mini`` process per test session, bound to 127.0.0.1 on free ports, with its data,
-logs and sockets in the session's tmp dir, and credentials enforced. Storage imports stay inside fixtures so
-that the ``ccnet`` tests do not load boto3 or pyarrow.
+The server is one ``weed mini`` process per test session, bound to 127.0.0.1 on free ports, credentials
+enforced, with its data, logs and S3/filer sockets in the session's tmp dir (its gRPC sockets go to /tmp
+whatever the flags say; stop() removes any left behind). Storage imports stay inside fixtures so that the
+``ccnet`` tests do not load boto3 or pyarrow.
 """
 
 from __future__ import annotations
@@ -61,12 +62,15 @@ def _free_pair(offset: int, avoid: set[int]) -> tuple[int, int]:
 class SeaweedFS:
     """A ``weed mini`` server that can be stopped and started again on the same data dir and ports.
 
+    It holds one bucket of its own, ``seaweedfs-fixture-probe``, read at every start to tell when it is ready.
+
     Attributes:
         endpoint: the S3 endpoint URL, ``http://127.0.0.1:PORT``.
         access_key: the access key id it accepts.
         secret_key: the secret key it accepts.
         data_dir: where it keeps objects and metadata.
-        log_dir: its glog files and ``weed.out`` (stdout and stderr of every start).
+        log_dir: ``weed.out`` (stdout and stderr of every start, appended) and its glog files.
+        ports: every port it listens on, by flag name (``s3.port``, ``master.port.grpc``, ...).
         pid: the running process (None while stopped); also its process group.
     """
 
@@ -112,16 +116,20 @@ class SeaweedFS:
                 f"-s3.localSocket={self.root / 's3.sock'}", f"-filer.localSocket={self.root / 'filer.sock'}"]
 
     def log_tail(self, lines: int = 30) -> str:
-        text = "\n".join(path.read_text(errors="replace") for path in sorted(self.log_dir.glob("weed*")))
-        return "\n".join(text.splitlines()[-lines:])
+        out = self.log_dir / "weed.out"
+        return "\n".join(out.read_text(errors="replace").splitlines()[-lines:]) if out.exists() else ""
 
     def start(self, timeout: float = 60.0) -> None:
-        """Starts the server and returns once S3 answers ``list_buckets`` with these credentials.
+        """Starts the server (no-op if running) and returns once S3 accepts these credentials
+        (``list_buckets``) and serves an object.
 
         Raises:
             RuntimeError: it exited or did not answer within ``timeout`` seconds (with its log tail); the
                 process is stopped first.
         """
+        import boto3
+        import botocore.config
+
         if self._process is not None:
             return
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
@@ -131,9 +139,6 @@ class SeaweedFS:
                                              stderr=subprocess.STDOUT, env=env, cwd=self.root,
                                              start_new_session=True)  # its own group: stop() kills it all
         self.pid = self._process.pid
-        import boto3
-        import botocore.config
-
         client = boto3.session.Session().client(
             "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
             aws_secret_access_key=self.secret_key, region_name="us-east-1",

@@ -6,6 +6,7 @@ what they wrote with a boto3 client of their own, not through the module under t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -103,6 +104,8 @@ def test_redact_strips_current_credentials(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG")
     redacted = storage.redact("Credential=AKIDEXAMPLE42/2026 key wJalrXUtnFEMI/K7MDENG.")
     assert redacted == "Credential=***/2026 key ***."
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")  # a placeholder, not a secret: messages stay readable
+    assert storage.redact("read s3://test-bucket/k") == "read s3://test-bucket/k"
 
 
 # Filesystems and clients
@@ -239,17 +242,18 @@ def test_retry_succeeds_after_transient_failures(error: Exception, sleeps: list[
     assert all("read s3://b/k" in r.getMessage() for r in caplog.records)
 
 
-def test_retry_gives_up_after_attempts_with_capped_backoff(sleeps: list[float]) -> None:
+def test_retry_gives_up_after_attempts_with_capped_backoff(fake_env: dict[str, str],
+                                                           sleeps: list[float]) -> None:
     error = botocore.exceptions.ConnectTimeoutError(endpoint_url="http://10.9.8.7:9000/b/k")
-    calls, fn = flaky([error] * 10)
+    calls, fn = flaky([error] * 6 + [client_error("SlowDown", 503)] * 4)
     with pytest.raises(StorageError) as info:
         storage.retry(fn, what="write s3://b/k", attempts=7, base_delay=0.5, max_delay=3.0)
     assert len(calls) == 7
     ceilings = [0.5, 1.0, 2.0, 3.0, 3.0, 3.0]  # doubling, capped at max_delay
     assert len(sleeps) == 6 and all(c / 2 <= s <= c for s, c in zip(sleeps, ceilings, strict=True))
-    message = str(info.value)
-    assert "write s3://b/k" in message and "7 attempts" in message and "10.9.8.7:9000" in message
-    assert "\n" not in message
+    message = str(info.value)  # the last error, which does not say where it came from: the endpoint is added
+    assert "write s3://b/k" in message and "7 attempts" in message and "SlowDown" in message
+    assert fake_env["AWS_ENDPOINT_URL"] in message and "\n" not in message
 
 
 @pytest.mark.parametrize(("error", "expected", "text"), [
@@ -307,6 +311,24 @@ def server_client(seaweedfs) -> object:
                         aws_secret_access_key=seaweedfs.secret_key, region_name="us-east-1")
 
 
+def listening_addresses(pid: int) -> set[str]:
+    """The local addresses (hex, as /proc/net/tcp* writes them) of the TCP sockets ``pid`` listens on."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # an fd closed meanwhile
+            if (target := os.readlink(f"/proc/{pid}/fd/{fd}")).startswith("socket:["):
+                inodes.add(target[8:-1])
+    tables = [Path(f"/proc/net/{name}").read_text().splitlines()[1:] for name in ("tcp", "tcp6")]
+    rows = [line.split() for table in tables for line in table]
+    return {row[1].rsplit(":", 1)[0] for row in rows if row[3] == "0A" and row[9] in inodes}  # 0A: LISTEN
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc")
+def test_seaweedfs_listens_on_loopback_only(seaweedfs) -> None:
+    assert listening_addresses(seaweedfs.pid) == {"0100007F"}  # 127.0.0.1, little-endian hex
+
+
 @pytest.mark.integration
 def test_s3_round_trip(s3_env: str, seaweedfs) -> None:
     bucket = s3_env.removeprefix("s3://")
@@ -332,7 +354,9 @@ def test_s3_round_trip(s3_env: str, seaweedfs) -> None:
     assert storage.list_files(s3_env) == ["a.bin", "x/w.txt", "x/y/z.bin"]
     assert storage.list_files(storage.join(s3_env, "x")) == ["w.txt", "y/z.bin"]
     assert storage.list_files(storage.join(s3_env, "x/y/z.bin")) == []
-    assert storage.list_files("s3://test-no-such-bucket-" + secrets.token_hex(4)) == []
+    no_bucket = "s3://test-no-such-bucket-" + secrets.token_hex(4)
+    assert storage.list_files(no_bucket) == [] and not storage.exists(storage.join(no_bucket, "k"))
+    storage.delete(storage.join(no_bucket, "k"))  # fine too
 
     storage.write_bytes(storage.join(s3_env, "a.bin"), b"replaced")
     assert storage.read_bytes(storage.join(s3_env, "a.bin")) == b"replaced"
@@ -388,7 +412,10 @@ def test_s3_write_survives_server_restart(s3_env: str, seaweedfs, caplog: pytest
         except BaseException as exc:  # reported by the test thread below
             errors.append(exc)
 
+    old_pid = seaweedfs.pid
     seaweedfs.stop()
+    with pytest.raises(ProcessLookupError):  # stopped means gone, not a zombie or an orphan
+        os.kill(old_pid, 0)
     restarter = threading.Thread(target=restart_later)
     restarter.start()
     start = time.monotonic()

@@ -1,0 +1,259 @@
+"""Run configuration: typed dataclasses with visible defaults, YAML overrides, ``--set key=value``.
+
+A config file holds only what differs from the defaults::
+
+    model: {name: ccnet_r101_deepstem_d8, pretrained: /data/resnet101-imagenet.pth}
+    data: {uri: s3://bucket/datasets/cityscapes/v1, crop_size: 769, batch_size: 8}
+    train: {iterations: 60000, lr: 0.01, ohem: true}
+
+``load_config(path, overrides)`` reads it, applies ``a.b=c`` overrides (values parsed as YAML), and checks
+every key and type: an unknown key or a wrong type raises :class:`ConfigError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the key."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model: a registered name (``ccnet.list_models()``) and the options users vary."""
+
+    name: str = "ccnet_tiny"
+    recurrence: int | None = None  # None keeps the registered model's value
+    attention: str | None = None
+    placement: str | None = None
+    output_stride: int | None = None
+    pretrained: str | None = None  # a local file of ImageNet backbone weights
+    sync_bn: bool = True  # SyncBatchNorm across GPU workers
+
+    def overrides(self) -> dict[str, Any]:
+        """The CCNetConfig fields to override (those not None)."""
+        names = ("recurrence", "attention", "placement", "output_stride", "pretrained")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how batches are made."""
+
+    uri: str = "runs/datasets/generated/v1"  # a prepared dataset version
+    train_split: str = "train"
+    val_split: str = "val"
+    crop_size: int = 256
+    scale_min: float = 0.75
+    scale_max: float = 2.0
+    batch_size: int = 8  # per worker
+    loader_workers: int = 0  # DataLoader processes per worker on the plain-PyTorch path
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe (the paper's: SGD 0.01 / 0.9 / 5e-4, poly 0.9, aux 0.4)."""
+
+    iterations: int = 200
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    aux_weight: float = 0.4
+    ohem: bool = False
+    ohem_thresh: float = 0.7
+    ohem_min_kept: int = 100_000
+    amp: str = "O0"  # O0 fp32, O1 fp16 autocast + GradScaler, O2 bf16 autocast
+    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    eval_every: int = 100
+    compile: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """How validation predicts: whole image or sliding window, scales and flip for the multi-scale test."""
+
+    mode: str = "whole"  # whole | slide
+    crop_size: int = 769
+    stride: int = 513
+    scales: list[float] = field(default_factory=lambda: [0.75, 1.0, 1.25, 1.5, 1.75])
+    flip: bool = True
+    max_images: int | None = None  # evaluate on the first N validation images only
+
+
+@dataclass
+class RunConfig:
+    """Where and how the job runs."""
+
+    name: str = "quickstart"  # a re-run with the same name resumes
+    storage: str = "runs/checkpoints"  # local folder or s3:// URI for checkpoints
+    ray: bool = True  # False: one process, no Ray
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: the tracking URI (else MLFLOW_TRACKING_URI, else a sqlite file) and the experiment."""
+
+    uri: str | None = None
+    experiment: str = "ccnet"
+    required: bool = True  # False: go on without tracking when the server is unreachable at start
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.lr": 0.01, ...}``: every leaf, for MLflow params."""
+        return {
+            f"{section}.{key}": value
+            for section, values in self.to_dict().items()
+            for key, value in values.items()
+        }
+
+    def validate(self, source: str = "config") -> None:
+        """Values that are well-typed but impossible; raises ConfigError naming the key."""
+        problems = {
+            "train.iterations": self.train.iterations >= 1,
+            "train.lr": self.train.lr > 0,
+            "train.momentum": 0 <= self.train.momentum < 1,
+            "train.weight_decay": self.train.weight_decay >= 0,
+            "train.poly_power": self.train.poly_power > 0,
+            "train.aux_weight": self.train.aux_weight >= 0,
+            "train.amp": self.train.amp in ("O0", "O1", "O2"),
+            "train.max_nonfinite": self.train.max_nonfinite >= 1,
+            "train.checkpoint_every": self.train.checkpoint_every >= 1,
+            "train.keep_checkpoints": self.train.keep_checkpoints >= 1,
+            "train.eval_every": self.train.eval_every >= 1,
+            "train.log_every": self.train.log_every >= 1,
+            "data.crop_size": self.data.crop_size >= 8,
+            "data.batch_size": self.data.batch_size >= 1,
+            "data.scale_min": 0 < self.data.scale_min <= self.data.scale_max,
+            "eval.mode": self.eval.mode in ("whole", "slide"),
+            "eval.stride": 1 <= self.eval.stride <= self.eval.crop_size,
+            "eval.scales": len(self.eval.scales) > 0 and all(s > 0 for s in self.eval.scales),
+            "run.num_workers": self.run.num_workers >= 1,
+            "run.max_failures": self.run.max_failures >= -1,
+            "model.recurrence": self.model.recurrence is None or self.model.recurrence >= 0,
+        }
+        for key, ok in problems.items():
+            if not ok:
+                section, name = key.split(".")
+                value = getattr(getattr(self, section), name)
+                raise ConfigError(f"{source}: {key}={value!r} is not allowed")
+
+
+def _check_type(value: Any, annotation: Any, key: str, source: str) -> Any:
+    """``value`` converted to ``annotation`` where lossless (int -> float), else ConfigError naming key."""
+    origin = typing.get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, key, source)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{source}: {key} must be {annotation}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        return [_check_type(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{source}: {key} must be {annotation.__name__}, got {value!r}")
+    if not isinstance(value, annotation):
+        raise ConfigError(f"{source}: {key} must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {prefix}{unknown[0]} (valid: {sorted(known)})")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hints[name]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+            kwargs[name] = _build(hints[name], value, f"{key}.", source)
+        else:
+            kwargs[name] = _check_type(value, hints[name], key, source)
+    return cls(**kwargs)
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"{source}: expected section.key=value, got {item!r}")
+        section, name = key.split(".", 1)
+        values.setdefault(section, {})
+        if not isinstance(values[section], dict):
+            raise ConfigError(f"{source}: {section} must be a mapping")
+        values[section][name] = yaml.safe_load(text) if text else None
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or none: the defaults), apply overrides, check keys, types and values."""
+    source = str(path) if path else "defaults"
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: invalid YAML ({error})".replace("\n", " ")) from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections")
+    apply_overrides(values, overrides or [])
+    config = _build(Config, values, "", source)
+    config.validate(source)
+    return config
+
+
+def config_from_dict(values: dict[str, Any], source: str = "config") -> Config:
+    """A Config from a nested dict (e.g. a saved resolved config), checked like a file."""
+    config = _build(Config, values, "", source)
+    config.validate(source)
+    return config
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML (saved with every run)."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
