@@ -43,3 +43,25 @@ CONSOLE_SCRIPT = Path(sys.executable).parent / "ccnet"
 def test_console_script() -> None:
     result = subprocess.run([str(CONSOLE_SCRIPT), "models"], capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "ccnet_tiny" in result.stdout
+
+
+def test_data_prepare_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "datasets")
+    args = ["data", "prepare", "--dataset", "generated", "--out", out, "--count", "train=6,val=2",
+            "--image-size", "64", "--workers", "1"]
+    assert main(args) == 0
+    assert f"{out}/generated/v1: train 6, val 2 samples in 2 shards" in capsys.readouterr().out
+    assert main(args) == 0  # idempotent
+    grid = tmp_path / "grid.png"
+    assert main(["data", "inspect", f"{out}/generated/v1", "--grid", str(grid)]) == 0
+    report = capsys.readouterr().out
+    assert "samples: train 6, val 2" in report and "band-red" in report and grid.stat().st_size > 0
+
+
+def test_data_prepare_bad_root_is_one_line(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "pipeline.cli", "data", "prepare", "--dataset", "camvid",
+               "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"ERROR {tmp_path / 'nowhere'}: dataset root is not a folder"

@@ -189,3 +189,15 @@ def test_round_trip_through_s3(tmp_path: Path, s3_env: str) -> None:
     receipts = storage.list_files(storage.join(version, "_receipts"))
     assert len(receipts) == len(manifest.shards)
     assert json.loads(storage.read_bytes(storage.join(version, "_receipts", receipts[0])))["shard"]
+
+
+@pytest.mark.integration
+def test_shard_dataset_reads_from_s3(tmp_path: Path, s3_env: str) -> None:
+    from pipeline.data.readers import ShardDataset
+
+    root = make_tiny(tmp_path / "src")
+    version, _ = write_shards(TinySource(root), s3_env, workers=1, progress=False)
+    dataset = ShardDataset(version, "val")
+    assert [dataset[i]["sample_id"] for i in range(len(dataset))] == ["val-000", "val-001"]
+    raw = np.array(Image.open(root / "valannot" / "001.png"))
+    assert np.array_equal(dataset[1]["label"].numpy(), np.where(raw == 9, 255, raw))
