@@ -118,6 +118,105 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     inspect.set_defaults(run=_data_inspect)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.run import run_training
+
+    config = load_config(args.config, args.set)
+    report = run_training(config)
+    sys.stdout.write(
+        f"\n{report.table}\n\nbest checkpoint: {storage_redact(report.best_checkpoint)}\n"
+        f"MLflow run {report.run_id} at {storage_redact(report.tracking_uri)}\n"
+        f"browse it: mlflow ui --backend-store-uri {report.tracking_uri}\n"
+    )
+    return 0
+
+
+def _config_from_checkpoint(args: argparse.Namespace) -> tuple[object, dict]:
+    from pipeline.checkpoints import load
+    from pipeline.config import apply_overrides, config_from_dict
+
+    state = load(args.checkpoint)
+    values = apply_overrides(state.get("config") or {}, args.set or [])
+    return config_from_dict(values, source=f"{storage_redact(args.checkpoint)} config"), state
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pipeline.evaluation import protocol_table
+    from pipeline.run import evaluate_checkpoint
+    from pipeline.tracking import Tracker, resolve_tracking_uri
+
+    config, state = _config_from_checkpoint(args)
+    _, _, results = evaluate_checkpoint(config, args.checkpoint)
+    table = protocol_table(results)
+    sys.stdout.write(table + "\n")
+    if state.get("mlflow_run_id") and not args.no_tracking:
+        uri = resolve_tracking_uri(config.tracking.uri)
+        tracker = Tracker(uri, config.tracking.experiment, required=False)
+        tracker.start(config.run.name, run_id=state["mlflow_run_id"])
+        tracker.log_text(table, f"evaluation/iteration_{state['iteration']:07d}.md")
+        tracker.end()
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.checkpoints import load_model_state
+    from pipeline.predict import predict_images
+    from pipeline.train import build_model
+
+    config, state = _config_from_checkpoint(args)
+    model = build_model(config, state["num_classes"])
+    load_model_state(model, state, storage_redact(args.checkpoint))
+    palette = _palette(config, state["num_classes"])
+    written = predict_images(
+        model.eval(), [Path(p) for p in args.images], palette=palette, out_dir=Path(args.out),
+        mode=config.eval.mode, crop_size=config.eval.crop_size, stride=config.eval.stride,
+        scales=tuple(config.eval.scales) if args.multi_scale else (1.0,),
+        flip=args.multi_scale and config.eval.flip,
+    )
+    sys.stdout.write("\n".join(str(path) for path in written) + "\n")
+    return 0
+
+
+def _palette(config: object, num_classes: int) -> tuple[tuple[int, int, int], ...]:
+    """The dataset's palette when its manifest is reachable, else a fixed spread of colours."""
+    from pipeline.data.readers import open_manifest
+
+    try:
+        return open_manifest(config.data.uri).palette
+    except (OSError, ValueError):
+        return tuple(((37 * i) % 256, (101 * i) % 256, (173 * i) % 256) for i in range(num_classes))
+
+
+def storage_redact(text: str) -> str:
+    from pipeline.storage import redact
+
+    return redact(text)
+
+
+def _add_training_commands(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser("train", help="train a model (Ray Train, MLflow) and evaluate it")
+    train.add_argument("-c", "--config", help="YAML config (see configs/); defaults otherwise")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.lr=0.02")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("evaluate", help="single-scale vs multi-scale + flip mIoU of a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoint.pt (local path or s3:// URI)")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="eval.mode=slide")
+    evaluate.add_argument("--no-tracking", action="store_true", help="do not record the table in MLflow")
+    evaluate.set_defaults(run=_evaluate)
+
+    predict = commands.add_parser("predict", help="coloured masks and overlays for images")
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--checkpoint", required=True)
+    predict.add_argument("--out", required=True, help="output folder")
+    predict.add_argument("--multi-scale", action="store_true", help="use eval.scales and flip")
+    predict.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    predict.set_defaults(run=_predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ccnet", description=__doc__.split("\n\n")[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -137,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     efficiency.set_defaults(run=_efficiency)
 
     _add_data_commands(commands)
+    _add_training_commands(commands)
     return parser
 
 

@@ -1,0 +1,107 @@
+"""Ray Train V2: run :func:`pipeline.train.train_loop` in every worker of a ``TorchTrainer``.
+
+Ray places the workers (CPU with gloo, or one GPU each with NCCL), stores the periodic checkpoints under
+``<run.storage>/<run.name>`` (local folder or S3 through the storage module's filesystem), restarts
+failed workers from the last checkpoint (``FailureConfig(max_failures)``), and resumes a run started
+again with the same name. The loop itself is ours and is the same as without Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import storage
+from pipeline.checkpoints import CHECKPOINT_FILE, load, save_file
+from pipeline.config import Config, config_from_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RaySession:
+    """The loop's view of a Ray Train worker."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def restore(self) -> dict[str, Any] | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return load(str(Path(folder) / CHECKPOINT_FILE))
+
+    def checkpoint(self, state: dict[str, Any] | None, iteration: int, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        # report() is a collective: every rank calls it, only rank 0 attaches the checkpoint.
+        with tempfile.TemporaryDirectory() as folder:
+            attached = None
+            if state is not None:
+                save_file(folder, state)
+                attached = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=attached)
+
+
+def _worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.tracking import Tracker
+    from pipeline.train import train_loop
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    config = config_from_dict(loop_config["config"])
+    context = ray.train.get_context()
+    session = RaySession(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device())
+    tracker = None
+    if session.rank == 0 and loop_config["run_id"]:
+        tracker = Tracker(loop_config["tracking_uri"], config.tracking.experiment, required=False)
+        tracker.start(config.run.name, run_id=loop_config["run_id"])
+    try:
+        summary = train_loop(config, session, loop_config["run_id"], tracker)
+    finally:
+        if tracker is not None:
+            tracker.end()
+    log.info("worker %d finished: %s", session.rank, summary)
+
+
+def fit(config: Config, run_id: str | None, tracking_uri: str | None) -> Any:
+    """Run the training with Ray Train; returns Ray's ``Result`` (its ``checkpoint`` is the last one)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True)
+    filesystem, path = storage.filesystem(config.run.storage)
+    if storage.is_s3(config.run.storage):
+        storage.ensure_bucket(config.run.storage)
+    else:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"config": config.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri},
+        scaling_config=ScalingConfig(
+            num_workers=config.run.num_workers,
+            use_gpu=config.run.use_gpu,
+            resources_per_worker={"CPU": config.run.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=config.run.name,
+            storage_path=path,
+            storage_filesystem=filesystem if storage.is_s3(config.run.storage) else None,
+            failure_config=FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+        ),
+    )
+    return trainer.fit()

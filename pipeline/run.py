@@ -1,0 +1,134 @@
+"""The training job, driver side: track, train (with or without Ray), evaluate the paper's way, record.
+
+``run_training(config)`` opens (or, for a run name seen before, continues) the MLflow run, logs the resolved
+config, trains, then evaluates the best checkpoint single-scale and multi-scale + flip and records the
+results table, the checkpoints, the final model and the plots. Only this process talks to MLflow at the
+start and the end; during training rank 0 logs the metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import storage
+from pipeline.checkpoints import CHECKPOINT_FILE, CheckpointStore, load, load_model_state
+from pipeline.config import Config, dump_config
+from pipeline.data.readers import ShardDataset, open_manifest
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
+from pipeline.train import LocalSession, build_model, run_uri, train_loop
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingReport:
+    run_id: str | None
+    tracking_uri: str
+    results: dict[str, Any]  # protocol -> EvalResult
+    table: str
+    best_checkpoint: str
+
+
+def _open_tracker(config: Config) -> tuple[Any, str]:
+    from pipeline.tracking import Tracker, find_run, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(config.tracking.uri)
+    tracker = Tracker(uri, config.tracking.experiment, required=config.tracking.required)
+    resuming = bool(storage.list_files(run_uri(config)))
+    previous = find_run(uri, config.tracking.experiment, config.run.name) if resuming else None
+    tracker.start(config.run.name, run_id=previous, tags={"ccnet.model": config.model.name})
+    return tracker, uri
+
+
+def _denormalise(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) normalised -> (H, W, 3) uint8 for plots."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((image * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+
+
+def _log_plots(tracker: Any, model: torch.nn.Module, dataset: ShardDataset, results: dict[str, Any]) -> None:
+    from ccnet.attention_maps import ccnet_attention_maps
+    from pipeline.plots import attention_maps_figure, confusion_matrix_figure, overlay_figure
+
+    best = results["multi-scale+flip"]
+    tracker.log_figure(confusion_matrix_figure(best.confusion, dataset.classes), "plots/confusion_matrix.png")
+    samples = [dataset[index] for index in range(min(4, len(dataset)))]
+    with torch.inference_mode():
+        predictions = [model(s["image"][None])["out"].argmax(1)[0].numpy() for s in samples]
+    images = [_denormalise(s["image"]) for s in samples]
+    labels = [s["label"].numpy() for s in samples]
+    figure = overlay_figure(images, predictions, labels, dataset.manifest.palette, dataset.ignore_index)
+    tracker.log_figure(figure, "plots/predictions.png")
+    if model.config.attention == "criss_cross" and model.config.recurrence >= 1:
+        height, width = images[0].shape[:2]
+        pixels = [(height // 2, width // 4), (height // 4, 3 * width // 4)]
+        maps = ccnet_attention_maps(model, samples[0]["image"][None], pixels, recurrence=2)
+        figure = attention_maps_figure(images[0], maps[:, 0].numpy(), pixels)
+        tracker.log_figure(figure, "plots/attention.png")
+
+
+def evaluate_checkpoint(config: Config, checkpoint_uri: str) -> tuple[torch.nn.Module, ShardDataset, dict]:
+    """Load a checkpoint and evaluate it single-scale and multi-scale + flip on the validation split."""
+    from pipeline.evaluation import evaluate_protocols
+
+    manifest = open_manifest(config.data.uri)
+    model = build_model(config, manifest.num_classes)
+    load_model_state(model, load(checkpoint_uri), storage.redact(checkpoint_uri))
+    model.eval()
+    dataset = ShardDataset(config.data.uri, config.data.val_split, transform=build_eval_transform())
+    results = evaluate_protocols(
+        model, dataset, eval_config=config.eval, num_classes=manifest.num_classes,
+        ignore_index=manifest.ignore_index,
+    )
+    return model, dataset, results
+
+
+def _log_bytes(tracker: Any, data: bytes, artifact_path: str) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / CHECKPOINT_FILE
+        path.write_bytes(data)
+        tracker.log_artifact(str(path), artifact_path)
+
+
+def run_training(config: Config) -> TrainingReport:
+    """Train ``config`` end to end and record it; returns what the command prints."""
+    from pipeline.evaluation import protocol_table
+
+    tracker, tracking_uri = _open_tracker(config)
+    try:
+        tracker.log_params(config.flat())
+        tracker.log_text(dump_config(config), "config.yaml")
+        store = CheckpointStore(run_uri(config))
+        if config.run.ray:
+            from pipeline.ray_train import fit
+
+            result = fit(config, tracker.run_id, tracking_uri)
+            with result.checkpoint.as_directory() as folder:
+                last = (Path(folder) / CHECKPOINT_FILE).read_bytes()
+        else:
+            session = LocalSession(run_uri(config), keep=config.train.keep_checkpoints)
+            train_loop(config, session, tracker.run_id, tracker)
+            last = storage.read_bytes(store.latest() or store.best_uri())
+        best = store.best_uri()
+        model, dataset, results = evaluate_checkpoint(config, best)
+        table = protocol_table(results)
+        for protocol, result in results.items():
+            tracker.log_metrics(result.as_metrics(f"final/{protocol}"), step=config.train.iterations)
+        tracker.log_text(table, "evaluation/results.md")
+        _log_bytes(tracker, storage.read_bytes(best), "checkpoints/best")
+        _log_bytes(tracker, last, "checkpoints/last")
+        _log_plots(tracker, model, dataset, results)
+        tracker.log_model(model, name="model")
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end()
+    return TrainingReport(tracker.run_id, tracking_uri, results, table, best)

@@ -1,0 +1,275 @@
+"""The training loop: plain PyTorch, the same in one process and in every Ray Train worker.
+
+    summary = train_loop(config, LocalSession(run_uri), run_id=None)     # no Ray
+    # Ray: pipeline.ray_train runs train_loop(config, RaySession(), run_id) in each worker
+
+Recipe (the paper's): SGD with momentum and weight decay, poly learning rate ``lr * (1 - it / max_it)^power``
+set every iteration, main + 0.4 x aux cross-entropy (OHEM optional), iteration-based, seeded. Mixed
+precision levels (apex names): O0 float32; O1 float16 autocast with a GradScaler; O2 bfloat16 autocast (no
+scaler: bf16 has float32's range). A non-finite loss skips the step; ``max_nonfinite`` in a row stop the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ccnet import build_ccnet
+from ccnet.losses import SegmentationLoss
+from pipeline import storage
+from pipeline.checkpoints import CheckpointStore, load, load_model_state
+from pipeline.config import Config
+from pipeline.data.readers import ShardDataset, open_manifest
+from pipeline.data.transforms import build_eval_transform, build_train_transform
+from pipeline.sampling import ShardBatchSampler
+
+log = logging.getLogger(__name__)
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {"O0": None, "O1": torch.float16, "O2": torch.bfloat16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss was NaN or infinite for too many iterations in a row."""
+
+
+class Session(Protocol):
+    """Where the loop runs: its rank, device, how checkpoints are stored and restored."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def restore(self) -> dict[str, Any] | None: ...
+    def checkpoint(self, state: dict[str, Any] | None, iteration: int, metrics: dict[str, float]) -> None: ...
+
+
+@dataclass
+class LocalSession:
+    """One process, no Ray: checkpoints in ``<run_uri>/checkpoints``, the last ``keep`` kept."""
+
+    run_uri: str
+    keep: int = 2
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def restore(self) -> dict[str, Any] | None:
+        latest = CheckpointStore(self.run_uri).latest()
+        return load(latest) if latest else None
+
+    def checkpoint(self, state: dict[str, Any] | None, iteration: int, metrics: dict[str, float]) -> None:
+        if state is not None:
+            store = CheckpointStore(self.run_uri)
+            store.save(state, iteration)
+            store.prune(self.keep)
+
+
+@dataclass
+class TrainSummary:
+    iterations: int
+    final_loss: float
+    best_miou: float | None
+    val_miou: float | None
+    images_per_second: float
+    skipped_steps: int
+
+
+def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float) -> float:
+    """``base_lr * (1 - iteration / max_iterations) ** power``."""
+    return base_lr * (1 - iteration / max_iterations) ** power
+
+
+def build_model(config: Config, num_classes: int) -> nn.Module:
+    return build_ccnet(config.model.name, num_classes, **config.model.overrides())
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel (or torch.compile), for saving and evaluation."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+@dataclass
+class Step:
+    """One optimisation step's components, from :func:`train_step`."""
+
+    loss: float
+    parts: dict[str, float]
+    finite: bool
+
+
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    loss_fn: SegmentationLoss,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    amp_dtype: torch.dtype | None,
+) -> Step:
+    """Forward, loss, backward, update. A non-finite loss skips the update (and returns finite=False)."""
+    optimizer.zero_grad(set_to_none=True)
+    device_type = images.device.type
+    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        outputs = model(images)
+    # The loss in float32: cross-entropy over many pixels loses precision in half types.
+    losses = loss_fn({key: value.float() for key, value in outputs.items()}, labels)
+    loss = losses["loss"]
+    parts = {name: float(value.detach()) for name, value in losses.items() if name != "loss"}
+    if not torch.isfinite(loss):
+        return Step(float(loss.detach()), parts, finite=False)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)  # with O1, skipped by the scaler when gradients overflowed
+    scaler.update()
+    return Step(float(loss.detach()), parts, finite=True)
+
+
+def _batches(
+    dataset: ShardDataset, sampler: ShardBatchSampler, loader_workers: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches from ``sampler``'s iterations, one DataLoader per epoch (so augmentation sees the epoch)."""
+    iteration = sampler.start_iteration
+    while iteration < sampler.end_iteration:
+        epoch = sampler.epoch_of(iteration)
+        epoch_end = min((epoch + 1) * sampler.batches_per_epoch, sampler.end_iteration)
+        dataset.set_epoch(epoch)
+        part = ShardBatchSampler(
+            sampler.shard_sizes, sampler.batch_size, rank=sampler.rank, world_size=sampler.world_size,
+            seed=sampler.seed, start_iteration=iteration, end_iteration=epoch_end,
+        )
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=part, num_workers=loader_workers)
+        for batch in loader:
+            yield batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+        iteration = epoch_end
+
+
+def _distribute(model: nn.Module, session: Session, sync_bn: bool) -> nn.Module:
+    if session.world_size == 1:
+        return model
+    if sync_bn and session.device.type == "cuda":  # SyncBatchNorm needs NCCL; on CPU/gloo it fails
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device_ids = [session.device.index] if session.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def train_loop(
+    config: Config, session: Session, run_id: str | None = None, tracker: Any | None = None
+) -> TrainSummary:
+    """Train (or resume) ``config`` in this worker; returns a summary. Rank 0 logs to ``tracker``."""
+    from pipeline.evaluation import evaluate
+
+    train_cfg, data_cfg = config.train, config.data
+    amp_dtype = AMP_DTYPES[train_cfg.amp]
+    manifest = open_manifest(data_cfg.uri)
+    torch.manual_seed(train_cfg.seed)  # the same initial weights on every worker
+    model = build_model(config, manifest.num_classes).to(session.device)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=train_cfg.lr, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay
+    )
+    scaler = torch.amp.GradScaler(session.device.type, enabled=train_cfg.amp == "O1")
+    loss_fn = SegmentationLoss(
+        aux_weight=train_cfg.aux_weight, ignore_index=manifest.ignore_index, ohem=train_cfg.ohem,
+        ohem_thresh=train_cfg.ohem_thresh, ohem_min_kept=train_cfg.ohem_min_kept,
+    )
+    start, best_miou = 0, None
+    state = session.restore()
+    if state is not None:
+        load_model_state(model, state, f"checkpoint of iteration {state['iteration']}")
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start, best_miou = state["iteration"], state.get("best_miou")
+        torch.set_rng_state(state["rng"])
+        log.info("resumed from iteration %d", start)
+    else:
+        torch.manual_seed(train_cfg.seed * 1000 + session.rank + 1)  # dropout differs across workers
+    trained = _distribute(model, session, config.model.sync_bn)
+    if train_cfg.compile:
+        trained = torch.compile(trained)
+
+    train_data = ShardDataset(
+        data_cfg.uri, data_cfg.train_split, seed=train_cfg.seed,
+        transform=build_train_transform(
+            data_cfg.crop_size, (data_cfg.scale_min, data_cfg.scale_max), ignore_index=manifest.ignore_index
+        ),
+    )
+    val_data = ShardDataset(data_cfg.uri, data_cfg.val_split, transform=build_eval_transform())
+    sampler = ShardBatchSampler(
+        [shard.rows for shard in train_data.shards], data_cfg.batch_size, rank=session.rank,
+        world_size=session.world_size, seed=train_cfg.seed, start_iteration=start,
+        end_iteration=train_cfg.iterations,
+    )
+
+    def state_dict(iteration: int) -> dict[str, Any]:
+        return {
+            "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "iteration": iteration, "best_miou": best_miou,
+            "rng": torch.get_rng_state(), "mlflow_run_id": run_id, "model_name": config.model.name,
+            "num_classes": manifest.num_classes, "config": config.to_dict(),
+        }
+
+    def validate() -> float:
+        result = evaluate(
+            unwrap(model), val_data, num_classes=manifest.num_classes, ignore_index=manifest.ignore_index,
+            mode=config.eval.mode, crop_size=config.eval.crop_size, stride=config.eval.stride,
+            max_images=config.eval.max_images, device=session.device, rank=session.rank,
+            world_size=session.world_size, progress=False, amp_dtype=amp_dtype,
+        )
+        model.train()
+        return result.miou
+
+    model.train()
+    nonfinite = skipped = 0
+    loss_value, val_miou, images_per_second = float("nan"), None, 0.0
+    window_start, window_images = time.perf_counter(), 0
+    iteration = start
+    for images, labels in _batches(train_data, sampler, data_cfg.loader_workers, session.device):
+        lr = poly_lr(train_cfg.lr, iteration, train_cfg.iterations, train_cfg.poly_power)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step = train_step(trained, images, labels, loss_fn, optimizer, scaler, amp_dtype)
+        iteration += 1
+        window_images += images.shape[0] * session.world_size
+        if not step.finite:
+            nonfinite, skipped = nonfinite + 1, skipped + 1
+            log.warning("iteration %d: non-finite loss %s, step skipped", iteration, step.loss)
+            if nonfinite >= train_cfg.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"loss was non-finite for {nonfinite} iterations in a row (last at {iteration}); "
+                    "lower train.lr or use train.amp=O0/O2"
+                )
+            continue
+        nonfinite, loss_value = 0, step.loss
+        metrics: dict[str, float] = {}
+        if iteration % train_cfg.log_every == 0 or iteration == train_cfg.iterations:
+            elapsed = time.perf_counter() - window_start
+            images_per_second = window_images / max(elapsed, 1e-9)
+            metrics = {"train/loss": step.loss, "train/lr": lr, "train/images_per_second": images_per_second}
+            metrics.update({f"train/loss_{name}": value for name, value in step.parts.items()})
+            window_start, window_images = time.perf_counter(), 0
+            if session.rank == 0:
+                log.info("iteration %d/%d loss %.4f lr %.5f %.1f img/s", iteration, train_cfg.iterations,
+                         step.loss, lr, images_per_second)
+        if iteration % train_cfg.eval_every == 0 or iteration == train_cfg.iterations:
+            val_miou = validate()
+            metrics["val/mIoU"] = val_miou
+            if best_miou is None or val_miou > best_miou:
+                best_miou = val_miou
+                if session.rank == 0:
+                    CheckpointStore(run_uri(config)).save_best(state_dict(iteration))
+        if session.rank == 0 and tracker is not None and metrics:
+            tracker.log_metrics(metrics, step=iteration)
+        if iteration % train_cfg.checkpoint_every == 0 or iteration == train_cfg.iterations:
+            state = state_dict(iteration) if session.rank == 0 else None
+            session.checkpoint(state, iteration, {"iteration": iteration, **metrics})
+    return TrainSummary(iteration, loss_value, best_miou, val_miou, images_per_second, skipped)
+
+
+def run_uri(config: Config) -> str:
+    """Where a run keeps its checkpoints: ``<run.storage>/<run.name>``."""
+    return storage.join(config.run.storage, config.run.name)
