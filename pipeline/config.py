@@ -189,6 +189,12 @@ def _check_type(value: Any, annotation: Any, key: str, source: str) -> Any:
         return [_check_type(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-3 (no dot) as a string: accept what Python reads as a number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if annotation in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{source}: {key} must be {annotation.__name__}, got {value!r}")
     if not isinstance(value, annotation):

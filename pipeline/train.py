@@ -143,7 +143,12 @@ def _batches(
             sampler.shard_sizes, sampler.batch_size, rank=sampler.rank, world_size=sampler.world_size,
             seed=sampler.seed, start_iteration=iteration, end_iteration=epoch_end,
         )
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=part, num_workers=loader_workers)
+        # Its own generator: a DataLoader draws a seed when iterated, which would shift the global RNG
+        # (dropout) differently in a resumed run that starts mid-epoch.
+        generator = torch.Generator().manual_seed(sampler.seed + epoch)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=part, num_workers=loader_workers, generator=generator
+        )
         for batch in loader:
             yield batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
         iteration = epoch_end

@@ -1,0 +1,56 @@
+"""Config loading: defaults, YAML overrides, --set, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, config_from_dict, dump_config, load_config
+
+
+def test_defaults_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {name: ccnet_r50_d8, recurrence: 1}\ntrain: {lr: 1, iterations: 50}\n")
+    config = load_config(path, ["train.lr=0.02", "eval.scales=[1.0, 1.5]", "tracking.uri=sqlite:///x.db"])
+    assert load_config(path, ["train.lr=1e-3"]).train.lr == 0.001  # YAML 1.1 reads 1e-3 as a string
+    assert config.model.name == "ccnet_r50_d8" and config.model.overrides() == {"recurrence": 1}
+    assert config.train.lr == 0.02 and isinstance(load_config(path).train.lr, float)  # int 1 -> 1.0
+    assert config.eval.scales == [1.0, 1.5] and config.train.iterations == 50
+    assert config.flat()["train.lr"] == 0.02 and config.flat()["model.name"] == "ccnet_r50_d8"
+    assert config_from_dict(yaml.safe_load(dump_config(config))) == config
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        ("train: {lrate: 0.1}\n", [], r"run.yaml: unknown key train.lrate"),
+        ("trainer: {lr: 0.1}\n", [], r"run.yaml: unknown key trainer"),
+        ("train: {lr: fast}\n", [], r"run.yaml: train.lr must be float, got 'fast'"),
+        ("train: {iterations: 1.5}\n", [], r"train.iterations must be int, got 1.5"),
+        ("train: {ohem: 3}\n", [], r"train.ohem must be bool, got 3"),
+        ("", ["train.lr=-0.1"], r"train.lr=-0.1 is not allowed"),
+        ("", ["model.recurrence=-1"], r"model.recurrence=-1 is not allowed"),
+        ("", ["train.amp=O3"], r"train.amp='O3' is not allowed"),
+        ("", ["eval.stride=1000"], r"eval.stride=1000 is not allowed"),
+        ("", ["lr=0.1"], r"expected section.key=value, got 'lr=0.1'"),
+        ("train: [1, 2]\n", [], r"train must be a mapping"),
+        ("train: {lr: [0.1\n", [], r"run.yaml: invalid YAML"),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, text: str, overrides: list[str], message: str) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, overrides)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="nowhere.yaml: config file not found"):
+        load_config("nowhere.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[2].joinpath("configs").glob("*.yaml")))
+def test_shipped_configs_load(path: Path) -> None:
+    load_config(path)
