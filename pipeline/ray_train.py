@@ -71,7 +71,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
         summary = train_loop(config, session, loop_config["run_id"], tracker)
     finally:
         if tracker is not None:
-            tracker.end()
+            tracker.flush()  # the driver ends the run after its final evaluation
     log.info("worker %d finished: %s", session.rank, summary)
 
 

@@ -121,7 +121,8 @@ def run_training(config: Config) -> TrainingReport:
         model, dataset, results = evaluate_checkpoint(config, best)
         table = protocol_table(results)
         for protocol, result in results.items():
-            tracker.log_metrics(result.as_metrics(f"final/{protocol}"), step=config.train.iterations)
+            name = protocol.replace("+", "_")  # MLflow metric names allow no '+'
+            tracker.log_metrics(result.as_metrics(f"final/{name}"), step=config.train.iterations)
         tracker.log_text(table, "evaluation/results.md")
         _log_bytes(tracker, storage.read_bytes(best), "checkpoints/best")
         _log_bytes(tracker, last, "checkpoints/last")

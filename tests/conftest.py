@@ -1,4 +1,5 @@
-"""Shared fixtures: a real SeaweedFS S3 server (``seaweedfs``) and an environment pointing at it (``s3_env``).
+"""Shared fixtures: a real SeaweedFS S3 server (``seaweedfs``) and an environment pointing at it (``s3_env``);
+a real MLflow tracking server (``mlflow_server``).
 
 The server is one ``weed mini`` process per test session, bound to 127.0.0.1 on free ports, credentials
 enforced, with its data, logs and S3/filer sockets in the session's tmp dir (its gRPC sockets go to /tmp
@@ -8,6 +9,7 @@ whatever the flags say; stop() removes any left behind). Storage imports stay in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -15,8 +17,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import sysconfig
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -225,8 +229,115 @@ def s3_env(seaweedfs: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
     storage._clear_caches()
 
 
+@dataclasses.dataclass
+class MlflowServer:
+    """An ``mlflow server`` (sqlite store, artifacts proxied to a local folder) that can be stopped and
+    started again on the same port and store.
+
+    Attributes:
+        root: its store (``mlflow.db``), artifacts (``artifacts/``) and log (``server.out``, appended).
+        port: the port it listens on, on 127.0.0.1.
+        pid: the running process (None while stopped); also its process group.
+    """
+
+    root: Path
+    port: int = dataclasses.field(default_factory=lambda: free_ports(1)[0])
+    pid: int | None = None
+    _process: subprocess.Popen | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        # --workers 1 and no job execution: ~0.5 GB and one uvicorn process instead of ~3 GB and 15.
+        return [sys.executable, "-m", "mlflow", "server",
+                "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+                "--artifacts-destination", str(self.root / "artifacts"),
+                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+
+    def log_tail(self, lines: int = 30) -> str:
+        out = self.root / "server.out"
+        return "\n".join(out.read_text(errors="replace").splitlines()[-lines:]) if out.exists() else ""
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as response:
+                return response.status == 200
+        except OSError:  # refused, reset, timed out (URLError is an OSError)
+            return False
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Starts the server (no-op if running) and returns once ``GET /health`` answers 200.
+
+        Raises:
+            RuntimeError: it exited or did not answer within ``timeout`` seconds (with its log tail); the
+                process is stopped first.
+        """
+        if self._process is not None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+        env |= {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+        with open(self.root / "server.out", "ab") as out:
+            self._process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=out,
+                                             stderr=subprocess.STDOUT, env=env, cwd=self.root,
+                                             start_new_session=True)  # its own group: stop() kills it all
+        self.pid = self._process.pid
+        deadline = time.monotonic() + timeout
+        while not self._healthy():
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                code = self._process.poll()
+                self.stop()
+                state = f"exited with {code}" if code is not None else f"gave no answer in {timeout:.0f} s"
+                raise RuntimeError(f"MLflow server {state}; log tail:\n{self.log_tail()}")
+            time.sleep(0.2)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Terminates the process group (SIGTERM, then SIGKILL after ``timeout`` s) and waits for it."""
+        if self._process is None:
+            return
+        try:
+            os.killpg(self._process.pid, signal.SIGTERM)
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait()
+        except ProcessLookupError:
+            self._process.wait()
+        # The uvicorn child can outlive `mlflow server` by a moment, holding the port a restart needs.
+        deadline = time.monotonic() + timeout
+        while _group_alive(self._process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._process.pid, signal.SIGKILL)
+        self._process, self.pid = None, None
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A running MLflow tracking server for the whole session; stopped (by PID) at the end."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    try:
+        server.start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Whatever uses the real server is an integration test, even where the marker was forgotten.
+    # Whatever uses a real server is an integration test, even where the marker was forgotten.
     for item in items:
-        if "seaweedfs" in getattr(item, "fixturenames", ()):
+        if {"seaweedfs", "mlflow_server"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)

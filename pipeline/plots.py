@@ -1,0 +1,162 @@
+"""Figures for the run record: confusion matrix, predictions over images, criss-cross attention maps.
+
+Every function returns a ``matplotlib.figure.Figure`` drawn on the Agg canvas and writes no file
+(``Tracker.log_figure`` stores it). Figures are built without ``pyplot``, so nothing is kept in pyplot's
+global registry and no display is needed; they are freed like any object. Images are (H, W, 3) uint8,
+label maps (H, W) integer class ids with ``ignore_index`` for void; arrays may also be torch tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+_ANNOTATE_UP_TO = 20  # classes; beyond that the numbers no longer fit their cells
+_PANEL_INCHES = 3.0
+
+
+def _array(values: Any) -> np.ndarray:
+    """A numpy array from a numpy array or a torch tensor (on any device), without importing torch."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def _figure(rows: int, cols: int, panel_inches: float = _PANEL_INCHES) -> tuple[Figure, np.ndarray]:
+    """A figure of ``rows`` x ``cols`` axes (always a 2-D array) on the Agg canvas."""
+    figure = Figure(figsize=(cols * panel_inches, rows * panel_inches), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure, figure.subplots(rows, cols, squeeze=False)
+
+
+def colorize(label: Any, palette: Sequence[Sequence[int]], ignore_index: int = 255) -> np.ndarray:
+    """(H, W) class ids -> (H, W, 3) uint8 colours: id ``k`` gets ``palette[k]``, ``ignore_index`` black.
+
+    Raises:
+        ValueError: an id other than ``ignore_index`` has no colour in ``palette`` (a wrong palette or
+            label mapping, which a black pixel would hide).
+    """
+    label = _array(label).astype(np.int64)
+    colours = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    void = label == ignore_index
+    unknown = (~void) & ((label < 0) | (label >= len(colours)))
+    if unknown.any():
+        raise ValueError(f"label id {int(label[unknown][0])} has no colour in a palette of {len(colours)}")
+    out = colours[np.where(void, 0, label)]  # (H, W, 3)
+    out[void] = 0
+    return out
+
+
+def overlay(
+    image: Any, label: Any, palette: Sequence[Sequence[int]], alpha: float = 0.5, ignore_index: int = 255
+) -> np.ndarray:
+    """``image`` with the colours of ``label`` blended in: ``(1 - alpha) * image + alpha * colour`` per
+    pixel, rounded; void pixels keep the image. Both are (H, W, ...) of the same size; returns (H, W, 3)
+    uint8."""
+    image = _array(image)
+    label = _array(label)
+    if image.shape[:2] != label.shape[:2]:
+        raise ValueError(f"image {image.shape[:2]} and label {label.shape[:2]} differ in size")
+    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colorize(label, palette, ignore_index)
+    out = np.rint(blended).clip(0, 255).astype(np.uint8)
+    void = label == ignore_index
+    out[void] = image[void]
+    return out
+
+
+def confusion_matrix_figure(confusion: Any, class_names: Sequence[str]) -> Figure:
+    """The (K, K) confusion matrix (rows ground truth, columns prediction) normalised per row, so each row
+    shows where that class's pixels went (a class absent from the ground truth gets a row of zeros).
+    Cells are annotated with the fraction up to 20 classes. Axes: the matrix, then its colour bar."""
+    counts = _array(confusion).astype(np.float64)
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or counts.shape[0] != len(class_names):
+        raise ValueError(f"confusion {counts.shape} does not match {len(class_names)} class names")
+    totals = counts.sum(axis=1, keepdims=True)
+    rates = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    size = len(class_names)
+    inches = min(max(4.0, 0.45 * size + 2.0), 20.0)
+    figure = Figure(figsize=(inches + 1.0, inches), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    shown = axes.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
+    figure.colorbar(shown, ax=axes, fraction=0.046, label="fraction of the row's pixels")
+    axes.set_xticks(range(size), labels=class_names, rotation=90)
+    axes.set_yticks(range(size), labels=class_names)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("ground truth")
+    if size <= _ANNOTATE_UP_TO:
+        for row in range(size):
+            for col in range(size):
+                colour = "white" if rates[row, col] > 0.5 else "black"  # readable on dark and light cells
+                axes.text(col, row, f"{rates[row, col]:.2f}", ha="center", va="center", color=colour,
+                          fontsize=7)
+    return figure
+
+
+def overlay_figure(
+    images: Sequence[Any],
+    predictions: Sequence[Any],
+    labels: Sequence[Any] | None,
+    palette: Sequence[Sequence[int]],
+    ignore_index: int = 255,
+) -> Figure:
+    """One row per sample: the image, its prediction overlaid, and (when ``labels`` is given) its ground
+    truth overlaid. Void ground-truth pixels show the bare image."""
+    if len(predictions) != len(images) or (labels is not None and len(labels) != len(images)):
+        raise ValueError("images, predictions and labels must hold the same number of samples")
+    if not images:
+        raise ValueError("no samples to plot")
+    titles = ["image", "prediction"] + (["ground truth"] if labels is not None else [])
+    figure, axes = _figure(len(images), len(titles))
+    for row, image in enumerate(images):
+        panels = [_array(image), overlay(image, predictions[row], palette, ignore_index=ignore_index)]
+        if labels is not None:
+            panels.append(overlay(image, labels[row], palette, ignore_index=ignore_index))
+        for col, panel in enumerate(panels):
+            axes[row, col].imshow(panel)
+            axes[row, col].set_axis_off()
+            if row == 0:
+                axes[row, col].set_title(titles[col])
+    return figure
+
+
+def attention_maps_figure(image: Any, maps: Any, pixels: Sequence[tuple[int, int]]) -> Figure:
+    """Where chosen pixels look after each recurrence, as in the CCNet paper's attention figure.
+
+    Args:
+        image: (H, W, 3) uint8.
+        maps: (R, P, h, w) attention at feature resolution, entry ``r - 1`` after ``r`` steps (e.g.
+            ``ccnet_attention_maps(...)[:, b]``).
+        pixels: the P ``(row, col)`` pixels in image coordinates.
+
+    Returns:
+        P rows of 1 + R axes: the image with the pixel marked, then the map after R=1, R=2, ... stretched
+        bilinearly over the image, each scaled to its own maximum.
+    """
+    image = _array(image)
+    maps = _array(maps).astype(np.float32)
+    if maps.ndim != 4 or maps.shape[1] != len(pixels):
+        raise ValueError(f"maps must be (R, P={len(pixels)}, h, w), got {maps.shape}")
+    height, width = image.shape[:2]
+    steps = maps.shape[0]
+    figure, axes = _figure(len(pixels), 1 + steps)
+    extent = (-0.5, width - 0.5, height - 0.5, -0.5)  # the image's own pixel grid
+    for row, (y, x) in enumerate(pixels):
+        axes[row, 0].imshow(image)
+        axes[row, 0].set_title(f"pixel ({y}, {x})")
+        for step in range(steps):
+            panel = axes[row, 1 + step]
+            attention = maps[step, row]
+            peak = float(attention.max())
+            panel.imshow(image)
+            panel.imshow(attention / peak if peak > 0 else attention, cmap="jet", alpha=0.55, vmin=0.0,
+                         vmax=1.0, extent=extent, interpolation="bilinear")
+            panel.set_title(f"R={step + 1}")
+        for panel in axes[row]:
+            panel.plot([x], [y], marker="x", color="white", markersize=9, markeredgewidth=2.5)
+            panel.set_axis_off()
+    return figure
