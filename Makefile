@@ -13,9 +13,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The main job on the embedded default: generated data -> shards -> CCNet R=2 and R=0 with local Ray ->
+# multi-scale test -> MLflow on runs/mlflow.db. Then the attention modules' efficiency table.
 demo: $(STAMP)
-	$(BIN)/ccnet models
-	$(BIN)/ccnet efficiency
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m jobs.quickstart
+	$(BIN)/ccnet efficiency --repeats 1
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -135,6 +135,18 @@ class Config:
             for key, value in values.items()
         }
 
+    def with_absolute_paths(self) -> Config:
+        """A copy whose local paths are absolute: Ray workers run in other working directories."""
+
+        def absolute(path: str | None) -> str | None:
+            return path if path is None or "://" in path else str(Path(path).resolve())
+
+        values = self.to_dict()
+        values["data"]["uri"] = absolute(self.data.uri)
+        values["run"]["storage"] = absolute(self.run.storage)
+        values["model"]["pretrained"] = absolute(self.model.pretrained)
+        return config_from_dict(values)
+
     def validate(self, source: str = "config") -> None:
         """Values that are well-typed but impossible; raises ConfigError naming the key."""
         problems = {

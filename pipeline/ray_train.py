@@ -9,6 +9,7 @@ again with the same name. The loop itself is ours and is the same as without Ray
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,7 @@ def fit(config: Config, run_id: str | None, tracking_uri: str | None) -> Any:
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(include_dashboard=False, log_to_driver=True)
     filesystem, path = storage.filesystem(config.run.storage)
     if storage.is_s3(config.run.storage):

@@ -102,6 +102,8 @@ def run_training(config: Config) -> TrainingReport:
     """Train ``config`` end to end and record it; returns what the command prints."""
     from pipeline.evaluation import protocol_table
 
+    config = config.with_absolute_paths()
+
     tracker, tracking_uri = _open_tracker(config)
     try:
         tracker.log_params(config.flat())
