@@ -1,0 +1,81 @@
+"""``ccnet train``, ``evaluate`` and ``predict`` end to end, without Ray, on the embedded default."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline.cli import main
+
+QUICKSTART = str(Path(__file__).parents[2] / "configs" / "quickstart_ccnet-tiny_generated-192x192_cpu.yaml")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("cli")
+    data = str(root / "datasets")
+    assert main(["data", "prepare", "--dataset", "generated", "--out", data, "--count", "train=8,val=3",
+                 "--image-size", "48", "--workers", "1"]) == 0
+    tracking = f"sqlite:///{root / 'mlflow.db'}"
+    settings = [
+        f"data.uri={data}/generated/v1", "data.crop_size=48", "data.batch_size=4", "data.loader_workers=0",
+        "train.iterations=4", "train.checkpoint_every=2", "train.eval_every=2", "eval.scales=[1.0, 1.25]",
+        f"run.storage={root / 'runs'}", "run.ray=false", f"tracking.uri={tracking}",
+    ]
+    assert main(["train", "-c", QUICKSTART, *[arg for s in settings for arg in ("--set", s)]]) == 0
+    checkpoint = root / "runs" / "quickstart_ccnet-tiny-r2" / "best" / "checkpoint.pt"
+    return {"root": str(root), "checkpoint": str(checkpoint), "tracking": tracking, "data": data}
+
+
+def test_train_records_a_run(trained: dict[str, str]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(trained["tracking"])
+    experiment = client.get_experiment_by_name("quickstart")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["train.iterations"] == "4"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mIoU")] == [2, 4]
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert names == {"plots/confusion_matrix.png", "plots/predictions.png", "plots/attention.png"}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert artifacts >= {"config.yaml", "checkpoints", "evaluation", "plots"}
+    (model,) = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    assert model.source_run_id == run.info.run_id and model.name == "model"
+
+
+def test_evaluate_prints_and_records_the_table(
+    trained: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["evaluate", "--checkpoint", trained["checkpoint"], "--set", "eval.flip=false"]) == 0
+    out = capsys.readouterr().out
+    assert "| single-scale | whole | 1 | no | 3 |" in out
+    assert "| multi-scale+flip | whole | 1, 1.25 | no | 3 |" in out
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(trained["tracking"])
+    (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    recorded = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert "evaluation/iteration_0000004.md" in recorded
+
+
+def test_predict_writes_masks_and_overlays(trained: dict[str, str], tmp_path: Path) -> None:
+    image = tmp_path / "street.png"
+    Image.new("RGB", (40, 30), (90, 90, 90)).save(image)
+    out = str(tmp_path / "out")
+    assert main(["predict", str(image), "--checkpoint", trained["checkpoint"], "--out", out]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["street_mask.png", "street_overlay.png"]
+    assert Image.open(tmp_path / "out" / "street_mask.png").size == (40, 30)
+
+
+def test_checkpoint_of_another_model_is_one_line(trained: dict[str, str]) -> None:
+    command = [sys.executable, "-m", "pipeline.cli", "evaluate", "--checkpoint", trained["checkpoint"],
+               "--set", "model.recurrence=0", "--no-tracking"]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ERROR ") and "checkpoint does not fit this model" in last
+    assert "unexpected keys" in last
