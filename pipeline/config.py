@@ -56,6 +56,7 @@ class DataConfig:
     scale_max: float = 2.0
     batch_size: int = 8  # per worker
     loader_workers: int = 0  # DataLoader processes per worker on the plain-PyTorch path
+    loader: str = "torch"  # torch: ShardDataset per worker (exact resume) | ray: Ray Data streaming (run.ray)
 
 
 @dataclass
@@ -166,6 +167,7 @@ class Config:
             "data.batch_size": self.data.batch_size >= 1,
             "data.scale_min": 0 < self.data.scale_min <= self.data.scale_max,
             "eval.mode": self.eval.mode in ("whole", "slide"),
+            "data.loader": self.data.loader == "torch" or (self.data.loader == "ray" and self.run.ray),
             "eval.stride": 1 <= self.eval.stride <= self.eval.crop_size,
             "eval.scales": len(self.eval.scales) > 0 and all(s > 0 for s in self.eval.scales),
             "run.num_workers": self.run.num_workers >= 1,

@@ -31,6 +31,7 @@ class RaySession:
     rank: int
     world_size: int
     device: torch.device
+    train_shard: Any = None  # this worker's Ray Data shard when data.loader is "ray"
 
     def restore(self) -> dict[str, Any] | None:
         import ray.train
@@ -64,6 +65,8 @@ def _worker(loop_config: dict[str, Any]) -> None:
     config = config_from_dict(loop_config["config"])
     context = ray.train.get_context()
     session = RaySession(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device())
+    if config.data.loader == "ray":
+        session.train_shard = ray.train.get_dataset_shard("train")
     tracker = None
     if session.rank == 0 and loop_config["run_id"]:
         tracker = Tracker(loop_config["tracking_uri"], config.tracking.experiment, required=False)
@@ -90,8 +93,20 @@ def fit(config: Config, run_id: str | None, tracking_uri: str | None) -> Any:
         storage.ensure_bucket(config.run.storage)
     else:
         Path(path).mkdir(parents=True, exist_ok=True)
+    datasets = {}
+    if config.data.loader == "ray":
+        from pipeline.data.readers import ray_dataset
+        from pipeline.data.transforms import build_train_transform
+
+        data = config.data
+        transform = build_train_transform(data.crop_size, (data.scale_min, data.scale_max))
+        datasets["train"] = ray_dataset(
+            data.uri, data.train_split, transform=transform, seed=config.train.seed, epoch=None,
+            batch_size=data.batch_size,
+        ).select_columns(["image", "label"])  # tensors only: sample ids are strings
     trainer = TorchTrainer(
         _worker,
+        datasets=datasets or None,
         train_loop_config={"config": config.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri},
         scaling_config=ScalingConfig(
             num_workers=config.run.num_workers,

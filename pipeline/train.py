@@ -12,6 +12,7 @@ scaler: bf16 has float32's range). A non-finite loss skips the step; ``max_nonfi
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -154,6 +155,22 @@ def _batches(
         iteration = epoch_end
 
 
+def _ray_batches(
+    shard: Any, batch_size: int, start: int, end: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches streamed from this worker's Ray Data shard, pass after pass, for iterations start..end.
+
+    A resumed run starts a new pass rather than mid-pass: Ray Data streams without a fixed order.
+    """
+    iteration = start
+    while iteration < end:
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True):
+            yield batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+            iteration += 1
+            if iteration >= end:
+                return
+
+
 def _distribute(model: nn.Module, session: Session, sync_bn: bool) -> nn.Module:
     if session.world_size == 1:
         return model
@@ -218,7 +235,7 @@ def train_loop(
             "num_classes": manifest.num_classes, "config": config.to_dict(),
         }
 
-    def validate() -> float:
+    def validate() -> dict[str, float]:
         result = evaluate(
             unwrap(model), val_data, num_classes=manifest.num_classes, ignore_index=manifest.ignore_index,
             mode=config.eval.mode, crop_size=config.eval.crop_size, stride=config.eval.stride,
@@ -226,14 +243,21 @@ def train_loop(
             world_size=session.world_size, progress=False, amp_dtype=amp_dtype,
         )
         model.train()
-        return result.miou
+        # mIoU, pixel accuracy and per-class IoU; classes absent from the images (NaN) are left out
+        return {name: value for name, value in result.as_metrics("val").items() if not math.isnan(value)}
 
     model.train()
     nonfinite = skipped = 0
     loss_value, val_miou, images_per_second = float("nan"), None, 0.0
     window_start, window_images = time.perf_counter(), 0
     iteration = start
-    for images, labels in _batches(train_data, sampler, data_cfg.loader_workers, session.device):
+    shard = getattr(session, "train_shard", None)
+    batches = (
+        _ray_batches(shard, data_cfg.batch_size, start, train_cfg.iterations, session.device)
+        if shard is not None
+        else _batches(train_data, sampler, data_cfg.loader_workers, session.device)
+    )
+    for images, labels in batches:
         lr = poly_lr(train_cfg.lr, iteration, train_cfg.iterations, train_cfg.poly_power)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -261,9 +285,9 @@ def train_loop(
                 log.info("iteration %d/%d loss %.4f lr %.5f %.1f img/s", iteration, train_cfg.iterations,
                          step.loss, lr, images_per_second)
         if iteration % train_cfg.eval_every == 0 or iteration == train_cfg.iterations:
-            val_miou = validate()
-            metrics["val/mIoU"] = val_miou
-            if best_miou is None or val_miou > best_miou:
+            metrics.update(validate())
+            val_miou = metrics.get("val/mIoU")  # absent when no validation pixel is labelled
+            if val_miou is not None and (best_miou is None or val_miou > best_miou):
                 best_miou = val_miou
                 if session.rank == 0:
                     CheckpointStore(run_uri(config)).save_best(state_dict(iteration))

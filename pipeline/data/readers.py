@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
+import secrets
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
@@ -213,7 +214,7 @@ class ShardDataset(Dataset):
 
 
 def _decode_batch(
-    batch: pa.Table, transform: JointTransform | None, seed: int, epoch: int, verify: bool
+    batch: pa.Table, transform: JointTransform | None, seed: int, epoch: int | None, verify: bool
 ) -> dict[str, np.ndarray]:
     """Ray ``map_batches`` body: verify, decode and transform a batch of rows.
 
@@ -230,8 +231,10 @@ def _decode_batch(
         columns = [batch.column(name).to_pylist() for name in ("path", *RAY_COLUMNS)]
         for row in zip(*columns, strict=True):
             verify_row(*row)
+    # epoch None: a fresh augmentation at every pass over the data (streaming training).
+    nonce = secrets.randbits(62) if epoch is None else epoch
     pairs = [
-        _apply(image, label, transform, sample_seed(seed, epoch, sample_id))
+        _apply(image, label, transform, sample_seed(seed, nonce, sample_id))
         for sample_id, image, label in zip(sample_ids, images, labels, strict=True)
     ]
     return {
@@ -255,7 +258,7 @@ def ray_dataset(
     transform: JointTransform | None = None,
     seed: int = 0,
     batch_size: int = 8,
-    epoch: int = 0,
+    epoch: int | None = 0,
     verify: bool = True,
     num_cpus: float = 0.5,
     concurrency: int | None = None,
@@ -270,7 +273,8 @@ def ray_dataset(
         uri: the dataset version prefix (local folder or ``s3://``).
         split: which split's shards to read.
         transform: joint transform as for :class:`ShardDataset`; None keeps decoded uint8 images.
-        seed, epoch: with the sample_id, select each sample's augmentation (batching does not matter).
+        seed, epoch: with the sample_id, select each sample's augmentation (batching does not matter);
+            ``epoch=None`` draws a new augmentation at every pass instead (not reproducible).
         batch_size: rows per ``map_batches`` call.
         verify: check row checksums.
         num_cpus: CPUs requested per read and per map task; fractional so that reading runs next to

@@ -15,7 +15,10 @@ from pipeline.data.writer import write_shards
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_two_workers_on_s3_and_mlflow(tmp_path: Path, s3_env: str, mlflow_server, monkeypatch) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("loader", ["torch", "ray"])
+def test_two_workers_on_s3_and_mlflow(
+    tmp_path: Path, s3_env: str, mlflow_server, monkeypatch, loader: str  # noqa: ANN001
+) -> None:
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -28,7 +31,8 @@ def test_two_workers_on_s3_and_mlflow(tmp_path: Path, s3_env: str, mlflow_server
         f"data.uri={data_uri}", "data.crop_size=48", "data.batch_size=2", "train.iterations=4",
         "train.log_every=1", "train.checkpoint_every=2", "train.eval_every=4", "eval.scales=[1.0, 1.5]",
         f"run.storage={storage.join(s3_env, 'runs')}", "run.name=two-workers", "run.num_workers=2",
-        "run.cpus_per_worker=0.5", f"tracking.uri={mlflow_server.uri}", "tracking.experiment=ray-test",
+        "run.cpus_per_worker=0.5", f"tracking.uri={mlflow_server.uri}", f"tracking.experiment=ray-{loader}",
+        f"data.loader={loader}",
     ])
     ray.init(num_cpus=2, include_dashboard=False)  # after s3_env: workers inherit the AWS_* settings
     try:
