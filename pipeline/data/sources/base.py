@@ -119,6 +119,16 @@ class DatasetSource(ABC):
             raise FileNotFoundError(f"{folder}: split folder is missing")
         return folder
 
+    def paired_samples(self, split: str, images: str, labels: str, pattern: str) -> Iterator[SampleRef]:
+        """The files matching ``pattern`` in the folder ``images``, sorted by stem, each with its expected
+        label ``<labels>/<stem>.png``; the folder is checked by :meth:`split_folder`."""
+        folder = self.split_folder(split, images)
+        refs = [
+            SampleRef(path.stem, split, f"{images}/{path.name}", f"{labels}/{path.stem}.png")
+            for path in folder.glob(pattern)
+        ]
+        return iter(sorted(refs, key=lambda ref: ref.sample_id))
+
     def extra(self) -> dict[str, object]:
         """Adapter-specific facts recorded in the manifest (e.g. generator settings)."""
         return {}

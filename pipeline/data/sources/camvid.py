@@ -47,9 +47,4 @@ class CamVidSource(DatasetSource):
             ValueError: ``split`` is not one of ``known_splits``.
             FileNotFoundError: the split's image folder is missing.
         """
-        folder = self.split_folder(split, split)
-        refs = [
-            SampleRef(path.stem, split, f"{split}/{path.name}", f"{split}annot/{path.name}")
-            for path in folder.glob("*.png")
-        ]
-        return iter(sorted(refs, key=lambda ref: ref.sample_id))
+        return self.paired_samples(split, split, f"{split}annot", "*.png")

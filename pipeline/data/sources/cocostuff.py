@@ -102,9 +102,4 @@ class COCOStuffSource(DatasetSource):
         """
         images = f"images/{SPLIT_FOLDERS.get(split, split)}"
         labels = f"annotations/{SPLIT_FOLDERS.get(split, split)}"
-        folder = self.split_folder(split, images)
-        refs = [
-            SampleRef(path.stem, split, f"{images}/{path.name}", f"{labels}/{path.stem}.png")
-            for path in folder.glob("*.jpg")
-        ]
-        return iter(sorted(refs, key=lambda ref: ref.sample_id))
+        return self.paired_samples(split, images, labels, "*.jpg")
