@@ -132,6 +132,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.tune import run_search
+
+    report = run_search(load_config(args.config, args.set))
+    sys.stdout.write(
+        f"\n{report.table}\n\nbest: {report.best} ({report.best_value:.4f})\n"
+        f"MLflow parent run {report.parent_run_id}\n"
+    )
+    return 0
+
+
 def _config_from_checkpoint(args: argparse.Namespace) -> tuple[object, dict]:
     from pipeline.checkpoints import load
     from pipeline.config import apply_overrides, config_from_dict
@@ -201,6 +213,11 @@ def _add_training_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("-c", "--config", help="YAML config (see configs/); defaults otherwise")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.lr=0.02")
     train.set_defaults(run=_train)
+
+    tune = commands.add_parser("tune", help="Ray Tune search (ASHA) over the training job")
+    tune.add_argument("-c", "--config", help="YAML config with a tune section")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="tune.num_samples=8")
+    tune.set_defaults(run=_tune)
 
     evaluate = commands.add_parser("evaluate", help="single-scale vs multi-scale + flip mIoU of a checkpoint")
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint.pt (local path or s3:// URI)")

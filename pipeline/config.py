@@ -117,6 +117,27 @@ class TrackingConfig:
 
 
 @dataclass
+class TuneConfig:
+    """A Ray Tune search over the training: a space over config keys, ASHA on val mIoU."""
+
+    name: str = "search"  # a re-run with the same name resumes the search
+    num_samples: int = 4
+    max_concurrent: int = 1  # trials at once (each is a whole TorchTrainer)
+    metric: str = "val/mIoU"
+    mode: str = "max"
+    grace_period: int = 100  # iterations before ASHA may stop a trial
+    reduction_factor: int = 2
+    # "section.key": {"loguniform": [low, high]} | {"uniform": [low, high]} | {"choice": [values...]}
+    space: dict[str, dict[str, list[Any]]] = field(
+        default_factory=lambda: {
+            "train.lr": {"loguniform": [0.001, 0.05]},
+            "train.poly_power": {"uniform": [0.8, 1.0]},
+            "data.crop_size": {"choice": [160, 192]},
+        }
+    )
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -124,6 +145,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -173,6 +195,11 @@ class Config:
             "run.num_workers": self.run.num_workers >= 1,
             "run.max_failures": self.run.max_failures >= -1,
             "model.recurrence": self.model.recurrence is None or self.model.recurrence >= 0,
+            "tune.num_samples": self.tune.num_samples >= 1,
+            "tune.max_concurrent": self.tune.max_concurrent >= 1,
+            "tune.mode": self.tune.mode in ("min", "max"),
+            "tune.grace_period": self.tune.grace_period >= 1,
+            "tune.reduction_factor": self.tune.reduction_factor >= 2,
         }
         for key, ok in problems.items():
             if not ok:
@@ -196,6 +223,13 @@ def _check_type(value: Any, annotation: Any, key: str, source: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{source}: {key} must be {annotation}, got {value!r}")
+    if origin is dict:
+        _, item = typing.get_args(annotation)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+        return {str(k): _check_type(v, item, f"{key}.{k}", source) for k, v in value.items()}
+    if annotation is Any:
+        return value
     if origin is list:
         (item,) = typing.get_args(annotation)
         if not isinstance(value, list):

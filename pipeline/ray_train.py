@@ -79,8 +79,11 @@ def _worker(loop_config: dict[str, Any]) -> None:
     log.info("worker %d finished: %s", session.rank, summary)
 
 
-def fit(config: Config, run_id: str | None, tracking_uri: str | None) -> Any:
-    """Run the training with Ray Train; returns Ray's ``Result`` (its ``checkpoint`` is the last one)."""
+def fit(config: Config, run_id: str | None, tracking_uri: str | None, callbacks: list | None = None) -> Any:
+    """Run the training with Ray Train; returns Ray's ``Result`` (its ``checkpoint`` is the last one).
+
+    ``callbacks`` go to the trainer's RunConfig (a search passes Tune's ``TuneReportCallback``).
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -119,6 +122,7 @@ def fit(config: Config, run_id: str | None, tracking_uri: str | None) -> Any:
             storage_filesystem=filesystem if storage.is_s3(config.run.storage) else None,
             failure_config=FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+            callbacks=callbacks,
         ),
     )
     return trainer.fit()

@@ -295,7 +295,9 @@ def train_loop(
             tracker.log_metrics(metrics, step=iteration)
         if iteration % train_cfg.checkpoint_every == 0 or iteration == train_cfg.iterations:
             state = state_dict(iteration) if session.rank == 0 else None
-            session.checkpoint(state, iteration, {"iteration": iteration, **metrics})
+            # The latest val mIoU goes with every report: a search's scheduler reads it at each one.
+            latest = {"val/mIoU": val_miou} if val_miou is not None else {}
+            session.checkpoint(state, iteration, {"iteration": iteration, **latest, **metrics})
     return TrainSummary(iteration, loss_value, best_miou, val_miou, images_per_second, skipped)
 
 
