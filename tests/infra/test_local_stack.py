@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import free_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -29,17 +30,6 @@ SCRIPTS = Path(sysconfig.get_path("scripts"))
 WEED_PORTS = ("s3", "s3.grpc", "master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc")
 OTHER_PORTS = ("mlflow", "ray.gcs", "ray.dashboard", "ray.client", "ray.agent", "ray.metrics",
                "ray.autoscaler_metrics", "ray.dashboard_metrics")
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _free_admin_pair(avoid: set[int]) -> tuple[int, int]:
@@ -125,7 +115,7 @@ def stack() -> Iterator[tuple[Path, dict[str, int]]]:
         pytest.skip("the venv lacks weed, mlflow or ray")
     root = Path(tempfile.mkdtemp(prefix="ccnet-stack-", dir="/tmp"))
     names = WEED_PORTS + OTHER_PORTS
-    ports = dict(zip(names, _free_ports(len(names)), strict=True))
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     ports["admin"], ports["admin.grpc"] = _free_admin_pair(set(ports.values()))
     result = _run(root, "up", *(f"--port={name}={port}" for name, port in ports.items()))
     try:
