@@ -125,8 +125,8 @@ def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     report = run_training(config)
     sys.stdout.write(
-        f"\n{report.table}\n\nbest checkpoint: {storage_redact(report.best_checkpoint)}\n"
-        f"MLflow run {report.run_id} at {storage_redact(report.tracking_uri)}\n"
+        f"\n{report.table}\n\nbest checkpoint: {_redact(report.best_checkpoint)}\n"
+        f"MLflow run {report.run_id} at {_redact(report.tracking_uri)}\n"
         f"browse it: mlflow ui --backend-store-uri {report.tracking_uri}\n"
     )
     return 0
@@ -150,7 +150,7 @@ def _config_from_checkpoint(args: argparse.Namespace) -> tuple[object, dict]:
 
     state = load(args.checkpoint)
     values = apply_overrides(state.get("config") or {}, args.set or [])
-    return config_from_dict(values, source=f"{storage_redact(args.checkpoint)} config"), state
+    return config_from_dict(values, source=f"{_redact(args.checkpoint)} config"), state
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -180,7 +180,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     config, state = _config_from_checkpoint(args)
     model = build_model(config, state["num_classes"])
-    load_model_state(model, state, storage_redact(args.checkpoint))
+    load_model_state(model, state, _redact(args.checkpoint))
     palette = _palette(config, state["num_classes"])
     written = predict_images(
         model.eval(), [Path(p) for p in args.images], palette=palette, out_dir=Path(args.out),
@@ -202,7 +202,8 @@ def _palette(config: object, num_classes: int) -> tuple[tuple[int, int, int], ..
         return tuple(((37 * i) % 256, (101 * i) % 256, (173 * i) % 256) for i in range(num_classes))
 
 
-def storage_redact(text: str) -> str:
+def _redact(text: str) -> str:
+    """storage.redact, imported when needed: loading boto3/pyarrow would slow every command."""
     from pipeline.storage import redact
 
     return redact(text)

@@ -45,7 +45,8 @@ def colorize(label: Any, palette: Sequence[Sequence[int]], ignore_index: int = 2
     void = label == ignore_index
     unknown = (~void) & ((label < 0) | (label >= len(colours)))
     if unknown.any():
-        raise ValueError(f"label id {int(label[unknown][0])} has no colour in a palette of {len(colours)}")
+        ids = sorted(int(v) for v in np.unique(label[unknown]))
+        raise ValueError(f"label id {ids[0]} has no colour in a palette of {len(colours)} (ids {ids[:10]})")
     out = colours[np.where(void, 0, label)]  # (H, W, 3)
     out[void] = 0
     return out

@@ -26,37 +26,9 @@ from tqdm import tqdm
 
 from ccnet.inference import predict_multiscale
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.plots import colorize
 
 log = logging.getLogger(__name__)
-
-VOID_COLOUR = (0, 0, 0)
-
-
-def colorize(ids: np.ndarray, palette: Sequence[Sequence[int]], ignore_index: int = 255) -> np.ndarray:
-    """Paint class ids with their palette colours.
-
-    Args:
-        ids: (H, W) integer class ids.
-        palette: RGB colour of each class id, 0-255.
-        ignore_index: id painted black (void).
-
-    Returns:
-        (H, W, 3) uint8 RGB.
-
-    Raises:
-        ValueError: an id that is neither ``ignore_index`` nor a palette index.
-    """
-    ids = np.asarray(ids)
-    colours = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)  # (K, 3)
-    void = ids == ignore_index
-    known = (ids >= 0) & (ids < len(colours))
-    if not np.all(known | void):
-        bad = sorted(int(v) for v in np.unique(ids[~(known | void)]))
-        raise ValueError(f"class ids {bad[:10]} have no palette colour ({len(colours)} colours)")
-    rgb = np.zeros((*ids.shape, 3), dtype=np.uint8)  # void stays black
-    rgb[known] = colours[ids[known]]
-    return rgb
-
 
 def _blend(image: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
     """``(1 - alpha) * image + alpha * mask``, rounded, both (H, W, 3) uint8."""

