@@ -6,6 +6,9 @@
     ccnet data prepare --dataset camvid --root ../shared/data/camvid --out s3://bucket/datasets
     ccnet data prepare --dataset generated --out ./runs/datasets --count train=200,val=50
     ccnet data inspect s3://bucket/datasets/camvid/v1 --grid camvid.png
+
+Training: ``ccnet train|tune|evaluate|predict`` (below); a Ray cluster's Jobs API:
+``ccnet submit|jobs|schedule`` (``pipeline/cli_jobs.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 from ccnet import list_models
 from ccnet.profiling import compare_attention, format_table, model_summary
+from pipeline.cli_jobs import add_job_commands
 
 log = logging.getLogger("ccnet")
 
@@ -127,9 +131,16 @@ def _train(args: argparse.Namespace) -> int:
     sys.stdout.write(
         f"\n{report.table}\n\nbest checkpoint: {_redact(report.best_checkpoint)}\n"
         f"MLflow run {report.run_id} at {_redact(report.tracking_uri)}\n"
-        f"browse it: mlflow ui --backend-store-uri {report.tracking_uri}\n"
+        f"browse it: {_browse_hint(report.tracking_uri)}\n"
     )
     return 0
+
+
+def _browse_hint(tracking_uri: str) -> str:
+    """How to open the runs: the server's own UI, or ``mlflow ui`` on a local store."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return _redact(tracking_uri)
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -255,11 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_data_commands(commands)
     _add_training_commands(commands)
+    add_job_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # What follows "--" belongs to the submitted job (argparse cannot mix it with the job's name).
+    job_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    parser = build_parser()
+    args = parser.parse_args(argv[:len(argv) - len(job_args) - 1] if "--" in argv else argv)
+    if job_args and args.command not in ("submit", "schedule"):
+        parser.error("arguments after -- are for `ccnet submit` and `ccnet schedule` only")
+    args.job_args = job_args
     level = logging.DEBUG if args.debug else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(message)s")
     try:

@@ -147,6 +147,10 @@ class Stack:
                     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
         if service == "ray":  # the venv "activated", so Ray's workers run this interpreter
             scripts = sysconfig.get_path("scripts")
+            # The cluster's nodes hold the credentials: submitted jobs carry none (pipeline/submit.py).
+            env |= self.credentials() | {"AWS_DEFAULT_REGION": REGION,
+                                         "AWS_ENDPOINT_URL": self.urls["seaweedfs"],
+                                         "MLFLOW_TRACKING_URI": self.urls["mlflow"]}
             env |= {"PATH": f"{scripts}:{env.get('PATH', '')}", "VIRTUAL_ENV": str(Path(scripts).parent),
                     "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                     # Off, Ray keeps 127.0.0.1 as the node IP (on, it swaps in the host's address), and then

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
+from pipeline.schedule import parse_cron
+
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 YAML_FILES = sorted([*INFRA.rglob("*.yaml"), *INFRA.rglob("*.yml")])
 K8S_FILES = sorted((INFRA / "k8s").glob("*.yaml"))
@@ -144,35 +146,13 @@ def secret_problems(secret: dict[str, Any]) -> list[str]:
     ]
 
 
-_CRON_RANGES = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)]
-_CRON_NAMES = [
-    {},
-    {},
-    {},
-    {m: i + 1 for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split())},
-    {d: i for i, d in enumerate("sun mon tue wed thu fri sat".split())},
-]
-
-
 def cron_problems(line: str) -> list[str]:
-    """A standard 5-field cron line (lists, ranges, steps, month/day names); macros (@daily) are refused."""
-    fields = str(line).split()
-    if len(fields) != 5:
-        return [f"{line!r}: {len(fields)} fields, not 5"]
-    problems = []
-    for field, (low, high), names in zip(fields, _CRON_RANGES, _CRON_NAMES, strict=True):
-        for part in field.split(","):
-            base, _, step = part.partition("/")
-            if step and (not step.isdigit() or int(step) == 0):
-                problems.append(f"{line!r}: bad step in {part!r}")
-            if base == "*":
-                continue
-            bounds = [names.get(b.lower(), b) for b in base.split("-")]
-            if len(bounds) > 2 or not all(str(b).isdigit() and low <= int(b) <= high for b in bounds):
-                problems.append(f"{line!r}: {part!r} outside {low}-{high}")
-            elif len(bounds) == 2 and int(bounds[0]) > int(bounds[1]):
-                problems.append(f"{line!r}: empty range {part!r}")
-    return problems
+    """The cron parser the ``ccnet schedule`` loop uses, as a list of problems."""
+    try:
+        parse_cron(line)
+    except ValueError as error:
+        return [str(error)]
+    return []
 
 
 def labels_match(selector: dict[str, str], labels: dict[str, str]) -> bool:
