@@ -5,9 +5,9 @@
 It behaves like the Kubernetes CronJob of ``infra/k8s/cronjob-tune.yaml``: at each time the cron line
 matches (UTC unless ``--timezone``), it submits the job with a unique ``tune.name=scheduled-<YYYYmmdd-HHMM>``
 (so every run is a new search with its own MLflow runs and checkpoints), and it skips a run while the job it
-submitted before is still going. Cron lines are the standard five fields (minute hour day-of-month month day-of-week)
-with lists, ranges, steps and month/day names; as in cron, when both day fields are restricted a day matching
-either one matches.
+submitted before is still going. Cron lines are the standard five fields (minute hour day-of-month month
+day-of-week) with lists, ranges, steps and month/day names; as in cron, when both day fields are restricted a
+day matching either one matches.
 """
 
 from __future__ import annotations
