@@ -213,8 +213,9 @@ def submit(jobs_client: Any, submission: Submission, *, entrypoint_num_cpus: flo
     )
 
 
-def follow(jobs_client: Any, job_id: str, out: TextIO = sys.stdout) -> str:
-    """Stream the job's logs to ``out`` until it ends; returns its final status (``SUCCEEDED``, ...)."""
+def follow(jobs_client: Any, job_id: str, out: TextIO | None = None) -> str:
+    """Stream the job's logs to ``out`` (stdout) until it ends; returns its final status (SUCCEEDED, ...)."""
+    out = out or sys.stdout
 
     async def stream() -> None:
         async for lines in jobs_client.tail_job_logs(job_id):

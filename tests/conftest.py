@@ -59,7 +59,7 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def _free_pair(offset: int, avoid: set[int]) -> tuple[int, int]:
+def free_port_pair(offset: int, avoid: set[int]) -> tuple[int, int]:
     """Ports ``p`` and ``p + offset``, both free on 127.0.0.1 and outside ``avoid``."""
     for _ in range(100):
         port = secrets.choice(range(20000, 65535 - offset))
@@ -104,7 +104,8 @@ class SeaweedFS:
         flags = [f"{name}.port{grpc}" for name in names for grpc in ("", ".grpc")]
         self.ports = dict(zip(flags, free_ports(len(flags)), strict=True))
         # Its maintenance worker dials the admin's HTTP port + 10000 whatever -admin.port.grpc says.
-        self.ports["admin.port"], self.ports["admin.port.grpc"] = _free_pair(10000, set(self.ports.values()))
+        self.ports["admin.port"], self.ports["admin.port.grpc"] = free_port_pair(
+            10000, set(self.ports.values()))
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
 

@@ -219,15 +219,15 @@ class Stack:
 
     # -- stop ----------------------------------------------------------------------------------------------
     def stop(self, service: str, grace: float) -> None:
-        """SIGTERMs the service's process group (for Ray also every process naming its temp dir), SIGKILLs
-        what is left after ``grace`` s, and waits for it all to be gone. ``ray stop`` is not used: it stops
-        every Ray on the machine, other users' clusters and test sessions included."""
+        """SIGTERMs the service's process group (for Ray also every process naming or running in its temp
+        dir), SIGKILLs what is left after ``grace`` s, and waits for it all to be gone. ``ray stop`` is not
+        used: it stops every Ray on the machine, other users' clusters and test sessions included."""
         entry = self.pids().get(service)
         pgid = entry["pid"] if entry and self.alive(service) else None
 
         def members() -> list[int]:
             pids = _group_members(pgid) if pgid else []
-            return pids + (_pids_mentioning(str(self.ray_temp_dir)) if service == "ray" else [])
+            return pids + (_pids_of(self.ray_temp_dir) if service == "ray" else [])
 
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
             for pid in members():
@@ -263,14 +263,19 @@ def _group_members(pgid: int) -> list[int]:
     return pids
 
 
-def _pids_mentioning(text: str) -> list[int]:
-    """Live processes whose command line contains ``text`` (Ray's daemons name their temp dir)."""
+def _pids_of(folder: Path) -> list[int]:
+    """Live processes whose command line names ``folder`` (Ray's daemons name their temp dir) or that run in
+    it (the drivers of submitted jobs run in Ray's job working dirs, under the temp dir)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
+            cwd = ""
+            with contextlib.suppress(OSError):
+                cwd = os.readlink(entry / "cwd")
             with contextlib.suppress(OSError):
                 cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-                if text in cmdline and _start_time(int(entry.name)):
+                ours = str(folder) in cmdline or Path(cwd).is_relative_to(folder)
+                if ours and _start_time(int(entry.name)):
                     pids.append(int(entry.name))
     return pids
 
@@ -331,7 +336,7 @@ def down(stack: Stack, grace: float) -> int:
         stack.stop(service, grace)
         _log(f"{service}: stopped")
     stack.pids_file.unlink(missing_ok=True)
-    left = _pids_mentioning(str(stack.ray_temp_dir))
+    left = _pids_of(stack.ray_temp_dir)
     open_ports = [port for service in SERVICES for port in stack.service_ports(service) if _port_open(port)]
     if left or open_ports:
         _log(f"error: still running: pids {left}, ports {open_ports}")

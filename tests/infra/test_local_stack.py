@@ -9,68 +9,15 @@ import ipaddress
 import json
 import os
 import secrets
-import shutil
-import socket
 import stat
-import subprocess
-import sys
-import sysconfig
-import tempfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_ports
+from stack_helpers import alive, port_open, run_stack, running_stack, stack_pids
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-SCRIPT = Path(__file__).resolve().parents[2] / "infra" / "local" / "stack.py"
-SCRIPTS = Path(sysconfig.get_path("scripts"))
-WEED_PORTS = ("s3", "s3.grpc", "master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc")
-OTHER_PORTS = ("mlflow", "ray.gcs", "ray.dashboard", "ray.client", "ray.agent", "ray.metrics",
-               "ray.autoscaler_metrics", "ray.dashboard_metrics")
-
-
-def _free_admin_pair(avoid: set[int]) -> tuple[int, int]:
-    """weed's worker dials the admin port + 10000 whatever -admin.port.grpc says: both must be free."""
-    for _ in range(100):
-        port = secrets.choice(range(20000, 55535))
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 10000))
-        except OSError:
-            continue
-        if not {port, port + 10000} & avoid:
-            return port, port + 10000
-    raise RuntimeError("no free pair of ports")
-
-
-def _run(root: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args, "--dir", str(root)], capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _stack_pids(root: Path, pids: dict[str, dict]) -> set[int]:
-    """Every live process of the stack: the recorded process groups and whatever names Ray's temp dir."""
-    groups, found = {entry["pid"] for entry in pids.values()}, set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError, IndexError):
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-            if fields[0] != "Z" and (int(fields[3]) in groups or str(root / "ray") in cmdline):
-                found.add(int(entry.name))
-    return found
-
 
 def _listeners(pids: set[int]) -> dict[int, list[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
     """Listening TCP sockets owned by ``pids``: port -> local addresses (from /proc/net/tcp{,6})."""
@@ -96,13 +43,6 @@ def _listeners(pids: set[int]) -> dict[int, list[ipaddress.IPv4Address | ipaddre
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _is_loopback(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     mapped = getattr(address, "ipv4_mapped", None)
     return address.is_loopback or (mapped is not None and mapped.is_loopback)
@@ -110,30 +50,17 @@ def _is_loopback(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[tuple[Path, dict[str, int]]]:
-    """The stack, up on free ports in a short dir under /tmp (Ray's socket paths are length-limited)."""
-    if not all((SCRIPTS / name).exists() for name in ("weed", "mlflow", "ray")):
-        pytest.skip("the venv lacks weed, mlflow or ray")
-    root = Path(tempfile.mkdtemp(prefix="ccnet-stack-", dir="/tmp"))
-    names = WEED_PORTS + OTHER_PORTS
-    ports = dict(zip(names, free_ports(len(names)), strict=True))
-    ports["admin"], ports["admin.grpc"] = _free_admin_pair(set(ports.values()))
-    result = _run(root, "up", *(f"--port={name}={port}" for name, port in ports.items()))
-    try:
-        assert result.returncode == 0, result.stdout + result.stderr
-        yield root, ports
-    finally:
-        if (root / "pids.json").exists():  # a test failed before `down`
-            _run(root, "down")
-        shutil.rmtree(root, ignore_errors=True)
+    with running_stack() as up:
+        yield up
 
 
 def test_status_is_healthy_and_up_is_idempotent(stack: tuple[Path, dict[str, int]]) -> None:
     root, ports = stack
     before = json.loads((root / "pids.json").read_text())
-    status = _run(root, "status")
+    status = run_stack(root, "status")
     assert status.returncode == 0, status.stdout
     assert status.stdout.count("healthy") == 3 and "unhealthy" not in status.stdout
-    again = _run(root, "up")
+    again = run_stack(root, "up")
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("already running") == 3
     assert json.loads((root / "pids.json").read_text()) == before
@@ -141,7 +68,7 @@ def test_status_is_healthy_and_up_is_idempotent(stack: tuple[Path, dict[str, int
 
 def test_services_listen_on_loopback_only(stack: tuple[Path, dict[str, int]]) -> None:
     root, ports = stack
-    listeners = _listeners(_stack_pids(root, json.loads((root / "pids.json").read_text())))
+    listeners = _listeners(stack_pids(root, json.loads((root / "pids.json").read_text())))
     # The check must see the ports that matter, or it proves nothing.
     assert {ports[name] for name in ("s3", "mlflow", "ray.gcs", "ray.dashboard")} <= listeners.keys()
     exposed = {port: [str(a) for a in addresses] for port, addresses in listeners.items()
@@ -181,11 +108,11 @@ def test_mlflow_run_with_artifact_in_s3(stack: tuple[Path, dict[str, int]],
     uri = f"http://127.0.0.1:{ports['mlflow']}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     client = MlflowClient(tracking_uri=uri)
-    run = client.create_run(client.create_experiment(f"stack-{secrets.token_hex(4)}"))
+    run = client.createrun_stack(client.create_experiment(f"stack-{secrets.token_hex(4)}"))
     client.log_metric(run.info.run_id, "loss", 0.5)
     client.log_text(run.info.run_id, "hello", "note.txt")
     client.set_terminated(run.info.run_id)
-    assert client.get_run(run.info.run_id).data.metrics == {"loss": 0.5}
+    assert client.getrun_stack(run.info.run_id).data.metrics == {"loss": 0.5}
 
     keys = dict(line.removeprefix("export ").split("=", 1)
                 for line in (root / "credentials.env").read_text().splitlines())
@@ -207,13 +134,13 @@ def test_ray_job_server_answers(stack: tuple[Path, dict[str, int]]) -> None:
 def test_down_leaves_nothing_running(stack: tuple[Path, dict[str, int]]) -> None:
     root, ports = stack
     pids = json.loads((root / "pids.json").read_text())
-    running = _stack_pids(root, pids)
+    running = stack_pids(root, pids)
     assert running >= {entry["pid"] for entry in pids.values()}
-    result = _run(root, "down")
+    result = run_stack(root, "down")
     assert result.returncode == 0, result.stdout + result.stderr
     assert not (root / "pids.json").exists()
-    assert not [pid for pid in running if _alive(pid)]
-    assert not _stack_pids(root, pids)
-    assert not [name for name, port in ports.items() if _port_open(port)]
+    assert not [pid for pid in running if alive(pid)]
+    assert not stack_pids(root, pids)
+    assert not [name for name, port in ports.items() if port_open(port)]
     assert (root / "mlflow.db").exists() and (root / "credentials.env").exists()  # data stays
-    assert _run(root, "status").returncode == 1
+    assert run_stack(root, "status").returncode == 1
