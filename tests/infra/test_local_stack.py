@@ -108,11 +108,11 @@ def test_mlflow_run_with_artifact_in_s3(stack: tuple[Path, dict[str, int]],
     uri = f"http://127.0.0.1:{ports['mlflow']}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     client = MlflowClient(tracking_uri=uri)
-    run = client.createrun_stack(client.create_experiment(f"stack-{secrets.token_hex(4)}"))
+    run = client.create_run(client.create_experiment(f"stack-{secrets.token_hex(4)}"))
     client.log_metric(run.info.run_id, "loss", 0.5)
     client.log_text(run.info.run_id, "hello", "note.txt")
     client.set_terminated(run.info.run_id)
-    assert client.getrun_stack(run.info.run_id).data.metrics == {"loss": 0.5}
+    assert client.get_run(run.info.run_id).data.metrics == {"loss": 0.5}
 
     keys = dict(line.removeprefix("export ").split("=", 1)
                 for line in (root / "credentials.env").read_text().splitlines())
