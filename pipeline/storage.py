@@ -103,11 +103,17 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
-def _s3_env() -> tuple[str | None, str, str, str, str]:
-    """(endpoint "host:port" or None for AWS, scheme, key id, secret, region) from the environment."""
-    missing = [name for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not os.environ.get(name)]
-    if missing:
-        raise StorageError(f"S3 credentials missing: set {' and '.join(missing)} in the environment")
+def _s3_env() -> tuple[str | None, str, str | None, str | None, str]:
+    """(endpoint "host:port" or None for AWS, scheme, key id, secret, region) from the environment.
+
+    Without either key the AWS SDK's default chain applies (an EC2 instance profile, a web identity); one key
+    without the other is a mistake.
+    """
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    missing = [name for name in names if not os.environ.get(name)]
+    if len(missing) == 1:
+        raise StorageError(f"S3 credentials incomplete: {missing[0]} is not set but "
+                           f"{next(n for n in names if n not in missing)} is")
     endpoint, scheme = None, "https"
     if url := os.environ.get("AWS_ENDPOINT_URL"):
         parsed = urllib.parse.urlsplit(url)
@@ -115,20 +121,23 @@ def _s3_env() -> tuple[str | None, str, str, str, str]:
             raise StorageError(f"AWS_ENDPOINT_URL must be http(s)://host[:port], got {redact(url)!r}")
         endpoint, scheme = parsed.netloc, parsed.scheme
     region = os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return endpoint, scheme, os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"], region
+    key_id, secret = (os.environ.get(name) or None for name in names)
+    return endpoint, scheme, key_id, secret, region
 
 
-def _cached(kind: str, build: Callable[[str | None, str, str, str, str], T]) -> T:
+def _cached(kind: str, build: Callable[..., T]) -> T:
     endpoint, scheme, key_id, secret, region = env = _s3_env()
     # The secret's digest in the key: a changed secret must not reuse an object built with the old one.
-    key = (kind, endpoint, scheme, key_id, hashlib.sha256(secret.encode()).hexdigest(), region)
+    digest = hashlib.sha256(secret.encode()).hexdigest() if secret else None
+    key = (kind, endpoint, scheme, key_id, digest, region)
     with _lock:
         if key not in _cache:
             _cache[key] = build(*env)
         return _cache[key]
 
 
-def _build_filesystem(endpoint: str | None, scheme: str, key_id: str, secret: str, region: str) -> Any:
+def _build_filesystem(endpoint: str | None, scheme: str, key_id: str | None, secret: str | None,
+                      region: str) -> Any:
     return pyarrow.fs.S3FileSystem(
         access_key=key_id, secret_key=secret, region=region, scheme=scheme, endpoint_override=endpoint,
         connect_timeout=3, request_timeout=30,
@@ -136,7 +145,8 @@ def _build_filesystem(endpoint: str | None, scheme: str, key_id: str, secret: st
     )
 
 
-def _build_client(endpoint: str | None, scheme: str, key_id: str, secret: str, region: str) -> Any:
+def _build_client(endpoint: str | None, scheme: str, key_id: str | None, secret: str | None,
+                  region: str) -> Any:
     config = botocore.config.Config(
         retries={"mode": "standard", "max_attempts": 2}, connect_timeout=2, read_timeout=10,
         s3={"addressing_style": "path"} if endpoint else None,  # virtual hosts need DNS a local server lacks

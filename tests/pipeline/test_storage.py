@@ -428,3 +428,26 @@ def test_s3_write_survives_server_restart(s3_env: str, seaweedfs, caplog: pytest
     assert any("write s3://" in r.getMessage() for r in caplog.records)
     assert storage.read_bytes(storage.join(s3_env, "during.bin")) == b"written during the outage"
     assert storage.read_bytes(storage.join(s3_env, "before.bin")) == b"before"
+
+
+def test_without_keys_the_default_credential_chain_applies(fake_env: dict[str, str], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """An EC2 instance profile or a web identity: no keys in the environment, the AWS SDK finds them."""
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    shared = tmp_path / "credentials"  # one link of the default chain, standing in for the instance profile
+    shared.write_text("[default]\naws_access_key_id = AKIDCHAIN1234\naws_secret_access_key = chain-secret\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(shared))
+    storage._clear_caches()
+    credentials = storage.s3_client()._request_signer._credentials
+    assert credentials.access_key == "AKIDCHAIN1234"
+    fs, _ = storage.filesystem("s3://bucket/key")
+    assert not fs.__reduce__()[1][0].get("access_key")  # left to the SDK's chain
+
+
+def test_one_key_without_the_other_is_refused(fake_env: dict[str, str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    storage._clear_caches()
+    with pytest.raises(StorageError, match="AWS_SECRET_ACCESS_KEY is not set but AWS_ACCESS_KEY_ID is"):
+        storage.s3_client()
