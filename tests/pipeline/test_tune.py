@@ -33,8 +33,11 @@ def test_two_trial_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         report = run_search(config)
+        again = run_search(config)  # the same search name: restored, its finished trials not run again
     finally:
         ray.shutdown()
+    assert again.parent_run_id == report.parent_run_id
+    assert sorted(again.table.splitlines()) == sorted(report.table.splitlines())  # the same trials, same results
     assert report.table.count("\n") == 3  # header, rule, two trials
     assert set(report.best) == {"train.lr", "data.crop_size"} and 0.0 <= report.best_value <= 1.0
 
