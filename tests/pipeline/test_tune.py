@@ -37,7 +37,7 @@ def test_two_trial_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     finally:
         ray.shutdown()
     assert again.parent_run_id == report.parent_run_id
-    assert sorted(again.table.splitlines()) == sorted(report.table.splitlines())  # the same trials, same results
+    assert sorted(again.table.splitlines()) == sorted(report.table.splitlines())  # same trials and results
     assert report.table.count("\n") == 3  # header, rule, two trials
     assert set(report.best) == {"train.lr", "data.crop_size"} and 0.0 <= report.best_value <= 1.0
 
