@@ -280,6 +280,32 @@ def _pids_of(folder: Path) -> list[int]:
     return pids
 
 
+def _listening(ports: list[int]) -> dict[int, list[str]]:
+    """Which of ``ports`` a socket LISTENs on (from /proc/net/tcp{,6}, so no connection is made), each with
+    the processes that hold it ("pid command") where they are visible."""
+    inodes: dict[str, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                port = int(fields[1].rsplit(":", 1)[1], 16)
+                if fields[3] == "0A" and port in ports:  # 0A: LISTEN
+                    inodes[fields[9]] = port
+    found: dict[int, list[str]] = {port: [] for port in inodes.values()}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (entry / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:[") and target[8:-1] in inodes:
+                        command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                            errors="replace")
+                        found[inodes[target[8:-1]]].append(f"{entry.name} {command[:120].strip()}")
+    return found
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
@@ -336,12 +362,16 @@ def down(stack: Stack, grace: float) -> int:
         stack.stop(service, grace)
         _log(f"{service}: stopped")
     stack.pids_file.unlink(missing_ok=True)
-    left = _pids_of(stack.ray_temp_dir)
-    open_ports = [port for service in SERVICES for port in stack.service_ports(service) if _port_open(port)]
-    if left or open_ports:
-        _log(f"error: still running: pids {left}, ports {open_ports}")
-        return 1
-    return 0
+    ports = [port for service in SERVICES for port in stack.service_ports(service)]
+    deadline = time.monotonic() + 5.0  # a socket can outlive its process by a moment
+    while True:
+        left, held = _pids_of(stack.ray_temp_dir), _listening(ports)
+        if not left and not held:
+            return 0
+        if time.monotonic() > deadline:
+            _log(f"error: still running: pids {left}, listening ports {held}")
+            return 1
+        time.sleep(0.2)
 
 
 def _parse_port(text: str) -> tuple[str, int]:
