@@ -136,12 +136,31 @@ def _cached(kind: str, build: Callable[..., T]) -> T:
         return _cache[key]
 
 
+class _S3FileSystem(pyarrow.fs.S3FileSystem):
+    """pyarrow's S3 filesystem whose retry strategy survives pickling.
+
+    Ray pickles the filesystem to its Train controller and workers, and pyarrow's own pickling drops the
+    retry strategy: there, a server restart of a few seconds failed the whole run at the next checkpoint.
+    """
+
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        _, (options,) = super().__reduce__()
+        return _rebuild_filesystem, (options,)
+
+
+def _rebuild_filesystem(options: dict[str, Any]) -> _S3FileSystem:
+    return _S3FileSystem(**options, retry_strategy=_arrow_retry_strategy())
+
+
+def _arrow_retry_strategy() -> pyarrow.fs.S3RetryStrategy:
+    return pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=_ARROW_MAX_ATTEMPTS)
+
+
 def _build_filesystem(endpoint: str | None, scheme: str, key_id: str | None, secret: str | None,
                       region: str) -> Any:
-    return pyarrow.fs.S3FileSystem(
+    return _S3FileSystem(
         access_key=key_id, secret_key=secret, region=region, scheme=scheme, endpoint_override=endpoint,
-        connect_timeout=3, request_timeout=30,
-        retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=_ARROW_MAX_ATTEMPTS),
+        connect_timeout=3, request_timeout=30, retry_strategy=_arrow_retry_strategy(),
     )
 
 

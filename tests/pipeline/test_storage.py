@@ -451,3 +451,16 @@ def test_one_key_without_the_other_is_refused(fake_env: dict[str, str],
     storage._clear_caches()
     with pytest.raises(StorageError, match="AWS_SECRET_ACCESS_KEY is not set but AWS_ACCESS_KEY_ID is"):
         storage.s3_client()
+
+
+def test_pickled_filesystem_keeps_its_retry_strategy(fake_env: dict[str, str]) -> None:
+    """Ray pickles the filesystem to its controller and workers; pyarrow's own pickling drops the retry
+    strategy (a pickled plain S3FileSystem gives up on a dead endpoint within a second); ours is rebuilt with
+    it."""
+    import pickle
+
+    fs, _ = storage.filesystem("s3://bucket/key")
+    copy = pickle.loads(pickle.dumps(fs))
+    assert type(copy) is type(fs) and copy.__reduce__()[0] is storage._rebuild_filesystem
+    assert copy.__reduce__()[1] == fs.__reduce__()[1]  # same endpoint, credentials, timeouts
+    # Riding out a real outage through the pickled copy: tests/faults/test_s3_outage.py (checkpoint uploads).
