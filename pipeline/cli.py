@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import NoReturn
 
 import torch
 
@@ -246,8 +247,18 @@ def _add_training_commands(commands: argparse._SubParsersAction) -> None:
     predict.set_defaults(run=_predict)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors look like every other error: one line, ``ERROR ...``, exit status 2.
+
+    Subcommand parsers are of the same class (argparse makes them with ``type(parent)``).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"ERROR {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ccnet", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="ccnet", description=__doc__.split("\n\n")[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -32,8 +32,8 @@ IMAGE_SIZE = 64
 
 def _prepare(out: str) -> subprocess.Popen:
     """``ccnet data prepare`` of a generated dataset cut into many small shards, in its own process."""
-    command = [sys.executable, "-m", "pipeline.cli", "data", "prepare", "--dataset", "generated", "--out", out,
-               "--count", ",".join(f"{split}={n}" for split, n in COUNTS.items()),
+    command = [sys.executable, "-m", "pipeline.cli", "data", "prepare", "--dataset", "generated",
+               "--out", out, "--count", ",".join(f"{split}={n}" for split, n in COUNTS.items()),
                "--image-size", str(IMAGE_SIZE), "--workers", "1", "--max-shard-mb", "0.02"]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=os.environ | {"RAY_USAGE_STATS_ENABLED": "0"})
@@ -139,7 +139,8 @@ def test_outage_during_checkpoint_uploads(s3_env: str, seaweedfs: Any, tmp_path:
 
     def outage() -> None:
         try:
-            _wait_for(lambda: any(n.endswith(CHECKPOINT_FILE) for n in _objects(storage.join(runs, "outage"))))
+            run = storage.join(runs, "outage")
+            _wait_for(lambda: any(name.endswith(CHECKPOINT_FILE) for name in _objects(run)))
             seaweedfs.stop()
             time.sleep(3.0)
         except BaseException as error:  # reported below

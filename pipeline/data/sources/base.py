@@ -143,7 +143,9 @@ class DatasetSource(ABC):
                 width, height = image.size
         except FileNotFoundError:
             raise BadSampleError(path, "image file is missing") from None
-        except (OSError, UnidentifiedImageError, SyntaxError) as error:
+        except UnidentifiedImageError:  # its message names the in-memory buffer, not the file
+            raise BadSampleError(path, "unreadable image (not a format PIL can decode)") from None
+        except (OSError, SyntaxError) as error:
             raise BadSampleError(path, f"unreadable image ({error})") from None
         return data, height, width
 
