@@ -115,6 +115,7 @@ class TrackingConfig:
     uri: str | None = None
     experiment: str = "ccnet"
     required: bool = True  # False: go on without tracking when the server is unreachable at start
+    settle_timeout: float = 120.0  # s to wait at a run's end for a server in an outage before data is lost
 
 
 @dataclass

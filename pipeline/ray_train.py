@@ -69,13 +69,14 @@ def _worker(loop_config: dict[str, Any]) -> None:
         session.train_shard = ray.train.get_dataset_shard("train")
     tracker = None
     if session.rank == 0 and loop_config["run_id"]:
-        tracker = Tracker(loop_config["tracking_uri"], config.tracking.experiment, required=False)
+        tracker = Tracker(loop_config["tracking_uri"], config.tracking.experiment, required=False,
+                          settle_timeout=config.tracking.settle_timeout)
         tracker.start(config.run.name, run_id=loop_config["run_id"])
     try:
         summary = train_loop(config, session, loop_config["run_id"], tracker)
     finally:
         if tracker is not None:
-            tracker.flush()  # the driver ends the run after its final evaluation
+            tracker.settle()  # what an outage held back; the driver ends the run after its final evaluation
     log.info("worker %d finished: %s", session.rank, summary)
 
 

@@ -40,7 +40,8 @@ def _open_tracker(config: Config) -> tuple[Any, str]:
     from pipeline.tracking import Tracker, find_run, resolve_tracking_uri
 
     uri = resolve_tracking_uri(config.tracking.uri)
-    tracker = Tracker(uri, config.tracking.experiment, required=config.tracking.required)
+    tracker = Tracker(uri, config.tracking.experiment, required=config.tracking.required,
+                      settle_timeout=config.tracking.settle_timeout)
     resuming = bool(storage.list_files(run_uri(config)))
     previous = find_run(uri, config.tracking.experiment, config.run.name) if resuming else None
     tracker.start(config.run.name, run_id=previous, tags={"ccnet.model": config.model.name})
@@ -121,6 +122,7 @@ def run_training(config: Config) -> TrainingReport:
             last = storage.read_bytes(store.latest() or store.best_uri())
         best = store.best_uri()
         model, dataset, results = evaluate_checkpoint(config, best)
+        tracker.settle()  # an outage near the end: wait for the server before the final results and files
         table = protocol_table(results)
         for protocol, result in results.items():
             name = protocol.replace("+", "_")  # MLflow metric names allow no '+'

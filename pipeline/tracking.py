@@ -245,6 +245,8 @@ class Tracker:
         experiment: experiment name, created when missing.
         required: at :meth:`start`, an unusable store raises :class:`TrackingError` (True) or turns this
             tracker into a no-op with a warning (False).
+        settle_timeout: how long :meth:`settle` and :meth:`end` wait, during an outage, for the store to
+            answer again before what it has not received is given up (seconds).
 
     Attributes:
         uri: the tracking URI.
@@ -252,10 +254,12 @@ class Tracker:
         required: see above.
     """
 
-    def __init__(self, uri: str, experiment: str, required: bool = True) -> None:
+    def __init__(self, uri: str, experiment: str, required: bool = True,
+                 settle_timeout: float = 120.0) -> None:
         self.uri = uri
         self.experiment = experiment
         self.required = required
+        self.settle_timeout = settle_timeout
         self._client: Any = None
         self._experiment_id: str | None = None
         self._run_id: str | None = None
@@ -412,6 +416,29 @@ class Tracker:
             self._dropped = 0
         return True
 
+    def settle(self, timeout: float | None = None) -> bool:
+        """Waits, during an outage, until the store answers again and holds everything buffered, for at most
+        ``timeout`` s (default: ``settle_timeout``). Called before a run's final artifacts and at its end, so
+        that an outage near the end loses nothing. Returns True when nothing is left waiting."""
+        if not self.active:
+            return True
+        deadline = time.monotonic() + (self.settle_timeout if timeout is None else timeout)
+        waited = False
+        while True:
+            with self._lock:
+                if self._flush() and (not self._outage or _answers(self.uri)):
+                    if self._outage:  # back, with nothing left to send
+                        self._outage = False
+                        log.warning("MLflow at %s answers again", redact(self.uri))
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            if not waited:
+                waited = True
+                log.warning("waiting up to %.0f s for MLflow at %s to answer again",
+                            deadline - time.monotonic(), redact(self.uri))
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+
     def _send(self, what: str, **batch: list) -> None:
         """One ``log_batch``; a batch the store refuses for good is dropped with a warning (so that it cannot
         block what follows), any other failure propagates as an outage."""
@@ -487,6 +514,7 @@ class Tracker:
         calls are no-ops. Never raises for a store problem: what cannot be sent is reported as lost."""
         if not self.active:
             return
+        self.settle()
         with self._lock:
             if not self._flush():
                 log.warning("MLflow unreachable at the end of run %s: %d metric points and %d params lost",

@@ -60,7 +60,8 @@ def _trial(sampled: dict[str, Any]) -> None:
     overrides = [f"{key}={value}" for key, value in values.items()]
     config = config_from_dict(apply_overrides(base, overrides), source=f"trial {context.get_trial_id()}")
     config.run.name = f"{config.tune.name}_{context.get_trial_id()}"
-    tracker = Tracker(tracking_uri, config.tracking.experiment, required=False)
+    tracker = Tracker(tracking_uri, config.tracking.experiment, required=False,
+                      settle_timeout=config.tracking.settle_timeout)
     tags = {"mlflow.parentRunId": parent} if parent else {}
     run_id = tracker.start(config.run.name, tags=tags)
     tracker.log_params({**config.flat(), **{f"sampled.{k}": v for k, v in values.items()}})
@@ -85,7 +86,8 @@ def run_search(config: Config) -> SearchReport:
     if not config.run.ray:
         raise ValueError("run.ray=false: a search runs its trials with Ray")
     tracking_uri = resolve_tracking_uri(config.tracking.uri)
-    tracker = Tracker(tracking_uri, config.tracking.experiment, required=config.tracking.required)
+    tracker = Tracker(tracking_uri, config.tracking.experiment, required=config.tracking.required,
+                      settle_timeout=config.tracking.settle_timeout)
     previous = find_run(tracking_uri, config.tracking.experiment, config.tune.name)
     parent = tracker.start(config.tune.name, run_id=previous, tags={"ccnet.search": "true"})
     tracker.log_text(dump_config(config), "search_config.yaml")

@@ -109,7 +109,7 @@ def test_long_outage_during_preparation_fails_cleanly_and_a_rerun_completes(s3_e
         seaweedfs.start()
     assert process.returncode == 2 and "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("ERROR ") and f"{out}/generated/v1/" in last, last  # names the object it was writing
+    assert last.startswith("ERROR ") and f"{out}/generated/v1/" in last, last  # names what it was writing
     assert not storage.exists(storage.join(version, "manifest.json"))  # nothing published
     rerun = _prepare(out)
     _, stderr = rerun.communicate(timeout=300)

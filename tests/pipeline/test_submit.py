@@ -117,7 +117,7 @@ def test_config_errors_fail_before_submitting() -> None:
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, check=False, env={"PATH": "/usr/bin:/bin", "HOME": str(ROOT)})
+                          cwd=ROOT, check=False, env={"PATH": "/usr/bin:/bin"})
 
 
 def test_unreachable_job_server_is_one_line() -> None:
