@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.redaction import has_userinfo, redact
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the file and the key."""
@@ -210,6 +212,10 @@ class Config:
                 section, name = key.split(".")
                 value = getattr(getattr(self, section), name)
                 raise ConfigError(f"{source}: {key}={value!r} is not allowed")
+        for key, value in self.flat().items():  # configs are saved with every run: no secret may be in one
+            if isinstance(value, str) and has_userinfo(value):
+                raise ConfigError(f"{source}: {key}={redact(value)} holds credentials; they belong in the "
+                                  "environment (AWS_* keys, MLFLOW_TRACKING_USERNAME/_PASSWORD or _TOKEN)")
 
 
 def _is_relative_name(name: str) -> bool:

@@ -27,6 +27,8 @@ import botocore.config
 import botocore.exceptions as bce
 import pyarrow.fs
 
+from pipeline.redaction import redact
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -40,7 +42,6 @@ _TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExce
 # pyarrow reports S3 failures as OSError text ("AWS Error NETWORK_CONNECTION ...", "HTTP status 503").
 _TRANSIENT_TEXT = re.compile(r"connect|timed? ?out|timeout|slow.?down|throttl|service.?unavailable|internal"
                              r".?(failure|error)|reset by peer|broken pipe|curlcode|\b50[0234]\b", re.I)
-_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once: temp files are created 0600, renamed files get the mode open() would give
 
@@ -51,17 +52,6 @@ _sleep = time.sleep  # tests replace this to retry without waiting
 
 class StorageError(RuntimeError):
     """A storage operation failed; the message is one line naming the (redacted) location and the cause."""
-
-
-def redact(text: str) -> str:
-    """Returns ``text`` without URI userinfo (``s3://user:pass@host`` -> ``s3://***@host``) and without the
-    current ``AWS_SECRET_ACCESS_KEY`` / ``AWS_ACCESS_KEY_ID`` values (from 6 characters: shorter ones are
-    placeholders such as "test", and replacing them everywhere would garble the message instead)."""
-    text = _USERINFO.sub(r"\1***@", text)
-    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"):
-        if len(value := os.environ.get(name, "")) >= 6:
-            text = text.replace(value, "***")
-    return text
 
 
 def is_s3(uri: str) -> bool:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import ssl
 import threading
 import time
@@ -39,15 +38,11 @@ if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
 
+from pipeline.redaction import REDACTED, redact
+
 log = logging.getLogger(__name__)
 
-_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 _SECRET_KEY_PARTS = ("secret", "password", "passwd", "token", "key_id", "access_key", "api_key", "credential")
-_REDACTED = "***"
-_SECRET_ENV = (  # values replaced in text
-    "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-    "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID",
-)
 _MAX_PARAM_CHARS = 6000  # MLflow's limit (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
 _PARAMS_PER_BATCH = 100  # MLflow's log_batch limits
 _METRICS_PER_BATCH = 1000
@@ -79,21 +74,10 @@ class _Point(NamedTuple):
     step: int
 
 
-def redact(text: str) -> str:
-    """``text`` without URI userinfo (``http://user:pass@host`` -> ``http://***@host``) and without the
-    values of MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN, AWS_SECRET_ACCESS_KEY and AWS_ACCESS_KEY_ID
-    (from 6 characters: shorter ones are placeholders, and replacing them would garble the text)."""
-    text = _USERINFO.sub(r"\1***@", text)
-    for name in _SECRET_ENV:
-        if len(value := os.environ.get(name, "")) >= 6:
-            text = text.replace(value, _REDACTED)
-    return text
-
-
 def _safe_value(key: str, value: object) -> str:
     """A param or tag value as MLflow will store it: a string, redacted, at most MLflow's length."""
     if any(part in key.lower() for part in _SECRET_KEY_PARTS):
-        return _REDACTED
+        return REDACTED
     text = redact(str(value))
     return text if len(text) <= _MAX_PARAM_CHARS else text[: _MAX_PARAM_CHARS - 3] + "..."
 
@@ -519,8 +503,10 @@ class Tracker:
             if not self._flush():
                 log.warning("MLflow unreachable at the end of run %s: %d metric points and %d params lost",
                             self._run_id, len(self._buffer), len(self._pending_params))
+            # MLflow prints the run's URL on termination, credentials and all, when the URI holds them.
+            quiet = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"} if redact(self.uri) != self.uri else {}
             try:
-                with _env(_LOG_HTTP):
+                with _env(_LOG_HTTP | quiet):
                     self._client.set_terminated(self._run_id, status)
             except Exception as error:
                 log.warning("MLflow run %s not marked %s: %s", self._run_id, status, _one_line(error))

@@ -51,7 +51,7 @@ def _trial(sampled: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipeline.ray_train import fit
-    from pipeline.tracking import Tracker
+    from pipeline.tracking import Tracker, resolve_tracking_uri
 
     context = ray.tune.get_context()
     values = dict(sampled)
@@ -60,6 +60,7 @@ def _trial(sampled: dict[str, Any]) -> None:
     overrides = [f"{key}={value}" for key, value in values.items()]
     config = config_from_dict(apply_overrides(base, overrides), source=f"trial {context.get_trial_id()}")
     config.run.name = f"{config.tune.name}_{context.get_trial_id()}"
+    tracking_uri = tracking_uri or resolve_tracking_uri(config.tracking.uri)
     tracker = Tracker(tracking_uri, config.tracking.experiment, required=False,
                       settle_timeout=config.tracking.settle_timeout)
     tags = {"mlflow.parentRunId": parent} if parent else {}
@@ -102,7 +103,10 @@ def run_search(config: Config) -> SearchReport:
     fs = filesystem if storage.is_s3(config.run.storage) else None
     space = {
         **param_space(config.tune.space),
-        "_config": config.to_dict(), "_parent_run_id": parent, "_tracking_uri": tracking_uri,
+        # Tune saves the space with the search: a tracking URI with credentials (from MLFLOW_TRACKING_URI)
+        # stays out of it, and each trial resolves it from its own environment.
+        "_config": config.to_dict(), "_parent_run_id": parent,
+        "_tracking_uri": None if storage.redact(tracking_uri) != tracking_uri else tracking_uri,
     }
     # The trial function only drives its TorchTrainer, whose workers hold the CPUs/GPUs; Tune refuses an
     # empty request, hence a sliver.

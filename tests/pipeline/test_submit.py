@@ -84,9 +84,11 @@ def test_credentials_in_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> N
         job_env([])
     assert "hunter22" not in str(error.value)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    with pytest.raises(SubmitError, match="--set tracking.uri holds credentials"):
+    with pytest.raises(ConfigError, match=r"tracking.uri=https://\*\*\*@mlflow.example.com holds"):
         build_submission("train", [], config_path=CONFIG,
                          overrides=[*REMOTE, "tracking.uri=https://alice:hunter22@mlflow.example.com"])
+    with pytest.raises(SubmitError, match=r"argument holds credentials \(s3://\*\*\*@bucket/x\)"):
+        build_submission("prepare_data", ["--out", "s3://key:secret@bucket/x"])
 
 
 @pytest.mark.parametrize(
