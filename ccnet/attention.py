@@ -16,6 +16,9 @@ dtype.
 
 from __future__ import annotations
 
+import importlib.util
+from types import ModuleType
+
 import torch
 from torch import Tensor, nn
 
@@ -49,6 +52,24 @@ class _QKVAttention(nn.Module):
             )
 
 
+def _fused_kernels(x: Tensor, fused: bool | None) -> ModuleType | None:
+    """The Triton kernels (``ccnet.fused_attention``) when this call should use them, else None.
+
+    ``fused=None`` (auto) uses them on CUDA when Triton is installed; True insists (CUDA, or the CPU under
+    ``TRITON_INTERPRET=1``) and fails when they cannot run; False never uses them.
+    """
+    if fused is False or x.device.type == "meta":
+        return None
+    if fused is None and (x.device.type != "cuda" or importlib.util.find_spec("triton") is None):
+        return None
+    from ccnet import fused_attention
+
+    if not fused_attention.available(x.device):
+        raise RuntimeError(f"fused=True: the Triton kernels need a CUDA device or TRITON_INTERPRET=1, "
+                           f"got {x.device}")
+    return fused_attention
+
+
 def _softmax_fp32(energy: Tensor, out_dtype: torch.dtype) -> Tensor:
     """Softmax over the last dim in at least float32 (stable under fp16/bf16 autocast), cast back for
     aggregation; float64 stays float64."""
@@ -61,18 +82,22 @@ class CrissCrossAttention(_QKVAttention):
     Args:
         in_channels: channels C of the input and output.
         reduction: query/key channels are ``C // reduction`` (8 in the paper: 512 -> 64).
-        memory_efficient: when training, run the step as :class:`ccnet.criss_cross_op.CrissCrossStep`,
-            which keeps only the input and the attention for backward and recomputes the projections
-            (same results, several times less memory, about a fifth more compute). False differentiates the
-            plain formulation with autograd.
+        memory_efficient: when training without the fused kernels, run the step as
+            :class:`ccnet.criss_cross_op.CrissCrossStep`, which keeps only the input and the attention for
+            backward and recomputes the projections (same results, several times less memory, about a fifth
+            more compute). False differentiates the plain formulation with autograd.
+        fused: the Triton kernels of :mod:`ccnet.fused_attention` (no energy tensor, forward or backward):
+            None (default) uses them on CUDA when Triton is installed, True insists, False never.
 
     Shapes:
         input (B, C, H, W) -> output (B, C, H, W); H and W are independent.
     """
 
-    def __init__(self, in_channels: int, reduction: int = 8, memory_efficient: bool = True) -> None:
+    def __init__(self, in_channels: int, reduction: int = 8, memory_efficient: bool = True,
+                 fused: bool | None = None) -> None:
         super().__init__(in_channels, reduction)
         self.memory_efficient = memory_efficient
+        self.fused = fused
 
     def attention_weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Return the criss-cross attention and the values it aggregates.
@@ -88,6 +113,9 @@ class CrissCrossAttention(_QKVAttention):
         return _softmax_fp32(energies, value.dtype), value
 
     def forward(self, x: Tensor) -> Tensor:
+        if (kernels := _fused_kernels(x, self.fused)) is not None:
+            self._check_input(x)
+            return self.gamma * kernels.criss_cross_aggregate(self.query(x), self.key(x), self.value(x)) + x
         if self.memory_efficient and torch.is_grad_enabled() and x.device.type != "meta":
             self._check_input(x)
             return criss_cross_step(x, self.gamma, self.query, self.key, self.value)
@@ -106,7 +134,12 @@ class AxialAttention(_QKVAttention):
     Args:
         in_channels: channels C of the input and output.
         reduction: query/key channels are ``C // reduction``.
+        fused: the Triton kernels, as for :class:`CrissCrossAttention`.
     """
+
+    def __init__(self, in_channels: int, reduction: int = 8, fused: bool | None = None) -> None:
+        super().__init__(in_channels, reduction)
+        self.fused = fused
 
     def attention_weights(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Return ``(row_attention (B, H, W, W), column_attention (B, H, W, H), value (B, C, H, W))``."""
@@ -117,6 +150,9 @@ class AxialAttention(_QKVAttention):
         return row, column, value
 
     def forward(self, x: Tensor) -> Tensor:
+        if (kernels := _fused_kernels(x, self.fused)) is not None:
+            self._check_input(x)
+            return self.gamma * kernels.axial_aggregate(self.query(x), self.key(x), self.value(x)) + x
         row, column, value = self.attention_weights(x)
         along_rows = torch.einsum("bhwj,bchj->bchw", row, value)
         along_columns = torch.einsum("bhwj,bcjw->bchw", column, along_rows)
