@@ -147,8 +147,9 @@ def _batches(
         # Its own generator: a DataLoader draws a seed when iterated, which would shift the global RNG
         # (dropout) differently in a resumed run that starts mid-epoch.
         generator = torch.Generator().manual_seed(sampler.seed + epoch)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=part, num_workers=loader_workers, generator=generator
+        loader = torch.utils.data.DataLoader(  # pinned host memory: the copies overlap the GPU's work
+            dataset, batch_sampler=part, num_workers=loader_workers, generator=generator,
+            pin_memory=device.type == "cuda",
         )
         for batch in loader:
             yield batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
