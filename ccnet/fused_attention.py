@@ -86,11 +86,25 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _energies(q, k_ptr, k_base, offs_n, offs_ck, s_kl, s_kc, length, key_channels, offs_m,
+def _tile(ptr, rows, cols, s_row, s_col, n_rows, n_cols):
+    """The (len(rows), len(cols)) tile at ``ptr``, zeros outside n_rows x n_cols."""
+    return tl.load(ptr + rows[:, None] * s_row + cols[None, :] * s_col,
+                   mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _add_tile(ptr, rows, cols, s_row, s_col, n_rows, n_cols, value):
+    """Adds ``value`` into the float32 tile at ``ptr`` (each pass adds its share)."""
+    where = ptr + rows[:, None] * s_row + cols[None, :] * s_col
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.store(where, tl.load(where, mask=mask, other=0.0) + value, mask=mask)
+
+
+@triton.jit
+def _energies(q, k_ptr, offs_m, offs_n, offs_ck, s_kl, s_kc, length, key_channels,
               SKIP_CENTRE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """(BLOCK_M, BLOCK_N) float32 energies of the query tile against one key block, -inf where masked."""
-    k_t = tl.load(k_ptr + k_base + offs_n[None, :] * s_kl + offs_ck[:, None] * s_kc,
-                  mask=(offs_n[None, :] < length) & (offs_ck[:, None] < key_channels), other=0.0)
+    k_t = _tile(k_ptr, offs_ck, offs_n, s_kc, s_kl, key_channels, length)  # (BLOCK_CK, BLOCK_N)
     s = _dot(q, k_t, PRECISION, UPCAST)
     valid = offs_n[None, :] < length
     if SKIP_CENTRE:
@@ -106,6 +120,14 @@ def _probabilities(s, lse):
 
 
 @triton.jit
+def _queries(q_ptr, lse_ptr, offs_m, offs_ck, s_ql, s_qc, s_ll, length, key_channels):
+    """A query block and its softmax normaliser."""
+    q = _tile(q_ptr, offs_m, offs_ck, s_ql, s_qc, length, key_channels)
+    lse = tl.load(lse_ptr + offs_m * s_ll, mask=offs_m < length, other=float("-inf"))
+    return q, lse
+
+
+@triton.jit
 def _lse_kernel(q_ptr, k_ptr, lse_ptr,
                 s_qb, s_qo, s_ql, s_qc, s_kb, s_ko, s_kl, s_kc, s_lb, s_lo, s_ll,
                 others, length, key_channels,
@@ -115,14 +137,13 @@ def _lse_kernel(q_ptr, k_ptr, lse_ptr,
     b, o = seq // others, seq % others
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_ck = tl.arange(0, BLOCK_CK)
-    q = tl.load(q_ptr + b * s_qb + o * s_qo + offs_m[:, None] * s_ql + offs_ck[None, :] * s_qc,
-                mask=(offs_m[:, None] < length) & (offs_ck[None, :] < key_channels), other=0.0)
+    q = _tile(q_ptr + b * s_qb + o * s_qo, offs_m, offs_ck, s_ql, s_qc, length, key_channels)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     for start in range(0, length, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        s = _energies(q, k_ptr, b * s_kb + o * s_ko, offs_n, offs_ck, s_kl, s_kc, length, key_channels,
-                      offs_m, SKIP_CENTRE, PRECISION, UPCAST)
+        s = _energies(q, k_ptr + b * s_kb + o * s_ko, offs_m, offs_n, offs_ck, s_kl, s_kc, length,
+                      key_channels, SKIP_CENTRE, PRECISION, UPCAST)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
         l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
@@ -144,41 +165,34 @@ def _out_kernel(q_ptr, k_ptr, v_ptr, lse_ptr, out_ptr,
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_ck = tl.arange(0, BLOCK_CK)
-    q = tl.load(q_ptr + b * s_qb + o * s_qo + offs_m[:, None] * s_ql + offs_ck[None, :] * s_qc,
-                mask=(offs_m[:, None] < length) & (offs_ck[None, :] < key_channels), other=0.0)
-    lse = tl.load(lse_ptr + b * s_lb + o * s_lo + offs_m * s_ll, mask=offs_m < length, other=float("-inf"))
+    q, lse = _queries(q_ptr + b * s_qb + o * s_qo, lse_ptr + b * s_lb + o * s_lo, offs_m, offs_ck, s_ql, s_qc,
+                      s_ll, length, key_channels)
     acc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
     for start in range(0, length, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        s = _energies(q, k_ptr, b * s_kb + o * s_ko, offs_n, offs_ck, s_kl, s_kc, length, key_channels,
-                      offs_m, SKIP_CENTRE, PRECISION, UPCAST)
-        p = _probabilities(s, lse)
-        v = tl.load(v_ptr + b * s_vb + o * s_vo + offs_n[:, None] * s_vl + offs_c[None, :] * s_vc,
-                    mask=(offs_n[:, None] < length) & (offs_c[None, :] < channels), other=0.0)
-        acc += _dot(p.to(v.dtype), v, PRECISION, UPCAST)
-    out = out_ptr + b * s_ob + o * s_oo + offs_m[:, None] * s_ol + offs_c[None, :] * s_oc
-    mask = (offs_m[:, None] < length) & (offs_c[None, :] < channels)
-    tl.store(out, tl.load(out, mask=mask, other=0.0) + acc, mask=mask)
+        s = _energies(q, k_ptr + b * s_kb + o * s_ko, offs_m, offs_n, offs_ck, s_kl, s_kc, length,
+                      key_channels, SKIP_CENTRE, PRECISION, UPCAST)
+        v = _tile(v_ptr + b * s_vb + o * s_vo, offs_n, offs_c, s_vl, s_vc, length, channels)
+        acc += _dot(_probabilities(s, lse).to(v.dtype), v, PRECISION, UPCAST)
+    _add_tile(out_ptr + b * s_ob + o * s_oo, offs_m, offs_c, s_ol, s_oc, length, channels, acc)
 
 
 @triton.jit
-def _score_gradients(q, k_ptr, v_ptr, g_ptr, k_base, v_base, g_base, offs_m, offs_n, offs_ck, lse, delta,
+def _score_gradients(q, lse, delta, k_ptr, v_ptr, g_ptr, offs_m, offs_n, offs_ck,
                      s_kl, s_kc, s_vl, s_vc, s_gl, s_gc, length, key_channels, channels,
                      SKIP_CENTRE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Probabilities P and energy gradients dS = P * (dy . v - D) of a (query block, key block) pair."""
-    s = _energies(q, k_ptr, k_base, offs_n, offs_ck, s_kl, s_kc, length, key_channels, offs_m,
+    """Energy gradients dS = P * (dy . v - D) of a (query block, key block) pair, the value channels in
+    tiles."""
+    s = _energies(q, k_ptr, offs_m, offs_n, offs_ck, s_kl, s_kc, length, key_channels,
                   SKIP_CENTRE, PRECISION, UPCAST)
-    p = _probabilities(s, lse)
     dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for c0 in range(0, channels, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        g = tl.load(g_ptr + g_base + offs_m[:, None] * s_gl + offs_c[None, :] * s_gc,
-                    mask=(offs_m[:, None] < length) & (offs_c[None, :] < channels), other=0.0)
-        v_t = tl.load(v_ptr + v_base + offs_n[None, :] * s_vl + offs_c[:, None] * s_vc,
-                      mask=(offs_n[None, :] < length) & (offs_c[:, None] < channels), other=0.0)
+        g = _tile(g_ptr, offs_m, offs_c, s_gl, s_gc, length, channels)
+        v_t = _tile(v_ptr, offs_c, offs_n, s_vc, s_vl, channels, length)
         dp += _dot(g, v_t, PRECISION, UPCAST)
-    return p, p * (dp - delta[:, None])
+    return _probabilities(s, lse) * (dp - delta[:, None])
 
 
 @triton.jit
@@ -187,30 +201,25 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, d_ptr, dq_ptr,
                s_gb, s_go, s_gl, s_gc, s_lb, s_lo, s_ll, s_db, s_do, s_dl, s_dc,
                others, length, key_channels, channels,
                SKIP_CENTRE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                BLOCK_CK: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+               BLOCK_CK: tl.constexpr):
     seq = tl.program_id(0)
     b, o = seq // others, seq % others
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_ck = tl.arange(0, BLOCK_CK)
-    rows = offs_m < length
-    q = tl.load(q_ptr + b * s_qb + o * s_qo + offs_m[:, None] * s_ql + offs_ck[None, :] * s_qc,
-                mask=rows[:, None] & (offs_ck[None, :] < key_channels), other=0.0)
-    lse = tl.load(lse_ptr + b * s_lb + o * s_lo + offs_m * s_ll, mask=rows, other=float("-inf"))
-    delta = tl.load(d_ptr + b * s_lb + o * s_lo + offs_m * s_ll, mask=rows, other=0.0)
+    q, lse = _queries(q_ptr + b * s_qb + o * s_qo, lse_ptr + b * s_lb + o * s_lo, offs_m, offs_ck, s_ql, s_qc,
+                      s_ll, length, key_channels)
+    delta = tl.load(d_ptr + b * s_lb + o * s_lo + offs_m * s_ll, mask=offs_m < length, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_CK], tl.float32)
     for start in range(0, length, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        _, ds = _score_gradients(q, k_ptr, v_ptr, g_ptr, b * s_kb + o * s_ko, b * s_vb + o * s_vo,
-                                 b * s_gb + o * s_go, offs_m, offs_n, offs_ck, lse, delta, s_kl, s_kc, s_vl,
-                                 s_vc, s_gl, s_gc, length, key_channels, channels, SKIP_CENTRE, PRECISION,
-                                 UPCAST, BLOCK_M, BLOCK_N, BLOCK_C)
-        k = tl.load(k_ptr + b * s_kb + o * s_ko + offs_n[:, None] * s_kl + offs_ck[None, :] * s_kc,
-                    mask=(offs_n[:, None] < length) & (offs_ck[None, :] < key_channels), other=0.0)
+        ds = _score_gradients(q, lse, delta, k_ptr + b * s_kb + o * s_ko, v_ptr + b * s_vb + o * s_vo,
+                              g_ptr + b * s_gb + o * s_go, offs_m, offs_n, offs_ck, s_kl, s_kc, s_vl, s_vc,
+                              s_gl, s_gc, length, key_channels, channels, SKIP_CENTRE, PRECISION, UPCAST,
+                              BLOCK_M, BLOCK_N, BLOCK_C)
+        k = _tile(k_ptr + b * s_kb + o * s_ko, offs_n, offs_ck, s_kl, s_kc, length, key_channels)
         dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
-    out = dq_ptr + b * s_db + o * s_do + offs_m[:, None] * s_dl + offs_ck[None, :] * s_dc
-    mask = rows[:, None] & (offs_ck[None, :] < key_channels)
-    tl.store(out, tl.load(out, mask=mask, other=0.0) + dq, mask=mask)
+    _add_tile(dq_ptr + b * s_db + o * s_do, offs_m, offs_ck, s_dl, s_dc, length, key_channels, dq)
 
 
 @triton.jit
@@ -219,8 +228,8 @@ def _dk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, d_ptr, dk_ptr,
                s_gb, s_go, s_gl, s_gc, s_lb, s_lo, s_ll, s_db, s_do, s_dl, s_dc,
                others, length, key_channels, channels,
                SKIP_CENTRE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                BLOCK_CK: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+               BLOCK_CK: tl.constexpr):
     seq = tl.program_id(0)
     b, o = seq // others, seq % others
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -228,19 +237,15 @@ def _dk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, d_ptr, dk_ptr,
     dk = tl.zeros([BLOCK_N, BLOCK_CK], tl.float32)
     for start in range(0, length, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
-        rows = offs_m < length
-        q = tl.load(q_ptr + b * s_qb + o * s_qo + offs_m[:, None] * s_ql + offs_ck[None, :] * s_qc,
-                    mask=rows[:, None] & (offs_ck[None, :] < key_channels), other=0.0)
-        lse = tl.load(lse_ptr + b * s_lb + o * s_lo + offs_m * s_ll, mask=rows, other=float("-inf"))
-        delta = tl.load(d_ptr + b * s_lb + o * s_lo + offs_m * s_ll, mask=rows, other=0.0)
-        _, ds = _score_gradients(q, k_ptr, v_ptr, g_ptr, b * s_kb + o * s_ko, b * s_vb + o * s_vo,
-                                 b * s_gb + o * s_go, offs_m, offs_n, offs_ck, lse, delta, s_kl, s_kc, s_vl,
-                                 s_vc, s_gl, s_gc, length, key_channels, channels, SKIP_CENTRE, PRECISION,
-                                 UPCAST, BLOCK_M, BLOCK_N, BLOCK_C)
+        q, lse = _queries(q_ptr + b * s_qb + o * s_qo, lse_ptr + b * s_lb + o * s_lo, offs_m, offs_ck, s_ql,
+                          s_qc, s_ll, length, key_channels)
+        delta = tl.load(d_ptr + b * s_lb + o * s_lo + offs_m * s_ll, mask=offs_m < length, other=0.0)
+        ds = _score_gradients(q, lse, delta, k_ptr + b * s_kb + o * s_ko, v_ptr + b * s_vb + o * s_vo,
+                              g_ptr + b * s_gb + o * s_go, offs_m, offs_n, offs_ck, s_kl, s_kc, s_vl, s_vc,
+                              s_gl, s_gc, length, key_channels, channels, SKIP_CENTRE, PRECISION, UPCAST,
+                              BLOCK_M, BLOCK_N, BLOCK_C)
         dk += _dot(tl.trans(ds).to(q.dtype), q, PRECISION, UPCAST)
-    out = dk_ptr + b * s_db + o * s_do + offs_n[:, None] * s_dl + offs_ck[None, :] * s_dc
-    mask = (offs_n[:, None] < length) & (offs_ck[None, :] < key_channels)
-    tl.store(out, tl.load(out, mask=mask, other=0.0) + dk, mask=mask)
+    _add_tile(dk_ptr + b * s_db + o * s_do, offs_n, offs_ck, s_dl, s_dc, length, key_channels, dk)
 
 
 @triton.jit
@@ -249,8 +254,8 @@ def _dv_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, dv_ptr,
                s_lb, s_lo, s_ll, s_db, s_do, s_dl, s_dc,
                others, length, key_channels, channels,
                SKIP_CENTRE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                BLOCK_CK: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+               BLOCK_CK: tl.constexpr):
     seq = tl.program_id(0)
     b, o = seq // others, seq % others
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -259,19 +264,13 @@ def _dv_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, dv_ptr,
     dv = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     for start in range(0, length, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
-        rows = offs_m < length
-        q = tl.load(q_ptr + b * s_qb + o * s_qo + offs_m[:, None] * s_ql + offs_ck[None, :] * s_qc,
-                    mask=rows[:, None] & (offs_ck[None, :] < key_channels), other=0.0)
-        lse = tl.load(lse_ptr + b * s_lb + o * s_lo + offs_m * s_ll, mask=rows, other=float("-inf"))
-        s = _energies(q, k_ptr, b * s_kb + o * s_ko, offs_n, offs_ck, s_kl, s_kc, length, key_channels,
-                      offs_m, SKIP_CENTRE, PRECISION, UPCAST)
-        p = _probabilities(s, lse)
-        g = tl.load(g_ptr + b * s_gb + o * s_go + offs_m[:, None] * s_gl + offs_c[None, :] * s_gc,
-                    mask=rows[:, None] & (offs_c[None, :] < channels), other=0.0)
-        dv += _dot(tl.trans(p).to(g.dtype), g, PRECISION, UPCAST)
-    out = dv_ptr + b * s_db + o * s_do + offs_n[:, None] * s_dl + offs_c[None, :] * s_dc
-    mask = (offs_n[:, None] < length) & (offs_c[None, :] < channels)
-    tl.store(out, tl.load(out, mask=mask, other=0.0) + dv, mask=mask)
+        q, lse = _queries(q_ptr + b * s_qb + o * s_qo, lse_ptr + b * s_lb + o * s_lo, offs_m, offs_ck, s_ql,
+                          s_qc, s_ll, length, key_channels)
+        s = _energies(q, k_ptr + b * s_kb + o * s_ko, offs_m, offs_n, offs_ck, s_kl, s_kc, length,
+                      key_channels, SKIP_CENTRE, PRECISION, UPCAST)
+        g = _tile(g_ptr + b * s_gb + o * s_go, offs_m, offs_c, s_gl, s_gc, length, channels)
+        dv += _dot(tl.trans(_probabilities(s, lse)).to(g.dtype), g, PRECISION, UPCAST)
+    _add_tile(dv_ptr + b * s_db + o * s_do, offs_n, offs_c, s_dl, s_dc, length, channels, dv)
 
 
 # ------------------------------------------------------------------------------------------- launchers
