@@ -21,7 +21,7 @@ def _triton_modules() -> dict[str, ModuleType]:
     """Triton's Python modules (its native extension stays: it cannot be loaded twice) and ours."""
     return {name: module for name, module in sys.modules.items()
             if (name == "triton" or name.startswith("triton.")) and not name.startswith("triton._C")
-            or name == "ccnet.fused_attention"}
+            or name in ("ccnet.fused_attention", "ccnet.fused_kernels")}
 
 
 @pytest.fixture(scope="module")
