@@ -52,18 +52,22 @@ class _QKVAttention(nn.Module):
             )
 
 
-def _fused_kernels(x: Tensor, fused: bool | None) -> ModuleType | None:
+def _fused_kernels(x: Tensor, fused: bool | None, key_channels: int) -> ModuleType | None:
     """The Triton kernels (``ccnet.fused_attention``) when this call should use them, else None.
 
-    ``fused=None`` (auto) uses them on CUDA when Triton is installed; True insists (CUDA, or the CPU under
-    ``TRITON_INTERPRET=1``) and fails when they cannot run; False never uses them.
+    ``fused=None`` (auto) uses them on CUDA when Triton is installed and the input suits them (float32,
+    float16 or bfloat16; at most 256 query/key channels), the reference otherwise; True insists (CUDA, or the
+    CPU under ``TRITON_INTERPRET=1``) and fails when they cannot run; False never uses them.
     """
     if fused is False or x.device.type == "meta":
         return None
-    if fused is None and (x.device.type != "cuda" or importlib.util.find_spec("triton") is None):
+    if fused is None and (x.device.type != "cuda" or x.dtype == torch.float64
+                          or importlib.util.find_spec("triton") is None):
         return None
     from ccnet import fused_attention
 
+    if fused is None and key_channels > fused_attention.MAX_KEY_CHANNELS:
+        return None
     if not fused_attention.available(x.device):
         raise RuntimeError(f"fused=True: the Triton kernels need a CUDA device or TRITON_INTERPRET=1, "
                            f"got {x.device}")
@@ -113,7 +117,7 @@ class CrissCrossAttention(_QKVAttention):
         return _softmax_fp32(energies, value.dtype), value
 
     def forward(self, x: Tensor) -> Tensor:
-        if (kernels := _fused_kernels(x, self.fused)) is not None:
+        if (kernels := _fused_kernels(x, self.fused, self.query.out_channels)) is not None:
             self._check_input(x)
             return self.gamma * kernels.criss_cross_aggregate(self.query(x), self.key(x), self.value(x)) + x
         if self.memory_efficient and torch.is_grad_enabled() and x.device.type != "meta":
@@ -150,7 +154,7 @@ class AxialAttention(_QKVAttention):
         return row, column, value
 
     def forward(self, x: Tensor) -> Tensor:
-        if (kernels := _fused_kernels(x, self.fused)) is not None:
+        if (kernels := _fused_kernels(x, self.fused, self.query.out_channels)) is not None:
             self._check_input(x)
             return self.gamma * kernels.axial_aggregate(self.query(x), self.key(x), self.value(x)) + x
         row, column, value = self.attention_weights(x)
