@@ -19,8 +19,10 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b with float32 accumulation. UPCAST (Triton's CPU interpreter only, whose bfloat16 dot is wrong)
     multiplies in float32."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
+        product = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        product = tl.dot(a, b, input_precision=PRECISION)
+    return product
 
 
 @triton.jit
