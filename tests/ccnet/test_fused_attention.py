@@ -14,6 +14,7 @@ from types import ModuleType
 import pytest
 import torch
 
+import ccnet
 from ccnet.attention import AxialAttention, CrissCrossAttention
 
 
@@ -40,6 +41,11 @@ def kernels() -> Iterator[ModuleType]:
         for name in _triton_modules():
             del sys.modules[name]
         sys.modules.update(saved_modules)
+        for name in ("fused_attention", "fused_kernels"):  # the package keeps its submodules as attributes
+            if f"ccnet.{name}" in saved_modules:
+                setattr(ccnet, name, saved_modules[f"ccnet.{name}"])
+            elif hasattr(ccnet, name):
+                delattr(ccnet, name)
         if saved_env is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
