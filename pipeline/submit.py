@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from pipeline.storage import is_s3, redact
+from pipeline.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,8 @@ def runtime_env(working_dir: Path, env_vars: dict[str, str], pip: bool) -> dict[
 
 def _check_remote_paths(config: Any) -> None:
     """Local relative paths would land in the job's temporary working directory on the cluster."""
+    from pipeline.storage import is_s3
+
     for key, value in (("data.uri", config.data.uri), ("run.storage", config.run.storage)):
         if not is_s3(value) and not Path(value).is_absolute() and not value.startswith("file://"):
             raise SubmitError(f"{key}={value} is a relative path: on the cluster it would land in the "
