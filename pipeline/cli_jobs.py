@@ -15,6 +15,10 @@ import datetime as dt
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.submit import Submission
 
 log = logging.getLogger("ccnet")
 
@@ -22,7 +26,7 @@ log = logging.getLogger("ccnet")
 _SCHEDULED_NAME = {"tune": "tune.name", "train": "run.name"}
 
 
-def _submission(args: argparse.Namespace, extra_sets: list[str] = ()) -> object:
+def _submission(args: argparse.Namespace, extra_sets: tuple[str, ...] = ()) -> Submission:
     from pipeline.submit import build_submission
 
     return build_submission(
@@ -91,7 +95,7 @@ def _schedule(args: argparse.Namespace) -> int:
     jobs_client = client(args.address)
 
     def submit_run(run_id: str) -> str:
-        extra = [f"{name_key}=scheduled-{run_id}"] if name_key else []
+        extra = (f"{name_key}=scheduled-{run_id}",) if name_key else ()
         return submit(jobs_client, _submission(args, extra))
 
     timezone = ZoneInfo(args.timezone) if args.timezone != "UTC" else dt.UTC
