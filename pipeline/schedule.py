@@ -55,10 +55,6 @@ class CronSchedule:
             day_ok = day_of_month and day_of_week
         return when.month in self.months and day_ok
 
-    def matches(self, when: dt.datetime) -> bool:
-        """Whether the minute ``when`` falls in is one the line selects."""
-        return when.minute in self.minutes and when.hour in self.hours and self.day_matches(when)
-
     def next_after(self, when: dt.datetime) -> dt.datetime:
         """The first matching minute strictly after ``when`` (wall-clock time in ``when``'s tzinfo).
 
