@@ -216,11 +216,14 @@ ATTENTION_TYPES: dict[str, type[_QKVAttention]] = {
 }
 
 
-def build_attention(kind: str, in_channels: int, reduction: int = 8) -> nn.Module:
-    """Build an attention module by name: one of :data:`ATTENTION_TYPES`."""
+def build_attention(kind: str, in_channels: int, reduction: int = 8, fused: bool | None = None) -> nn.Module:
+    """Build an attention module by name: one of :data:`ATTENTION_TYPES`. ``fused`` chooses the Triton kernels
+    of the criss-cross and rows-then-columns modules (None: on CUDA when available); Non-local has none."""
     if kind not in ATTENTION_TYPES:
         raise ValueError(f"unknown attention {kind!r}; choose one of {sorted(ATTENTION_TYPES)}")
-    return ATTENTION_TYPES[kind](in_channels, reduction)
+    if kind == "nonlocal":
+        return NonLocal2d(in_channels, reduction)
+    return ATTENTION_TYPES[kind](in_channels, reduction, fused=fused)
 
 
 __all__ = [

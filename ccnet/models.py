@@ -42,6 +42,8 @@ class CCNetConfig:
         embedding_channels: > 0 adds the projection used by the category-consistent loss.
         output_stride: 8 (the paper's) or 16.
         pretrained: local file with ImageNet backbone weights, or None; never downloaded.
+        fused: the attention's fused Triton kernels: None uses them on CUDA when Triton is installed,
+            False keeps the reference modules, True insists.
     """
 
     backbone: str = "resnet101_deepstem"
@@ -57,6 +59,7 @@ class CCNetConfig:
     embedding_channels: int = 0
     output_stride: int = 8
     pretrained: str | None = None
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -98,7 +101,8 @@ class CCNet(nn.Module):
         use_head = config.placement in ("head", "both")
         self.stem_attention = (
             build_recurrent_attention(
-                config.attention, self.backbone.stem_channels, config.recurrence, config.reduction
+                config.attention, self.backbone.stem_channels, config.recurrence, config.reduction,
+                config.fused,
             )
             if use_stem
             else None
@@ -113,6 +117,7 @@ class CCNet(nn.Module):
             reduction=config.reduction,
             dropout=config.dropout,
             embedding_channels=config.embedding_channels,
+            fused=config.fused,
         )
         self.aux_head = (
             FCNHead(self.backbone.aux_channels, config.num_classes, config.aux_channels, config.dropout)

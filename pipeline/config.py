@@ -39,11 +39,12 @@ class ModelConfig:
     placement: str | None = None
     output_stride: int | None = None
     pretrained: str | None = None  # a local file of ImageNet backbone weights
+    fused: bool | None = None  # the attention's Triton kernels: None = on CUDA when available
     sync_bn: bool = True  # SyncBatchNorm across GPU workers
 
     def overrides(self) -> dict[str, Any]:
         """The CCNetConfig fields to override (those not None)."""
-        names = ("recurrence", "attention", "placement", "output_stride", "pretrained")
+        names = ("recurrence", "attention", "placement", "output_stride", "pretrained", "fused")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 

@@ -199,3 +199,23 @@ def test_cuda_at_the_papers_size(name: str, dtype: torch.dtype) -> None:
     for got, expected in zip((out, *grads), (want, *want_grads), strict=True):
         error = (got.double() - expected).abs().max() / expected.abs().max()
         assert error < tolerance
+
+
+def test_the_model_switch_reaches_every_attention_module(kernels: ModuleType) -> None:
+    """``fused`` in the model's config (``model.fused`` in a run's) selects the kernels everywhere, stem
+    placement included, with the reference's results."""
+    from ccnet import build_ccnet
+
+    torch.manual_seed(0)
+    reference = build_ccnet("ccnet_tiny", 4, placement="both", fused=False).eval()
+    fused = build_ccnet("ccnet_tiny", 4, placement="both", fused=True).eval()
+    fused.load_state_dict(reference.state_dict())
+    for module in (reference, fused):
+        for attention in module.modules():
+            if isinstance(attention, CrissCrossAttention):
+                torch.nn.init.constant_(attention.gamma, 0.5)
+    flags = {m.fused for m in fused.modules() if isinstance(m, CrissCrossAttention)}
+    assert flags == {True} and len([m for m in fused.modules() if isinstance(m, CrissCrossAttention)]) == 2
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x)["out"], reference(x)["out"], rtol=1e-4, atol=1e-4)
