@@ -69,10 +69,10 @@ def _queries(q_ptr, lse_ptr, offs_m, offs_ck, s_ql, s_qc, s_ll, length, key_chan
 
 @triton.jit
 def lse_kernel(q_ptr, k_ptr, lse_ptr,
-                s_qb, s_qo, s_ql, s_qc, s_kb, s_ko, s_kl, s_kc, s_lb, s_lo, s_ll,
-                others, length, key_channels,
-                SKIP_CENTRE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr):
+               s_qb, s_qo, s_ql, s_qc, s_kb, s_ko, s_kl, s_kc, s_lb, s_lo, s_ll,
+               others, length, key_channels,
+               SKIP_CENTRE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CK: tl.constexpr):
     seq = tl.program_id(0)
     b, o = seq // others, seq % others
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -94,12 +94,12 @@ def lse_kernel(q_ptr, k_ptr, lse_ptr,
 
 @triton.jit
 def out_kernel(q_ptr, k_ptr, v_ptr, lse_ptr, out_ptr,
-                s_qb, s_qo, s_ql, s_qc, s_kb, s_ko, s_kl, s_kc, s_vb, s_vo, s_vl, s_vc,
-                s_lb, s_lo, s_ll, s_ob, s_oo, s_ol, s_oc,
-                others, length, key_channels, channels,
-                SKIP_CENTRE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                BLOCK_CK: tl.constexpr):
+               s_qb, s_qo, s_ql, s_qc, s_kb, s_ko, s_kl, s_kc, s_vb, s_vo, s_vl, s_vc,
+               s_lb, s_lo, s_ll, s_ob, s_oo, s_ol, s_oc,
+               others, length, key_channels, channels,
+               SKIP_CENTRE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+               BLOCK_CK: tl.constexpr):
     seq = tl.program_id(0)
     b, o = seq // others, seq % others
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -137,12 +137,12 @@ def _score_gradients(q, lse, delta, k_ptr, v_ptr, g_ptr, offs_m, offs_n, offs_ck
 
 @triton.jit
 def dq_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, d_ptr, dq_ptr,
-               s_qb, s_qo, s_ql, s_qc, s_kb, s_ko, s_kl, s_kc, s_vb, s_vo, s_vl, s_vc,
-               s_gb, s_go, s_gl, s_gc, s_lb, s_lo, s_ll, s_db, s_do, s_dl, s_dc,
-               others, length, key_channels, channels,
-               SKIP_CENTRE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-               BLOCK_CK: tl.constexpr):
+              s_qb, s_qo, s_ql, s_qc, s_kb, s_ko, s_kl, s_kc, s_vb, s_vo, s_vl, s_vc,
+              s_gb, s_go, s_gl, s_gc, s_lb, s_lo, s_ll, s_db, s_do, s_dl, s_dc,
+              others, length, key_channels, channels,
+              SKIP_CENTRE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+              BLOCK_CK: tl.constexpr):
     seq = tl.program_id(0)
     b, o = seq // others, seq % others
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -164,12 +164,12 @@ def dq_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, d_ptr, dq_ptr,
 
 @triton.jit
 def dk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, d_ptr, dk_ptr,
-               s_qb, s_qo, s_ql, s_qc, s_kb, s_ko, s_kl, s_kc, s_vb, s_vo, s_vl, s_vc,
-               s_gb, s_go, s_gl, s_gc, s_lb, s_lo, s_ll, s_db, s_do, s_dl, s_dc,
-               others, length, key_channels, channels,
-               SKIP_CENTRE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-               BLOCK_CK: tl.constexpr):
+              s_qb, s_qo, s_ql, s_qc, s_kb, s_ko, s_kl, s_kc, s_vb, s_vo, s_vl, s_vc,
+              s_gb, s_go, s_gl, s_gc, s_lb, s_lo, s_ll, s_db, s_do, s_dl, s_dc,
+              others, length, key_channels, channels,
+              SKIP_CENTRE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+              BLOCK_CK: tl.constexpr):
     seq = tl.program_id(0)
     b, o = seq // others, seq % others
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -190,12 +190,12 @@ def dk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, d_ptr, dk_ptr,
 
 @triton.jit
 def dv_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, dv_ptr,
-               s_qb, s_qo, s_ql, s_qc, s_kb, s_ko, s_kl, s_kc, s_gb, s_go, s_gl, s_gc,
-               s_lb, s_lo, s_ll, s_db, s_do, s_dl, s_dc,
-               others, length, key_channels, channels,
-               SKIP_CENTRE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-               BLOCK_CK: tl.constexpr):
+              s_qb, s_qo, s_ql, s_qc, s_kb, s_ko, s_kl, s_kc, s_gb, s_go, s_gl, s_gc,
+              s_lb, s_lo, s_ll, s_db, s_do, s_dl, s_dc,
+              others, length, key_channels, channels,
+              SKIP_CENTRE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+              BLOCK_CK: tl.constexpr):
     seq = tl.program_id(0)
     b, o = seq // others, seq % others
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
