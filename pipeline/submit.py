@@ -24,7 +24,6 @@ import importlib.metadata
 import logging
 import os
 import pkgutil
-import re
 import secrets
 import shlex
 import sys
@@ -34,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from pipeline.redaction import redact
+from pipeline.redaction import holds_secret, is_secret_name, redact
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +42,6 @@ FORWARDED_ENV = (
     "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_DISABLE_TELEMETRY", "AWS_ENDPOINT_URL",
     "AWS_DEFAULT_REGION", "RAY_USAGE_STATS_ENABLED",
 )
-_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE|API_KEY",
-                          re.IGNORECASE)
 EXCLUDES = [".git", ".venv", "runs", "mlruns", "*.db", "__pycache__", ".pytest_cache", ".ruff_cache",
             "*.egg-info", "build", "dist"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -68,7 +65,7 @@ def pinned_requirements() -> list[str]:
 
 
 def _check_secret_free(what: str, value: str) -> None:
-    if redact(value) != value:
+    if holds_secret(value):
         raise SubmitError(f"{what} holds credentials ({redact(value)}): give them to the cluster's nodes, "
                           "not to the job")
 
@@ -82,7 +79,7 @@ def job_env(names: list[str], environ: dict[str, str] | None = None) -> dict[str
     """
     environ = dict(os.environ if environ is None else environ)
     for name in names:
-        if _SECRET_NAME.search(name):
+        if is_secret_name(name):
             raise SubmitError(f"--env {name}: secrets do not travel with a job; give them to the cluster's "
                               "nodes (a Kubernetes secret, an instance profile, the stack's environment)")
         if name not in environ:

@@ -38,11 +38,10 @@ if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
 
-from pipeline.redaction import REDACTED, redact
+from pipeline.redaction import REDACTED, holds_secret, is_secret_name, redact
 
 log = logging.getLogger(__name__)
 
-_SECRET_KEY_PARTS = ("secret", "password", "passwd", "token", "key_id", "access_key", "api_key", "credential")
 _MAX_PARAM_CHARS = 6000  # MLflow's limit (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
 _PARAMS_PER_BATCH = 100  # MLflow's log_batch limits
 _METRICS_PER_BATCH = 1000
@@ -76,7 +75,7 @@ class _Point(NamedTuple):
 
 def _safe_value(key: str, value: object) -> str:
     """A param or tag value as MLflow will store it: a string, redacted, at most MLflow's length."""
-    if any(part in key.lower() for part in _SECRET_KEY_PARTS):
+    if is_secret_name(key):
         return REDACTED
     text = redact(str(value))
     return text if len(text) <= _MAX_PARAM_CHARS else text[: _MAX_PARAM_CHARS - 3] + "..."
@@ -504,7 +503,7 @@ class Tracker:
                 log.warning("MLflow unreachable at the end of run %s: %d metric points and %d params lost",
                             self._run_id, len(self._buffer), len(self._pending_params))
             # MLflow prints the run's URL on termination, credentials and all, when the URI holds them.
-            quiet = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"} if redact(self.uri) != self.uri else {}
+            quiet = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"} if holds_secret(self.uri) else {}
             try:
                 with _env(_LOG_HTTP | quiet):
                     self._client.set_terminated(self._run_id, status)

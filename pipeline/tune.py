@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.config import Config, apply_overrides, config_from_dict, dump_config
+from pipeline.redaction import holds_secret
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def run_search(config: Config) -> SearchReport:
         # Tune saves the space with the search: a tracking URI with credentials (from MLFLOW_TRACKING_URI)
         # stays out of it, and each trial resolves it from its own environment.
         "_config": config.to_dict(), "_parent_run_id": parent,
-        "_tracking_uri": None if storage.redact(tracking_uri) != tracking_uri else tracking_uri,
+        "_tracking_uri": None if holds_secret(tracking_uri) else tracking_uri,
     }
     # The trial function only drives its TorchTrainer, whose workers hold the CPUs/GPUs; Tune refuses an
     # empty request, hence a sliver.
