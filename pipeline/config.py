@@ -13,7 +13,6 @@ every key and type: an unknown key or a wrong type raises :class:`ConfigError` n
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.paths import stays_inside
 from pipeline.redaction import has_userinfo, redact
 
 
@@ -197,11 +197,11 @@ class Config:
             "data.loader": self.data.loader == "torch" or (self.data.loader == "ray" and self.run.ray),
             "eval.stride": 1 <= self.eval.stride <= self.eval.crop_size,
             "eval.scales": len(self.eval.scales) > 0 and all(s > 0 for s in self.eval.scales),
-            "run.name": _is_relative_name(self.run.name),
+            "run.name": stays_inside(self.run.name),  # path parts of run.storage
             "run.num_workers": self.run.num_workers >= 1,
             "run.max_failures": self.run.max_failures >= -1,
             "model.recurrence": self.model.recurrence is None or self.model.recurrence >= 0,
-            "tune.name": _is_relative_name(self.tune.name),
+            "tune.name": stays_inside(self.tune.name),
             "tune.num_samples": self.tune.num_samples >= 1,
             "tune.max_concurrent": self.tune.max_concurrent >= 1,
             "tune.mode": self.tune.mode in ("min", "max"),
@@ -217,13 +217,6 @@ class Config:
             if isinstance(value, str) and has_userinfo(value):
                 raise ConfigError(f"{source}: {key}={redact(value)} holds credentials; they belong in the "
                                   "environment (AWS_* keys, MLFLOW_TRACKING_USERNAME/_PASSWORD or _TOKEN)")
-
-
-def _is_relative_name(name: str) -> bool:
-    """True for a name that stays inside the storage folder it is joined to (no "..", not absolute, no URI):
-    run and search names become path parts of ``run.storage``."""
-    parts = re.split(r"[/\\]", name)
-    return bool(name) and bool(parts[0]) and "://" not in name and ".." not in parts
 
 
 def _check_type(value: Any, annotation: Any, key: str, source: str) -> Any:

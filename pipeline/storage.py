@@ -27,6 +27,7 @@ import botocore.config
 import botocore.exceptions as bce
 import pyarrow.fs
 
+from pipeline.paths import stays_inside
 from pipeline.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,7 @@ def join(uri: str, *parts: str) -> str:
     component, raises ValueError naming it.
     """
     for part in parts:
-        pieces = re.split(r"[/\\]", part)
-        if not part or not pieces[0] or os.path.isabs(part) or "://" in part or ".." in pieces:
+        if not stays_inside(part):
             raise ValueError(f"path part {part!r} is empty, absolute or escapes {redact(uri)}")
     if is_s3(uri):
         return "/".join([uri.rstrip("/"), *(part.strip("/") for part in parts)])
