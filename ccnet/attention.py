@@ -16,6 +16,7 @@ dtype.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from types import ModuleType
 
@@ -52,6 +53,12 @@ class _QKVAttention(nn.Module):
             )
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    """Looked up once: every forward on CUDA asks."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def _fused_kernels(x: Tensor, fused: bool | None, key_channels: int) -> ModuleType | None:
     """The Triton kernels (``ccnet.fused_attention``) when this call should use them, else None.
 
@@ -61,8 +68,7 @@ def _fused_kernels(x: Tensor, fused: bool | None, key_channels: int) -> ModuleTy
     """
     if fused is False or x.device.type == "meta":
         return None
-    if fused is None and (x.device.type != "cuda" or x.dtype == torch.float64
-                          or importlib.util.find_spec("triton") is None):
+    if fused is None and (x.device.type != "cuda" or x.dtype == torch.float64 or not _triton_installed()):
         return None
     from ccnet import fused_attention
 
