@@ -19,6 +19,7 @@ import sys
 from typing import NoReturn
 
 from pipeline.cli_jobs import add_job_commands
+from pipeline.redaction import redact
 
 log = logging.getLogger("ccnet")
 
@@ -139,8 +140,8 @@ def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     report = run_training(config)
     sys.stdout.write(
-        f"\n{report.table}\n\nbest checkpoint: {_redact(report.best_checkpoint)}\n"
-        f"MLflow run {report.run_id} at {_redact(report.tracking_uri)}\n"
+        f"\n{report.table}\n\nbest checkpoint: {redact(report.best_checkpoint)}\n"
+        f"MLflow run {report.run_id} at {redact(report.tracking_uri)}\n"
         f"browse it: {_browse_hint(report.tracking_uri)}\n"
     )
     return 0
@@ -149,7 +150,7 @@ def _train(args: argparse.Namespace) -> int:
 def _browse_hint(tracking_uri: str) -> str:
     """How to open the runs: the server's own UI, or ``mlflow ui`` on a local store."""
     if tracking_uri.startswith(("http://", "https://")):
-        return _redact(tracking_uri)
+        return redact(tracking_uri)
     return f"mlflow ui --backend-store-uri {tracking_uri}"
 
 
@@ -171,7 +172,7 @@ def _config_from_checkpoint(args: argparse.Namespace) -> tuple[object, dict]:
 
     state = load(args.checkpoint)
     values = apply_overrides(state.get("config") or {}, args.set or [])
-    return config_from_dict(values, source=f"{_redact(args.checkpoint)} config"), state
+    return config_from_dict(values, source=f"{redact(args.checkpoint)} config"), state
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -201,7 +202,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     config, state = _config_from_checkpoint(args)
     model = build_model(config, state["num_classes"])
-    load_model_state(model, state, _redact(args.checkpoint))
+    load_model_state(model, state, redact(args.checkpoint))
     palette = _palette(config, state["num_classes"])
     written = predict_images(
         model.eval(), [Path(p) for p in args.images], palette=palette, out_dir=Path(args.out),
@@ -221,13 +222,6 @@ def _palette(config: object, num_classes: int) -> tuple[tuple[int, int, int], ..
         return open_manifest(config.data.uri).palette
     except (OSError, ValueError):
         return tuple(((37 * i) % 256, (101 * i) % 256, (173 * i) % 256) for i in range(num_classes))
-
-
-def _redact(text: str) -> str:
-    """storage.redact, imported when needed: loading boto3/pyarrow would slow every command."""
-    from pipeline.storage import redact
-
-    return redact(text)
 
 
 def _add_training_commands(commands: argparse._SubParsersAction) -> None:
