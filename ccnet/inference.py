@@ -6,6 +6,14 @@ run under :func:`torch.inference_mode` on whatever device the model and image al
 image in its own dtype. They do not touch the model's mode: call ``model.eval()`` first, or batch norm and
 dropout behave as in training.
 
+Two choices follow the authors' code (speedinghzl/CCNet ``evaluate.py``) by default:
+
+- ``fusion="logits"``: overlapping windows, scales and flips are averaged as logits, and the softmax is taken
+  once at the end; ``fusion="probs"`` averages the per-pass probabilities instead.
+- ``align_corners=None``: every bilinear resize (image to a scale, logits back to the image) uses the model's
+  ``config.align_corners`` (:class:`ccnet.models.CCNetConfig`), or False for a model without one, so that
+  inference rescales the way the model upsamples.
+
 The reference CCNet protocol on Cityscapes (as in mmsegmentation's ``slide_inference``)::
 
     probs = predict_sliding(model, image, crop_size=769, stride=513, num_classes=19)
@@ -31,28 +39,53 @@ def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     return pair
 
 
-def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize (align_corners=False) of (B, C, h, w) to ``size``; a no-op when it already fits."""
+FUSIONS = ("logits", "probs")
+
+
+def _resize(x: Tensor, size: tuple[int, int], align_corners: bool) -> Tensor:
+    """Bilinear resize of (B, C, h, w) to ``size``; a no-op when it already fits."""
     if tuple(x.shape[-2:]) == size:
         return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+
+
+def _align_corners(model: nn.Module, align_corners: bool | None) -> bool:
+    """``align_corners``, or when None the model's ``config.align_corners`` (False if it has none)."""
+    if align_corners is not None:
+        return align_corners
+    return bool(getattr(getattr(model, "config", None), "align_corners", False))
+
+
+def _check_fusion(fusion: str) -> None:
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+
+
+def _whole_scores(model: nn.Module, image: Tensor, fusion: str, align_corners: bool) -> Tensor:
+    """(B, K, H, W) float32 logits (``fusion="logits"``) or probabilities of one forward pass at H x W."""
+    logits = _resize(model(image)["out"].float(), tuple(image.shape[-2:]), align_corners)
+    return logits if fusion == "logits" else logits.softmax(dim=1)
+
+
+def _to_probs(scores: Tensor, fusion: str) -> Tensor:
+    """Probabilities from fused scores: the softmax of fused logits; fused probabilities as they are."""
+    return scores.softmax(dim=1) if fusion == "logits" else scores
 
 
 @torch.inference_mode()
-def predict_whole(model: nn.Module, image: Tensor) -> Tensor:
+def predict_whole(model: nn.Module, image: Tensor, align_corners: bool | None = None) -> Tensor:
     """Predict the whole image in one forward pass.
 
     Args:
         model: segmentation model (see the module docstring); only its ``"out"`` is used.
         image: (B, 3, H, W) normalised images.
+        align_corners: of the bilinear resize below; None follows the model (see the module docstring).
 
     Returns:
         (B, K, H, W) float32 probabilities: the softmax of the logits, which are first resized bilinearly
         to H x W if the model returned another size.
     """
-    logits = model(image)["out"]
-    logits = _resize(logits.float(), tuple(image.shape[-2:]))
-    return logits.softmax(dim=1)
+    return _whole_scores(model, image, "probs", _align_corners(model, align_corners))
 
 
 @torch.inference_mode()
@@ -62,14 +95,16 @@ def predict_sliding(
     crop_size: int | tuple[int, int],
     stride: int | tuple[int, int],
     num_classes: int,
+    fusion: str = "logits",
+    align_corners: bool | None = None,
 ) -> Tensor:
-    """Predict overlapping crop-sized windows and average their probabilities.
+    """Predict overlapping crop-sized windows and average their logits (or probabilities).
 
     The image is zero-padded at the bottom/right to at least ``crop_size``; windows start every ``stride``
     pixels and the last one in each direction is shifted back to end at the border, so every pixel is
     covered (``max(H - crop + stride - 1, 0) // stride + 1`` windows per column, as mmsegmentation's
-    ``slide_inference``). Each pixel gets the mean of the probabilities of the windows covering it, and the
-    padding is cropped away.
+    ``slide_inference``). Each pixel gets the mean of the logits (``fusion="logits"``, then one softmax) or of
+    the probabilities (``fusion="probs"``) of the windows covering it, and the padding is cropped away.
 
     Args:
         model: segmentation model (see the module docstring).
@@ -78,10 +113,29 @@ def predict_sliding(
         stride: step between windows, an int or (height, width), at most ``crop_size`` so windows leave no
             gap; 513 in the CCNet protocol.
         num_classes: K, the number of channels the model returns.
+        fusion: ``"logits"`` (the authors') or ``"probs"``: what is averaged over overlapping windows.
+        align_corners: of the bilinear resizes; None follows the model (see the module docstring).
 
     Returns:
         (B, K, H, W) float32 probabilities.
     """
+    _check_fusion(fusion)
+    scores = _sliding_scores(
+        model, image, crop_size, stride, num_classes, fusion, _align_corners(model, align_corners)
+    )
+    return _to_probs(scores, fusion)
+
+
+def _sliding_scores(
+    model: nn.Module,
+    image: Tensor,
+    crop_size: int | tuple[int, int],
+    stride: int | tuple[int, int],
+    num_classes: int,
+    fusion: str,
+    align_corners: bool,
+) -> Tensor:
+    """:func:`predict_sliding` before the final softmax: (B, K, H, W) mean logits or mean probabilities."""
     crop_h, crop_w = _pair(crop_size, "crop_size")
     stride_h, stride_w = _pair(stride, "stride")
     if stride_h > crop_h or stride_w > crop_w:
@@ -93,7 +147,7 @@ def predict_sliding(
     rows = max(padded_h - crop_h + stride_h - 1, 0) // stride_h + 1
     cols = max(padded_w - crop_w + stride_w - 1, 0) // stride_w + 1
 
-    probs = torch.zeros(batch, num_classes, padded_h, padded_w, dtype=torch.float32, device=image.device)
+    scores = torch.zeros(batch, num_classes, padded_h, padded_w, dtype=torch.float32, device=image.device)
     count = torch.zeros(1, 1, padded_h, padded_w, dtype=torch.float32, device=image.device)
     for row in range(rows):
         for col in range(cols):
@@ -101,12 +155,12 @@ def predict_sliding(
             top = min(row * stride_h, padded_h - crop_h)
             left = min(col * stride_w, padded_w - crop_w)
             window = padded[:, :, top : top + crop_h, left : left + crop_w]
-            window_probs = predict_whole(model, window)
-            if window_probs.shape[1] != num_classes:
-                raise ValueError(f"model returned {window_probs.shape[1]} classes, expected {num_classes}")
-            probs[:, :, top : top + crop_h, left : left + crop_w] += window_probs
+            window_scores = _whole_scores(model, window, fusion, align_corners)
+            if window_scores.shape[1] != num_classes:
+                raise ValueError(f"model returned {window_scores.shape[1]} classes, expected {num_classes}")
+            scores[:, :, top : top + crop_h, left : left + crop_w] += window_scores
             count[:, :, top : top + crop_h, left : left + crop_w] += 1
-    return (probs / count)[:, :, :height, :width]
+    return (scores / count)[:, :, :height, :width]
 
 
 @torch.inference_mode()
@@ -119,13 +173,16 @@ def predict_multiscale(
     crop_size: int | tuple[int, int] | None = None,
     stride: int | tuple[int, int] | None = None,
     num_classes: int | None = None,
+    fusion: str = "logits",
+    align_corners: bool | None = None,
 ) -> Tensor:
-    """Average the probabilities of several rescaled (and optionally flipped) passes.
+    """Average the logits (or probabilities) of several rescaled (and optionally flipped) passes.
 
     For each scale the image is resized bilinearly to ``round(scale * H) x round(scale * W)``, predicted
-    whole or by sliding window, and the probabilities are resized back to H x W. With ``flip``, each scale
-    also predicts the horizontally flipped image and flips its probabilities back. All
-    ``len(scales) * (1 + flip)`` passes are weighted equally.
+    whole or by sliding window, and the pass's logits (``fusion="logits"``) or probabilities
+    (``fusion="probs"``) are resized back to H x W. With ``flip``, each scale also predicts the horizontally
+    flipped image and flips its scores back. All ``len(scales) * (1 + flip)`` passes are weighted equally;
+    with ``fusion="logits"`` (the authors' ``predict_multiscale``) the softmax is taken once, of the mean.
 
     Args:
         model: segmentation model (see the module docstring).
@@ -137,10 +194,13 @@ def predict_multiscale(
         crop_size: window size for ``mode="slide"``.
         stride: window step for ``mode="slide"``.
         num_classes: K, required for ``mode="slide"``.
+        fusion: ``"logits"`` (the authors') or ``"probs"``: what is averaged over windows and passes.
+        align_corners: of every bilinear resize; None follows the model (see the module docstring).
 
     Returns:
         (B, K, H, W) float32 probabilities.
     """
+    _check_fusion(fusion)
     if len(scales) == 0:
         raise ValueError("scales must not be empty")
     if any(not (0 < scale < math.inf) for scale in scales):
@@ -156,10 +216,12 @@ def predict_multiscale(
         if missing:
             raise ValueError(f"mode='slide' needs {', '.join(missing)}")
 
+    corners = _align_corners(model, align_corners)
+
     def predict(x: Tensor) -> Tensor:
         if mode == "slide":
-            return predict_sliding(model, x, crop_size, stride, num_classes)
-        return predict_whole(model, x)
+            return _sliding_scores(model, x, crop_size, stride, num_classes, fusion, corners)
+        return _whole_scores(model, x, fusion, corners)
 
     height, width = image.shape[-2:]
     total = None
@@ -167,15 +229,15 @@ def predict_multiscale(
     for scale in scales:
         # int(x + 0.5) rounds halves up (Python's round() would round them to even).
         size = (max(int(height * scale + 0.5), 1), max(int(width * scale + 0.5), 1))
-        scaled = _resize(image, size)
+        scaled = _resize(image, size, corners)
         outputs = [predict(scaled)]
         if flip:
             outputs.append(predict(scaled.flip(-1)).flip(-1))
-        for probs in outputs:
-            probs = _resize(probs, (height, width))
-            total = probs if total is None else total + probs
+        for scores in outputs:
+            scores = _resize(scores, (height, width), corners)
+            total = scores if total is None else total + scores
             passes += 1
-    return total / passes
+    return _to_probs(total / passes, fusion)
 
 
-__all__ = ["predict_multiscale", "predict_sliding", "predict_whole"]
+__all__ = ["FUSIONS", "predict_multiscale", "predict_sliding", "predict_whole"]

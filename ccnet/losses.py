@@ -7,7 +7,9 @@
 - :func:`category_consistent_loss`: the variance / distance / regularisation terms that pull embeddings of a
   class together and push class means apart (Huang et al., TPAMI 2020, "category consistent features").
 - :class:`SegmentationLoss`: combines them over a model's output dict, the reference recipe being
-  ``main + 0.4 * aux``, with OHEM on the main output only.
+  ``main + 0.4 * aux``, with OHEM on the main output only. Its ``ohem_min_kept`` counts pixels per image
+  (the authors' 100 000 per GPU batch of 2 images is 50 000 per image), so that the share of pixels kept does
+  not depend on how many images each process holds.
 
 Every reduction is a masked sum divided by a clamped count, so nothing here syncs with the host except the
 per-image ``torch.unique`` over class ids in the category-consistent loss.
@@ -201,7 +203,9 @@ class SegmentationLoss(nn.Module):
         ignore_index: label of pixels that contribute nothing.
         ohem: whether the main output uses online hard example mining.
         ohem_thresh: OHEM probability threshold, in (0, 1].
-        ohem_min_kept: least number of pixels OHEM keeps per batch, >= 0.
+        ohem_min_kept: least number of pixels OHEM keeps per image, >= 0: a batch of B images keeps at least
+            ``B * ohem_min_kept``. The reference is 50 000 (the authors' ``min_kept=100000`` for their batch
+            of 2 images per GPU).
         consistency: whether to add the category-consistent loss (needs ``"embedding"`` in the outputs).
         consistency_weights: (w_var, w_dis, w_reg), each >= 0.
         delta_v: variance margin of the category-consistent loss, >= 0.
@@ -214,7 +218,7 @@ class SegmentationLoss(nn.Module):
         ignore_index: int = 255,
         ohem: bool = False,
         ohem_thresh: float = 0.7,
-        ohem_min_kept: int = 100_000,
+        ohem_min_kept: int = 50_000,
         consistency: bool = False,
         consistency_weights: tuple[float, float, float] = (1.0, 1.0, 0.001),
         delta_v: float = 0.5,
@@ -270,9 +274,8 @@ class SegmentationLoss(nn.Module):
             raise ValueError(f"outputs has no 'out' logits; keys are {sorted(outputs)}")
         main_logits = _resize_to(outputs["out"], target)
         if self.ohem:
-            main = ohem_cross_entropy(
-                main_logits, target, self.ohem_thresh, self.ohem_min_kept, self.ignore_index
-            )
+            min_kept = self.ohem_min_kept * target.shape[0]  # per image -> per batch
+            main = ohem_cross_entropy(main_logits, target, self.ohem_thresh, min_kept, self.ignore_index)
         else:
             main = cross_entropy(main_logits, target, self.ignore_index)
         losses = {"main": main}

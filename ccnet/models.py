@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ccnet.attention import ATTENTION_TYPES
-from ccnet.backbones import BACKBONES, build_backbone
+from ccnet.backbones import BACKBONES, Normalization, build_backbone
 from ccnet.heads import FCNHead, RCCAHead, build_recurrent_attention
 
 PLACEMENTS = ("head", "stem", "both")
@@ -25,7 +25,7 @@ PLACEMENTS = ("head", "stem", "both")
 
 @dataclass(frozen=True)
 class CCNetConfig:
-    """Everything that defines a CCNet model. Defaults are the paper's Cityscapes model.
+    """Everything that defines a CCNet model. Defaults: the paper's Cityscapes model (but ``align_corners``).
 
     Attributes:
         backbone: one of :data:`ccnet.backbones.BACKBONES`.
@@ -41,6 +41,12 @@ class CCNetConfig:
         dropout: Dropout2d before both classifiers.
         embedding_channels: > 0 adds the projection used by the category-consistent loss.
         output_stride: 8 (the paper's) or 16.
+        align_corners: how the logits are upsampled to the input size (and, in :mod:`ccnet.inference`, how
+            images and logits are rescaled). True is the authors' code and mmseg's/PaddleSeg's 769x769
+            recipes: with crops of 8k + 1 pixels, feature pixel i sits exactly on input pixel 8i. False (the
+            default) is torchvision's and mmseg's general convention; it stays the default because the weights
+            learn the geometry they were trained with, so every checkpoint saved before this option existed
+            (all trained with False) keeps predicting as trained. Recipes set it: the 769x769 configs to True.
         pretrained: local file with ImageNet backbone weights, or None; never downloaded.
         fused: the attention's fused Triton kernels: None uses them on CUDA when Triton is installed,
             False keeps the reference modules, True insists.
@@ -58,6 +64,7 @@ class CCNetConfig:
     dropout: float = 0.1
     embedding_channels: int = 0
     output_stride: int = 8
+    align_corners: bool = False
     pretrained: str | None = None
     fused: bool | None = None
 
@@ -88,7 +95,8 @@ class CCNet(nn.Module):
 
     ``forward(image (B, 3, H, W))`` returns ``{"out": logits (B, K, H, W)}``, plus ``"aux"`` (same shape)
     when the aux head is on and ``"embedding"`` (B, E, H/8, W/8) when ``embedding_channels > 0``. Logits
-    are upsampled to the input size; the losses (aux weight 0.4) live in :mod:`ccnet.losses`.
+    are upsampled bilinearly (with ``config.align_corners``) to the input size; the losses (aux weight 0.4)
+    live in :mod:`ccnet.losses`.
     """
 
     def __init__(self, config: CCNetConfig) -> None:
@@ -125,14 +133,20 @@ class CCNet(nn.Module):
             else None
         )
 
+    @property
+    def normalization(self) -> Normalization:
+        """The ``(image - mean) / std`` of [0, 1] RGB images that the backbone's weights expect."""
+        return self.backbone.normalization
+
     def forward(self, image: Tensor) -> dict[str, Tensor]:
         size = image.shape[-2:]
         features = self.backbone(image, stem_hook=self.stem_attention)
         outputs = self.head(features["out"])
-        outputs["out"] = F.interpolate(outputs["out"], size=size, mode="bilinear", align_corners=False)
+        corners = self.config.align_corners
+        outputs["out"] = F.interpolate(outputs["out"], size=size, mode="bilinear", align_corners=corners)
         if self.aux_head is not None:
             aux = self.aux_head(features["aux"])
-            outputs["aux"] = F.interpolate(aux, size=size, mode="bilinear", align_corners=False)
+            outputs["aux"] = F.interpolate(aux, size=size, mode="bilinear", align_corners=corners)
         return outputs
 
 
@@ -142,6 +156,14 @@ _BACKBONE_SUFFIXES = {
     "r101_deepstem_d8": dict(backbone="resnet101_deepstem"),
     # The tiny backbone's stage widths are (16, 32, 64, 128): a head of 64 keeps the proportions.
     "tiny": dict(backbone="tiny", head_channels=64, bottleneck_channels=64, aux_channels=32),
+    # EfficientNet-Lite ends in 320 (lite0/1) or 352 (lite2) channels: a head of 256 is about its width.
+    # d16 is the one that trains on a CPU: its dilated depthwise convs at stride 8 cost ~4-7x more there.
+    **{
+        f"lite{n}_d{stride}": dict(backbone=f"efficientnet_lite{n}", output_stride=stride, head_channels=256,
+                                   bottleneck_channels=256, aux_channels=128)
+        for n in (0, 1, 2)
+        for stride in (8, 16)
+    },
 }
 _METHODS = {
     "ccnet": dict(attention="criss_cross", recurrence=2),

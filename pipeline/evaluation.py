@@ -63,7 +63,7 @@ class EvalResult:
         confusion: (K, K) int64 counts on the CPU, rows = ground truth, columns = prediction.
         class_names: K names, in class-id order.
         ignore_index: the label that was not counted.
-        mode, scales, flip: the protocol that produced it (see :func:`evaluate`).
+        mode, scales, flip, fusion: the protocol that produced it (see :func:`evaluate`).
         num_images: how many images were counted (over all ranks).
     """
 
@@ -74,6 +74,7 @@ class EvalResult:
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     num_images: int = 0
+    fusion: str = "logits"
 
     def __post_init__(self) -> None:
         self.confusion = torch.as_tensor(self.confusion).detach().to("cpu", torch.int64)
@@ -194,6 +195,7 @@ def evaluate(
     stride: int = 513,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
+    fusion: str = "logits",
     max_images: int | None = None,
     device: torch.device | str = "cpu",
     batch_size: int = 1,
@@ -217,6 +219,8 @@ def evaluate(
         mode: ``"whole"`` or ``"slide"`` (windows of ``crop_size`` every ``stride`` pixels).
         crop_size, stride: sliding-window geometry, used by ``mode="slide"``.
         scales, flip: test-time resize factors and horizontal flip; ``(1.0,)`` without flip is single-scale.
+        fusion: what windows, scales and flips average: ``"logits"`` (the authors') or ``"probs"`` (see
+            :mod:`ccnet.inference`).
         max_images: only the first N images of the dataset (applied before the split over ranks).
         device: where images are predicted and counted.
         batch_size: images per forward; only consecutive images of equal size are batched together.
@@ -267,7 +271,7 @@ def evaluate(
                     labels = torch.stack([torch.as_tensor(item["label"]) for item in run]).to(device)
                     probs = predict_multiscale(
                         inner, images, scales=tuple(scales), flip=flip, mode=mode,
-                        crop_size=crop_size, stride=stride, num_classes=num_classes,
+                        crop_size=crop_size, stride=stride, num_classes=num_classes, fusion=fusion,
                     )  # (B, K, H, W)
                     metric.update(probs.argmax(dim=1), labels.long())
                 bar.update(len(chunk))
@@ -279,7 +283,7 @@ def evaluate(
         confusion, num_images = _all_reduce_counts(confusion, num_images)
     result = EvalResult(
         confusion, tuple(class_names), ignore_index, mode=mode, scales=tuple(scales), flip=flip,
-        num_images=num_images,
+        num_images=num_images, fusion=fusion,
     )
     log.info(
         "evaluated %d images (%s, scales %s, flip %s): mIoU %s %%, pixel accuracy %s %%",
@@ -300,7 +304,7 @@ def evaluate_protocols(
 
     Args:
         model, dataset, num_classes: as for :func:`evaluate`.
-        eval_config: mode, window geometry, scales, flip and max_images.
+        eval_config: mode, window geometry, scales, flip, fusion and max_images.
         **kwargs: any other :func:`evaluate` keyword (ignore_index, class_names, device, rank, ...).
 
     Returns:
@@ -308,7 +312,7 @@ def evaluate_protocols(
     """
     common = dict(
         num_classes=num_classes, mode=eval_config.mode, crop_size=eval_config.crop_size,
-        stride=eval_config.stride, max_images=eval_config.max_images, **kwargs,
+        stride=eval_config.stride, fusion=eval_config.fusion, max_images=eval_config.max_images, **kwargs,
     )
     return {
         SINGLE_SCALE: evaluate(model, dataset, scales=(1.0,), flip=False, **common),

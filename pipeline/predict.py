@@ -70,6 +70,7 @@ def predict_images(
     stride: int = 513,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
+    fusion: str = "logits",
     num_classes: int | None = None,
     device: torch.device | str = "cpu",
     ignore_index: int = 255,
@@ -88,7 +89,7 @@ def predict_images(
         palette: RGB colour of each class id.
         out_dir: output folder, created if missing; existing outputs of the same name are replaced.
         mean, std: per-channel normalisation of the [0, 1] image.
-        mode, crop_size, stride, scales, flip: the prediction protocol, as for
+        mode, crop_size, stride, scales, flip, fusion: the prediction protocol, as for
             :func:`pipeline.evaluation.evaluate`.
         num_classes: K, for ``mode="slide"``; default ``len(palette)``.
         device: where images are predicted.
@@ -125,7 +126,7 @@ def predict_images(
             image = (image.float() / 255 - mean_t) / std_t
             probs = predict_multiscale(
                 model, image, scales=tuple(scales), flip=flip, mode=mode, crop_size=crop_size,
-                stride=stride, num_classes=num_classes,
+                stride=stride, num_classes=num_classes, fusion=fusion,
             )  # (1, K, H, W)
             ids = probs.argmax(dim=1)[0].cpu().numpy()  # (H, W)
             mask = colorize(ids, palette, ignore_index)

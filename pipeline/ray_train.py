@@ -80,6 +80,30 @@ def _worker(loop_config: dict[str, Any]) -> None:
     log.info("worker %d finished: %s", session.rank, summary)
 
 
+def train_datasets(config: Config) -> dict[str, Any]:
+    """The Ray Datasets the trainer shards over its workers: ``{"train": ...}`` when ``data.loader`` is
+    "ray", else none. The augmentation is the plain-PyTorch path's, crop padding labelled with the
+    manifest's ``ignore_index``."""
+    if config.data.loader != "ray":
+        return {}
+    from pipeline.data.readers import open_manifest, ray_dataset
+    from pipeline.data.transforms import build_train_transform
+    from pipeline.train import input_normalization
+
+    data = config.data
+    manifest = open_manifest(data.uri)
+    normalization = input_normalization(config)
+    transform = build_train_transform(
+        data.crop_size, (data.scale_min, data.scale_max), ignore_index=manifest.ignore_index,
+        mean=normalization.mean, std=normalization.std,
+    )
+    dataset = ray_dataset(
+        data.uri, data.train_split, transform=transform, seed=config.train.seed, epoch=None,
+        batch_size=data.batch_size,
+    )
+    return {"train": dataset.select_columns(["image", "label"])}  # tensors only: sample ids are strings
+
+
 def fit(config: Config, run_id: str | None, tracking_uri: str | None, callbacks: list | None = None) -> Any:
     """Run the training with Ray Train; returns Ray's ``Result`` (its ``checkpoint`` is the last one).
 
@@ -97,17 +121,7 @@ def fit(config: Config, run_id: str | None, tracking_uri: str | None, callbacks:
         storage.ensure_bucket(config.run.storage)
     else:
         Path(path).mkdir(parents=True, exist_ok=True)
-    datasets = {}
-    if config.data.loader == "ray":
-        from pipeline.data.readers import ray_dataset
-        from pipeline.data.transforms import build_train_transform
-
-        data = config.data
-        transform = build_train_transform(data.crop_size, (data.scale_min, data.scale_max))
-        datasets["train"] = ray_dataset(
-            data.uri, data.train_split, transform=transform, seed=config.train.seed, epoch=None,
-            batch_size=data.batch_size,
-        ).select_columns(["image", "label"])  # tensors only: sample ids are strings
+    datasets = train_datasets(config)
     trainer = TorchTrainer(
         _worker,
         datasets=datasets or None,

@@ -17,12 +17,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from ccnet.backbones import Normalization
 from pipeline import storage
-from pipeline.checkpoints import CHECKPOINT_FILE, CheckpointStore, load, load_model_state
+from pipeline.checkpoints import (
+    CHECKPOINT_FILE,
+    CheckpointStore,
+    checkpoint_normalization,
+    load,
+    load_model_state,
+)
 from pipeline.config import Config, dump_config
 from pipeline.data.readers import ShardDataset, open_manifest
-from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
-from pipeline.train import LocalSession, build_model, run_uri, train_loop
+from pipeline.data.transforms import build_eval_transform
+from pipeline.train import LocalSession, build_model, run_uri, train_loop, warn_if_not_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +55,10 @@ def _open_tracker(config: Config) -> tuple[Any, str]:
     return tracker, uri
 
 
-def _denormalise(image: torch.Tensor) -> np.ndarray:
+def _denormalise(image: torch.Tensor, normalization: Normalization) -> np.ndarray:
     """(3, H, W) normalised -> (H, W, 3) uint8 for plots."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(normalization.mean).view(3, 1, 1)
+    std = torch.tensor(normalization.std).view(3, 1, 1)
     return ((image * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
 
 
@@ -64,7 +71,7 @@ def _log_plots(tracker: Any, model: torch.nn.Module, dataset: ShardDataset, resu
     samples = [dataset[index] for index in range(min(4, len(dataset)))]
     with torch.inference_mode():
         predictions = [model(s["image"][None])["out"].argmax(1)[0].numpy() for s in samples]
-    images = [_denormalise(s["image"]) for s in samples]
+    images = [_denormalise(s["image"], model.normalization) for s in samples]
     labels = [s["label"].numpy() for s in samples]
     figure = overlay_figure(images, predictions, labels, dataset.manifest.palette, dataset.ignore_index)
     tracker.log_figure(figure, "plots/predictions.png")
@@ -76,15 +83,23 @@ def _log_plots(tracker: Any, model: torch.nn.Module, dataset: ShardDataset, resu
         tracker.log_figure(figure, "plots/attention.png")
 
 
-def evaluate_checkpoint(config: Config, checkpoint_uri: str) -> tuple[torch.nn.Module, ShardDataset, dict]:
-    """Load a checkpoint and evaluate it single-scale and multi-scale + flip on the validation split."""
+def evaluate_checkpoint(
+    config: Config, checkpoint_uri: str, split: str | None = None
+) -> tuple[torch.nn.Module, ShardDataset, dict]:
+    """Load a checkpoint and evaluate it single-scale and multi-scale + flip on ``split`` (default: the
+    config's ``data.val_split``), normalising images as the checkpoint's model expects."""
     from pipeline.evaluation import evaluate_protocols
 
     manifest = open_manifest(config.data.uri)
-    model = build_model(config, manifest.num_classes)
-    load_model_state(model, load(checkpoint_uri), storage.redact(checkpoint_uri))
+    model = build_model(config, manifest.num_classes, pretrained=False)
+    state = load(checkpoint_uri)
+    load_model_state(model, state, storage.redact(checkpoint_uri))
     model.eval()
-    dataset = ShardDataset(config.data.uri, config.data.val_split, transform=build_eval_transform())
+    normalization = checkpoint_normalization(state, model)
+    dataset = ShardDataset(
+        config.data.uri, split or config.data.val_split,
+        transform=build_eval_transform(normalization.mean, normalization.std),
+    )
     results = evaluate_protocols(
         model, dataset, eval_config=config.eval, num_classes=manifest.num_classes,
         ignore_index=manifest.ignore_index,
@@ -104,6 +119,7 @@ def run_training(config: Config) -> TrainingReport:
     from pipeline.evaluation import protocol_table
 
     config = config.with_absolute_paths()
+    warn_if_not_pretrained(config)
 
     tracker, tracking_uri = _open_tracker(config)
     try:

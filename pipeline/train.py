@@ -4,9 +4,10 @@
     # Ray: pipeline.ray_train runs train_loop(config, RaySession(), run_id) in each worker
 
 Recipe (the paper's): SGD with momentum and weight decay, poly learning rate ``lr * (1 - it / max_it)^power``
-set every iteration, main + 0.4 x aux cross-entropy (OHEM optional), iteration-based, seeded. Mixed
-precision levels (apex names): O0 float32; O1 float16 autocast with a GradScaler; O2 bfloat16 autocast (no
-scaler: bf16 has float32's range). A non-finite loss skips the step; ``max_nonfinite`` in a row stop the run.
+set every iteration, main + 0.4 x aux cross-entropy (OHEM and the category-consistent loss optional),
+iteration-based, seeded. Mixed precision levels (apex names): O0 float32; O1 float16 autocast with a
+GradScaler; O2 bfloat16 autocast (no scaler: bf16 has float32's range). A non-finite loss skips the step;
+``max_nonfinite`` in a row stop the run.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ccnet import build_ccnet
+from ccnet import build_ccnet, model_config
+from ccnet.backbones import Normalization, backbone_normalization
 from ccnet.losses import SegmentationLoss
 from pipeline import storage
 from pipeline.checkpoints import CheckpointStore, load, load_model_state
@@ -86,8 +88,56 @@ def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float) -
     return base_lr * (1 - iteration / max_iterations) ** power
 
 
-def build_model(config: Config, num_classes: int) -> nn.Module:
-    return build_ccnet(config.model.name, num_classes, **config.model.overrides())
+def build_model(config: Config, num_classes: int, *, pretrained: bool = True) -> nn.Module:
+    """The configured model; ``pretrained=False`` skips the backbone's ImageNet weights (a checkpoint is
+    about to replace every weight, so evaluation and prediction need neither the file nor its package)."""
+    overrides = config.model.overrides()
+    if not pretrained:
+        overrides.pop("pretrained", None)
+    return build_ccnet(config.model.name, num_classes, **overrides)
+
+
+def input_normalization(config: Config) -> Normalization:
+    """The ``(image - mean) / std`` that the configured model's backbone weights expect (the backbone's
+    description owns it): training transforms, evaluation, prediction and checkpoints all use this."""
+    return backbone_normalization(model_config(config.model.name, **config.model.overrides()).backbone)
+
+
+# Backbones that train from scratch by design; every other one is started from ImageNet by its recipes.
+_FROM_SCRATCH_BACKBONES = ("tiny",)
+
+
+def warn_if_not_pretrained(config: Config) -> bool:
+    """Log one WARNING when ``config`` trains a backbone without the ImageNet weights its recipe expects.
+
+    That is ``model.pretrained`` left null for any backbone but the tiny one; ``pretrained: none`` says no
+    weights on purpose and stays silent. Call it once, on the driver.
+
+    Returns:
+        Whether it warned.
+    """
+    if config.model.pretrained is not None:
+        return False
+    backbone = model_config(config.model.name).backbone
+    if backbone in _FROM_SCRATCH_BACKBONES:
+        return False
+    log.warning(
+        "model.pretrained is null: %s (backbone %s) trains from random weights, far from the paper's "
+        "accuracy; set model.pretrained to ImageNet weights, or to none to train from scratch on purpose",
+        config.model.name, backbone,
+    )
+    return True
+
+
+def build_loss(config: Config, ignore_index: int) -> SegmentationLoss:
+    """The training loss of ``config.train``: main + aux, OHEM and the category-consistent loss as set."""
+    train_cfg = config.train
+    weight = train_cfg.consistency_weight
+    return SegmentationLoss(
+        aux_weight=train_cfg.aux_weight, ignore_index=ignore_index, ohem=train_cfg.ohem,
+        ohem_thresh=train_cfg.ohem_thresh, ohem_min_kept=train_cfg.ohem_min_kept,
+        consistency=weight > 0, consistency_weights=(weight, weight, 0.001 * weight),
+    )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -196,10 +246,7 @@ def train_loop(
         model.parameters(), lr=train_cfg.lr, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay
     )
     scaler = torch.amp.GradScaler(session.device.type, enabled=train_cfg.amp == "O1")
-    loss_fn = SegmentationLoss(
-        aux_weight=train_cfg.aux_weight, ignore_index=manifest.ignore_index, ohem=train_cfg.ohem,
-        ohem_thresh=train_cfg.ohem_thresh, ohem_min_kept=train_cfg.ohem_min_kept,
-    )
+    loss_fn = build_loss(config, manifest.ignore_index)
     start, best_miou = 0, None
     state = session.restore()
     if state is not None:
@@ -215,13 +262,18 @@ def train_loop(
     if train_cfg.compile:
         trained = torch.compile(trained)
 
+    normalization = unwrap(model).normalization
     train_data = ShardDataset(
         data_cfg.uri, data_cfg.train_split, seed=train_cfg.seed,
         transform=build_train_transform(
-            data_cfg.crop_size, (data_cfg.scale_min, data_cfg.scale_max), ignore_index=manifest.ignore_index
+            data_cfg.crop_size, (data_cfg.scale_min, data_cfg.scale_max), ignore_index=manifest.ignore_index,
+            mean=normalization.mean, std=normalization.std,
         ),
     )
-    val_data = ShardDataset(data_cfg.uri, data_cfg.val_split, transform=build_eval_transform())
+    val_data = ShardDataset(
+        data_cfg.uri, data_cfg.val_split,
+        transform=build_eval_transform(normalization.mean, normalization.std),
+    )
     sampler = ShardBatchSampler(
         [shard.rows for shard in train_data.shards], data_cfg.batch_size, rank=session.rank,
         world_size=session.world_size, seed=train_cfg.seed, start_iteration=start,
@@ -234,14 +286,15 @@ def train_loop(
             "scaler": scaler.state_dict(), "iteration": iteration, "best_miou": best_miou,
             "rng": torch.get_rng_state(), "mlflow_run_id": run_id, "model_name": config.model.name,
             "num_classes": manifest.num_classes, "config": config.to_dict(),
+            "normalization": normalization.as_dict(),
         }
 
     def validate() -> dict[str, float]:
         result = evaluate(
             unwrap(model), val_data, num_classes=manifest.num_classes, ignore_index=manifest.ignore_index,
             mode=config.eval.mode, crop_size=config.eval.crop_size, stride=config.eval.stride,
-            max_images=config.eval.max_images, device=session.device, rank=session.rank,
-            world_size=session.world_size, progress=False, amp_dtype=amp_dtype,
+            fusion=config.eval.fusion, max_images=config.eval.max_images, device=session.device,
+            rank=session.rank, world_size=session.world_size, progress=False, amp_dtype=amp_dtype,
         )
         model.train()
         # mIoU, pixel accuracy and per-class IoU; classes absent from the images (NaN) are left out

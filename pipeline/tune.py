@@ -83,8 +83,10 @@ def run_search(config: Config) -> SearchReport:
     from ray.tune.schedulers import ASHAScheduler
 
     from pipeline.tracking import Tracker, find_run, resolve_tracking_uri
+    from pipeline.train import warn_if_not_pretrained
 
     config = config.with_absolute_paths()
+    warn_if_not_pretrained(config)
     if not config.run.ray:
         raise ValueError("run.ray=false: a search runs its trials with Ray")
     tracking_uri = resolve_tracking_uri(config.tracking.uri)

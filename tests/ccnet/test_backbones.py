@@ -38,6 +38,9 @@ _CHANNELS = {  # name -> (stem, aux, out)
     "resnet101": (64, 1024, 2048),
     "resnet101_deepstem": (128, 1024, 2048),
     "tiny": (16, 64, 128),
+    "efficientnet_lite0": (24, 112, 320),
+    "efficientnet_lite1": (24, 112, 320),
+    "efficientnet_lite2": (24, 120, 352),
 }
 
 

@@ -1,8 +1,13 @@
-"""Whole-image, sliding-window and multi-scale prediction against explicitly computed expectations."""
+"""Whole-image, sliding-window and multi-scale prediction against explicitly computed expectations.
+
+The default fusion is the authors' (``evaluate.py`` of speedinghzl/CCNet): windows, scales and flips average
+logits and the softmax comes last; ``fusion="probs"`` averages probabilities.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -99,24 +104,38 @@ def test_small_image_is_zero_padded_to_the_crop() -> None:
     torch.testing.assert_close(predict_sliding(model, image, 8, 5, NUM_CLASSES), expected, atol=1e-6, rtol=0)
 
 
-def test_windows_cover_every_pixel_and_overlaps_are_averaged() -> None:
-    # H = 6, crop 4, stride 3: rows [0, 4) and [2, 6) (the second shifted back from 3 to end at the border).
-    # W = 11, crop 4, stride 3: columns [0, 4), [3, 7), [6, 10) and [7, 11) (shifted back from 9).
-    model = WindowCorner()
-    probs = predict_sliding(model, coordinate_image(6, 11), (4, 4), (3, 3), num_classes=2)
-    assert sorted(model.corners) == [(top, left) for top in (0, 2) for left in (0, 3, 6, 7)]
+def _window_oracle(fusion: str) -> Tensor:
+    """P(class 1) of :class:`WindowCorner` on a 6 x 11 image, windows 4 x 4 every 3 pixels, by hand.
 
+    H = 6: rows [0, 4) and [2, 6) (the second shifted back from 3 to end at the border). W = 11: columns
+    [0, 4), [3, 7), [6, 10) and [7, 11) (shifted back from 9). A window's logits are (0, z) with
+    z = 0.1 * left + 0.3 * top, so its P(class 1) is sigmoid(z).
+    """
     tops_covering_row = [[0], [0], [0, 2], [0, 2], [2], [2]]
     lefts_covering_col = [[0], [0], [0], [0, 3], [3], [3], [3, 6], [6, 7], [6, 7], [6, 7], [7]]
-    expected = torch.tensor(
+
+    def fuse(z: Tensor) -> Tensor:  # the logits z of the windows covering one pixel
+        return z.mean().sigmoid() if fusion == "logits" else z.sigmoid().mean()
+
+    return torch.tensor(
         [
             [
-                torch.tensor([0.1 * left + 0.3 * top for top in tops for left in lefts]).sigmoid().mean()
+                fuse(torch.tensor([0.1 * left + 0.3 * top for top in tops for left in lefts]))
                 for lefts in lefts_covering_col
             ]
             for tops in tops_covering_row
         ]
     )
+
+
+@pytest.mark.parametrize("fusion", ["default", "logits", "probs"])
+def test_windows_cover_every_pixel_and_overlaps_are_averaged(fusion: str) -> None:
+    model = WindowCorner()
+    kwargs = {} if fusion == "default" else {"fusion": fusion}
+    probs = predict_sliding(model, coordinate_image(6, 11), (4, 4), (3, 3), num_classes=2, **kwargs)
+    assert sorted(model.corners) == [(top, left) for top in (0, 2) for left in (0, 3, 6, 7)]
+    assert (_window_oracle("logits") - _window_oracle("probs")).abs().max() > 1e-3, "fusions must differ"
+    expected = _window_oracle("logits" if fusion == "default" else fusion)  # the authors' by default
     torch.testing.assert_close(probs[0, 1], expected, atol=1e-6, rtol=0)
 
 
@@ -155,27 +174,103 @@ def test_flipped_pass_is_flipped_back() -> None:
     model = XRamp().eval()
     image = random_image(9, 14)
     with torch.no_grad():
+        straight = model(image)["out"]
+        mirrored = model(image.flip(-1))["out"]
+    expected = ((straight + mirrored.flip(-1)) / 2).softmax(dim=1)  # the authors': mean logits, then softmax
+    # The model is position-dependent: forgetting the flip-back, or the flip, gives another answer.
+    assert (((straight + mirrored) / 2).softmax(dim=1) - expected).abs().max() > 1e-2
+    assert (straight.softmax(dim=1) - expected).abs().max() > 1e-2
+    torch.testing.assert_close(predict_multiscale(model, image, flip=True), expected, atol=1e-6, rtol=0)
+
+
+def test_flipped_pass_with_probability_fusion() -> None:
+    model = XRamp().eval()
+    image = random_image(9, 14)
+    with torch.no_grad():
         straight = model(image)["out"].softmax(dim=1)
         mirrored = model(image.flip(-1))["out"].softmax(dim=1)
     expected = (straight + mirrored.flip(-1)) / 2
-    # The model is position-dependent: forgetting the flip-back, or the flip, gives another answer.
-    assert ((straight + mirrored) / 2 - expected).abs().max() > 1e-2
-    assert (straight - expected).abs().max() > 1e-2
-    torch.testing.assert_close(predict_multiscale(model, image, flip=True), expected, atol=1e-6, rtol=0)
+    logit_fused = predict_multiscale(model, image, flip=True, fusion="logits")
+    assert (logit_fused - expected).abs().max() > 1e-3, "the two fusions must be told apart"
+    torch.testing.assert_close(
+        predict_multiscale(model, image, flip=True, fusion="probs"), expected, atol=1e-6, rtol=0
+    )
+
+
+def _two_scales(
+    model: nn.Module, image: Tensor, align_corners: bool, fusion: str = "logits"
+) -> tuple[Tensor, Tensor]:
+    """Logits (or probabilities) of ``image`` (8 x 12) at scale 1 and at scale 0.5 resized back, by hand."""
+    with torch.no_grad():
+        full = model(image)["out"]
+        half_image = F.interpolate(image, size=(4, 6), mode="bilinear", align_corners=align_corners)
+        half = model(half_image)["out"]
+    if fusion == "probs":  # each pass's probabilities, resized back
+        full, half = full.softmax(dim=1), half.softmax(dim=1)
+    half = F.interpolate(half, size=(8, 12), mode="bilinear", align_corners=align_corners)
+    assert (half - full).abs().max() > 1e-2
+    return full, half
 
 
 def test_scales_are_resized_back_and_averaged() -> None:
     model = XRamp().eval()
     image = random_image(8, 12)
-    with torch.no_grad():
-        full = model(image)["out"].softmax(dim=1)
-        half_image = F.interpolate(image, size=(4, 6), mode="bilinear", align_corners=False)
-        half = model(half_image)["out"].softmax(dim=1)
-    half = F.interpolate(half, size=(8, 12), mode="bilinear", align_corners=False)
-    assert (half - full).abs().max() > 1e-2
+    full, half = _two_scales(model, image, align_corners=False)
+    expected = ((half + full) / 2).softmax(dim=1)
     torch.testing.assert_close(
-        predict_multiscale(model, image, scales=(0.5, 1.0)), (half + full) / 2, atol=1e-6, rtol=0
+        predict_multiscale(model, image, scales=(0.5, 1.0)), expected, atol=1e-6, rtol=0
     )
+    full_probs, half_probs = _two_scales(model, image, align_corners=False, fusion="probs")
+    assert ((half_probs + full_probs) / 2 - expected).abs().max() > 1e-3, "the two fusions must be told apart"
+    torch.testing.assert_close(
+        predict_multiscale(model, image, scales=(0.5, 1.0), fusion="probs"),
+        (half_probs + full_probs) / 2,
+        atol=1e-6,
+        rtol=0,
+    )
+
+
+class CornerAligned(XRamp):
+    """An XRamp that says, as a CCNet does through its config, that it upsamples with align_corners=True."""
+
+    config = SimpleNamespace(align_corners=True)
+
+
+def test_rescaling_follows_the_models_align_corners() -> None:
+    model = CornerAligned().eval()
+    image = random_image(8, 12)
+    full, half = _two_scales(model, image, align_corners=True)
+    expected = ((half + full) / 2).softmax(dim=1)
+    _, half_false = _two_scales(model, image, align_corners=False)
+    assert (((half_false + full) / 2).softmax(dim=1) - expected).abs().max() > 1e-3
+    torch.testing.assert_close(
+        predict_multiscale(model, image, scales=(0.5, 1.0)), expected, atol=1e-6, rtol=0
+    )
+    # An explicit argument wins over the model's setting.
+    torch.testing.assert_close(
+        predict_multiscale(model, image, scales=(0.5, 1.0), align_corners=False),
+        ((half_false + full) / 2).softmax(dim=1),
+        atol=1e-6,
+        rtol=0,
+    )
+
+
+def test_sliding_window_logits_are_resized_with_the_models_align_corners() -> None:
+    class Strided(CornerAligned):
+        def forward(self, x: Tensor) -> dict[str, Tensor]:
+            return {"out": self.conv(F.avg_pool2d(x, 2))}
+
+    model = Strided().eval()
+    image = random_image(8, 10)
+    with torch.no_grad():
+        logits = model(image)["out"]  # (2, K, 4, 5)
+    expected = F.interpolate(logits, size=(8, 10), mode="bilinear", align_corners=True).softmax(dim=1)
+    other = F.interpolate(logits, size=(8, 10), mode="bilinear", align_corners=False).softmax(dim=1)
+    assert (expected - other).abs().max() > 1e-3
+    torch.testing.assert_close(predict_whole(model, image), expected, atol=1e-6, rtol=0)
+    # One window covering the image: the sliding path resizes the same way.
+    torch.testing.assert_close(predict_sliding(model, image, (8, 10), (8, 10), NUM_CLASSES), expected,
+                               atol=1e-6, rtol=0)
 
 
 def test_whole_upsamples_a_smaller_output() -> None:
@@ -197,8 +292,11 @@ def test_whole_upsamples_a_smaller_output() -> None:
         lambda model, image: predict_whole(model, image),
         lambda model, image: predict_sliding(model, image, (8, 6), (5, 4), NUM_CLASSES),
         lambda model, image: predict_multiscale(model, image, (0.75, 1.25), True, "slide", 8, 5, NUM_CLASSES),
+        lambda model, image: predict_multiscale(
+            model, image, (0.75, 1.25), True, "slide", 8, 5, NUM_CLASSES, fusion="probs"
+        ),
     ],
-    ids=["whole", "sliding", "multiscale"],
+    ids=["whole", "sliding", "multiscale", "multiscale-probs"],
 )
 def test_probabilities_sum_to_one(predict: Callable[[nn.Module, Tensor], Tensor]) -> None:
     model = XRamp().eval()
@@ -222,6 +320,7 @@ def test_model_mode_is_left_to_the_caller() -> None:
         ({"scales": (1.0, 0.0)}, "scales"),
         ({"scales": (-0.5,)}, "scales"),
         ({"mode": "tiles"}, "mode"),
+        ({"fusion": "votes"}, "fusion"),
         ({"mode": "slide", "stride": 5, "num_classes": NUM_CLASSES}, "crop_size"),
         ({"mode": "slide", "crop_size": 8, "num_classes": NUM_CLASSES}, "stride"),
         ({"mode": "slide", "crop_size": 8, "stride": 5}, "num_classes"),

@@ -260,6 +260,27 @@ def test_segmentation_loss_ohem_on_main_only() -> None:
     torch.testing.assert_close(losses["aux"], F.cross_entropy(aux, target, ignore_index=IGNORE))
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_segmentation_loss_ohem_min_kept_counts_per_image(batch: int) -> None:
+    # Two classes, every pixel labelled 1, logits (0, log(p / (1 - p))): p(gt) = p exactly. No pixel is
+    # below thresh, so only min_kept keeps: 2 per image, i.e. the 2 * batch hardest of the whole batch.
+    probs = [[0.1, 0.2, 0.3, 0.4], [0.15, 0.25, 0.35, 0.45]][:batch]  # (B, W) per-pixel p(gt)
+    z = torch.tensor([[math.log(p / (1 - p)) for p in row] for row in probs])  # (B, W)
+    logits = torch.stack([torch.zeros_like(z), z], dim=1)[:, :, None]  # (B, 2, 1, W)
+    target = torch.ones(batch, 1, 4, dtype=torch.long)
+    criterion = SegmentationLoss(ohem=True, ohem_thresh=0.05, ohem_min_kept=2)
+    kept = [0.1, 0.2] if batch == 1 else [0.1, 0.15, 0.2, 0.25]  # by hand
+    expected = _mean([-math.log(p) for p in kept])
+    assert criterion({"out": logits}, target)["main"].item() == pytest.approx(expected, rel=1e-6)
+    if batch == 2:  # the count of one image over the whole batch keeps another set
+        assert expected != pytest.approx(_mean([-math.log(p) for p in (0.1, 0.15)]))
+
+
+def test_segmentation_loss_ohem_min_kept_defaults_to_the_reference_per_image() -> None:
+    # The authors' OhemCrossEntropy2d(min_kept=100000) over a GPU batch of 2 images.
+    assert SegmentationLoss().ohem_min_kept == 100_000 // 2
+
+
 def test_segmentation_loss_adds_weighted_consistency_terms() -> None:
     out, target = _random_case(seed=12, height=4, width=6)
     embedding = torch.randn(2, 5, 2, 3, generator=torch.Generator().manual_seed(13))

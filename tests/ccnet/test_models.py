@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ccnet import CCNet, CrissCrossAttention, NonLocal2d, build_ccnet, list_models, model_config
 from ccnet.attention import AxialAttention, RecurrentAttention
@@ -96,12 +97,48 @@ def test_reference_model_structure_on_meta() -> None:
     assert model.aux_head[0][0].in_channels == 1024
 
 
+@pytest.mark.parametrize("name", ["ccnet_lite0_d16", "fcn_lite2_d8", "axial_lite1_d16"])
+def test_efficientnet_lite_models_train_on_cpu(name: str) -> None:
+    method, variant, stride = name.split("_")
+    config = model_config(name)
+    assert config.backbone == f"efficientnet_{variant}" and config.output_stride == int(stride[1:])
+    assert config.recurrence == {"ccnet": 2, "fcn": 0, "axial": 1}[method]
+    model = build_ccnet(name, num_classes=5)
+    assert model.normalization.mean == (0.5, 0.5, 0.5)  # the TF Lite weights' [-1, 1] inputs
+    outputs = model(torch.randn(2, 3, 48, 64))
+    assert outputs["out"].shape == (2, 5, 48, 64) and outputs["aux"].shape == (2, 5, 48, 64)
+    (outputs["out"].mean() + outputs["aux"].mean()).backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "gamma" not in n)
+
+
 @pytest.mark.parametrize("name", ["ccnet_r50_d8", "ccnet_r101_d8", "ccnet_r101_deepstem_d8"])
 def test_resnet_models_forward_on_cpu(name: str) -> None:
     model = build_ccnet(name, num_classes=4, head_channels=64, bottleneck_channels=64, aux_channels=32).eval()
     with torch.no_grad():
         outputs = model(torch.randn(1, 3, 33, 41))
     assert outputs["out"].shape == (1, 4, 33, 41) and torch.isfinite(outputs["out"]).all()
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_logits_are_upsampled_with_the_configured_align_corners(align_corners: bool) -> None:
+    torch.manual_seed(0)
+    model = build_ccnet("ccnet_tiny", num_classes=3, align_corners=align_corners).eval()
+    image = torch.randn(1, 3, 33, 41)  # 8k + 1 pixels each way, the geometry of the 769 crops
+    with torch.no_grad():
+        features = model.backbone(image, stem_hook=model.stem_attention)
+        low = {"out": model.head(features["out"])["out"], "aux": model.aux_head(features["aux"])}
+        outputs = model(image)
+    for name, logits in low.items():
+        assert logits.shape[-2:] != (33, 41)
+        expected = F.interpolate(logits, size=(33, 41), mode="bilinear", align_corners=align_corners)
+        other = F.interpolate(logits, size=(33, 41), mode="bilinear", align_corners=not align_corners)
+        torch.testing.assert_close(outputs[name], expected, atol=1e-6, rtol=0)
+        assert (outputs[name] - other).abs().max() > 1e-3, "the two settings must be told apart"
+
+
+def test_align_corners_defaults_to_false_for_saved_checkpoints() -> None:
+    # Every checkpoint saved before the option was trained with False; recipes set True (769x769 configs).
+    assert all(not model_config(name).align_corners for name in list_models())
 
 
 def test_config_errors_name_the_key() -> None:

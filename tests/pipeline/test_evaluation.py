@@ -198,6 +198,28 @@ def test_protocols_and_their_table() -> None:
     assert "66.67" in rows["traffic light"]
 
 
+@pytest.mark.parametrize("fusion", ["logits", "probs"])
+def test_protocols_predict_with_the_configured_fusion(monkeypatch: pytest.MonkeyPatch, fusion: str) -> None:
+    import pipeline.evaluation
+
+    seen: list[str] = []
+    real = pipeline.evaluation.predict_multiscale
+
+    def spy(*args: object, **kwargs: object) -> Tensor:
+        seen.append(kwargs["fusion"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.evaluation, "predict_multiscale", spy)
+    config = EvalConfig(mode="whole", scales=[1.0, 2.0], flip=True, fusion=fusion)
+    results = evaluate_protocols(
+        ChannelArgmax(), hand_dataset(), eval_config=config, num_classes=4, class_names=CLASSES,
+        progress=False,
+    )
+    assert seen == [fusion] * 4  # 2 images x 2 protocols
+    assert all(result.fusion == fusion for result in results.values())
+    assert EvalConfig().fusion == "logits"  # the authors' by default
+
+
 def test_training_mode_is_restored_and_the_forward_runs_in_eval_mode() -> None:
     model = ChannelArgmax().train()
     run(model, hand_dataset())

@@ -87,6 +87,19 @@ def test_sliding_multiscale_flip_predicts_the_same_per_pixel(tmp_path: Path) -> 
     assert (mask == np.asarray(PALETTE, dtype=np.uint8)[expected_ids()]).all()
 
 
+def test_fusion_reaches_the_inference(tmp_path: Path) -> None:
+    write_image(tmp_path / "street.png")
+    for fusion in ("logits", "probs"):
+        predict_images(StrongestChannel(), [tmp_path / "street.png"], palette=PALETTE,
+                       out_dir=tmp_path / fusion, scales=(1.0, 2.0), flip=True, fusion=fusion, progress=False,
+                       **UNIT)
+        mask = read(tmp_path / fusion / "street_mask.png")
+        assert (mask == np.asarray(PALETTE, dtype=np.uint8)[expected_ids()]).all()
+    with pytest.raises(ValueError, match="fusion"):  # passed on, not dropped
+        predict_images(StrongestChannel(), [tmp_path / "street.png"], palette=PALETTE, out_dir=tmp_path / "x",
+                       fusion="votes", progress=False, **UNIT)
+
+
 def test_unreadable_image_raises_naming_it_and_writes_nothing_for_it(tmp_path: Path) -> None:
     write_image(tmp_path / "good.png")
     (tmp_path / "broken.png").write_bytes(b"not a png at all")

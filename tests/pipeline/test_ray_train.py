@@ -1,20 +1,54 @@
 """The training job on real parts: 2 Ray Train workers (gloo, CPU), shards and checkpoints on SeaweedFS,
-tracking on an MLflow server."""
+tracking on an MLflow server; and the Ray Data input, unit by unit."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pipeline import storage
 from pipeline.config import load_config
+from pipeline.data.readers import ShardDataset
 from pipeline.data.sources import build_source
 from pipeline.data.writer import write_shards
+from pipeline.ray_train import train_datasets
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+class CapturedDataset:
+    """Stands in for the lazy Ray Dataset: keeps the arguments that built it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def select_columns(self, columns: list[str]) -> CapturedDataset:
+        self.columns = columns
+        return self
 
 
+def test_ray_data_pads_crops_with_the_manifests_ignore_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.data.readers
+
+    source = build_source("generated", None, image_size=(48, 48), counts={"train": 2, "val": 1})
+    source.ignore_index = 250  # the manifest's; only the crop padding is looked at (the rim keeps 255)
+    data_uri, _ = write_shards(source, str(tmp_path), workers=1, progress=False)
+    monkeypatch.setattr(pipeline.data.readers, "ray_dataset", CapturedDataset)
+    config = load_config(None, [f"data.uri={data_uri}", "data.loader=ray", "data.crop_size=64",
+                                "data.scale_min=1.0", "data.scale_max=1.0"])
+    dataset = train_datasets(config)["train"]
+    assert dataset.args == (data_uri, "train") and dataset.columns == ["image", "label"]
+    # The Ray path's transform on a real sample: a 64 crop of a 48 image always holds padding.
+    label = ShardDataset(data_uri, "train", transform=dataset.kwargs["transform"])[0]["label"]
+    assert label.shape == (64, 64)
+    assert (label == 250).sum() >= 64 * 64 - 48 * 48
+    assert train_datasets(load_config(None, [f"data.uri={data_uri}"])) == {}  # the torch loader: none
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["torch", "ray"])
 def test_two_workers_on_s3_and_mlflow(
     tmp_path: Path, s3_env: str, mlflow_server, monkeypatch, loader: str  # noqa: ANN001

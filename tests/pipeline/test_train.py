@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,16 @@ from pipeline.checkpoints import CheckpointStore, load
 from pipeline.config import Config, load_config
 from pipeline.data.sources import build_source
 from pipeline.data.writer import write_shards
-from pipeline.train import LocalSession, NonFiniteLossError, poly_lr, run_uri, train_loop, train_step
+from pipeline.train import (
+    LocalSession,
+    NonFiniteLossError,
+    build_loss,
+    poly_lr,
+    run_uri,
+    train_loop,
+    train_step,
+    warn_if_not_pretrained,
+)
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +125,49 @@ def test_resume_continues_exactly(dataset: str, tmp_path: Path) -> None:
     }
     for key, value in final["straight"].items():
         assert torch.equal(value, final["resumed"][key]), key
+
+
+def test_category_consistent_loss_trains_on_the_generated_set(dataset: str, tmp_path: Path) -> None:
+    recorder = Recorder()
+    config = make_config(dataset, tmp_path, "model.embedding_channels=8", "train.consistency_weight=1.0",
+                         "train.iterations=2")
+    summary = train_loop(config, LocalSession(run_uri(config)), tracker=recorder)
+    assert summary.skipped_steps == 0
+    for metrics in recorder.metrics.values():
+        parts = {name: metrics[f"train/loss_{name}"] for name in ("main", "aux", "var", "dis", "reg")}
+        assert all(math.isfinite(value) for value in [metrics["train/loss"], *parts.values()])
+        assert parts["var"] + parts["dis"] + parts["reg"] > 0  # the term is there, not a zero placeholder
+        # train/loss = main + 0.4 aux + 1.0 var + 1.0 dis + 0.001 reg
+        expected = parts["main"] + 0.4 * parts["aux"] + parts["var"] + parts["dis"] + 0.001 * parts["reg"]
+        assert metrics["train/loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_build_loss_reads_the_train_section(dataset: str, tmp_path: Path) -> None:
+    off = build_loss(make_config(dataset, tmp_path), ignore_index=7)
+    assert (off.ignore_index, off.consistency, off.ohem) == (7, False, False)
+    on = build_loss(make_config(dataset, tmp_path, "model.embedding_channels=8", "train.consistency_weight=2",
+                                "train.ohem=true", "train.ohem_min_kept=123"), ignore_index=255)
+    assert on.consistency and on.consistency_weights == (2.0, 2.0, 0.002)
+    assert on.ohem and on.ohem_min_kept == 123
+
+
+@pytest.mark.parametrize(
+    ("overrides", "warns"),
+    [
+        (["model.name=ccnet_r101_deepstem_d8"], True),  # a paper recipe, no weights
+        (["model.name=fcn_r50_d8"], True),
+        (["model.name=ccnet_r101_deepstem_d8", "model.pretrained=none"], False),  # no weights on purpose
+        (["model.name=ccnet_r101_deepstem_d8", "model.pretrained=/data/r101.pth"], False),
+        (["model.name=ccnet_tiny"], False),  # the tiny backbone trains from scratch by design
+    ],
+)
+def test_missing_imagenet_weights_warn_once_naming_the_key(
+    caplog: pytest.LogCaptureFixture, overrides: list[str], warns: bool
+) -> None:
+    config = load_config(None, overrides)
+    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+        assert warn_if_not_pretrained(config) is warns
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == int(warns)
+    if warns:
+        assert "model.pretrained" in warnings[0].getMessage() and "\n" not in warnings[0].getMessage()
