@@ -32,8 +32,27 @@ log = logging.getLogger(__name__)
 ITERATIONS, EVERY = 16, 2
 
 
+def _parent(pid: int) -> int:
+    """The parent pid from /proc/<pid>/stat (0 when the process is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[1])  # the name in parentheses may hold spaces
+
+
+def _descends_from_this_test(pid: int) -> bool:
+    """Whether ``pid`` runs under this test process: its local Ray cluster's raylet is our child, and the
+    workers are the raylet's. Other Ray clusters on the machine (a user's training) are left alone."""
+    while pid > 1:
+        pid = _parent(pid)
+        if pid == os.getpid():
+            return True
+    return False
+
+
 def _worker_pids() -> list[int]:
-    """Live Ray Train worker processes (Ray names them in their process title)."""
+    """Live Ray Train worker processes of this test's cluster (Ray names them in their process title)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -41,7 +60,7 @@ def _worker_pids() -> list[int]:
                 cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
             except OSError:
                 continue
-            if cmdline.startswith("ray::RayTrainWorker"):
+            if cmdline.startswith("ray::RayTrainWorker") and _descends_from_this_test(int(entry.name)):
                 pids.append(int(entry.name))
     return pids
 
