@@ -19,6 +19,7 @@ import sys
 from typing import NoReturn
 
 from pipeline.cli_jobs import add_job_commands
+from pipeline.paths import Location, LocationError, absolute_location, is_relative_path, parse_location
 from pipeline.redaction import redact
 
 log = logging.getLogger("ccnet")
@@ -69,10 +70,35 @@ def _parse_counts(text: str) -> dict[str, int]:
     return counts
 
 
+def _parse_location(text: str) -> Location:
+    """An argument's location, or the argparse error (exit 2, one line) that says why it is not one."""
+    try:
+        return parse_location(text)
+    except LocationError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _location(text: str) -> str:
+    """argparse type of a storage location (``s3://bucket/prefix``, a local path, ``file:///abs``)."""
+    _parse_location(text)
+    return text
+
+
+def _local_folder(text: str) -> str:
+    """argparse type of an output folder on this machine: a local path (``file:///abs`` accepted)."""
+    location = _parse_location(text)
+    if location.is_s3:
+        raise argparse.ArgumentTypeError(f"{text!r} is on S3: this command writes to a local folder")
+    return location.path
+
+
 def _data_prepare(args: argparse.Namespace) -> int:
     from pipeline.data.sources import build_source
     from pipeline.data.writer import write_shards
 
+    out = absolute_location(args.out)
+    if is_relative_path(args.out):
+        log.info("--out: %s resolved to %s", args.out, out)
     options: dict[str, object] = {}
     if args.dataset == "generated":
         options = {"seed": args.seed, "image_size": (args.image_size, args.image_size)}
@@ -84,7 +110,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
     splits = args.splits.split(",") if args.splits else None
     uri, manifest = write_shards(
         source,
-        args.out,
+        out,
         version=args.version,
         splits=splits,
         max_shard_bytes=int(args.max_shard_mb * 2**20),
@@ -114,7 +140,8 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     prepare = data_commands.add_parser("prepare", help="turn a downloaded dataset into shards")
     prepare.add_argument("--dataset", required=True, choices=DATASETS)
     prepare.add_argument("--root", help="the dataset as downloaded (not needed for 'generated')")
-    prepare.add_argument("--out", required=True, help="root URI: s3://bucket/prefix or a local folder")
+    prepare.add_argument("--out", required=True, type=_location,
+                         help="root URI: s3://bucket/prefix or a local folder")
     prepare.add_argument("--version", default="v1", help="version name; a published version is immutable")
     prepare.add_argument("--splits", help="comma-separated splits (default: the dataset's train and val)")
     prepare.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
@@ -126,18 +153,21 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     prepare.set_defaults(run=_data_prepare)
 
     inspect = data_commands.add_parser("inspect", help="counts, class histogram and a sample grid")
-    inspect.add_argument("uri", help="a dataset version, e.g. s3://bucket/datasets/camvid/v1")
+    inspect.add_argument("uri", type=_location, help="a dataset version, e.g. s3://bucket/datasets/camvid/v1")
     inspect.add_argument("--split", help="one split (default: all)")
     inspect.add_argument("--limit", type=int, help="samples read per split for the histogram")
-    inspect.add_argument("--grid", help="save a PNG grid of samples with coloured labels here")
+    inspect.add_argument("--grid", type=_location,
+                         help="save a PNG grid of samples with coloured labels here")
     inspect.set_defaults(run=_data_inspect)
 
 
 def _train(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
+
+    config = load_config(args.config, args.set)  # a bad config is refused before torch loads
+
     from pipeline.run import run_training
 
-    config = load_config(args.config, args.set)
     report = run_training(config)
     sys.stdout.write(
         f"\n{report.table}\n\nbest checkpoint: {redact(report.best_checkpoint)}\n"
@@ -163,6 +193,8 @@ def _tune(args: argparse.Namespace) -> int:
         f"\n{report.table}\n\nbest: {report.best} ({report.best_value:.4f})\n"
         f"MLflow parent run {report.parent_run_id}\n"
     )
+    if report.ablation is not None:  # what the parent run holds as ablation/results.md
+        sys.stdout.write(f"\nablation (val mIoU: mean ± std over seeds):\n{report.ablation}\n")
     return 0
 
 
@@ -233,13 +265,14 @@ def _add_training_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.lr=0.02")
     train.set_defaults(run=_train)
 
-    tune = commands.add_parser("tune", help="Ray Tune search (ASHA) over the training job")
+    tune = commands.add_parser("tune", help="Ray Tune search (ASHA) or ablation grid over the training job")
     tune.add_argument("-c", "--config", help="YAML config with a tune section")
     tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="tune.num_samples=8")
     tune.set_defaults(run=_tune)
 
     evaluate = commands.add_parser("evaluate", help="single-scale vs multi-scale + flip mIoU of a checkpoint")
-    evaluate.add_argument("--checkpoint", required=True, help="checkpoint.pt (local path or s3:// URI)")
+    evaluate.add_argument("--checkpoint", required=True, type=_location,
+                          help="checkpoint.pt (local path or s3:// URI)")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="eval.mode=slide")
     evaluate.add_argument("--split", help="the split to evaluate, e.g. test (default: data.val_split)")
     evaluate.add_argument("--no-tracking", action="store_true", help="do not record the table in MLflow")
@@ -247,8 +280,8 @@ def _add_training_commands(commands: argparse._SubParsersAction) -> None:
 
     predict = commands.add_parser("predict", help="coloured masks and overlays for images")
     predict.add_argument("images", nargs="+", help="image files")
-    predict.add_argument("--checkpoint", required=True)
-    predict.add_argument("--out", required=True, help="output folder")
+    predict.add_argument("--checkpoint", required=True, type=_location, help="local path or s3:// URI")
+    predict.add_argument("--out", required=True, type=_local_folder, help="output folder")
     predict.add_argument("--multi-scale", action="store_true", help="use eval.scales and flip")
     predict.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     predict.set_defaults(run=_predict)

@@ -12,7 +12,10 @@ every key and type: an unknown key or a wrong type raises :class:`ConfigError` n
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,8 +24,10 @@ from typing import Any
 
 import yaml
 
-from pipeline.paths import stays_inside
+from pipeline.paths import LocationError, absolute_location, is_relative_path, parse_location, stays_inside
 from pipeline.redaction import has_userinfo, redact
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -137,6 +142,7 @@ class RunConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 0
+    resource_wait: float = 0.0  # s to wait for nodes (an autoscaler) when the workers do not fit the cluster
 
 
 @dataclass
@@ -158,8 +164,14 @@ class TuneConfig:
     max_concurrent: int = 1  # trials at once (each is a whole TorchTrainer)
     metric: str = "val/mIoU"
     mode: str = "max"
+    scheduler: str = "asha"  # asha: stop weak trials early | none: every trial runs to its end (ablations)
     grace_period: int = 100  # iterations before ASHA may stop a trial
     reduction_factor: int = 2
+    # An ablation: named model variants, each a list of section.key=value overrides ({"fcn":
+    # ["model.recurrence=0"], "cc_r2": []}), every one trained once per seed (a grid crossed with the
+    # space's samples). The parent run gets a table per variant: mean and spread over the seeds.
+    variants: dict[str, list[str]] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
     # "section.key": {"loguniform": [low, high]} | {"uniform": [low, high]} | {"choice": [values...]}
     space: dict[str, dict[str, list[Any]]] = field(
         default_factory=lambda: {
@@ -192,7 +204,11 @@ class Config:
         }
 
     def with_absolute_paths(self) -> Config:
-        """A copy whose local paths are absolute: Ray workers run in other working directories."""
+        """A copy whose local paths are absolute: Ray workers run in other working directories.
+
+        ``data.uri`` and ``run.storage`` become plain absolute paths (a ``file://`` URI included); each
+        relative one is logged (INFO) with what it resolved to. S3 URIs stay as they are.
+        """
 
         def absolute(path: str | None) -> str | None:
             if path is None or "://" in path or is_explicit_none(path) or path == IMAGENET:
@@ -200,8 +216,11 @@ class Config:
             return str(Path(path).resolve())
 
         values = self.to_dict()
-        values["data"]["uri"] = absolute(self.data.uri)
-        values["run"]["storage"] = absolute(self.run.storage)
+        for key, uri in (("data.uri", self.data.uri), ("run.storage", self.run.storage)):
+            section, name = key.split(".")
+            values[section][name] = absolute_location(uri, key)
+            if is_relative_path(uri):
+                log.info("%s: %s resolved to %s", key, uri, values[section][name])
         values["model"]["pretrained"] = absolute(self.model.pretrained)
         return config_from_dict(values)
 
@@ -233,6 +252,7 @@ class Config:
             "run.name": stays_inside(self.run.name),  # path parts of run.storage
             "run.num_workers": self.run.num_workers >= 1,
             "run.max_failures": self.run.max_failures >= -1,
+            "run.resource_wait": 0 <= self.run.resource_wait < math.inf,
             "model.recurrence": self.model.recurrence is None or self.model.recurrence >= 0,
             "model.embedding_channels": self.model.embedding_channels is None
             or self.model.embedding_channels >= 0,
@@ -240,6 +260,8 @@ class Config:
             "tune.num_samples": self.tune.num_samples >= 1,
             "tune.max_concurrent": self.tune.max_concurrent >= 1,
             "tune.mode": self.tune.mode in ("min", "max"),
+            "tune.scheduler": self.tune.scheduler in ("asha", "none"),
+            "tune.seeds": len(self.tune.seeds) > 0 and len(set(self.tune.seeds)) == len(self.tune.seeds),
             "tune.grace_period": self.tune.grace_period >= 1,
             "tune.reduction_factor": self.tune.reduction_factor >= 2,
         }
@@ -253,10 +275,54 @@ class Config:
                 f"{source}: train.consistency_weight={self.train.consistency_weight!r} needs "
                 f"model.embedding_channels > 0, got {self.model.embedding_channels!r}"
             )
+        for key, value in (("data.uri", self.data.uri), ("run.storage", self.run.storage)):
+            if has_userinfo(value):
+                continue  # refused below, with the other secrets
+            try:
+                parse_location(value, key)
+            except LocationError as error:
+                raise ConfigError(f"{source}: {error}") from None
+        _check_space(self, source)
         for key, value in self.flat().items():  # configs are saved with every run: no secret may be in one
             if isinstance(value, str) and has_userinfo(value):
                 raise ConfigError(f"{source}: {key}={redact(value)} holds credentials; they belong in the "
                                   "environment (AWS_* keys, MLFLOW_TRACKING_USERNAME/_PASSWORD or _TOKEN)")
+
+
+SPACE_KINDS = ("loguniform", "uniform", "choice")  # tune.space distributions
+
+
+def _check_space(config: Config, source: str) -> None:
+    """Each ``tune.space`` entry names a config key outside ``tune``/``run`` and one distribution whose values
+    that key accepts: ``loguniform [low, high]`` with 0 < low < high, ``uniform [low, high]`` with low < high,
+    ``choice`` with at least one value. Raises ConfigError naming ``tune.space.<key>``."""
+    base = config.to_dict()
+    base["tune"]["space"] = {}
+    for key, spec in config.tune.space.items():
+        where = f"{source}: tune.space.{key}"
+        section, _, name = key.partition(".")
+        if section in ("tune", "run") or section not in base or name not in base[section]:
+            valid = sorted(f"{s}.{k}" for s, keys in base.items() if s not in ("tune", "run") for k in keys)
+            raise ConfigError(f"{where}: not a key a search can vary (e.g. {', '.join(valid[:4])}, ...)")
+        if len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+            raise ConfigError(f"{where}: expected one of {list(SPACE_KINDS)} with its values, got {spec}")
+        (kind, values), = spec.items()
+        if kind == "choice" and not values:
+            raise ConfigError(f"{where}: choice needs at least one value")
+        if kind != "choice":
+            numbers = len(values) == 2 and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values
+            )
+            if not numbers or not values[0] < values[1] or (kind == "loguniform" and values[0] <= 0):
+                bound = "0 < low < high" if kind == "loguniform" else "low < high"
+                raise ConfigError(f"{where}: {kind} needs [low, high] with {bound}, got {values}")
+        for value in values:  # every value the search may give the key must make a valid config
+            values_dict = copy.deepcopy(base)
+            values_dict[section][name] = value if kind == "choice" else float(value)  # what Tune samples
+            try:
+                _build(Config, values_dict, "", source).validate(source)
+            except ConfigError as error:
+                raise ConfigError(f"{where}: the value {value!r} is refused ({error})") from None
 
 
 def _check_type(value: Any, annotation: Any, key: str, source: str) -> Any:

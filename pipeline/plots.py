@@ -1,4 +1,5 @@
-"""Figures for the run record: confusion matrix, predictions over images, criss-cross attention maps.
+"""Figures for the run record: confusion matrix, predictions over images, criss-cross attention maps, and
+an ablation's mIoU per variant beside its attention cost.
 
 Every function returns a ``matplotlib.figure.Figure`` drawn on the Agg canvas and writes no file
 (``Tracker.log_figure`` stores it). Figures are built without ``pyplot``, so nothing is kept in pyplot's
@@ -160,4 +161,41 @@ def attention_maps_figure(image: Any, maps: Any, pixels: Sequence[tuple[int, int
         for panel in axes[row]:
             panel.plot([x], [y], marker="x", color="white", markersize=9, markeredgewidth=2.5)
             panel.set_axis_off()
+    return figure
+
+
+def ablation_figure(
+    variants: Sequence[str],
+    miou: dict[str, tuple[Sequence[float], Sequence[float]]],
+    attention_gflops: Sequence[float],
+    title: str = "",
+) -> Figure:
+    """An ablation at a glance: mIoU per variant with its spread over seeds, next to the attention's cost.
+
+    Args:
+        variants: the V variant names, in table order.
+        miou: protocol name -> (V means, V spreads), as fractions in [0, 1]; NaN for a variant with no result.
+        attention_gflops: GFLOPs of each variant's attention modules alone.
+        title: drawn above the figure (the search's name).
+
+    Returns:
+        Two axes: grouped bars of mIoU (%) with error bars of one spread, then bars of attention GFLOPs.
+    """
+    count = len(variants)
+    figure, axes = _figure(1, 2, panel_inches=max(4.0, 0.55 * count + 1.5))
+    positions = np.arange(count)
+    width = 0.8 / max(len(miou), 1)
+    for index, (protocol, (means, spreads)) in enumerate(miou.items()):
+        offset = (index - (len(miou) - 1) / 2) * width
+        axes[0, 0].bar(positions + offset, 100 * np.asarray(means, dtype=float), width,
+                       yerr=100 * np.asarray(spreads, dtype=float), capsize=3, label=protocol)
+    axes[0, 0].set_ylabel("val mIoU (%), mean ± std over seeds")
+    axes[0, 0].legend(loc="lower right")
+    axes[0, 1].bar(positions, np.asarray(attention_gflops, dtype=float), 0.6, color="tab:gray")
+    axes[0, 1].set_ylabel("attention GFLOPs (one image)")
+    for panel in axes[0]:
+        panel.set_xticks(positions, labels=list(variants), rotation=45, ha="right")
+        panel.grid(axis="y", alpha=0.3)
+    if title:
+        figure.suptitle(title)
     return figure

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
 from ccnet.inference import predict_multiscale
+from pipeline.data.images import read_rgb
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.plots import colorize
 
@@ -34,17 +35,6 @@ def _blend(image: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
     """``(1 - alpha) * image + alpha * mask``, rounded, both (H, W, 3) uint8."""
     mixed = (1.0 - alpha) * image.astype(np.float64) + alpha * mask.astype(np.float64)
     return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
-
-
-def _read_rgb(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8; ValueError naming ``path`` when the file is missing or not a decodable image."""
-    try:
-        with Image.open(path) as image:
-            return np.array(image.convert("RGB"))  # a writable copy: torch.from_numpy shares it
-    except FileNotFoundError:
-        raise ValueError(f"{path}: image file is missing") from None
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        raise ValueError(f"{path}: unreadable image ({error})") from None
 
 
 def _write_png(array: np.ndarray, path: Path) -> None:
@@ -79,7 +69,8 @@ def predict_images(
 ) -> list[Path]:
     """Predict each image file and write its coloured mask and overlay.
 
-    The model runs in eval mode (its previous mode is restored afterwards); images are read as RGB, scaled
+    The model runs in eval mode (its previous mode is restored afterwards); images are read as 8-bit RGB the
+    way training reads them (:mod:`pipeline.data.images`: 16-bit, gray, RGBA and palette files too), scaled
     to [0, 1] and normalised with ``mean``/``std`` as in training, then predicted with
     :func:`ccnet.inference.predict_multiscale`.
 
@@ -121,7 +112,7 @@ def predict_images(
     model.eval()
     try:
         for path in tqdm(paths, unit="img", desc="predict", disable=not progress):
-            rgb = _read_rgb(path)  # (H, W, 3) uint8
+            rgb = read_rgb(path)  # (H, W, 3) uint8
             image = torch.from_numpy(rgb).to(device).permute(2, 0, 1)[None]  # (H, W, 3) -> (1, 3, H, W)
             image = (image.float() / 255 - mean_t) / std_t
             probs = predict_multiscale(

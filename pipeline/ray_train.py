@@ -20,6 +20,7 @@ import torch
 from pipeline import storage
 from pipeline.checkpoints import CHECKPOINT_FILE, load, save_file
 from pipeline.config import Config, config_from_dict
+from pipeline.resources import WorkerRequest, ensure_placeable
 
 log = logging.getLogger(__name__)
 
@@ -104,18 +105,32 @@ def train_datasets(config: Config) -> dict[str, Any]:
     return {"train": dataset.select_columns(["image", "label"])}  # tensors only: sample ids are strings
 
 
+def worker_request(config: Config, driver_cpus: float = 0.0) -> WorkerRequest:
+    """What the run's worker group asks Ray for (``driver_cpus``: a search trial's own process)."""
+    run = config.run
+    return WorkerRequest(run.num_workers, run.cpus_per_worker, 1.0 if run.use_gpu else 0.0, driver_cpus)
+
+
+def connect(config: Config, driver_cpus: float = 0.0) -> None:
+    """Start (or join) Ray and check that the run's workers fit the cluster: call it before anything is
+    written, so a request that cannot be placed is refused with both numbers instead of waiting forever."""
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(include_dashboard=False, log_to_driver=True)
+    ensure_placeable(worker_request(config, driver_cpus), wait=config.run.resource_wait)
+
+
 def fit(config: Config, run_id: str | None, tracking_uri: str | None, callbacks: list | None = None) -> Any:
     """Run the training with Ray Train; returns Ray's ``Result`` (its ``checkpoint`` is the last one).
 
     ``callbacks`` go to the trainer's RunConfig (a search passes Tune's ``TuneReportCallback``).
     """
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(include_dashboard=False, log_to_driver=True)
+    connect(config)
     filesystem, path = storage.filesystem(config.run.storage)
     if storage.is_s3(config.run.storage):
         storage.ensure_bucket(config.run.storage)

@@ -120,6 +120,10 @@ def run_training(config: Config) -> TrainingReport:
 
     config = config.with_absolute_paths()
     warn_if_not_pretrained(config)
+    if config.run.ray:
+        from pipeline.ray_train import connect
+
+        connect(config)  # workers that cannot be placed are refused before anything is written
 
     tracker, tracking_uri = _open_tracker(config)
     try:

@@ -1,7 +1,9 @@
 """Object storage: the one place that turns a location URI into bytes, a pyarrow filesystem or a boto3 client.
 
-A location is ``s3://bucket/prefix/...`` or a local path (plain or ``file://``). S3 settings come only from
-the environment: ``AWS_ENDPOINT_URL`` (optional), ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+A location is ``s3://bucket/prefix/...`` or a local path (plain or ``file:///absolute/path``), parsed by
+:func:`pipeline.paths.parse_location`: any other string (``gs://x``, ``s3://`` without a bucket) raises its
+LocationError, a ValueError, rather than being taken as a local folder of that name. S3 settings come only
+from the environment: ``AWS_ENDPOINT_URL`` (optional), ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_DEFAULT_REGION`` (default us-east-1); credentials never reach logs or errors (:func:`redact`). Every S3
 call goes through :func:`retry`, which rides out a server restart; a dead endpoint fails within about 45 s.
 """
@@ -27,7 +29,7 @@ import botocore.config
 import botocore.exceptions as bce
 import pyarrow.fs
 
-from pipeline.paths import stays_inside
+from pipeline.paths import parse_location, stays_inside
 from pipeline.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -56,25 +58,21 @@ class StorageError(RuntimeError):
 
 
 def is_s3(uri: str) -> bool:
-    """True for ``s3://`` locations, False for local paths and ``file://`` URIs."""
-    return uri[:5].lower() == "s3://"
+    """True for ``s3://`` locations, False for local paths and ``file://`` URIs; LocationError for neither."""
+    return parse_location(uri).is_s3
 
 
 def _split_s3(uri: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` -> ("bucket", "a/b"); the key has no leading or trailing "/"."""
-    parsed = urllib.parse.urlsplit(uri)
-    if not parsed.netloc or "@" in parsed.netloc:
-        raise ValueError(f"not an s3://bucket/key location (keys belong in the environment): {redact(uri)}")
-    return parsed.netloc, parsed.path.strip("/")
+    location = parse_location(uri)
+    if location.bucket is None:
+        raise ValueError(f"not an s3://bucket/key location: {redact(uri)}")
+    return location.bucket, location.path
 
 
 def _local_path(uri: str) -> str:
-    if uri[:7].lower() != "file://":
-        return uri
-    parsed = urllib.parse.urlsplit(uri)
-    if parsed.netloc not in ("", "localhost"):
-        raise ValueError(f"file:// location on another host: {redact(uri)}")
-    return urllib.parse.unquote(parsed.path)
+    """The local path of a local location (a ``file://`` URI's path, percent-decoded; a plain path as is)."""
+    return parse_location(uri).path
 
 
 def join(uri: str, *parts: str) -> str:

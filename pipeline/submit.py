@@ -100,10 +100,10 @@ def runtime_env(working_dir: Path, env_vars: dict[str, str], pip: bool) -> dict[
 
 def _check_remote_paths(config: Any) -> None:
     """Local relative paths would land in the job's temporary working directory on the cluster."""
-    from pipeline.storage import is_s3
+    from pipeline.paths import is_relative_path
 
     for key, value in (("data.uri", config.data.uri), ("run.storage", config.run.storage)):
-        if not is_s3(value) and not Path(value).is_absolute() and not value.startswith("file://"):
+        if is_relative_path(value):
             raise SubmitError(f"{key}={value} is a relative path: on the cluster it would land in the "
                               "job's temporary working directory; use s3://... or an absolute shared path")
 

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
+import statistics
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -81,6 +84,15 @@ class TrainSummary:
     val_miou: float | None
     images_per_second: float
     skipped_steps: int
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """The most memory this process has held: the CUDA allocator's peak on a GPU, else the peak resident set
+    size of the process (a Ray Train worker is a process of its own), in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float) -> float:
@@ -304,6 +316,7 @@ def train_loop(
     nonfinite = skipped = 0
     loss_value, val_miou, images_per_second = float("nan"), None, 0.0
     window_start, window_images = time.perf_counter(), 0
+    window_rates: list[float] = []  # images/s of each logged window, for the run's median
     iteration = start
     shard = getattr(session, "train_shard", None)
     batches = (
@@ -332,6 +345,7 @@ def train_loop(
         if iteration % train_cfg.log_every == 0 or iteration == train_cfg.iterations:
             elapsed = time.perf_counter() - window_start
             images_per_second = window_images / max(elapsed, 1e-9)
+            window_rates.append(images_per_second)
             metrics = {"train/loss": step.loss, "train/lr": lr, "train/images_per_second": images_per_second}
             metrics.update({f"train/loss_{name}": value for name, value in step.parts.items()})
             window_start, window_images = time.perf_counter(), 0
@@ -345,6 +359,9 @@ def train_loop(
                 best_miou = val_miou
                 if session.rank == 0:
                     CheckpointStore(run_uri(config)).save_best(state_dict(iteration))
+        if iteration == train_cfg.iterations:  # what the run cost, for ablation tables
+            metrics["train/median_images_per_second"] = statistics.median(window_rates)
+            metrics["train/peak_memory_mib"] = peak_memory_mib(session.device)
         if session.rank == 0 and tracker is not None and metrics:
             tracker.log_metrics(metrics, step=iteration)
         if iteration % train_cfg.checkpoint_every == 0 or iteration == train_cfg.iterations:

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline import storage
+from pipeline.data.images import decode_rgb
 from pipeline.data.readers import open_manifest, read_shard
 from pipeline.data.schema import Manifest
 from pipeline.plots import colorize
@@ -79,7 +80,7 @@ def inspect_dataset(
                 counts += np.bincount(ids.ravel(), minlength=manifest.num_classes + 1)
                 seen += 1
                 if grid and len(tiles) < grid_rows:
-                    image = np.array(Image.open(io.BytesIO(image_bytes)).convert("RGB"))
+                    image = decode_rgb(image_bytes)  # (H, W, 3) uint8, as training sees it
                     colours = colorize(label, manifest.palette, manifest.ignore_index)
                     tiles.append(np.concatenate([image, colours], axis=1))  # (H, 2W, 3)
         pixels[name], read[name] = counts, seen

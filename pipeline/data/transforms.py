@@ -24,9 +24,11 @@ from typing import Any
 
 import torch
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image, decode_png
+from torchvision.io import ImageReadMode, decode_png
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+from pipeline.data.images import decode_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,7 +51,8 @@ def decode_sample(image_bytes: bytes, label_bytes: bytes) -> tuple[tv_tensors.Im
     """Decode one shard row.
 
     Args:
-        image_bytes: the image file (PNG or JPEG; grayscale, RGB or RGBA — always returned as RGB).
+        image_bytes: the image file, decoded by :func:`pipeline.data.images.decode_rgb` (8/16-bit, gray,
+            RGBA, palette: all become 8-bit RGB, as ``ccnet predict`` reads files).
         label_bytes: a single-channel 8-bit PNG of train ids.
 
     Returns:
@@ -65,10 +68,7 @@ def decode_sample(image_bytes: bytes, label_bytes: bytes) -> tuple[tv_tensors.Im
 
 
 def _decode(image_bytes: bytes, label_bytes: bytes) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
-    try:
-        image = decode_image(_as_uint8_tensor(image_bytes), mode=ImageReadMode.RGB)
-    except RuntimeError as error:
-        raise ValueError(f"undecodable image ({error})") from None
+    image = torch.from_numpy(decode_rgb(image_bytes)).permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W)
     try:
         # UNCHANGED, not GRAY: a grey conversion would turn a palette label's indices into luminance.
         label = decode_png(_as_uint8_tensor(label_bytes), mode=ImageReadMode.UNCHANGED)

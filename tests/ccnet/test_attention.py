@@ -142,9 +142,15 @@ def test_gradcheck_float64(cls: type) -> None:
         module, dict(zip(dict(module.named_parameters()), p, strict=True)), (x.detach(),)), params)
 
 
-def _dependency(recurrence: int, height: int = 6, width: int = 5, pixel: tuple[int, int] = (2, 3)) -> Tensor:
-    """Which input pixels output ``pixel`` depends on after ``recurrence`` criss-cross steps: (H, W) bool."""
-    block = RecurrentAttention(_random_module(CrissCrossAttention, dtype=torch.float64), recurrence)
+def _dependency(
+    recurrence: int,
+    height: int = 6,
+    width: int = 5,
+    pixel: tuple[int, int] = (2, 3),
+    cls: type = CrissCrossAttention,
+) -> Tensor:
+    """Which input pixels output ``pixel`` depends on after ``recurrence`` steps of ``cls``: (H, W) bool."""
+    block = RecurrentAttention(_random_module(cls, dtype=torch.float64), recurrence)
     x = torch.randn(1, 16, height, width, dtype=torch.float64, requires_grad=True)
     block(x)[0, :, pixel[0], pixel[1]].sum().backward()
     return x.grad[0].abs().sum(0) > 0
@@ -159,6 +165,16 @@ def test_recurrence_one_sees_row_and_column() -> None:
 
 def test_recurrence_two_sees_every_pixel() -> None:
     assert torch.all(_dependency(2))
+
+
+def test_axial_recurrence_one_sees_every_pixel() -> None:
+    # One rows-then-columns step must reach what RCCA needs R=2 for. The contrast shows the probe can tell
+    # them apart: on the same 5x7 map one criss-cross step sees only the pixel's row and column.
+    row_and_column = torch.zeros(5, 7, dtype=torch.bool)
+    row_and_column[2, :] = True
+    row_and_column[:, 3] = True
+    assert torch.equal(_dependency(1, height=5, width=7, cls=CrissCrossAttention), row_and_column)
+    assert torch.all(_dependency(1, height=5, width=7, cls=AxialAttention))
 
 
 def test_recurrence_zero_is_identity() -> None:

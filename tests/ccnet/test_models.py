@@ -70,6 +70,30 @@ def test_stem_attention_runs_at_stride_four() -> None:
     assert seen == [torch.Size([1, model.backbone.stem_channels, 16, 24])]
 
 
+@pytest.mark.parametrize("placement", ["stem", "both"])
+def test_stem_attention_feeds_the_first_deep_stage(placement: str) -> None:
+    torch.manual_seed(0)
+    model = build_ccnet("ccnet_tiny", 4, placement=placement).eval()
+    stage_one = []
+    model.backbone.layer1.register_forward_hook(lambda _m, _i, output: stage_one.append(output))
+    image = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        model.backbone(image)  # no stem hook: the stage-1 features without any attention
+        model(image)  # gamma = 0: the stem attention is the identity
+        model.stem_attention.attention.gamma.fill_(1.0)
+        model(image)
+    plain, gamma_zero, gamma_one = stage_one
+    torch.testing.assert_close(gamma_zero, plain, atol=0, rtol=0)
+    assert (gamma_one - plain).abs().max() > 1e-3 * plain.abs().max()
+
+
+def test_head_placement_has_no_stem_attention() -> None:
+    model = build_ccnet("ccnet_tiny", 4, placement="head")
+    assert model.stem_attention is None
+    recurrent = [name for name, module in model.named_modules() if isinstance(module, RecurrentAttention)]
+    assert recurrent == ["head.attention"]
+
+
 def test_registry_names_are_self_describing() -> None:
     names = list_models()
     assert "ccnet_r101_deepstem_d8" in names and "ccnet_tiny" in names

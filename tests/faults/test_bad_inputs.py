@@ -1,9 +1,11 @@
-"""Bad input is refused clearly: a corpus of broken datasets, shards, configs, checkpoints and S3 settings.
+"""Bad input is refused clearly: a corpus of broken datasets, shards, configs, storage locations, checkpoints
+and S3 settings.
 
 Every case runs the real ``ccnet`` command in a subprocess and checks what a user sees: a non-zero exit, no
 traceback (unless ``--debug``), one ``ERROR ...`` line, last on stderr, naming the file, key or value at
 fault, and nothing half-written where the command would have written its result (no manifest, shard or
-temporary file of a dataset version, no checkpoint, no MLflow run left RUNNING, no sample grid).
+temporary file of a dataset version, no checkpoint, no MLflow run left RUNNING, no sample grid). Input that
+is unusual but valid (a relative path, a 16-bit PNG) is read the way the user meant, and says so.
 """
 
 from __future__ import annotations
@@ -50,12 +52,15 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _ccnet(
-    *args: str, env: dict[str, str] | None = None, code: str | None = None
+    *args: str, env: dict[str, str] | None = None, code: str | None = None, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m pipeline.cli ARGS`` (or ``python -c CODE ARGS``) from the repository root."""
+    """Run ``python -m pipeline.cli ARGS`` (or ``python -c CODE ARGS``) from ``cwd`` (the repository root)."""
     entry = ["-c", code] if code else ["-m", "pipeline.cli"]
-    return subprocess.run([sys.executable, *entry, *args], cwd=ROOT, env=env or _env(), capture_output=True,
-                          text=True, timeout=180, check=False)
+    env = env or _env()
+    if cwd != ROOT:  # the code of this tree, wherever the command runs from
+        env = env | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, *entry, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=180, check=False)
 
 
 def _refused(result: subprocess.CompletedProcess, *expected: str) -> str:
@@ -348,6 +353,105 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     assert f"pipeline.config.ConfigError: {path}: train.lr=-0.01 is not allowed" in result.stderr
 
 
+# --------------------------------------------------------------------------------------- storage locations
+
+
+LOCATION_CASES: dict[str, tuple[str, str, str]] = {
+    # case: (config key, value, expected text); each was once taken as a local folder of that name
+    "s3 without a bucket": ("run.storage", "s3://", "run.storage='s3://' has no bucket"),
+    "s3 key without a bucket": (
+        "data.uri", "s3:///datasets/generated/v1", "data.uri='s3:///datasets/generated/v1' has no bucket"),
+    "gs scheme": ("data.uri", "gs://bucket/datasets/v1", "data.uri='gs://bucket/datasets/v1' has an "
+                  "unsupported scheme 'gs'; use s3://bucket[/prefix], a local path or file:///absolute/path"),
+    "hdfs scheme": (
+        "run.storage", "hdfs://namenode/runs", "run.storage='hdfs://namenode/runs' has an unsupported"),
+    "s4 typo": ("run.storage", "s4://bucket/runs", "run.storage='s4://bucket/runs' has an unsupported"),
+    "s3 with one slash": ("run.storage", "s3:/bucket/runs", "run.storage='s3:/bucket/runs' is not a URI"),
+    "file URI naming a host": (
+        "run.storage", "file://runs/checkpoints", "run.storage='file://runs/checkpoints' names host 'runs': "
+        "write file:///absolute/path, or a plain path"),
+    "endpoint in the bucket's place": (
+        "data.uri", "s3://127.0.0.1:8333/datasets",
+        "data.uri='s3://127.0.0.1:8333/datasets' has a port in the bucket's place: the endpoint belongs in "
+        "AWS_ENDPOINT_URL"),
+    "URI inside a path": ("run.storage", "runs/s3://bucket", "run.storage='runs/s3://bucket' holds '://'"),
+}
+
+
+@pytest.mark.parametrize("case", list(LOCATION_CASES))
+def test_bad_location_in_config_is_refused_before_anything_is_written(case: str, tmp_path: Path) -> None:
+    """``ccnet train`` refuses the key before tracking or storage are touched: the folder it runs in stays
+    empty (no ``s3:`` folder, no MLflow store)."""
+    key, value, expected = LOCATION_CASES[case]
+    settings = {"data.uri": str(tmp_path / "no-dataset"), "run.storage": "runs", "run.ray": "false",
+                "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "train.iterations": "2", key: value}
+    args = [arg for name, setting in settings.items() for arg in ("--set", f"{name}={setting}")]
+    result = _ccnet("train", *args, cwd=tmp_path)
+    _refused(result, f"ERROR defaults: {expected}")
+    assert _files(tmp_path) == []
+
+
+PREPARE = ["data", "prepare", "--dataset", "generated", "--count", "train=1,val=1", "--image-size", "32",
+           "--workers", "1"]
+FLAG_CASES: dict[str, tuple[list[str], str]] = {
+    # case: (command line, expected text)
+    "prepare --out s3 without a bucket": (
+        [*PREPARE, "--out", "s3://"],
+        "ERROR ccnet data prepare: argument --out: 's3://' has no bucket"),
+    "prepare --out gs": (
+        [*PREPARE, "--out", "gs://bucket/datasets"],
+        "argument --out: 'gs://bucket/datasets' has an unsupported scheme 'gs'"),
+    "prepare --out file URI naming a host": (
+        [*PREPARE, "--out", "file://datasets"],
+        "argument --out: 'file://datasets' names host 'datasets'"),
+    "inspect hdfs": (
+        ["data", "inspect", "hdfs://namenode/datasets/v1"],
+        "ERROR ccnet data inspect: argument uri: 'hdfs://namenode/datasets/v1' has an unsupported scheme"),
+    "evaluate --checkpoint s3 without a bucket": (
+        ["evaluate", "--checkpoint", "s3:///runs/quickstart/best/checkpoint.pt"],
+        "argument --checkpoint: 's3:///runs/quickstart/best/checkpoint.pt' has no bucket"),
+    "predict --out on s3": (
+        ["predict", "street.png", "--checkpoint", "checkpoint.pt", "--out", "s3://bucket/predictions"],
+        "argument --out: 's3://bucket/predictions' is on S3: this command writes to a local folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(FLAG_CASES))
+def test_bad_location_flag_is_refused_before_anything_is_written(case: str, tmp_path: Path) -> None:
+    args, expected = FLAG_CASES[case]
+    _refused(_ccnet(*args, cwd=tmp_path), expected)
+    assert _files(tmp_path) == []
+
+
+def test_relative_locations_are_resolved_and_shown_once(tmp_path: Path) -> None:
+    """A relative ``--out``, ``data.uri`` and ``run.storage`` become absolute paths under the working folder,
+    each announced by one INFO line; messages then name the absolute path."""
+    result = _ccnet(*PREPARE, "--out", "datasets", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("--out: ") == 1
+    assert f"INFO --out: datasets resolved to {tmp_path / 'datasets'}\n" in result.stderr
+    assert result.stdout.startswith(f"{tmp_path / 'datasets/generated/v1'}: train 1, val 1 samples")
+
+    settings = ["data.uri=missing/v1", "run.storage=runs", "run.ray=false",
+                f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    result = _ccnet("train", *[arg for setting in settings for arg in ("--set", setting)], cwd=tmp_path)
+    _refused(result, f"{tmp_path / 'missing/v1'}: no manifest.json")
+    for key, value in (("data.uri", "missing/v1"), ("run.storage", "runs")):
+        assert result.stderr.count(f"{key}: ") == 1
+        assert f"INFO {key}: {value} resolved to {tmp_path / value}\n" in result.stderr
+
+
+def test_file_uri_is_the_local_path(tmp_path: Path) -> None:
+    """``file:///abs`` is the plain path ``/abs`` everywhere: prepared there, inspected from there."""
+    out = tmp_path / "a folder"
+    result = _ccnet(*PREPARE, "--out", out.as_uri())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{out / 'generated/v1'}: train 1, val 1 samples")
+    assert (out / "generated/v1/manifest.json").is_file()
+    result = _ccnet("data", "inspect", (out / "generated/v1").as_uri())
+    assert result.returncode == 0 and "samples: train 1, val 1" in result.stdout, result.stderr
+
+
 # --------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -400,6 +504,32 @@ def test_checkpoint_with_a_pickled_object_is_refused_without_running_it(tmp_path
     assert not marker.exists() and not (tmp_path / "predictions").exists()
     torch.load(path, weights_only=False)  # the oracle: a full unpickle does run the payload
     assert marker.exists()
+
+
+def _array(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image)
+
+
+def test_predict_reads_a_16_bit_png_as_its_8_bit_twin(dataset: Path, tmp_path: Path) -> None:
+    """``ccnet predict`` sees in a 16-bit gray PNG the picture of its 8-bit copy (it used to clip it to white,
+    exit 0): the two give the same mask and the same overlay."""
+    checkpoint = _checkpoint(tmp_path, dataset, [], [], num_classes=6)
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (2 * SIZE, 2 * SIZE), np.uint8)
+    Image.fromarray(gray).save(tmp_path / "eight.png")
+    # The 8-bit picture in the high bytes, noise in the low ones.
+    Image.fromarray(gray.astype(np.uint16) * 256 + rng.integers(0, 256, gray.shape, np.uint16)).save(
+        tmp_path / "sixteen.png")
+    with Image.open(tmp_path / "sixteen.png") as image:
+        assert image.mode == "I;16"
+    out = tmp_path / "predictions"
+    result = _ccnet("predict", str(tmp_path / "eight.png"), str(tmp_path / "sixteen.png"), "--checkpoint",
+                    str(checkpoint), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    for suffix in ("mask", "overlay"):
+        sixteen, eight = (_array(out / f"{stem}_{suffix}.png") for stem in ("sixteen", "eight"))
+        np.testing.assert_array_equal(sixteen, eight)
 
 
 # ---------------------------------------------------------------------------------------------- S3 settings

@@ -94,3 +94,29 @@ def test_pretrained_none_means_no_weights(value: str) -> None:
     assert config.model.pretrained == value  # kept as written: it silences the missing-weights warning
     assert "pretrained" not in config.model.overrides()
     assert load_config(None, ["model.pretrained=w.pth"]).model.overrides()["pretrained"] == "w.pth"
+
+
+@pytest.mark.parametrize(("setting", "expected"), [
+    ("run.storage=s3://", "defaults: run.storage='s3://' has no bucket"),
+    ("data.uri=gs://bucket/v1", "defaults: data.uri='gs://bucket/v1' has an unsupported scheme 'gs'"),
+    ("data.uri=file://host/v1", "defaults: data.uri='file://host/v1' names host 'host'"),
+])
+def test_locations_are_parsed_by_validation(setting: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [setting])
+    assert str(error.value).startswith(expected)  # itself, not wrapped in another key's message
+
+
+def test_with_absolute_paths_resolves_locations_and_logs_relative_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level("INFO", logger="pipeline.config")
+    config = load_config(None, ["data.uri=data/v1", f"run.storage={(tmp_path / 'a b').as_uri()}"])
+    resolved = config.with_absolute_paths()
+    assert resolved.data.uri == str(tmp_path / "data/v1") and resolved.run.storage == str(tmp_path / "a b")
+    assert caplog.messages == [f"data.uri: data/v1 resolved to {tmp_path / 'data/v1'}"]
+    caplog.clear()
+    assert resolved.with_absolute_paths() == resolved and caplog.messages == []
+    s3 = load_config(None, ["run.storage=s3://bucket/runs"]).with_absolute_paths()
+    assert s3.run.storage == "s3://bucket/runs"

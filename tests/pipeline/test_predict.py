@@ -139,3 +139,39 @@ def test_ccnet_tiny_with_imagenet_normalisation(tmp_path: Path) -> None:
     mask = read(written[0])
     assert mask.shape == (24, 40, 3)
     assert {tuple(colour) for colour in mask.reshape(-1, 3)} <= set(PALETTE)
+
+
+class InputRecorder(StrongestChannel):
+    """:class:`StrongestChannel` that keeps a copy of every input it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[Tensor] = []
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        self.inputs.append(x.detach().clone())
+        return super().forward(x)
+
+
+IMAGE_MODES = ["RGB", "RGB 16-bit", "RGBA", "RGBA 16-bit", "P", "L", "I;16", "I", "LA"]
+
+
+@pytest.mark.parametrize("case", IMAGE_MODES)
+def test_every_image_mode_is_predicted_from_its_8_bit_picture(
+    case: str, image_modes: dict[str, tuple[bytes, np.ndarray]], tmp_path: Path
+) -> None:
+    """The model is given the 8-bit picture the file holds (16-bit: the high bytes; gray: three equal
+    channels; alpha dropped; palette: its colours), and the outputs are those of the picture's 8-bit RGB
+    PNG."""
+    data, picture = image_modes[case]
+    (tmp_path / "picture.img").write_bytes(data)  # PIL goes by the content, not the name
+    Image.fromarray(picture).save(tmp_path / "reference.png")
+    model = InputRecorder()
+    out_dir = tmp_path / "out"
+    predict_images(model, [tmp_path / "picture.img", tmp_path / "reference.png"], palette=PALETTE,
+                   out_dir=out_dir, progress=False, **UNIT)
+    seen = model.inputs[0][0].permute(1, 2, 0).numpy() * 255  # (1, 3, H, W) -> (H, W, 3), back to 0..255
+    np.testing.assert_allclose(seen, picture, atol=1e-3)
+    for suffix in ("mask", "overlay"):
+        np.testing.assert_array_equal(read(out_dir / f"picture_{suffix}.png"),
+                                      read(out_dir / f"reference_{suffix}.png"))

@@ -76,7 +76,19 @@ def flaky(errors: list[Exception], result: str = "ok") -> tuple[list[int], objec
 
 def test_is_s3() -> None:
     assert storage.is_s3("s3://bucket/key") and storage.is_s3("S3://bucket")
-    assert not any(storage.is_s3(uri) for uri in ("/data/s3://x", "file:///tmp", "runs/a", "s3:/x"))
+    assert not any(storage.is_s3(uri) for uri in ("file:///tmp", "runs/a", "/data/x"))
+
+
+@pytest.mark.parametrize("uri", ["/data/s3://x", "s3:/x", "s3://", "gs://bucket/x", "file://host/x"])
+def test_storage_refuses_what_is_not_a_location(uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                ) -> None:
+    """Every operation parses its location: none of these becomes a local folder of that name."""
+    monkeypatch.chdir(tmp_path)
+    for operation in (storage.is_s3, storage.ensure_bucket, storage.exists, storage.list_files,
+                      storage.filesystem, lambda uri: storage.write_bytes(uri, b"x")):
+        with pytest.raises(ValueError, match=re.escape(repr(uri))):
+            operation(uri)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_join() -> None:

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.data.images import to_rgb
+
 IGNORE_INDEX = 255
 
 
@@ -134,18 +136,19 @@ class DatasetSource(ABC):
         return {}
 
     def read_image(self, ref: SampleRef) -> tuple[bytes, int, int]:
-        """The image file's bytes and its (height, width), checked to decode."""
+        """The image file's bytes and its (height, width), checked to decode as training will decode it."""
         path = self.root / ref.image
         try:
             data = path.read_bytes()
             with Image.open(io.BytesIO(data)) as image:
                 image.load()
                 width, height = image.size
+                to_rgb(image)  # a mode with no RGB conversion (32-bit float) is refused here, not in training
         except FileNotFoundError:
             raise BadSampleError(path, "image file is missing") from None
         except UnidentifiedImageError:  # its message names the in-memory buffer, not the file
             raise BadSampleError(path, "unreadable image (not a format PIL can decode)") from None
-        except (OSError, SyntaxError) as error:
+        except (OSError, SyntaxError, ValueError) as error:
             raise BadSampleError(path, f"unreadable image ({error})") from None
         return data, height, width
 
