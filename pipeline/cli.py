@@ -334,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(message)s")
     try:
         return args.run(args)
+    except KeyboardInterrupt:
+        # One line; the run's MLflow record is KILLED, and the same command resumes from its last checkpoint.
+        log.error("interrupted (Ctrl-C): %s stopped; the same command resumes it", args.command)
+        return 130
     except (ValueError, TypeError, OSError, RuntimeError) as error:
         if args.debug:
             raise

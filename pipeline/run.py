@@ -152,8 +152,8 @@ def run_training(config: Config) -> TrainingReport:
         _log_bytes(tracker, last, "checkpoints/last")
         _log_plots(tracker, model, dataset, results)
         tracker.log_model(model, name="model")
-    except BaseException:
-        tracker.end("FAILED")
+    except BaseException as error:
+        tracker.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")  # never left RUNNING
         raise
     tracker.end()
     return TrainingReport(tracker.run_id, tracking_uri, results, table, best)

@@ -84,8 +84,8 @@ def _trial(sampled: dict[str, Any]) -> None:
     try:
         result = fit(config, run_id, tracking_uri, callbacks=[TuneReportCallback()])
         final = _final_evaluation(config, tracker)
-    except BaseException:
-        tracker.end("FAILED")
+    except BaseException as error:
+        tracker.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")  # never left RUNNING
         raise
     tracker.end()
     ray.tune.report({**(result.metrics or {}), **final})
