@@ -107,6 +107,24 @@ def evaluate_checkpoint(
     return model, dataset, results
 
 
+def end_status(error: BaseException) -> str:
+    """The MLflow status of a run that ``error`` stopped: KILLED for Ctrl-C, else FAILED."""
+    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+
+
+def log_final_results(tracker: Any, results: dict[str, Any], step: int) -> dict[str, float]:
+    """Log each protocol's results as ``final/<protocol>/...`` metrics and the table as
+    ``evaluation/results.md``; returns the metrics logged (NaN for a class never seen)."""
+    from pipeline.evaluation import protocol_table
+
+    metrics: dict[str, float] = {}
+    for protocol, result in results.items():
+        metrics.update(result.as_metrics(f"final/{protocol.replace('+', '_')}"))  # no '+' in MLflow names
+    tracker.log_metrics(metrics, step=step)
+    tracker.log_text(protocol_table(results), "evaluation/results.md")
+    return metrics
+
+
 def _log_bytes(tracker: Any, data: bytes, artifact_path: str) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / CHECKPOINT_FILE
@@ -144,16 +162,13 @@ def run_training(config: Config) -> TrainingReport:
         model, dataset, results = evaluate_checkpoint(config, best)
         tracker.settle()  # an outage near the end: wait for the server before the final results and files
         table = protocol_table(results)
-        for protocol, result in results.items():
-            name = protocol.replace("+", "_")  # MLflow metric names allow no '+'
-            tracker.log_metrics(result.as_metrics(f"final/{name}"), step=config.train.iterations)
-        tracker.log_text(table, "evaluation/results.md")
+        log_final_results(tracker, results, config.train.iterations)
         _log_bytes(tracker, storage.read_bytes(best), "checkpoints/best")
         _log_bytes(tracker, last, "checkpoints/last")
         _log_plots(tracker, model, dataset, results)
         tracker.log_model(model, name="model")
     except BaseException as error:
-        tracker.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")  # never left RUNNING
+        tracker.end(end_status(error))  # never left RUNNING
         raise
     tracker.end()
     return TrainingReport(tracker.run_id, tracking_uri, results, table, best)

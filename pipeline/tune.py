@@ -23,6 +23,7 @@ from pipeline import ablation, storage
 from pipeline.config import Config, apply_overrides, config_from_dict, dump_config
 from pipeline.ray_train import connect, fit
 from pipeline.redaction import holds_secret
+from pipeline.run import end_status
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def _trial(sampled: dict[str, Any]) -> None:
         result = fit(config, run_id, tracking_uri, callbacks=[TuneReportCallback()])
         final = _final_evaluation(config, tracker)
     except BaseException as error:
-        tracker.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")  # never left RUNNING
+        tracker.end(end_status(error))  # never left RUNNING
         raise
     tracker.end()
     ray.tune.report({**(result.metrics or {}), **final})
@@ -94,16 +95,11 @@ def _trial(sampled: dict[str, Any]) -> None:
 def _final_evaluation(config: Config, tracker: Any) -> dict[str, float]:
     """The best checkpoint's single-scale and multi-scale + flip results, logged to the trial's run."""
     from pipeline.checkpoints import CheckpointStore
-    from pipeline.evaluation import protocol_table
-    from pipeline.run import evaluate_checkpoint
+    from pipeline.run import evaluate_checkpoint, log_final_results
     from pipeline.train import run_uri
 
     _, _, results = evaluate_checkpoint(config, CheckpointStore(run_uri(config)).best_uri())
-    metrics: dict[str, float] = {}
-    for protocol, result in results.items():
-        metrics.update(result.as_metrics(f"final/{protocol.replace('+', '_')}"))  # no '+' in MLflow names
-    tracker.log_metrics(metrics, step=config.train.iterations)
-    tracker.log_text(protocol_table(results), "evaluation/results.md")
+    metrics = log_final_results(tracker, results, config.train.iterations)
     return {key: value for key, value in metrics.items() if value == value}  # NaN: a class never seen
 
 
@@ -193,8 +189,7 @@ def run_search(config: Config) -> SearchReport:
         tracker.flush()
         report = _search(config, tracker, sampled, variants, costs, tracking_uri)
     except BaseException as error:
-        # Never left RUNNING: an interrupt is KILLED, anything else FAILED.
-        tracker.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        tracker.end(end_status(error))  # never left RUNNING
         raise
     tracker.end()
     return report
