@@ -5,7 +5,8 @@ A location is ``s3://bucket/prefix/...`` or a local path (plain or ``file:///abs
 LocationError, a ValueError, rather than being taken as a local folder of that name. S3 settings come only
 from the environment: ``AWS_ENDPOINT_URL`` (optional), ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_DEFAULT_REGION`` (default us-east-1); credentials never reach logs or errors (:func:`redact`). Every S3
-call goes through :func:`retry`, which rides out a server restart; a dead endpoint fails within about 45 s.
+call goes through :func:`retry`, which rides out a server restart or throttling for up to a minute of backoff
+(``CCNET_STORAGE_RETRY_SECONDS``); a dead endpoint fails after that.
 """
 
 from __future__ import annotations
@@ -226,13 +227,51 @@ def _final(what: str, exc: Exception) -> Exception | None:
     return StorageError(_describe(what, exc)) if storage_error else exc
 
 
-def retry(fn: Callable[[], T], *, what: str, attempts: int = 6, base_delay: float = 0.5,
+RETRY_SECONDS_ENV = "CCNET_STORAGE_RETRY_SECONDS"
+DEFAULT_RETRY_SECONDS = 60.0
+
+
+def retry_budget() -> float:
+    """Seconds of backoff :func:`retry` may spend on one operation: ``CCNET_STORAGE_RETRY_SECONDS`` or 60.
+
+    A restart of a loaded object store, throttling or a load balancer's failover outlast a few seconds; a
+    dead endpoint still fails in about a minute. Raise it for a store known to blip for longer.
+    """
+    raw = os.environ.get(RETRY_SECONDS_ENV, "")
+    if not raw:
+        return DEFAULT_RETRY_SECONDS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ValueError(f"{RETRY_SECONDS_ENV}={raw!r}: expected a number of seconds >= 0")
+    return seconds
+
+
+def backoff_schedule(budget: float, base_delay: float = 0.5, max_delay: float = 8.0) -> list[float]:
+    """The nominal waits before each retry: ``base_delay`` doubled up to ``max_delay``, while their sum fits.
+
+    >>> backoff_schedule(20)
+    [0.5, 1.0, 2.0, 4.0, 8.0]
+    """
+    delays: list[float] = []
+    delay = base_delay
+    while sum(delays) + delay <= budget:
+        delays.append(delay)
+        delay = min(max_delay, delay * 2)
+    return delays
+
+
+def retry(fn: Callable[[], T], *, what: str, attempts: int | None = None, base_delay: float = 0.5,
           max_delay: float = 8.0) -> T:
     """Calls ``fn`` until it succeeds, retrying transient storage errors with exponential backoff + jitter.
 
     Args:
-        fn: the operation, called up to ``attempts`` times in total (so it must be safe to repeat).
+        fn: the operation (it must be safe to repeat).
         what: names the operation in the warning logged per retry and in errors, e.g. "read s3://b/k".
+        attempts: calls in total; by default as many as the backoff fits into :func:`retry_budget` (60 s:
+            11 calls), so the policy is a time budget, the same for every operation.
         base_delay: seconds before the first retry, doubled each time up to ``max_delay`` and scaled by a
             random factor in [0.5, 1] so that many clients do not retry in step.
 
@@ -242,9 +281,14 @@ def retry(fn: Callable[[], T], *, what: str, attempts: int = 6, base_delay: floa
         FileNotFoundError: the object or bucket does not exist (not retried).
         Exception: any other error from ``fn``, unchanged and not retried.
     """
-    if attempts < 1:
+    if attempts is None:
+        delays = backoff_schedule(retry_budget(), base_delay, max_delay)
+    elif attempts < 1:
         raise ValueError(f"attempts must be at least 1, got {attempts}")
-    for attempt in range(1, attempts + 1):
+    else:
+        delays = [min(max_delay, base_delay * 2 ** i) for i in range(attempts - 1)]
+    total = len(delays) + 1
+    for attempt in range(1, total + 1):
         try:
             return fn()
         except Exception as exc:
@@ -254,10 +298,10 @@ def retry(fn: Callable[[], T], *, what: str, attempts: int = 6, base_delay: floa
             # say) may echo the key id into a logged traceback.
             if final is not None:
                 raise final from None
-            if attempt == attempts:
-                raise StorageError(f"gave up after {attempts} attempts: {_describe(what, exc)}") from None
-            delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-            log.warning("retry %d/%d in %.1f s: %s", attempt, attempts - 1, delay, _describe(what, exc))
+            if attempt == total:
+                raise StorageError(f"gave up after {total} attempts: {_describe(what, exc)}") from None
+            delay = delays[attempt - 1] * random.uniform(0.5, 1.0)
+            log.warning("retry %d/%d in %.1f s: %s", attempt, total - 1, delay, _describe(what, exc))
             _sleep(delay)
     raise AssertionError("unreachable: the last attempt returns or raises")
 

@@ -546,7 +546,7 @@ def test_unreachable_endpoint_is_refused_naming_it() -> None:
     env = _env(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="fake-key-id",
                AWS_SECRET_ACCESS_KEY="fake-secret-key")
     result = _ccnet("data", "inspect", "s3://bucket/datasets/generated/v1", env=env, code=NO_RETRY_WAIT)
-    line = _refused(result, "gave up after 6 attempts: check s3://bucket/datasets/generated/v1/manifest.json",
+    line = _refused(result, "gave up after 11 attempts: check s3://bucket/datasets/generated/v1/manifest.json",
                     "Could not connect", f"[endpoint {endpoint}]")
     assert "fake-secret-key" not in result.stderr and "fake-key-id" not in line
 
