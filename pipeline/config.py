@@ -143,6 +143,7 @@ class RunConfig:
     cpus_per_worker: float = 1.0
     max_failures: int = 0
     resource_wait: float = 0.0  # s to wait for nodes (an autoscaler) when the workers do not fit the cluster
+    lease_ttl: float = 60.0  # s a dead writer's lease keeps a second writer out (pipeline/lease.py)
 
 
 @dataclass
@@ -253,6 +254,7 @@ class Config:
             "run.num_workers": self.run.num_workers >= 1,
             "run.max_failures": self.run.max_failures >= -1,
             "run.resource_wait": 0 <= self.run.resource_wait < math.inf,
+            "run.lease_ttl": 0 < self.run.lease_ttl < math.inf,
             "model.recurrence": self.model.recurrence is None or self.model.recurrence >= 0,
             "model.embedding_channels": self.model.embedding_channels is None
             or self.model.embedding_channels >= 0,

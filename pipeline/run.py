@@ -29,6 +29,7 @@ from pipeline.checkpoints import (
 from pipeline.config import Config, dump_config
 from pipeline.data.readers import ShardDataset, open_manifest
 from pipeline.data.transforms import build_eval_transform
+from pipeline.lease import LEASE_FILE, RunLease
 from pipeline.train import LocalSession, build_model, run_uri, train_loop, warn_if_not_pretrained
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def _open_tracker(config: Config) -> tuple[Any, str]:
     uri = resolve_tracking_uri(config.tracking.uri)
     tracker = Tracker(uri, config.tracking.experiment, required=config.tracking.required,
                       settle_timeout=config.tracking.settle_timeout)
-    resuming = bool(storage.list_files(run_uri(config)))
+    resuming = any(name != LEASE_FILE for name in storage.list_files(run_uri(config)))
     previous = find_run(uri, config.tracking.experiment, config.run.name) if resuming else None
     tracker.start(config.run.name, run_id=previous, tags={"ccnet.model": config.model.name})
     return tracker, uri
@@ -132,10 +133,38 @@ def _log_bytes(tracker: Any, data: bytes, artifact_path: str) -> None:
         tracker.log_artifact(str(path), artifact_path)
 
 
-def run_training(config: Config) -> TrainingReport:
-    """Train ``config`` end to end and record it; returns what the command prints."""
+def _train_and_record(config: Config, tracker: Any, tracking_uri: str,
+                      lease: RunLease) -> tuple[dict[str, Any], str, str]:
     from pipeline.evaluation import protocol_table
 
+    tracker.log_params(config.flat())
+    tracker.log_text(dump_config(config), "config.yaml")
+    store = CheckpointStore(run_uri(config))
+    if config.run.ray:
+        from pipeline.ray_train import fit
+
+        result = fit(config, tracker.run_id, tracking_uri)
+        with result.checkpoint.as_directory() as folder:
+            last = (Path(folder) / CHECKPOINT_FILE).read_bytes()
+    else:
+        session = LocalSession(run_uri(config), keep=config.train.keep_checkpoints)
+        train_loop(config, session, tracker.run_id, tracker)
+        last = storage.read_bytes(store.latest() or store.best_uri())
+    lease.check()  # another writer took the run over meanwhile: publish nothing as this run's
+    best = store.best_uri()
+    model, dataset, results = evaluate_checkpoint(config, best)
+    tracker.settle()  # an outage near the end: wait for the server before the final results and files
+    table = protocol_table(results)
+    log_final_results(tracker, results, config.train.iterations)
+    _log_bytes(tracker, storage.read_bytes(best), "checkpoints/best")
+    _log_bytes(tracker, last, "checkpoints/last")
+    _log_plots(tracker, model, dataset, results)
+    tracker.log_model(model, name="model")
+    return results, table, best
+
+
+def run_training(config: Config) -> TrainingReport:
+    """Train ``config`` end to end and record it; returns what the command prints."""
     config = config.with_absolute_paths()
     warn_if_not_pretrained(config)
     if config.run.ray:
@@ -143,32 +172,13 @@ def run_training(config: Config) -> TrainingReport:
 
         connect(config)  # workers that cannot be placed are refused before anything is written
 
-    tracker, tracking_uri = _open_tracker(config)
-    try:
-        tracker.log_params(config.flat())
-        tracker.log_text(dump_config(config), "config.yaml")
-        store = CheckpointStore(run_uri(config))
-        if config.run.ray:
-            from pipeline.ray_train import fit
-
-            result = fit(config, tracker.run_id, tracking_uri)
-            with result.checkpoint.as_directory() as folder:
-                last = (Path(folder) / CHECKPOINT_FILE).read_bytes()
-        else:
-            session = LocalSession(run_uri(config), keep=config.train.keep_checkpoints)
-            train_loop(config, session, tracker.run_id, tracker)
-            last = storage.read_bytes(store.latest() or store.best_uri())
-        best = store.best_uri()
-        model, dataset, results = evaluate_checkpoint(config, best)
-        tracker.settle()  # an outage near the end: wait for the server before the final results and files
-        table = protocol_table(results)
-        log_final_results(tracker, results, config.train.iterations)
-        _log_bytes(tracker, storage.read_bytes(best), "checkpoints/best")
-        _log_bytes(tracker, last, "checkpoints/last")
-        _log_plots(tracker, model, dataset, results)
-        tracker.log_model(model, name="model")
-    except BaseException as error:
-        tracker.end(end_status(error))  # never left RUNNING
-        raise
-    tracker.end()
+    # One writer per run: a second command with this run.name stops here, before MLflow or a checkpoint.
+    with RunLease(run_uri(config), f"run {config.run.name!r}", ttl=config.run.lease_ttl) as lease:
+        tracker, tracking_uri = _open_tracker(config)
+        try:
+            results, table, best = _train_and_record(config, tracker, tracking_uri, lease)
+        except BaseException as error:
+            tracker.end(end_status(error))  # never left RUNNING
+            raise
+        tracker.end()
     return TrainingReport(tracker.run_id, tracking_uri, results, table, best)

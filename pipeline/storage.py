@@ -11,6 +11,7 @@ call goes through :func:`retry`, which rides out a server restart or throttling 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -21,7 +22,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,6 +40,7 @@ T = TypeVar("T")
 _ARROW_MAX_ATTEMPTS = 7  # the AWS SDK's own backoff: about 20 s of retries against a dead endpoint
 _TMP_MARK = ".storage-tmp-"  # prefix of in-progress local writes; list_files hides them
 _MISSING = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
+_CONFLICT = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
 _AUTH = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden", "InvalidToken",
          "ExpiredToken"}
 _TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestTimeout",
@@ -56,6 +58,10 @@ _sleep = time.sleep  # tests replace this to retry without waiting
 
 class StorageError(RuntimeError):
     """A storage operation failed; the message is one line naming the (redacted) location and the cause."""
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write lost: the object was created or changed since the version the writer named."""
 
 
 def is_s3(uri: str) -> bool:
@@ -215,6 +221,8 @@ def _describe(what: str, exc: BaseException) -> str:
 
 def _final(what: str, exc: Exception) -> Exception | None:
     """The error to raise at once for a non-transient ``exc`` (itself if not a storage error), else None."""
+    if _code(exc) in _CONFLICT:
+        return PreconditionFailed(f"{redact(what)}: changed by another writer ({_code(exc)})")
     if _code(exc) in _MISSING:
         return FileNotFoundError(errno.ENOENT, f"{redact(what)}: not found ({_code(exc)})")
     if _code(exc) in _AUTH or (type(exc) is OSError and "ACCESS_DENIED" in str(exc)):
@@ -379,6 +387,87 @@ def write_bytes(uri: str, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_versioned(uri: str) -> tuple[bytes, str] | None:
+    """Returns ``(content, version)`` of the file/object at ``uri``, or None when there is none; the
+    version is what :func:`write_if` compares (the S3 ETag; locally a digest of the content)."""
+    if not is_s3(uri):
+        try:
+            data = Path(_local_path(uri)).read_bytes()
+        except FileNotFoundError:
+            return None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def get(bucket: str, key: str) -> tuple[bytes, str]:
+        response = s3_client().get_object(Bucket=bucket, Key=key)
+        return response["Body"].read(), response["ETag"]
+
+    try:
+        return _s3("read", uri, get)
+    except FileNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def _folder_lock(uri: str) -> Iterator[None]:
+    """An exclusive ``flock`` of the local file's folder (no lock file left behind), released on leaving."""
+    import fcntl  # POSIX only, as the local store's atomic rename already is
+
+    fd = os.open(os.path.dirname(os.path.abspath(_local_path(uri))), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def write_if(uri: str, data: bytes, version: str | None) -> str:
+    """Compare-and-swap: stores ``data`` only if ``uri`` is absent (``version`` None) or still holds
+    ``version`` (from :func:`read_versioned`); returns the new version.
+
+    S3: ``put_object`` with ``If-None-Match: *`` or ``If-Match: <ETag>`` (the store decides atomically).
+    Local: the comparison and the atomic replace happen under an exclusive ``flock`` of the file's folder,
+    which every writer on the machine (or on an NFSv4 share) respects.
+
+    Raises:
+        PreconditionFailed: another writer created or changed the object first.
+    """
+    what = f"write {redact(uri)}"
+    if is_s3(uri):
+        condition = {"IfMatch": version} if version is not None else {"IfNoneMatch": "*"}
+        response = _s3("write", uri, lambda bucket, key: s3_client().put_object(
+            Bucket=bucket, Key=key, Body=data, **condition))
+        return response["ETag"]
+    os.makedirs(os.path.dirname(os.path.abspath(_local_path(uri))), exist_ok=True)
+    with _folder_lock(uri):
+        current = read_versioned(uri)
+        if (current[1] if current else None) != version:
+            raise PreconditionFailed(f"{what}: changed by another writer")
+        write_bytes(uri, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def delete_if(uri: str, version: str) -> bool:
+    """Removes ``uri`` only if it still holds ``version``; False (nothing removed) when it changed or is gone.
+
+    S3 stores without conditional deletes remove it after a check instead (a race of milliseconds)."""
+    current = read_versioned(uri)
+    if current is None or current[1] != version:
+        return False
+    if is_s3(uri):
+        try:
+            _s3("delete", uri, lambda bucket, key: s3_client().delete_object(Bucket=bucket, Key=key,
+                                                                              IfMatch=version))
+        except (PreconditionFailed, FileNotFoundError):
+            return False
+        return True
+    with _folder_lock(uri):
+        current = read_versioned(uri)
+        if current is None or current[1] != version:
+            return False
+        Path(_local_path(uri)).unlink()
+    return True
 
 
 def list_files(uri: str) -> list[str]:

@@ -21,6 +21,7 @@ from typing import Any
 
 from pipeline import ablation, storage
 from pipeline.config import Config, apply_overrides, config_from_dict, dump_config
+from pipeline.lease import RunLease
 from pipeline.ray_train import connect, fit
 from pipeline.redaction import holds_secret
 from pipeline.run import end_status
@@ -178,20 +179,23 @@ def run_search(config: Config) -> SearchReport:
         grid = {VARIANT: tune.grid_search(list(variants)), "train.seed": tune.grid_search(config.tune.seeds)}
         sampled = {**grid, **sampled}
     connect(config, driver_cpus=TRIAL_CPUS)
-    tracking_uri = resolve_tracking_uri(config.tracking.uri)
-    tracker = Tracker(tracking_uri, config.tracking.experiment, required=config.tracking.required,
-                      settle_timeout=config.tracking.settle_timeout)
-    previous = find_run(tracking_uri, config.tracking.experiment, config.tune.name)
-    tags = {"ccnet.search": "true", **({"ccnet.ablation": "true"} if variants else {})}
-    tracker.start(config.tune.name, run_id=previous, tags=tags)
-    try:
-        tracker.log_text(dump_config(config), "search_config.yaml")
-        tracker.flush()
-        report = _search(config, tracker, sampled, variants, costs, tracking_uri)
-    except BaseException as error:
-        tracker.end(end_status(error))  # never left RUNNING
-        raise
-    tracker.end()
+    # One writer per search: a second command with this tune.name stops here, before MLflow or Ray Tune.
+    prefix = storage.join(config.run.storage, config.tune.name)
+    with RunLease(prefix, f"search {config.tune.name!r}", ttl=config.run.lease_ttl):
+        tracking_uri = resolve_tracking_uri(config.tracking.uri)
+        tracker = Tracker(tracking_uri, config.tracking.experiment, required=config.tracking.required,
+                          settle_timeout=config.tracking.settle_timeout)
+        previous = find_run(tracking_uri, config.tracking.experiment, config.tune.name)
+        tags = {"ccnet.search": "true", **({"ccnet.ablation": "true"} if variants else {})}
+        tracker.start(config.tune.name, run_id=previous, tags=tags)
+        try:
+            tracker.log_text(dump_config(config), "search_config.yaml")
+            tracker.flush()
+            report = _search(config, tracker, sampled, variants, costs, tracking_uri)
+        except BaseException as error:
+            tracker.end(end_status(error))  # never left RUNNING
+            raise
+        tracker.end()
     return report
 
 
