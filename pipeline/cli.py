@@ -18,6 +18,7 @@ import logging
 import sys
 from typing import NoReturn
 
+from pipeline.cli_args import at_least
 from pipeline.cli_jobs import add_job_commands
 from pipeline.paths import Location, LocationError, absolute_location, is_relative_path, parse_location
 from pipeline.redaction import redact
@@ -144,18 +145,20 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
                          help="root URI: s3://bucket/prefix or a local folder")
     prepare.add_argument("--version", default="v1", help="version name; a published version is immutable")
     prepare.add_argument("--splits", help="comma-separated splits (default: the dataset's train and val)")
-    prepare.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    prepare.add_argument("--max-shard-mb", type=float, default=64.0, help="bound on a shard's size")
+    prepare.add_argument("--workers", type=at_least(1), default=None, help="processes (default: all cores)")
+    prepare.add_argument("--max-shard-mb", type=at_least(0.001, float), default=64.0,
+                         help="bound on a shard's size")
     prepare.add_argument("--skip-bad", action="store_true", help="leave out bad samples, list them")
-    prepare.add_argument("--seed", type=int, default=0, help="generated: random seed")
-    prepare.add_argument("--image-size", type=int, default=128, help="generated: image side in pixels")
+    prepare.add_argument("--seed", type=at_least(0), default=0, help="generated: random seed")
+    prepare.add_argument("--image-size", type=at_least(8), default=128,
+                         help="generated: image side in pixels")
     prepare.add_argument("--count", type=_parse_counts, help="generated: e.g. train=200,val=50")
     prepare.set_defaults(run=_data_prepare)
 
     inspect = data_commands.add_parser("inspect", help="counts, class histogram and a sample grid")
     inspect.add_argument("uri", type=_location, help="a dataset version, e.g. s3://bucket/datasets/camvid/v1")
     inspect.add_argument("--split", help="one split (default: all)")
-    inspect.add_argument("--limit", type=int, help="samples read per split for the histogram")
+    inspect.add_argument("--limit", type=at_least(1), help="samples read per split for the histogram")
     inspect.add_argument("--grid", type=_location,
                          help="save a PNG grid of samples with coloured labels here")
     inspect.set_defaults(run=_data_inspect)
@@ -306,13 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(run=_models)
 
     efficiency = commands.add_parser("efficiency", help="FLOPs / memory / time of the attention modules")
-    efficiency.add_argument("--feature-size", type=int, default=97, help="feature map side (97 = 769 / 8)")
-    efficiency.add_argument("--channels", type=int, default=512)
-    efficiency.add_argument("--batch", type=int, default=1)
-    efficiency.add_argument("--repeats", type=int, default=2, help="timed forward+backward passes")
+    efficiency.add_argument("--feature-size", type=at_least(1), default=97,
+                            help="feature map side (97 = 769 / 8)")
+    efficiency.add_argument("--channels", type=at_least(8), default=512)
+    efficiency.add_argument("--batch", type=at_least(1), default=1)
+    efficiency.add_argument("--repeats", type=at_least(1), default=2, help="timed forward+backward passes")
     efficiency.add_argument("--device", help="default: cuda when available, else cpu")
     efficiency.add_argument("--model", default="ccnet_r101_deepstem_d8", help="a name from `ccnet models`")
-    efficiency.add_argument("--num-classes", type=int, default=19)
+    efficiency.add_argument("--num-classes", type=at_least(1), default=19)
     efficiency.set_defaults(run=_efficiency)
 
     _add_data_commands(commands)

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.cli_args import at_least
+
 if TYPE_CHECKING:
     from pipeline.submit import Submission
 
@@ -125,7 +127,8 @@ def add_job_commands(commands: argparse._SubParsersAction) -> None:
     _add_submission_arguments(submit, names)
     submit.add_argument("--no-follow", action="store_true", help="return once submitted")
     submit.add_argument("--submission-id", help="default: ccnet-JOB-UTCTIME-RANDOM")
-    submit.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the job's driver")
+    submit.add_argument("--entrypoint-num-cpus", type=at_least(0, float),
+                        help="CPUs reserved for the job's driver")
     submit.set_defaults(run=_submit)
 
     jobs = commands.add_parser("jobs", help="list, read and stop submitted jobs")
@@ -136,7 +139,8 @@ def add_job_commands(commands: argparse._SubParsersAction) -> None:
     logs.add_argument("--follow", action="store_true", help="until it ends; exit 1 unless it succeeded")
     stop = jobs_commands.add_parser("stop", help="stop a job and wait until it has stopped")
     stop.add_argument("job_id")
-    stop.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for it to stop")
+    stop.add_argument("--timeout", type=at_least(0, float), default=60.0,
+                      help="seconds to wait for it to stop")
     for parser in (listing, logs, stop):
         parser.add_argument("--address", help="the job server, http://HEAD:8265 (default: RAY_ADDRESS)")
     jobs.set_defaults(run=_jobs)
@@ -145,5 +149,6 @@ def add_job_commands(commands: argparse._SubParsersAction) -> None:
     schedule.add_argument("cron", help='five fields, e.g. "0 2 * * 6" (Saturdays 02:00)')
     _add_submission_arguments(schedule, names)
     schedule.add_argument("--timezone", default="UTC", help="of the cron line, e.g. Europe/Berlin")
-    schedule.add_argument("--max-runs", type=int, help="stop after this many fire times (default: never)")
+    schedule.add_argument("--max-runs", type=at_least(1),
+                          help="stop after this many fire times (default: never)")
     schedule.set_defaults(run=_schedule)

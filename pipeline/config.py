@@ -226,52 +226,70 @@ class Config:
         return config_from_dict(values)
 
     def validate(self, source: str = "config") -> None:
-        """Values that are well-typed but impossible; raises ConfigError naming the key."""
-        problems = {
-            "train.iterations": self.train.iterations >= 1,
-            "train.lr": self.train.lr > 0,
-            "train.momentum": 0 <= self.train.momentum < 1,
-            "train.weight_decay": self.train.weight_decay >= 0,
-            "train.poly_power": self.train.poly_power > 0,
-            "train.aux_weight": self.train.aux_weight >= 0,
-            "train.ohem_min_kept": self.train.ohem_min_kept >= 0,
-            "train.consistency_weight": self.train.consistency_weight >= 0,
-            "train.amp": self.train.amp in ("O0", "O1", "O2"),
-            "train.max_nonfinite": self.train.max_nonfinite >= 1,
-            "train.checkpoint_every": self.train.checkpoint_every >= 1,
-            "train.keep_checkpoints": self.train.keep_checkpoints >= 1,
-            "train.eval_every": self.train.eval_every >= 1,
-            "train.log_every": self.train.log_every >= 1,
-            "data.crop_size": self.data.crop_size >= 8,
-            "data.batch_size": self.data.batch_size >= 1,
-            "data.scale_min": 0 < self.data.scale_min <= self.data.scale_max,
-            "eval.mode": self.eval.mode in ("whole", "slide"),
-            "eval.fusion": self.eval.fusion in ("logits", "probs"),
-            "data.loader": self.data.loader == "torch" or (self.data.loader == "ray" and self.run.ray),
-            "eval.stride": 1 <= self.eval.stride <= self.eval.crop_size,
-            "eval.scales": len(self.eval.scales) > 0 and all(s > 0 for s in self.eval.scales),
-            "run.name": stays_inside(self.run.name),  # path parts of run.storage
-            "run.num_workers": self.run.num_workers >= 1,
-            "run.max_failures": self.run.max_failures >= -1,
-            "run.resource_wait": 0 <= self.run.resource_wait < math.inf,
-            "run.lease_ttl": 0 < self.run.lease_ttl < math.inf,
-            "model.recurrence": self.model.recurrence is None or self.model.recurrence >= 0,
-            "model.embedding_channels": self.model.embedding_channels is None
-            or self.model.embedding_channels >= 0,
-            "tune.name": stays_inside(self.tune.name),
-            "tune.num_samples": self.tune.num_samples >= 1,
-            "tune.max_concurrent": self.tune.max_concurrent >= 1,
-            "tune.mode": self.tune.mode in ("min", "max"),
-            "tune.scheduler": self.tune.scheduler in ("asha", "none"),
-            "tune.seeds": len(self.tune.seeds) > 0 and len(set(self.tune.seeds)) == len(self.tune.seeds),
-            "tune.grace_period": self.tune.grace_period >= 1,
-            "tune.reduction_factor": self.tune.reduction_factor >= 2,
+        """Values that are well-typed but impossible: ConfigError naming the key and what it expects."""
+        c = self
+        positive, non_negative, fraction = "a finite number > 0", "a finite number >= 0", "a number in [0, 1)"
+        one, zero = "an integer >= 1", "an integer >= 0"
+        rules: dict[str, tuple[bool, str]] = {
+            "train.iterations": (c.train.iterations >= 1, "an integer >= 1"),
+            "train.lr": (0 < c.train.lr < math.inf, positive),
+            "train.momentum": (0 <= c.train.momentum < 1, fraction),
+            "train.weight_decay": (0 <= c.train.weight_decay < math.inf, non_negative),
+            "train.poly_power": (0 < c.train.poly_power < math.inf, positive),
+            "train.aux_weight": (0 <= c.train.aux_weight < math.inf, non_negative),
+            "train.ohem_thresh": (0 < c.train.ohem_thresh <= 1, "a probability in (0, 1]"),
+            "train.ohem_min_kept": (c.train.ohem_min_kept >= 0, "an integer >= 0"),
+            "train.consistency_weight": (0 <= c.train.consistency_weight < math.inf, non_negative),
+            "train.amp": (c.train.amp in ("O0", "O1", "O2"), "one of O0, O1, O2"),
+            "train.max_nonfinite": (c.train.max_nonfinite >= 1, "an integer >= 1"),
+            "train.seed": (0 <= c.train.seed < 2**32, "an integer in [0, 2**32)"),
+            "train.checkpoint_every": (c.train.checkpoint_every >= 1, "an integer >= 1"),
+            "train.keep_checkpoints": (c.train.keep_checkpoints >= 1, "an integer >= 1"),
+            "train.eval_every": (c.train.eval_every >= 1, "an integer >= 1"),
+            "train.log_every": (c.train.log_every >= 1, "an integer >= 1"),
+            "data.train_split": (stays_inside(c.data.train_split), "a split name"),
+            "data.val_split": (stays_inside(c.data.val_split), "a split name"),
+            "data.crop_size": (c.data.crop_size >= 8, "an integer >= 8"),
+            "data.batch_size": (c.data.batch_size >= 1, "an integer >= 1"),
+            "data.scale_min": (0 < c.data.scale_min <= c.data.scale_max, "> 0 and <= data.scale_max"),
+            "data.scale_max": (c.data.scale_max < math.inf, "a finite number"),
+            "data.loader_workers": (c.data.loader_workers >= 0, "an integer >= 0"),
+            "data.loader": (c.data.loader == "torch" or (c.data.loader == "ray" and c.run.ray),
+                            "torch, or ray with run.ray=true"),
+            "eval.mode": (c.eval.mode in ("whole", "slide"), "whole or slide"),
+            "eval.fusion": (c.eval.fusion in ("logits", "probs"), "logits or probs"),
+            "eval.crop_size": (c.eval.crop_size >= 8, "an integer >= 8"),
+            "eval.stride": (1 <= c.eval.stride <= c.eval.crop_size, "an integer in [1, eval.crop_size]"),
+            "eval.scales": (len(c.eval.scales) > 0 and all(0 < x < math.inf for x in c.eval.scales),
+                            "a non-empty list of numbers > 0"),
+            "eval.max_images": (c.eval.max_images is None or c.eval.max_images >= 1, f"null or {one}"),
+            "run.name": (stays_inside(c.run.name), "a name or relative path without '..'"),
+            "run.num_workers": (c.run.num_workers >= 1, "an integer >= 1"),
+            "run.cpus_per_worker": (0 < c.run.cpus_per_worker < math.inf, positive),
+            "run.max_failures": (c.run.max_failures >= -1, "an integer >= 0, or -1 for no limit"),
+            "run.resource_wait": (0 <= c.run.resource_wait < math.inf, non_negative),
+            "run.lease_ttl": (0 < c.run.lease_ttl < math.inf, positive),
+            "tracking.experiment": (bool(c.tracking.experiment.strip()), "a non-empty name"),
+            "tracking.settle_timeout": (0 <= c.tracking.settle_timeout < math.inf, non_negative),
+            "model.recurrence": (c.model.recurrence is None or c.model.recurrence >= 0, f"null or {zero}"),
+            "model.embedding_channels": ((c.model.embedding_channels or 0) >= 0, f"null or {zero}"),
+            "tune.name": (stays_inside(c.tune.name), "a name or relative path without '..'"),
+            "tune.num_samples": (c.tune.num_samples >= 1, "an integer >= 1"),
+            "tune.max_concurrent": (c.tune.max_concurrent >= 1, "an integer >= 1"),
+            "tune.metric": (bool(c.tune.metric.strip()), "a metric name such as val/mIoU"),
+            "tune.mode": (c.tune.mode in ("min", "max"), "min or max"),
+            "tune.scheduler": (c.tune.scheduler in ("asha", "none"), "asha or none"),
+            "tune.seeds": (len(c.tune.seeds) > 0 and len(set(c.tune.seeds)) == len(c.tune.seeds)
+                           and all(0 <= x < 2**32 for x in c.tune.seeds), "distinct integers >= 0"),
+            "tune.grace_period": (c.tune.grace_period >= 1, "an integer >= 1"),
+            "tune.reduction_factor": (c.tune.reduction_factor >= 2, "an integer >= 2"),
         }
-        for key, ok in problems.items():
+        for key, (ok, expected) in rules.items():
             if not ok:
                 section, name = key.split(".")
                 value = getattr(getattr(self, section), name)
-                raise ConfigError(f"{source}: {key}={value!r} is not allowed")
+                raise ConfigError(f"{source}: {key}={value!r} is not allowed (expected {expected})")
+        _check_model(self.model, source)
         if self.train.consistency_weight > 0 and not (self.model.embedding_channels or 0) > 0:
             raise ConfigError(
                 f"{source}: train.consistency_weight={self.train.consistency_weight!r} needs "
@@ -289,6 +307,21 @@ class Config:
             if isinstance(value, str) and has_userinfo(value):
                 raise ConfigError(f"{source}: {key}={redact(value)} holds credentials; they belong in the "
                                   "environment (AWS_* keys, MLFLOW_TRACKING_USERNAME/_PASSWORD or _TOKEN)")
+
+
+def _check_model(model: ModelConfig, source: str) -> None:
+    """The model name and options, checked by the model library itself before anything runs."""
+    from ccnet import list_models, model_config
+
+    if model.name not in list_models():
+        raise ConfigError(f"{source}: model.name={model.name!r} is not a registered model (`ccnet models`)")
+    options = {k: v for k, v in model.overrides().items() if k != "pretrained"}
+    try:
+        model_config(model.name, **options)
+    except ValueError as error:  # "invalid model config: attention='x'; choose one of [...]"
+        setting, _, hint = str(error).removeprefix("invalid model config: ").partition("; ")
+        hint = f"; {hint}" if hint else ""
+        raise ConfigError(f"{source}: model.{setting} is not allowed{hint}") from None
 
 
 SPACE_KINDS = ("loguniform", "uniform", "choice")  # tune.space distributions

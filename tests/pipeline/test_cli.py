@@ -31,9 +31,10 @@ def test_bad_value_is_one_line_and_nonzero() -> None:
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
-        "ERROR in_channels=4 and reduction=8 leave no query/key channels"
-    )
+    assert result.stderr.strip().splitlines() == [
+        "ERROR ccnet efficiency: argument --channels: must be a finite number >= 8, got '4' "
+        "(see ccnet efficiency --help)"
+    ]
 
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "ccnet"
