@@ -24,6 +24,8 @@ from pipeline.resources import WorkerRequest, ensure_placeable
 
 log = logging.getLogger(__name__)
 
+_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkpoints it registered
+
 
 @dataclass
 class RaySession:
@@ -34,14 +36,22 @@ class RaySession:
     device: torch.device
     train_shard: Any = None  # this worker's Ray Data shard when data.loader is "ray"
 
+    resume_from: str | None = None  # a newer checkpoint than Ray's that Ray never registered
+
     def restore(self) -> dict[str, Any] | None:
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            return load(str(Path(folder) / CHECKPOINT_FILE))
+        state = None
+        if (checkpoint := ray.train.get_checkpoint()) is not None:
+            with checkpoint.as_directory() as folder:
+                state = load(str(Path(folder) / CHECKPOINT_FILE))
+        if self.resume_from is not None:
+            newer = load(self.resume_from)
+            if state is None or newer["iteration"] > state["iteration"]:
+                log.info("resuming from %s, which the run wrote but Ray never registered",
+                         storage.redact(self.resume_from))
+                state = newer
+        return state
 
     def checkpoint(self, state: dict[str, Any] | None, iteration: int, metrics: dict[str, float]) -> None:
         import ray.train
@@ -65,7 +75,8 @@ def _worker(loop_config: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     config = config_from_dict(loop_config["config"])
     context = ray.train.get_context()
-    session = RaySession(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device())
+    session = RaySession(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
+                         resume_from=loop_config.get("resume_from"))
     if config.data.loader == "ray":
         session.train_shard = ray.train.get_dataset_shard("train")
     tracker = None
@@ -122,6 +133,43 @@ def connect(config: Config, driver_cpus: float = 0.0) -> None:
     ensure_placeable(worker_request(config, driver_cpus), wait=config.run.resource_wait)
 
 
+@dataclass
+class Unregistered:
+    """Checkpoint folders of a Ray run that Ray's checkpoint manager does not list: written by a worker,
+    then the run stopped (Ctrl-C, a killed driver) before the controller registered them."""
+
+    folders: list[str]  # names under the run folder
+    newest: str | None  # the checkpoint file to resume from: newer than every registered one and loadable
+
+
+def unregistered_checkpoints(run_folder: str) -> Unregistered:
+    """Finds the ``checkpoint_*`` folders of ``run_folder`` missing from Ray's
+    ``checkpoint_manager_snapshot.json``, and the newest one that loads and is ahead of Ray's latest."""
+    import json
+
+    from pipeline.checkpoints import CheckpointError
+
+    names = storage.list_files(run_folder)
+    folders = sorted({name.split("/")[0] for name in names if name.startswith("checkpoint_") and "/" in name})
+    registered, latest = set(), -1
+    if _SNAPSHOT in names:
+        snapshot = json.loads(storage.read_bytes(storage.join(run_folder, _SNAPSHOT)))
+        for result in snapshot.get("checkpoint_results", []):
+            registered.add(result["checkpoint_dir_name"])
+            latest = max(latest, int(result.get("metrics", {}).get("iteration", -1)))
+    orphans = [folder for folder in folders if folder not in registered]
+    newest, newest_iteration = None, latest
+    for folder in orphans:
+        uri = storage.join(run_folder, folder, CHECKPOINT_FILE)
+        try:
+            iteration = load(uri)["iteration"]
+        except (CheckpointError, FileNotFoundError):
+            continue  # cut short while it was written: not a state to resume from
+        if iteration > newest_iteration:
+            newest, newest_iteration = uri, iteration
+    return Unregistered(orphans, newest)
+
+
 def fit(config: Config, run_id: str | None, tracking_uri: str | None, callbacks: list | None = None) -> Any:
     """Run the training with Ray Train; returns Ray's ``Result`` (its ``checkpoint`` is the last one).
 
@@ -137,10 +185,13 @@ def fit(config: Config, run_id: str | None, tracking_uri: str | None, callbacks:
     else:
         Path(path).mkdir(parents=True, exist_ok=True)
     datasets = train_datasets(config)
+    run_folder = storage.join(config.run.storage, config.run.name)
+    unregistered = unregistered_checkpoints(run_folder)
     trainer = TorchTrainer(
         _worker,
         datasets=datasets or None,
-        train_loop_config={"config": config.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri},
+        train_loop_config={"config": config.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri,
+                           "resume_from": unregistered.newest},
         scaling_config=ScalingConfig(
             num_workers=config.run.num_workers,
             use_gpu=config.run.use_gpu,
@@ -155,4 +206,10 @@ def fit(config: Config, run_id: str | None, tracking_uri: str | None, callbacks:
             callbacks=callbacks,
         ),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    if unregistered.folders:  # the run went past them: Ray's own checkpoints are the record now
+        for folder in unregistered.folders:
+            storage.delete_tree(storage.join(run_folder, folder))
+        log.info("removed %d checkpoint folder(s) that Ray never registered: %s", len(unregistered.folders),
+                 ", ".join(unregistered.folders))
+    return result

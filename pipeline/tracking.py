@@ -220,6 +220,12 @@ def find_run(uri: str, experiment: str, run_name: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def _last_steps(client: Any, run: Any) -> dict[str, int]:
+    """The last step the run holds of each of its metrics (one request per metric)."""
+    return {key: max((m.step for m in client.get_metric_history(run.info.run_id, key)), default=-1)
+            for key in run.data.metrics}
+
+
 class Tracker:
     """One MLflow run, written from rank 0 only.
 
@@ -253,6 +259,7 @@ class Tracker:
         self._dropped = 0
         self._outage = False
         self._lock = threading.Lock()  # a checkpoint thread may log beside the training loop
+        self._logged_through: dict[str, int] = {}  # a continued run's last recorded step per metric
 
     @property
     def run_id(self) -> str | None:
@@ -300,6 +307,7 @@ class Tracker:
                     if safe_tags:
                         client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in safe_tags.items()])
                     self._params = dict(run.data.params)
+                    self._logged_through = _last_steps(client, run)
         except Exception as error:
             message = f"MLflow tracking at {redact(self.uri)} is unusable: {_one_line(error)}"
             if self.required:
@@ -354,6 +362,8 @@ class Tracker:
         now = int(time.time() * 1000)
         with self._lock:
             for key, value in metrics.items():
+                if step <= self._logged_through.get(key, -1):
+                    continue  # a resumed run repeats the steps after its checkpoint: the record has them
                 self._buffer.append(_Point(key, float(value), now, int(step)))
             while len(self._buffer) > _MAX_BUFFERED:
                 self._buffer.popleft()

@@ -3,17 +3,19 @@ tracking on an MLflow server; and the Ray Data input, unit by unit."""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pipeline import storage
+from pipeline import checkpoints, storage
 from pipeline.config import load_config
 from pipeline.data.readers import ShardDataset
 from pipeline.data.sources import build_source
 from pipeline.data.writer import write_shards
-from pipeline.ray_train import train_datasets
+from pipeline.ray_train import Unregistered, train_datasets, unregistered_checkpoints
 
 
 class CapturedDataset:
@@ -47,13 +49,43 @@ def test_ray_data_pads_crops_with_the_manifests_ignore_index(
     assert train_datasets(load_config(None, [f"data.uri={data_uri}"])) == {}  # the torch loader: none
 
 
+ORPHAN = "checkpoint_2099-01-01_00-00-00.000000"
+
+
+def _orphan_checkpoint(run_folder: str, iteration: int) -> None:
+    """A checkpoint folder Ray does not list: the newest registered one, relabelled as ``iteration``."""
+    snapshot = json.loads(storage.read_bytes(storage.join(run_folder, "checkpoint_manager_snapshot.json")))
+    latest = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    state = checkpoints.load(storage.join(run_folder, latest))
+    state["iteration"] = iteration
+    storage.write_bytes(storage.join(run_folder, ORPHAN, "checkpoint.pt"), checkpoints.to_bytes(state))
+
+
+def test_unregistered_checkpoints_are_found_and_the_newest_whole_one_chosen(tmp_path: Path) -> None:
+    folder = str(tmp_path / "run")
+    snapshot = {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_a", "metrics": {"iteration": 10}}]}
+    storage.write_bytes(f"{folder}/checkpoint_manager_snapshot.json", json.dumps(snapshot).encode())
+    for name, iteration in (("checkpoint_a", 10), ("checkpoint_b", 15), ("checkpoint_c", 8)):
+        state = {"model": {}, "iteration": iteration}
+        storage.write_bytes(storage.join(folder, name, "checkpoint.pt"), checkpoints.to_bytes(state))
+    storage.write_bytes(storage.join(folder, "checkpoint_d", "checkpoint.pt"), b"cut short")
+    found = unregistered_checkpoints(folder)
+    assert found.folders == ["checkpoint_b", "checkpoint_c", "checkpoint_d"]
+    assert found.newest == storage.join(folder, "checkpoint_b", "checkpoint.pt")  # 15 > Ray's 10; c is older
+    assert unregistered_checkpoints(str(tmp_path / "new-run")) == Unregistered([], None)
+    storage.delete_tree(storage.join(folder, "checkpoint_b"))
+    assert not (tmp_path / "run" / "checkpoint_b").exists()
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("loader", ["torch", "ray"])
 def test_two_workers_on_s3_and_mlflow(
-    tmp_path: Path, s3_env: str, mlflow_server, monkeypatch, loader: str  # noqa: ANN001
+    tmp_path: Path, s3_env: str, mlflow_server, monkeypatch, loader: str,  # noqa: ANN001
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     import ray
+    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     from pipeline.run import run_training
@@ -71,10 +103,20 @@ def test_two_workers_on_s3_and_mlflow(
     ray.init(num_cpus=2, include_dashboard=False)  # after s3_env: workers inherit the AWS_* settings
     try:
         report = run_training(config)
-        if loader == "torch":  # the same command again, now for 6 iterations: resumes at 4, same MLflow run
-            config.train.iterations = 6
-            resumed = run_training(config)
+        if loader == "torch":
+            # As if a second attempt had written a checkpoint at 5 that Ray never registered and logged steps
+            # 5-6 before Ctrl-C: the same command, now for 7 iterations, resumes at 5 (not at Ray's 4), logs
+            # no step twice, removes the orphaned folder, and continues the same MLflow run.
+            _orphan_checkpoint(storage.join(config.run.storage, config.run.name), iteration=5)
+            MlflowClient(mlflow_server.uri).log_batch(report.run_id, metrics=[
+                Metric("train/loss", 9.0, 0, step) for step in (5, 6)])
+            config.train.iterations = 7
+            with caplog.at_level(logging.INFO):
+                resumed = run_training(config)
             assert resumed.run_id == report.run_id
+            assert "which the run wrote but Ray never registered" in caplog.text
+            assert "removed 1 checkpoint folder(s) that Ray never registered" in caplog.text
+            assert not any(name.startswith(ORPHAN) for name in storage.list_files(config.run.storage))
     finally:
         ray.shutdown()
 
@@ -83,7 +125,7 @@ def test_two_workers_on_s3_and_mlflow(
     assert run.info.status == "FINISHED"
     assert run.data.params["run.num_workers"] == "2" and run.data.params["model.name"] == "ccnet_tiny"
     losses = client.get_metric_history(report.run_id, "train/loss")
-    assert [m.step for m in losses] == ([1, 2, 3, 4, 5, 6] if loader == "torch" else [1, 2, 3, 4])
+    assert [m.step for m in losses] == ([1, 2, 3, 4, 5, 6, 7] if loader == "torch" else [1, 2, 3, 4])
     assert "final/multi-scale_flip/mIoU" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(report.run_id, "checkpoints/best")}
     assert artifacts == {"checkpoints/best/checkpoint.pt"}

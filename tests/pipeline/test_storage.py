@@ -504,3 +504,9 @@ def test_pickled_filesystem_keeps_its_retry_strategy(fake_env: dict[str, str]) -
     assert type(copy) is type(fs) and copy.__reduce__()[0] is storage._rebuild_filesystem
     assert copy.__reduce__()[1] == fs.__reduce__()[1]  # same endpoint, credentials, timeouts
     # Riding out a real outage through the pickled copy: tests/faults/test_s3_outage.py (checkpoint uploads).
+
+
+@pytest.mark.parametrize(("budget", "attempts"), [(0, 1), (10, 4), (29, 7), (60, 9), (600, 39)])
+def test_pyarrows_attempts_follow_the_retry_budget(budget: float, attempts: int) -> None:
+    """pyarrow's strategy counts attempts, not seconds: 7 take about 29 s, each further one about 18 s."""
+    assert storage.arrow_attempts(budget) == attempts

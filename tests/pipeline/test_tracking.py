@@ -137,6 +137,23 @@ def test_resume_continues_the_same_run(sqlite_uri: str, caplog: pytest.LogCaptur
     assert [r.info.run_id for r in same_name] == [run_id]
 
 
+def test_a_resumed_run_logs_no_step_twice(sqlite_uri: str) -> None:
+    """A resume repeats the steps between its checkpoint and the interruption: the record keeps the first."""
+    first = Tracker(sqlite_uri, EXPERIMENT)
+    run_id = first.start("interrupted")
+    for step in range(1, 6):
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    first.end("KILLED")  # the last checkpoint was at step 3
+    second = Tracker(sqlite_uri, EXPERIMENT)
+    second.start("interrupted", run_id=run_id)
+    for step in range(4, 8):
+        second.log_metrics({"train/loss": 10.0 + step, "val/mIoU": 0.5}, step=step)
+    second.end()
+    assert _steps(sqlite_uri, run_id, "train/loss") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0),
+                                                         (6, 16.0), (7, 17.0)]
+    assert [step for step, _ in _steps(sqlite_uri, run_id, "val/mIoU")] == [4, 5, 6, 7]  # new keys: all
+
+
 def test_resume_of_a_missing_run_starts_a_new_one(sqlite_uri: str) -> None:
     tracker = Tracker(sqlite_uri, EXPERIMENT)
     run_id = tracker.start("gone", run_id="0" * 32)
