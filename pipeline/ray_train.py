@@ -72,7 +72,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
     from pipeline.tracking import Tracker
     from pipeline.train import train_loop
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    project_logging()
     config = config_from_dict(loop_config["config"])
     context = ray.train.get_context()
     session = RaySession(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
@@ -122,6 +122,36 @@ def worker_request(config: Config, driver_cpus: float = 0.0) -> WorkerRequest:
     return WorkerRequest(run.num_workers, run.cpus_per_worker, 1.0 if run.use_gpu else 0.0, driver_cpus)
 
 
+def project_logging() -> None:
+    """In a Ray worker or trial process: the project's own lines (``pipeline.*``, INFO and up) reach the
+    driver's console, whatever level Ray's logging configuration gave the root logger there."""
+    project = logging.getLogger("pipeline")
+    if not any(getattr(handler, "_ccnet", False) for handler in project.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        handler._ccnet = True  # type: ignore[attr-defined]
+        project.addHandler(handler)
+    project.setLevel(logging.INFO)
+    project.propagate = False
+
+
+def _init_quietly() -> None:
+    """``ray.init`` with Ray's own logs at ERROR in every process (INFO and up with ``--debug``): its
+    controller and placement-group helpers otherwise fill the console with internal notices. The driver's
+    logging is put back as it was (Ray's configuration also applies to the driver's root logger)."""
+    import ray
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    debug = root.isEnabledFor(logging.DEBUG)
+    ray.init(include_dashboard=False, log_to_driver=True,
+             logging_config=ray.LoggingConfig(log_level="INFO" if debug else "ERROR"))
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
 def connect(config: Config, driver_cpus: float = 0.0) -> None:
     """Start (or join) Ray and check that the run's workers fit the cluster: call it before anything is
     written, so a request that cannot be placed is refused with both numbers instead of waiting forever."""
@@ -129,7 +159,7 @@ def connect(config: Config, driver_cpus: float = 0.0) -> None:
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(include_dashboard=False, log_to_driver=True)
+        _init_quietly()
     ensure_placeable(worker_request(config, driver_cpus), wait=config.run.resource_wait)
 
 

@@ -8,6 +8,7 @@ start and the end; during training rank 0 logs the metrics.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -42,6 +43,62 @@ class TrainingReport:
     results: dict[str, Any]  # protocol -> EvalResult
     table: str
     best_checkpoint: str
+
+
+_OPERATIONAL = ("run.resource_wait", "run.lease_ttl", "train.log_every", "data.loader_workers")
+_RESOLVED = ("backbone", "attention", "recurrence", "placement", "output_stride", "reduction",
+             "head_channels", "align_corners", "embedding_channels")
+
+
+def run_params(config: Config) -> dict[str, Any]:
+    """What defines a training, as MLflow params: the model as built (the registry's values where the config
+    says null), the data, recipe, evaluation and workers; not the tracking or search settings, nor knobs that
+    do not change the result. The whole resolved config is the run's ``config.yaml``."""
+    from ccnet import model_config
+
+    options = {k: v for k, v in config.model.overrides().items() if k != "pretrained"}
+    model = model_config(config.model.name, **options)
+    params = {key: value for key, value in config.flat().items()
+              if not key.startswith(("tracking.", "tune.", "model.")) and key not in _OPERATIONAL}
+    params |= {"model.name": config.model.name, "model.pretrained": config.model.pretrained,
+               "model.sync_bn": config.model.sync_bn, **{f"model.{f}": getattr(model, f) for f in _RESOLVED}}
+    return params
+
+
+def variant_label(config: Config) -> str:
+    """A short name of the model variant for the runs table, e.g. ``criss_cross R=2 head os8``."""
+    params = run_params(config)
+    if params["model.recurrence"] == 0:
+        return f"fcn os{params['model.output_stride']}"
+    return (f"{params['model.attention']} R={params['model.recurrence']} {params['model.placement']} "
+            f"os{params['model.output_stride']}")
+
+
+def log_run_context(tracker: Any, config: Config, variant: str | None = None,
+                    extra_params: dict[str, Any] | None = None) -> None:
+    """Params, the variant tag (``variant``, else :func:`variant_label`), the resolved config and the
+    dataset version as the run's inputs."""
+    manifest = open_manifest(config.data.uri)
+    tracker.log_params({**run_params(config), **(extra_params or {})})
+    tracker.set_tags({"ccnet.variant": variant or variant_label(config), "ccnet.model": config.model.name})
+    tracker.log_text(dump_config(config), "config.yaml")
+    for split in (config.data.train_split, config.data.val_split):
+        profile = {"split": split, "samples": manifest.counts.get(split, 0), "classes": len(manifest.classes)}
+        shards = sorted(shard.sha256 for shard in manifest.shards if shard.split == split)
+        digest = hashlib.sha256("".join(shards).encode()).hexdigest()
+        context = "training" if split == config.data.train_split else "validation"
+        name = f"{manifest.dataset}/{manifest.version}/{split}"
+        tracker.log_dataset(name, digest, config.data.uri, profile, context)
+
+
+def describe_results(config: Config, results: dict[str, Any]) -> str:
+    """The run's description (``mlflow.note.content``): what it is and its headline results."""
+    figures = ", ".join(f"{result.miou * 100:.1f} {protocol}" for protocol, result in results.items())
+    manifest = open_manifest(config.data.uri)
+    return (f"{config.model.name} ({variant_label(config)}) trained {config.train.iterations} iterations on "
+            f"{manifest.dataset} {manifest.version} {config.data.train_split}, crop {config.data.crop_size}. "
+            f"Val mIoU ({config.data.val_split}): {figures}. Best checkpoint: checkpoints/best; "
+            "per-class table: evaluation/results.md.")
 
 
 def _open_tracker(config: Config) -> tuple[Any, str]:
@@ -137,8 +194,7 @@ def _train_and_record(config: Config, tracker: Any, tracking_uri: str,
                       lease: RunLease) -> tuple[dict[str, Any], str, str]:
     from pipeline.evaluation import protocol_table
 
-    tracker.log_params(config.flat())
-    tracker.log_text(dump_config(config), "config.yaml")
+    log_run_context(tracker, config)
     store = CheckpointStore(run_uri(config))
     if config.run.ray:
         from pipeline.ray_train import fit
@@ -156,6 +212,7 @@ def _train_and_record(config: Config, tracker: Any, tracking_uri: str,
     tracker.settle()  # an outage near the end: wait for the server before the final results and files
     table = protocol_table(results)
     log_final_results(tracker, results, config.train.iterations)
+    tracker.set_tags({"mlflow.note.content": describe_results(config, results)})
     _log_bytes(tracker, storage.read_bytes(best), "checkpoints/best")
     _log_bytes(tracker, last, "checkpoints/last")
     _log_plots(tracker, model, dataset, results)

@@ -23,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import ssl
+import sys
 import threading
 import time
 import urllib.error
@@ -176,6 +178,36 @@ def _is_permanent(error: BaseException) -> bool:
     return 400 <= status < 500 and status not in (408, 429)
 
 
+EXPERIMENT_NOTE = (
+    "CCNet (criss-cross attention) trainings and searches from the `ccnet` command. Each training run holds "
+    "its resolved config (config.yaml), the model variant (tag ccnet.variant), the dataset version as an "
+    "input, val mIoU curves, the final single-scale and multi-scale + flip results (evaluation/results.md) "
+    "and its best checkpoint; searches and ablations are parent runs with one nested run per trial."
+)
+
+
+def context_tags() -> dict[str, str]:
+    """The tags MLflow's fluent API sets and ``client.create_run`` does not: the command, the user and the
+    git commit of the code (when it runs from a checkout)."""
+    import getpass
+    import subprocess
+
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": " ".join(
+        ["ccnet", *(arg for arg in sys.argv[1:2] if not arg.startswith("-"))]) if sys.argv else "ccnet"}
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for this uid (containers)
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    if re.fullmatch(r"[0-9a-f]{40}", commit):
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
 def _experiment_id(client: Any, name: str, uri: str) -> str:
     """The id of experiment ``name``, created if missing (tolerating a concurrent creator)."""
     from mlflow.exceptions import MlflowException
@@ -183,7 +215,8 @@ def _experiment_id(client: Any, name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=_sqlite_artifact_location(uri))
+            return client.create_experiment(name, artifact_location=_sqlite_artifact_location(uri),
+                                            tags={"mlflow.note.content": EXPERIMENT_NOTE})
         except MlflowException:
             experiment = client.get_experiment_by_name(name)  # another trial created it meanwhile
             if experiment is None:
@@ -301,7 +334,8 @@ class Tracker:
                 experiment_id = _experiment_id(client, self.experiment, self.uri)
                 run = self._resumable(client, run_id) if run_id else None
                 if run is None:
-                    run = client.create_run(experiment_id, run_name=run_name, tags=safe_tags)
+                    run = client.create_run(experiment_id, run_name=run_name,
+                                            tags={**context_tags(), **safe_tags})
                 else:
                     client.update_run(run.info.run_id, status="RUNNING")
                     if safe_tags:
@@ -462,6 +496,24 @@ class Tracker:
                     call(self._client)
             except Exception as error:
                 log.warning("artifact %s not logged to run %s: %s", what, self._run_id, _one_line(error))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Sets run tags now (``mlflow.note.content`` is the run's description in the UI)."""
+        from mlflow.entities import RunTag
+
+        safe = [RunTag(key, _safe_value(key, value)) for key, value in tags.items()]
+        self._log_file("tags", lambda client: client.log_batch(self._run_id, tags=safe))
+
+    def log_dataset(self, name: str, digest: str, source: str, profile: dict[str, Any], context: str) -> None:
+        """Records the dataset version the run used as an MLflow input (the run's Datasets column)."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest[:36], source_type="ccnet-shards", source=json.dumps(
+            {"uri": redact(source)}), profile=json.dumps(profile))
+        inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])]
+        self._log_file("dataset", lambda client: client.log_inputs(self._run_id, datasets=inputs))
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
         """Stores ``data`` as JSON or YAML (by the extension of ``artifact_file``) in the run's artifacts."""

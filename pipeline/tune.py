@@ -22,9 +22,9 @@ from typing import Any
 from pipeline import ablation, storage
 from pipeline.config import Config, apply_overrides, config_from_dict, dump_config
 from pipeline.lease import RunLease
-from pipeline.ray_train import connect, fit
+from pipeline.ray_train import connect, fit, project_logging
 from pipeline.redaction import holds_secret
-from pipeline.run import end_status
+from pipeline.run import end_status, log_run_context
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ def _trial(sampled: dict[str, Any]) -> None:
 
     from pipeline.tracking import Tracker, resolve_tracking_uri
 
+    project_logging()
     context = ray.tune.get_context()
     values = dict(sampled)
     base, parent = values.pop("_config"), values.pop("_parent_run_id")
@@ -81,7 +82,7 @@ def _trial(sampled: dict[str, Any]) -> None:
     if variant is not None:
         tags.update({"ccnet.variant": variant, "ccnet.seed": str(config.train.seed)})
     run_id = tracker.start(config.run.name, tags=tags)
-    tracker.log_params({**config.flat(), **{f"sampled.{k}": v for k, v in values.items()}})
+    log_run_context(tracker, config, variant, {f"sampled.{k}": v for k, v in values.items()})
     tracker.flush()
     try:
         result = fit(config, run_id, tracking_uri, callbacks=[TuneReportCallback()])

@@ -38,6 +38,24 @@ def test_train_records_a_run(trained: dict[str, str]) -> None:
     experiment = client.get_experiment_by_name("quickstart")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["train.iterations"] == "4"
+    # What a user decides from: the model as built, a variant tag, a description with the results, where
+    # the run came from, and the dataset version as inputs; no tracking or search settings among the params.
+    params, tags = run.data.params, run.data.tags
+    assert (params["model.attention"], params["model.recurrence"], params["model.backbone"]) == (
+        "criss_cross", "2", "tiny")
+    assert not any(key.startswith(("tracking.", "tune.")) for key in params)
+    assert tags["ccnet.variant"] == "criss_cross R=2 head os8" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.name"] and "mlflow.user" in tags  # the command line's program (pytest here)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                          text=True, check=False).stdout.strip()
+    assert tags.get("mlflow.source.git.commit") == (head or None)
+    note = tags["mlflow.note.content"]
+    assert "ccnet_tiny (criss_cross R=2 head os8) trained 4 iterations on generated v1 train" in note
+    assert "single-scale" in note and "multi-scale+flip" in note
+    inputs = {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+              for d in run.inputs.dataset_inputs}
+    assert inputs == {("generated/v1/train", "training"), ("generated/v1/val", "validation")}
+    assert experiment.tags["mlflow.note.content"].startswith("CCNet (criss-cross attention) trainings")
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mIoU")] == [2, 4]
     names = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert names == {"plots/confusion_matrix.png", "plots/predictions.png", "plots/attention.png"}

@@ -100,9 +100,9 @@ def test_ablation_grid_of_variants_and_seeds(tiny_run: tuple[list[str], str], tm
     for child in children:
         assert child.info.run_name == f"tiny-ablation_{child.data.tags['ccnet.variant']}_seed" \
             f"{child.data.tags['ccnet.seed']}"
-        axial = child.data.tags["ccnet.variant"] == "axial_r1"  # fcn keeps the preset's attention (null)
+        axial = child.data.tags["ccnet.variant"] == "axial_r1"  # fcn: the preset's attention, as resolved
         assert (child.data.params["model.attention"], child.data.params["model.recurrence"]) == (
-            ("axial", "1") if axial else ("None", "0"))
+            ("axial", "1") if axial else ("criss_cross", "0"))
         assert "final/multi-scale_flip/mIoU" in child.data.metrics
     artifacts = {a.path for a in client.list_artifacts(report.parent_run_id, "ablation")}
     assert artifacts == {"ablation/results.md", "ablation/results.csv", "ablation/chart.png"}
