@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 _ANNOTATE_UP_TO = 20  # classes; beyond that the numbers no longer fit their cells
 _PANEL_INCHES = 3.0
@@ -70,7 +71,7 @@ def overlay(
     return out
 
 
-def confusion_matrix_figure(confusion: Any, class_names: Sequence[str]) -> Figure:
+def confusion_matrix_figure(confusion: Any, class_names: Sequence[str], title: str = "") -> Figure:
     """The (K, K) confusion matrix (rows ground truth, columns prediction) normalised per row, so each row
     shows where that class's pixels went (a class absent from the ground truth gets a row of zeros).
     Cells are annotated with the fraction up to 20 classes. Axes: the matrix, then its colour bar."""
@@ -90,6 +91,8 @@ def confusion_matrix_figure(confusion: Any, class_names: Sequence[str]) -> Figur
     axes.set_yticks(range(size), labels=class_names)
     axes.set_xlabel("predicted")
     axes.set_ylabel("ground truth")
+    if title:
+        axes.set_title(title)
     if size <= _ANNOTATE_UP_TO:
         for row in range(size):
             for col in range(size):
@@ -105,9 +108,12 @@ def overlay_figure(
     labels: Sequence[Any] | None,
     palette: Sequence[Sequence[int]],
     ignore_index: int = 255,
+    class_names: Sequence[str] = (),
+    title: str = "",
 ) -> Figure:
     """One row per sample: the image, its prediction overlaid, and (when ``labels`` is given) its ground
-    truth overlaid. Void ground-truth pixels show the bare image."""
+    truth overlaid. Void ground-truth pixels show the bare image. With ``class_names``, a legend of the
+    class colours goes below the panels; ``title`` (e.g. the run and protocol) above them."""
     if len(predictions) != len(images) or (labels is not None and len(labels) != len(images)):
         raise ValueError("images, predictions and labels must hold the same number of samples")
     if not images:
@@ -123,10 +129,18 @@ def overlay_figure(
             axes[row, col].set_axis_off()
             if row == 0:
                 axes[row, col].set_title(titles[col])
+    if class_names:
+        handles = [Patch(facecolor=np.asarray(colour) / 255.0, label=name)
+                   for name, colour in zip(class_names, palette, strict=False)]
+        figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=8,
+                      frameon=False)
+    if title:
+        figure.suptitle(title)
     return figure
 
 
-def attention_maps_figure(image: Any, maps: Any, pixels: Sequence[tuple[int, int]]) -> Figure:
+def attention_maps_figure(image: Any, maps: Any, pixels: Sequence[tuple[int, int]],
+                          title: str = "") -> Figure:
     """Where chosen pixels look after each recurrence, as in the CCNet paper's attention figure.
 
     Args:
@@ -161,6 +175,8 @@ def attention_maps_figure(image: Any, maps: Any, pixels: Sequence[tuple[int, int
         for panel in axes[row]:
             panel.plot([x], [y], marker="x", color="white", markersize=9, markeredgewidth=2.5)
             panel.set_axis_off()
+    if title:
+        figure.suptitle(title)
     return figure
 
 

@@ -91,14 +91,14 @@ def log_run_context(tracker: Any, config: Config, variant: str | None = None,
         tracker.log_dataset(name, digest, config.data.uri, profile, context)
 
 
-def describe_results(config: Config, results: dict[str, Any]) -> str:
+def describe_results(config: Config, results: dict[str, Any], best: dict[str, Any]) -> str:
     """The run's description (``mlflow.note.content``): what it is and its headline results."""
     figures = ", ".join(f"{result.miou * 100:.1f} {protocol}" for protocol, result in results.items())
     manifest = open_manifest(config.data.uri)
     return (f"{config.model.name} ({variant_label(config)}) trained {config.train.iterations} iterations on "
             f"{manifest.dataset} {manifest.version} {config.data.train_split}, crop {config.data.crop_size}. "
-            f"Val mIoU ({config.data.val_split}): {figures}. Best checkpoint: checkpoints/best; "
-            "per-class table: evaluation/results.md.")
+            f"Val mIoU ({config.data.val_split}) of the best checkpoint (iteration {best['iteration']}): "
+            f"{figures}. Files: checkpoints/best, evaluation/results.md (per class), plots/.")
 
 
 def _open_tracker(config: Config) -> tuple[Any, str]:
@@ -120,24 +120,30 @@ def _denormalise(image: torch.Tensor, normalization: Normalization) -> np.ndarra
     return ((image * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
 
 
-def _log_plots(tracker: Any, model: torch.nn.Module, dataset: ShardDataset, results: dict[str, Any]) -> None:
+def _log_plots(tracker: Any, model: torch.nn.Module, dataset: ShardDataset, results: dict[str, Any],
+               run_name: str) -> None:
+    """Every figure names the run and what it shows, so it stands alone in the compare view."""
     from ccnet.attention_maps import ccnet_attention_maps
     from pipeline.plots import attention_maps_figure, confusion_matrix_figure, overlay_figure
 
     best = results["multi-scale+flip"]
-    tracker.log_figure(confusion_matrix_figure(best.confusion, dataset.classes), "plots/confusion_matrix.png")
+    title = f"{run_name}: {dataset.split}, multi-scale + flip (mIoU {best.miou * 100:.1f})"
+    figure = confusion_matrix_figure(best.confusion, dataset.classes, title=title)
+    tracker.log_figure(figure, "plots/confusion_matrix.png")
     samples = [dataset[index] for index in range(min(4, len(dataset)))]
     with torch.inference_mode():
         predictions = [model(s["image"][None])["out"].argmax(1)[0].numpy() for s in samples]
     images = [_denormalise(s["image"], model.normalization) for s in samples]
     labels = [s["label"].numpy() for s in samples]
-    figure = overlay_figure(images, predictions, labels, dataset.manifest.palette, dataset.ignore_index)
+    figure = overlay_figure(images, predictions, labels, dataset.manifest.palette, dataset.ignore_index,
+                            class_names=dataset.classes, title=f"{run_name}: {dataset.split}, single-scale")
     tracker.log_figure(figure, "plots/predictions.png")
     if model.config.attention == "criss_cross" and model.config.recurrence >= 1:
         height, width = images[0].shape[:2]
         pixels = [(height // 2, width // 4), (height // 4, 3 * width // 4)]
         maps = ccnet_attention_maps(model, samples[0]["image"][None], pixels, recurrence=2)
-        figure = attention_maps_figure(images[0], maps[:, 0].numpy(), pixels)
+        figure = attention_maps_figure(images[0], maps[:, 0].numpy(), pixels,
+                                       title=f"{run_name}: where two pixels look after R=1 and R=2")
         tracker.log_figure(figure, "plots/attention.png")
 
 
@@ -212,10 +218,16 @@ def _train_and_record(config: Config, tracker: Any, tracking_uri: str,
     tracker.settle()  # an outage near the end: wait for the server before the final results and files
     table = protocol_table(results)
     log_final_results(tracker, results, config.train.iterations)
-    tracker.set_tags({"mlflow.note.content": describe_results(config, results)})
-    _log_bytes(tracker, storage.read_bytes(best), "checkpoints/best")
-    _log_bytes(tracker, last, "checkpoints/last")
-    _log_plots(tracker, model, dataset, results)
+    best_bytes = storage.read_bytes(best)
+    state = load(best)
+    made_best = {"ccnet.best.iteration": str(state["iteration"])}
+    if state.get("best_miou") is not None:
+        made_best["ccnet.best.val_mIoU"] = f"{state['best_miou']:.4f}"
+    tracker.set_tags({"mlflow.note.content": describe_results(config, results, state), **made_best})
+    _log_bytes(tracker, best_bytes, "checkpoints/best")
+    if last != best_bytes:  # the same bytes once: often the last checkpoint is the best
+        _log_bytes(tracker, last, "checkpoints/last")
+    _log_plots(tracker, model, dataset, results, config.run.name)
     tracker.log_model(model, name="model")
     return results, table, best
 

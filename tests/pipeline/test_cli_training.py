@@ -56,6 +56,11 @@ def test_train_records_a_run(trained: dict[str, str]) -> None:
               for d in run.inputs.dataset_inputs}
     assert inputs == {("generated/v1/train", "training"), ("generated/v1/val", "validation")}
     assert experiment.tags["mlflow.note.content"].startswith("CCNet (criss-cross attention) trainings")
+    # Which step made best, and the checkpoint bytes stored once: last only when it differs from best.
+    best_iteration = int(tags["ccnet.best.iteration"])
+    assert best_iteration in (2, 4) and 0 <= float(tags["ccnet.best.val_mIoU"]) <= 1
+    stored = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert stored == {"checkpoints/best"} | ({"checkpoints/last"} if best_iteration != 4 else set())
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mIoU")] == [2, 4]
     names = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert names == {"plots/confusion_matrix.png", "plots/predictions.png", "plots/attention.png"}

@@ -79,6 +79,21 @@ def test_overlay_figure_has_one_row_per_sample(with_labels: bool, columns: int) 
     assert _renders(figure)
 
 
+def test_overlay_figure_names_the_run_and_shows_the_class_colours() -> None:
+    images = [np.zeros((8, 12, 3), dtype=np.uint8)]
+    predictions = [np.zeros((8, 12), dtype=np.int64)]
+    figure = overlay_figure(images, predictions, predictions, PALETTE, class_names=["road", "car", "sky"],
+                            title="quickstart: val, single-scale")
+    (legend,) = figure.legends
+    assert [text.get_text() for text in legend.get_texts()] == ["road", "car", "sky"]
+    colours = [tuple(round(c * 255) for c in patch.get_facecolor()[:3]) for patch in legend.get_patches()]
+    assert colours == [tuple(colour) for colour in PALETTE]
+    assert figure.get_suptitle() == "quickstart: val, single-scale"
+    assert _renders(figure)
+    titled = confusion_matrix_figure(np.eye(3), ["road", "car", "sky"], title="run: val, ms+flip")
+    assert titled.axes[0].get_title() == "run: val, ms+flip"
+
+
 def test_attention_maps_figure_one_row_per_pixel_maps_over_the_image() -> None:
     image = np.zeros((32, 48, 3), dtype=np.uint8)
     maps = np.random.default_rng(0).random((2, 3, 4, 6))  # R=2, P=3 at 1/8 resolution
