@@ -114,7 +114,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
-    eval_every: int = 100
+    eval_every: int = 40  # five points on the val curve at the default 200 iterations
     compile: bool = False
 
 
