@@ -241,3 +241,16 @@ def predict_multiscale(
 
 
 __all__ = ["FUSIONS", "predict_multiscale", "predict_sliding", "predict_whole"]
+
+
+class LogitsOnly(nn.Module):
+    """A segmentation model whose forward returns only the main logits ``(B, K, H, W)``: the form MLflow's
+    PyTorch flavour serves (one output tensor), and ``torch.export`` traces. ``model`` keeps the original,
+    with its ``config`` and ``normalization``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.model(image)["out"]

@@ -14,8 +14,12 @@ Training: ``ccnet train|tune|evaluate|predict`` (below); a Ray cluster's Jobs AP
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
+import re
+import shutil
 import sys
+import tempfile
 from typing import NoReturn
 
 from pipeline.cli_args import at_least
@@ -83,6 +87,16 @@ def _location(text: str) -> str:
     """argparse type of a storage location (``s3://bucket/prefix``, a local path, ``file:///abs``)."""
     _parse_location(text)
     return text
+
+
+def _checkpoint(text: str) -> str:
+    """argparse type of a checkpoint: a storage location, or a registered model (``models:/NAME@ALIAS``,
+    ``models:/NAME/VERSION``) whose stored checkpoint is used."""
+    if text.startswith("models:/"):
+        if not re.fullmatch(r"models:/[^/@]+(@[\w-]+|/\d+)", text):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+        return text
+    return _location(text)
 
 
 def _local_folder(text: str) -> str:
@@ -202,9 +216,17 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _config_from_checkpoint(args: argparse.Namespace) -> tuple[object, dict]:
+    """The checkpoint's saved config with ``--set`` applied, and its state. A registered model's checkpoint
+    is downloaded first (``args.checkpoint`` then names the local copy, removed when the command ends)."""
     from pipeline.checkpoints import load
     from pipeline.config import apply_overrides, config_from_dict
 
+    if args.checkpoint.startswith("models:/"):
+        from pipeline.tracking import registered_checkpoint, resolve_tracking_uri
+
+        folder = tempfile.mkdtemp(prefix="ccnet-model-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        args.checkpoint = registered_checkpoint(args.checkpoint, resolve_tracking_uri(None), folder)
     state = load(args.checkpoint)
     values = apply_overrides(state.get("config") or {}, args.set or [])
     return config_from_dict(values, source=f"{redact(args.checkpoint)} config"), state
@@ -274,7 +296,7 @@ def _add_training_commands(commands: argparse._SubParsersAction) -> None:
     tune.set_defaults(run=_tune)
 
     evaluate = commands.add_parser("evaluate", help="single-scale vs multi-scale + flip mIoU of a checkpoint")
-    evaluate.add_argument("--checkpoint", required=True, type=_location,
+    evaluate.add_argument("--checkpoint", required=True, type=_checkpoint,
                           help="checkpoint.pt (local path or s3:// URI)")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="eval.mode=slide")
     evaluate.add_argument("--split", help="the split to evaluate, e.g. test (default: data.val_split)")
@@ -283,7 +305,8 @@ def _add_training_commands(commands: argparse._SubParsersAction) -> None:
 
     predict = commands.add_parser("predict", help="coloured masks and overlays for images")
     predict.add_argument("images", nargs="+", help="image files")
-    predict.add_argument("--checkpoint", required=True, type=_location, help="local path or s3:// URI")
+    predict.add_argument("--checkpoint", required=True, type=_checkpoint,
+                         help="local path, s3:// URI or models:/NAME@ALIAS")
     predict.add_argument("--out", required=True, type=_local_folder, help="output folder")
     predict.add_argument("--multi-scale", action="store_true", help="use eval.scales and flip")
     predict.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

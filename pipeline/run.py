@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ccnet.backbones import Normalization
+from ccnet.inference import LogitsOnly
 from pipeline import storage
 from pipeline.checkpoints import (
     CHECKPOINT_FILE,
@@ -189,6 +190,11 @@ def log_final_results(tracker: Any, results: dict[str, Any], step: int) -> dict[
     return metrics
 
 
+def registered_model_name(config: Config) -> str:
+    """The model registry name of a training's best model: ``ccnet-<run.name>`` ("/" as "-")."""
+    return "ccnet-" + config.run.name.replace("/", "-")
+
+
 def _log_bytes(tracker: Any, data: bytes, artifact_path: str) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / CHECKPOINT_FILE
@@ -224,11 +230,21 @@ def _train_and_record(config: Config, tracker: Any, tracking_uri: str,
     if state.get("best_miou") is not None:
         made_best["ccnet.best.val_mIoU"] = f"{state['best_miou']:.4f}"
     tracker.set_tags({"mlflow.note.content": describe_results(config, results, state), **made_best})
-    _log_bytes(tracker, best_bytes, "checkpoints/best")
     if last != best_bytes:  # the same bytes once: often the last checkpoint is the best
         _log_bytes(tracker, last, "checkpoints/last")
     _log_plots(tracker, model, dataset, results, config.run.name)
-    tracker.log_model(model, name="model")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / CHECKPOINT_FILE
+        path.write_bytes(best_bytes)
+        tracker.log_artifact(str(path), "checkpoints/best")
+        scores = {"val_mIoU": results["multi-scale+flip"].miou, "val_mIoU_single_scale":
+                  results["single-scale"].miou}
+        version = tracker.log_model(LogitsOnly(model).eval(), name="model",
+                                    registered_name=registered_model_name(config),
+                                    metrics=scores, checkpoint=str(path))
+    if version is not None:
+        log.info("registered model %s version %s (models:/%s@candidate)", registered_model_name(config),
+                 version, registered_model_name(config))
     return results, table, best
 
 

@@ -208,6 +208,49 @@ def context_tags() -> dict[str, str]:
     return tags
 
 
+def registered_checkpoint(model_uri: str, tracking_uri: str, folder: str) -> str:
+    """Downloads the checkpoint stored with a registered model (``models:/NAME@alias`` or
+    ``models:/NAME/VERSION``) into ``folder``; returns its local path. The model itself is not loaded.
+
+    Raises:
+        FileNotFoundError: no such model, alias or version, or one logged without its checkpoint.
+    """
+    _import_mlflow()
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with _env({"MLFLOW_TRACKING_URI": tracking_uri}):
+            local = download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/extra_files/checkpoint.pt",
+                                       dst_path=folder, tracking_uri=tracking_uri)
+    except (MlflowException, OSError) as error:
+        raise FileNotFoundError(f"{model_uri}: no registered model checkpoint at {redact(tracking_uri)} "
+                                f"({_one_line(error)[:200]})") from None
+    return local
+
+
+CHAMPION_METRIC = "val_mIoU"  # what makes a registered version the champion (higher is better)
+
+
+def _promote(client: Any, name: str, version: str, score: float | None) -> None:
+    """``candidate`` -> the new version; ``champion`` -> it too when its score beats the champion's."""
+    from mlflow.exceptions import MlflowException
+
+    client.set_registered_model_alias(name, "candidate", version)
+    if score is None:
+        return
+    client.set_model_version_tag(name, version, CHAMPION_METRIC, f"{score:.6f}")
+    try:
+        champion = client.get_model_version_by_alias(name, "champion")
+        best = float(champion.tags.get(CHAMPION_METRIC, "-inf"))
+    except MlflowException:  # no champion yet
+        best = float("-inf")
+    if score > best:
+        client.set_registered_model_alias(name, "champion", version)
+        log.info("registered model %s version %s is the champion (%s %.4f)", name, version, CHAMPION_METRIC,
+                 score)
+
+
 def _experiment_id(client: Any, name: str, uri: str) -> str:
     """The id of experiment ``name``, created if missing (tolerating a concurrent creator)."""
     from mlflow.exceptions import MlflowException
@@ -531,17 +574,39 @@ class Tracker:
         """Stores a matplotlib figure as an image (format from the extension, e.g. ``plots/x.png``)."""
         self._log_file(artifact_file, lambda c: c.log_figure(self._run_id, figure, artifact_file))
 
-    def log_model(self, model: torch.nn.Module, name: str = "model") -> None:
-        """Logs ``model`` as an MLflow PyTorch model linked to this run (``mlflow.pytorch.load_model``
-        reads it back). Pass the bare module (not a DDP wrapper), on the CPU for portability.
+    def log_model(self, model: torch.nn.Module, name: str = "model", registered_name: str | None = None,
+                  metrics: dict[str, float] | None = None, checkpoint: str | None = None) -> str | None:
+        """Logs ``model`` as an MLflow PyTorch model linked to this run and, with ``registered_name``,
+        registers it; returns the registered version (None without one, or when it could not be logged).
 
-        It is pickled (the ``pt2`` export would need an input example and an exportable forward), so loading
-        needs the model's classes importable (the ``ccnet`` package). The requirements are pinned from the
-        installed torch and cloudpickle rather than inferred, which would load the model in a subprocess.
+        ``model`` maps an image batch ``(B, 3, H, W)`` to one tensor ``(B, K, H, W)`` (a CCNet goes in as
+        :class:`ccnet.inference.LogitsOnly`). It gets a signature of any batch and image size, an input
+        example, ``metrics`` linked to it, the ``ccnet`` package as
+        code (so it loads where the project is not installed) and ``checkpoint`` (a local file) as an extra
+        file: ``ccnet predict`` and ``ccnet evaluate`` read that one with ``weights_only=True`` from a
+        ``models:/NAME@alias`` URI, never unpickling the model. It is pickled rather than ``pt2``: see the
+        README's model registry section. The new version gets the alias ``candidate``, and ``champion``
+        when its ``val_mIoU`` tag beats the champion's.
         """
+        if not self.active:
+            return None
         import mlflow.pytorch
+        import numpy as np
+        import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
 
-        def call(_: Any) -> None:
+        import ccnet
+
+        example = np.zeros((1, 3, 64, 64), dtype=np.float32)
+        with torch.inference_mode():
+            classes = int(model(torch.from_numpy(example)).shape[1])
+        floats = np.dtype(np.float32)
+        signature = ModelSignature(inputs=Schema([TensorSpec(floats, (-1, 3, -1, -1), "image")]),
+                                   outputs=Schema([TensorSpec(floats, (-1, classes, -1, -1))]))
+        version: list[str] = []
+
+        def call(client: Any) -> None:
             # log_model goes through MLflow's global state: point it at this store and experiment for the
             # call (MLFLOW_TRACKING_URI is only read while set_tracking_uri was never called, i.e. here).
             env = {"MLFLOW_TRACKING_URI": self.uri, "MLFLOW_EXPERIMENT_ID": self._experiment_id,
@@ -549,10 +614,20 @@ class Tracker:
             with _env(env):
                 if mlflow.get_tracking_uri() != self.uri:  # someone called mlflow.set_tracking_uri
                     raise RuntimeError("MLflow's global tracking URI was set elsewhere")
-                mlflow.pytorch.log_model(model, name=name, run_id=self._run_id, serialization_format="pickle",
-                                         pip_requirements=mlflow.pytorch.get_default_pip_requirements())
+                info = mlflow.pytorch.log_model(
+                    model, name=name, run_id=self._run_id, serialization_format="pickle",
+                    pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+                    code_paths=[str(Path(ccnet.__file__).parent)], signature=signature, input_example=example,
+                    extra_files=[checkpoint] if checkpoint else None, registered_model_name=registered_name,
+                    await_registration_for=60)
+            for key, value in (metrics or {}).items():
+                client.log_metric(self._run_id, key, value, model_id=info.model_id)
+            if registered_name and info.registered_model_version is not None:
+                version.append(str(info.registered_model_version))
+                _promote(client, registered_name, version[0], (metrics or {}).get(CHAMPION_METRIC))
 
         self._log_file(f"model {name}", call)
+        return version[0] if version else None
 
     def end(self, status: str = "FINISHED") -> None:
         """Sends what is buffered and closes the run with ``status`` (FINISHED, FAILED or KILLED); later

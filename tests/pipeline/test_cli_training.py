@@ -94,6 +94,27 @@ def test_predict_writes_masks_and_overlays(trained: dict[str, str], tmp_path: Pa
     assert Image.open(tmp_path / "out" / "street_mask.png").size == (40, 30)
 
 
+def test_predict_and_evaluate_take_the_registered_champion(trained: dict[str, str], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str],
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """The training registered its best model; its checkpoint (not the pickled model) is what they load."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["tracking"])
+    image = tmp_path / "street.png"
+    Image.new("RGB", (40, 30), (90, 90, 90)).save(image)
+    champion = "models:/ccnet-quickstart_ccnet-tiny-r2@champion"
+    assert main(["predict", str(image), "--checkpoint", champion, "--out", str(tmp_path / "a")]) == 0
+    best = trained["checkpoint"]
+    assert main(["predict", str(image), "--checkpoint", best, "--out", str(tmp_path / "b")]) == 0
+    for name in ("street_mask.png", "street_overlay.png"):  # the same weights as the best checkpoint
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert main(["evaluate", "--checkpoint", champion, "--no-tracking", "--set", "eval.flip=false"]) == 0
+    assert "| single-scale | whole | 1 | no | 3 |" in capsys.readouterr().out
+    assert main(["predict", str(image), "--checkpoint", "models:/no-such-model@champion", "--out",
+                 str(tmp_path / "c")]) == 2
+    assert "models:/no-such-model@champion: no registered model checkpoint" in caplog.text
+
+
 def test_checkpoint_of_another_model_is_one_line(trained: dict[str, str]) -> None:
     command = [sys.executable, "-m", "pipeline.cli", "evaluate", "--checkpoint", trained["checkpoint"],
                "--set", "model.recurrence=0", "--no-tracking"]

@@ -4,6 +4,7 @@ with MLflow's own client, never through the Tracker; resume, redaction, unreacha
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from pathlib import Path
@@ -235,6 +236,67 @@ def _log_and_load_model(uri: str, run_id: str, monkeypatch: pytest.MonkeyPatch) 
     loaded = mlflow.pytorch.load_model(f"models:/{output.model_id}")
     inputs = torch.randn(1, 3, 5, 5)
     torch.testing.assert_close(loaded(inputs), model(inputs))
+
+
+def test_registered_versions_get_aliases_and_load_without_the_repository(sqlite_uri: str,
+                                                                          tmp_path: Path) -> None:
+    """candidate is the newest version, champion the best val_mIoU; the model loads in a process where the
+    repository is not importable (its code travels with it), with its checkpoint as an extra file."""
+    import json
+    import subprocess
+    import sys
+
+    from ccnet import build_ccnet
+    from ccnet.inference import LogitsOnly
+
+    torch.manual_seed(0)
+    model = LogitsOnly(build_ccnet("ccnet_tiny", 3)).eval()
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(b"weights")
+    versions = []
+    for score in (0.5, 0.7, 0.6):
+        tracker = Tracker(sqlite_uri, EXPERIMENT)
+        tracker.start("registered")
+        versions.append(tracker.log_model(model, registered_name="ccnet-test", metrics={"val_mIoU": score},
+                                          checkpoint=str(checkpoint)))
+        tracker.end()
+    assert versions == ["1", "2", "3"]
+    client = _client(sqlite_uri)
+    assert str(client.get_model_version_by_alias("ccnet-test", "candidate").version) == "3"
+    champion = client.get_model_version_by_alias("ccnet-test", "champion")
+    assert str(champion.version) == "2" and champion.tags["val_mIoU"] == "0.700000"
+    model_id = champion.model_id or champion.source.removeprefix("models:/")
+    logged = client.get_logged_model(model_id)
+    assert {m.key: m.value for m in logged.metrics} == {"val_mIoU": 0.7}  # the eval metrics, linked
+    assert model_id in {o.model_id for o in client.get_run(champion.run_id).outputs.model_outputs}
+
+    image = torch.randn(2, 3, 40, 56)
+    torch.save(image, tmp_path / "image.pt")
+    repo = str(Path(__file__).parents[2])
+    code = f"""
+import importlib.util, json, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "Editable" not in getattr(f, "__name__", "")]
+sys.path[:] = [p for p in sys.path if p not in ("", ".", {repo!r})]  # the checkout (its .venv may stay)
+for name in [m for m in sys.modules if m == "ccnet" or m.startswith("ccnet.")]:
+    del sys.modules[name]
+assert importlib.util.find_spec("ccnet") is None, "the repository is still importable"
+import mlflow, mlflow.pytorch, torch
+model = mlflow.pytorch.load_model("models:/ccnet-test@champion")
+logits = model(torch.load("image.pt"))
+from mlflow.artifacts import download_artifacts
+folder = download_artifacts("models:/ccnet-test@champion")
+print(json.dumps({{"shape": list(logits.shape), "sum": float(logits.sum()),
+                  "checkpoint": open(folder + "/extra_files/checkpoint.pt", "rb").read().decode()}}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"MLFLOW_TRACKING_URI": sqlite_uri}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    with torch.inference_mode():
+        expected = model(image)
+    assert loaded["shape"] == [2, 3, 40, 56] and loaded["checkpoint"] == "weights"
+    assert loaded["sum"] == pytest.approx(float(expected.sum()), rel=1e-4, abs=1e-3)
 
 
 def test_server_round_trip_with_model(mlflow_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
