@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 
+from pipeline import interrupts
 from pipeline.config import load_config
 from pipeline.data.sources import build_source
 from pipeline.data.writer import write_shards
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    interrupts.install()
 
     source = build_source("generated", None, image_size=(192, 192), counts={"train": 256, "val": 32})
     data_uri, _ = write_shards(source, DATA_ROOT)

@@ -22,6 +22,7 @@ import sys
 import tempfile
 from typing import NoReturn
 
+from pipeline import interrupts
 from pipeline.cli_args import at_least
 from pipeline.cli_jobs import add_job_commands
 from pipeline.paths import Location, LocationError, absolute_location, is_relative_path, parse_location
@@ -359,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     args.job_args = job_args
     level = logging.DEBUG if args.debug else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+    interrupts.install()  # Ctrl-C: the command stops its way, or by force after 30 s
     try:
         return args.run(args)
     except KeyboardInterrupt:

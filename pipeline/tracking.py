@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
 
+from pipeline.interrupts import on_forced_exit
 from pipeline.redaction import REDACTED, holds_secret, is_secret_name, redact
 
 log = logging.getLogger(__name__)
@@ -335,7 +336,8 @@ class Tracker:
         self._dropped = 0
         self._outage = False
         self._lock = threading.Lock()  # a checkpoint thread may log beside the training loop
-        self._logged_through: dict[str, int] = {}  # a continued run's last recorded step per metric
+        self._logged_through: dict[str, int] = {}
+        self._unregister: Callable[[], None] = lambda: None  # a continued run's last recorded step per metric
 
     @property
     def run_id(self) -> str | None:
@@ -393,6 +395,7 @@ class Tracker:
             self._ended = True
             return None
         self._client, self._experiment_id, self._run_id = client, experiment_id, run.info.run_id
+        self._unregister = on_forced_exit(self._mark_killed)  # a Ctrl-C whose shutdown hangs
         log.info("MLflow run %s (%s) in experiment %r at %s", self._run_id, run_name, self.experiment,
                  redact(self.uri))
         return self._run_id
@@ -647,6 +650,14 @@ class Tracker:
             except Exception as error:
                 log.warning("MLflow run %s not marked %s: %s", self._run_id, status, _one_line(error))
             self._ended = True
+            self._unregister()
+
+    def _mark_killed(self) -> None:
+        """The run marked KILLED as the process is ended by force (no lock, no flush: the main thread may
+        be stuck holding them)."""
+        if self.active:
+            with contextlib.suppress(Exception), _env(_LOG_HTTP):
+                self._client.set_terminated(self._run_id, "KILLED")
 
 
 class NullTracker(Tracker):

@@ -51,3 +51,39 @@ def test_ctrl_c_during_training_marks_the_run_killed(tmp_path: Path) -> None:
     client = MlflowClient(tracking)
     (run,) = client.search_runs([client.get_experiment_by_name("ccnet").experiment_id])
     assert run.info.run_name == "interrupted" and run.info.status == "KILLED"
+
+
+HANGING_SHUTDOWN = """
+import logging, pathlib, sys, time
+from pipeline import interrupts
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+interrupts.install()
+interrupts.on_forced_exit(lambda: pathlib.Path("marked").write_text("KILLED"))
+ready = False
+while True:  # a library whose graceful shutdown never ends: it swallows the interrupt and waits on
+    try:
+        if not ready:
+            print("ready", flush=True)
+            ready = True
+        time.sleep(0.05)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+"""
+
+
+@pytest.mark.parametrize("second_ctrl_c", [False, True])
+def test_ctrl_c_ends_a_hanging_shutdown_within_the_grace_time(second_ctrl_c: bool, tmp_path: Path) -> None:
+    env = os.environ | {"CCNET_INTERRUPT_GRACE_SECONDS": "3", "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-c", HANGING_SHUTDOWN], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "ready"
+    process.send_signal(signal.SIGINT)
+    line = process.stdout.readline().strip()
+    assert line == "interrupted", process.communicate()[1]  # the first Ctrl-C reached the command
+    if second_ctrl_c:
+        process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)  # not forever: the watchdog ends it
+    assert process.returncode == 130
+    expected = "interrupted again (Ctrl-C)" if second_ctrl_c else "still stopping 3 s after Ctrl-C"
+    assert stderr.strip().splitlines() == [f"ERROR {expected}; exiting now"]
+    assert (tmp_path / "marked").read_text() == "KILLED"  # e.g. the MLflow run, never left RUNNING
