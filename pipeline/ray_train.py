@@ -25,6 +25,7 @@ from pipeline.resources import WorkerRequest, ensure_placeable
 log = logging.getLogger(__name__)
 
 _SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkpoints it registered
+DEBUG_ENV = "CCNET_DEBUG"  # set by --debug for the Ray processes: their logging stays verbose
 
 
 @dataclass
@@ -133,6 +134,13 @@ def project_logging() -> None:
         project.addHandler(handler)
     project.setLevel(logging.INFO)
     project.propagate = False
+    # Ray Train's worker-side notices ("Reporting training result ...") go through the root logger.
+    logging.getLogger().setLevel(logging.DEBUG if os.environ.get(DEBUG_ENV) else logging.WARNING)
+
+
+def ray_log_level() -> str:
+    """Ray's own log level: ERROR, or INFO when the command runs with ``--debug``."""
+    return "INFO" if logging.getLogger().isEnabledFor(logging.DEBUG) else "ERROR"
 
 
 def _init_quietly() -> None:
@@ -143,9 +151,12 @@ def _init_quietly() -> None:
 
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
-    debug = root.isEnabledFor(logging.DEBUG)
+    if ray_log_level() == "INFO":
+        os.environ[DEBUG_ENV] = "1"  # workers and trials inherit it
+    else:  # the core workers' C++ notices (e.g. core_worker.cc on the PreemptionWatcher actor)
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     ray.init(include_dashboard=False, log_to_driver=True,
-             logging_config=ray.LoggingConfig(log_level="INFO" if debug else "ERROR"))
+             logging_config=ray.LoggingConfig(log_level=ray_log_level()))
     for handler in root.handlers[:]:
         if handler not in handlers:
             root.removeHandler(handler)
@@ -205,7 +216,7 @@ def fit(config: Config, run_id: str | None, tracking_uri: str | None, callbacks:
 
     ``callbacks`` go to the trainer's RunConfig (a search passes Tune's ``TuneReportCallback``).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     connect(config)
@@ -234,6 +245,7 @@ def fit(config: Config, run_id: str | None, tracking_uri: str | None, callbacks:
             failure_config=FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
             callbacks=callbacks,
+            logging_config=LoggingConfig(log_level=ray_log_level()),  # the controller's notices
         ),
     )
     result = trainer.fit()

@@ -114,6 +114,9 @@ def _import_mlflow() -> Any:
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     import mlflow
 
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):  # --debug shows MLflow's and alembic's notices
+        for name in ("mlflow", "alembic"):  # "Creating initial MLflow database tables...", migrations
+            logging.getLogger(name).setLevel(logging.WARNING)
     return mlflow
 
 
@@ -622,7 +625,7 @@ class Tracker:
                     pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
                     code_paths=[str(Path(ccnet.__file__).parent)], signature=signature, input_example=example,
                     extra_files=[checkpoint] if checkpoint else None, registered_model_name=registered_name,
-                    await_registration_for=60)
+                    await_registration_for=60, validate_serving_input=False)  # JSON lists: not a tensor
             for key, value in (metrics or {}).items():
                 client.log_metric(self._run_id, key, value, model_id=info.model_id)
             if registered_name and info.registered_model_version is not None:
