@@ -12,6 +12,7 @@ Every write of the lease is a compare-and-swap (:func:`pipeline.storage.write_if
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -22,9 +23,11 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 from pipeline import storage
+from pipeline.paths import parse_location
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +108,7 @@ class RunLease:
         self._version: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._created: list[Path] = []
 
     def _payload(self) -> bytes:
         fields = {**self.owner.__dict__, "expires": time.time() + self.ttl}
@@ -114,6 +118,11 @@ class RunLease:
         """Takes the lease or raises LeaseHeld naming the live owner; starts the renewal thread."""
         if storage.is_s3(self.uri):
             storage.ensure_bucket(self.uri)
+        else:  # folders this lease creates, removed again on release if nothing else was written there
+            folder = Path(parse_location(self.uri).path).parent.absolute()
+            while not folder.exists():
+                self._created.append(folder)
+                folder = folder.parent
         current = storage.read_versioned(self.uri)
         if current is not None:
             holder = _decode(current[0], self.uri)
@@ -171,6 +180,10 @@ class RunLease:
                 log.warning("%s: could not remove the lease (it expires in %.0f s): %s", self.name, self.ttl,
                             error)
         self._version = None
+        for folder in self._created:  # deepest first; a folder that holds anything stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        self._created = []
 
     def __enter__(self) -> RunLease:
         return self.acquire()

@@ -142,7 +142,12 @@ def test_a_nonsense_time_to_live_is_refused(ttl: float, tmp_path: Path) -> None:
 
 
 def test_a_released_local_lease_leaves_no_file_behind(tmp_path: Path) -> None:
-    prefix = tmp_path / "a-run"
+    prefix = tmp_path / "runs" / "a-run"
     with RunLease(str(prefix), "run 'a-run'", ttl=30):
         assert os.listdir(prefix) == [LEASE_FILE]
-    assert os.listdir(prefix) == []  # the compare-and-swap locks the folder itself, not a lock file
+    assert os.listdir(tmp_path) == []  # no lock file (the folder itself is locked), no folder it created
+    prefix.mkdir(parents=True)
+    (prefix / "checkpoint.pt").write_bytes(b"")
+    with RunLease(str(prefix), "run 'a-run'", ttl=30):
+        pass
+    assert os.listdir(prefix) == ["checkpoint.pt"]  # what was there stays

@@ -52,12 +52,17 @@ def test_ray_data_pads_crops_with_the_manifests_ignore_index(
 ORPHAN = "checkpoint_2099-01-01_00-00-00.000000"
 
 
-def _orphan_checkpoint(run_folder: str, iteration: int) -> None:
-    """A checkpoint folder Ray does not list: the newest registered one, relabelled as ``iteration``."""
+def _latest_registered(run_folder: str) -> dict:
     snapshot = json.loads(storage.read_bytes(storage.join(run_folder, "checkpoint_manager_snapshot.json")))
     latest = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
-    state = checkpoints.load(storage.join(run_folder, latest))
-    state["iteration"] = iteration
+    return checkpoints.load(storage.join(run_folder, latest))
+
+
+def _orphan_checkpoint(run_folder: str, iteration: int, best_miou: float) -> None:
+    """A checkpoint folder Ray does not list: the newest registered one, relabelled as ``iteration`` and
+    marked with ``best_miou`` (which a run resumed from it carries on)."""
+    state = _latest_registered(run_folder)
+    state["iteration"], state["best_miou"] = iteration, best_miou
     storage.write_bytes(storage.join(run_folder, ORPHAN, "checkpoint.pt"), checkpoints.to_bytes(state))
 
 
@@ -107,15 +112,18 @@ def test_two_workers_on_s3_and_mlflow(
             # As if a second attempt had written a checkpoint at 5 that Ray never registered and logged steps
             # 5-6 before Ctrl-C: the same command, now for 7 iterations, resumes at 5 (not at Ray's 4), logs
             # no step twice, removes the orphaned folder, and continues the same MLflow run.
-            _orphan_checkpoint(storage.join(config.run.storage, config.run.name), iteration=5)
+            run_folder = storage.join(config.run.storage, config.run.name)
+            _orphan_checkpoint(run_folder, iteration=5, best_miou=0.999)
             MlflowClient(mlflow_server.uri).log_batch(report.run_id, metrics=[
                 Metric("train/loss", 9.0, 0, step) for step in (5, 6)])
             config.train.iterations = 7
             with caplog.at_level(logging.INFO):
                 resumed = run_training(config)
             assert resumed.run_id == report.run_id
-            assert "which the run wrote but Ray never registered" in caplog.text
             assert "removed 1 checkpoint folder(s) that Ray never registered" in caplog.text
+            # Resumed from the orphan, not from Ray's iteration 4: its marker best mIoU carried on.
+            final = _latest_registered(run_folder)
+            assert final["iteration"] == 7 and final["best_miou"] == 0.999
             assert not any(name.startswith(ORPHAN) for name in storage.list_files(config.run.storage))
     finally:
         ray.shutdown()
