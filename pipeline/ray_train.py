@@ -153,8 +153,6 @@ def _init_quietly() -> None:
     level, handlers = root.level, list(root.handlers)
     if ray_log_level() == "INFO":
         os.environ[DEBUG_ENV] = "1"  # workers and trials inherit it
-    else:  # the core workers' C++ notices (e.g. core_worker.cc on the PreemptionWatcher actor)
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     ray.init(include_dashboard=False, log_to_driver=True,
              logging_config=ray.LoggingConfig(log_level=ray_log_level()))
     for handler in root.handlers[:]:

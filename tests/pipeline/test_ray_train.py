@@ -133,7 +133,7 @@ def test_two_workers_on_s3_and_mlflow(
     assert run.info.status == "FINISHED"
     assert run.data.params["run.num_workers"] == "2" and run.data.params["model.name"] == "ccnet_tiny"
     losses = client.get_metric_history(report.run_id, "train/loss")
-    assert [m.step for m in losses] == ([1, 2, 3, 4, 5, 6, 7] if loader == "torch" else [1, 2, 3, 4])
+    assert sorted(m.step for m in losses) == ([1, 2, 3, 4, 5, 6, 7] if loader == "torch" else [1, 2, 3, 4])
     assert "final/multi-scale_flip/mIoU" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(report.run_id, "checkpoints/best")}
     assert artifacts == {"checkpoints/best/checkpoint.pt"}
