@@ -54,6 +54,14 @@ class ModelConfig:
     embedding_channels: int | None = None  # > 0: the projection that train.consistency_weight trains
     sync_bn: bool = True  # SyncBatchNorm across GPU workers
 
+    def resolved(self) -> Any:
+        """The model's ``CCNetConfig`` as it will be built: the registered preset with these overrides
+        (``pretrained`` aside: a file is checked when it is loaded). Raises ValueError for a bad value."""
+        from ccnet import model_config
+
+        options = {k: v for k, v in self.overrides().items() if k != "pretrained"}
+        return model_config(self.name, **options)
+
     def overrides(self) -> dict[str, Any]:
         """The CCNetConfig fields to override (those not None); ``pretrained: none`` means no weights."""
         names = (
@@ -311,13 +319,12 @@ class Config:
 
 def _check_model(model: ModelConfig, source: str) -> None:
     """The model name and options, checked by the model library itself before anything runs."""
-    from ccnet import list_models, model_config
+    from ccnet import list_models
 
     if model.name not in list_models():
         raise ConfigError(f"{source}: model.name={model.name!r} is not a registered model (`ccnet models`)")
-    options = {k: v for k, v in model.overrides().items() if k != "pretrained"}
     try:
-        model_config(model.name, **options)
+        model.resolved()
     except ValueError as error:  # "invalid model config: attention='x'; choose one of [...]"
         setting, _, hint = str(error).removeprefix("invalid model config: ").partition("; ")
         hint = f"; {hint}" if hint else ""

@@ -55,10 +55,7 @@ def run_params(config: Config) -> dict[str, Any]:
     """What defines a training, as MLflow params: the model as built (the registry's values where the config
     says null), the data, recipe, evaluation and workers; not the tracking or search settings, nor knobs that
     do not change the result. The whole resolved config is the run's ``config.yaml``."""
-    from ccnet import model_config
-
-    options = {k: v for k, v in config.model.overrides().items() if k != "pretrained"}
-    model = model_config(config.model.name, **options)
+    model = config.model.resolved()
     params = {key: value for key, value in config.flat().items()
               if not key.startswith(("tracking.", "tune.", "model.")) and key not in _OPERATIONAL}
     params |= {"model.name": config.model.name, "model.pretrained": config.model.pretrained,
