@@ -89,10 +89,9 @@ def log_run_context(tracker: Any, config: Config, variant: str | None = None,
         tracker.log_dataset(name, digest, config.data.uri, profile, context)
 
 
-def describe_results(config: Config, results: dict[str, Any], best: dict[str, Any]) -> str:
+def describe_results(config: Config, results: dict[str, Any], best: dict[str, Any], manifest: Any) -> str:
     """The run's description (``mlflow.note.content``): what it is and its headline results."""
     figures = ", ".join(f"{result.miou * 100:.1f} {protocol}" for protocol, result in results.items())
-    manifest = open_manifest(config.data.uri)
     return (f"{config.model.name} ({variant_label(config)}) trained {config.train.iterations} iterations on "
             f"{manifest.dataset} {manifest.version} {config.data.train_split}, crop {config.data.crop_size}. "
             f"Val mIoU ({config.data.val_split}) of the best checkpoint (iteration {best['iteration']}): "
@@ -226,7 +225,8 @@ def _train_and_record(config: Config, tracker: Any, tracking_uri: str,
     made_best = {"ccnet.best.iteration": str(state["iteration"])}
     if state.get("best_miou") is not None:
         made_best["ccnet.best.val_mIoU"] = f"{state['best_miou']:.4f}"
-    tracker.set_tags({"mlflow.note.content": describe_results(config, results, state), **made_best})
+    note = describe_results(config, results, state, dataset.manifest)
+    tracker.set_tags({"mlflow.note.content": note, **made_best})
     if last != best_bytes:  # the same bytes once: often the last checkpoint is the best
         _log_bytes(tracker, last, "checkpoints/last")
     _log_plots(tracker, model, dataset, results, config.run.name)
