@@ -117,7 +117,18 @@ def _import_mlflow() -> Any:
     if not logging.getLogger().isEnabledFor(logging.DEBUG):  # --debug shows MLflow's and alembic's notices
         for name in ("mlflow", "alembic"):  # "Creating initial MLflow database tables...", migrations
             logging.getLogger(name).setLevel(logging.WARNING)
+        pytorch = logging.getLogger("mlflow.pytorch")
+        if not any(isinstance(f, _PickleNotice) for f in pytorch.filters):
+            pytorch.addFilter(_PickleNotice())
     return mlflow
+
+
+class _PickleNotice(logging.Filter):
+    """Drops MLflow's advice to log PyTorch models as ``pt2`` instead of pickle, printed at every model
+    logged: the project pickles on purpose (README, model registry) and never unpickles what it reads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "serialization_format" not in record.getMessage()
 
 
 @contextlib.contextmanager
@@ -608,7 +619,7 @@ class Tracker:
         with torch.inference_mode():
             classes = int(model(torch.from_numpy(example)).shape[1])
         floats = np.dtype(np.float32)
-        signature = ModelSignature(inputs=Schema([TensorSpec(floats, (-1, 3, -1, -1), "image")]),
+        signature = ModelSignature(inputs=Schema([TensorSpec(floats, (-1, 3, -1, -1))]),
                                    outputs=Schema([TensorSpec(floats, (-1, classes, -1, -1))]))
         version: list[str] = []
 
@@ -625,7 +636,7 @@ class Tracker:
                     pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
                     code_paths=[str(Path(ccnet.__file__).parent)], signature=signature, input_example=example,
                     extra_files=[checkpoint] if checkpoint else None, registered_model_name=registered_name,
-                    await_registration_for=60, validate_serving_input=False)  # JSON lists: not a tensor
+                    await_registration_for=60)
             for key, value in (metrics or {}).items():
                 client.log_metric(self._run_id, key, value, model_id=info.model_id)
             if registered_name and info.registered_model_version is not None:

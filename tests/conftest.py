@@ -47,29 +47,45 @@ def find_weed() -> str | None:
     return shutil.which("weed", path=sysconfig.get_path("scripts")) or shutil.which("weed")
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports free on 127.0.0.1 right now (held together so that they differ)."""
-    sockets = [socket.socket() for _ in range(count)]
+def _fixed_port_range() -> range:
+    """Ports a server may be given: above Ray's worker ports (10002-19999) and below the kernel's ephemeral
+    range, which every process connecting or binding port 0 draws from (a port chosen free there can be taken
+    by such a process before the server binds it)."""
     try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    return range(20000, max(ephemeral_low, 25000))
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports free on 127.0.0.1 right now, outside the ephemeral range."""
+    candidates = _fixed_port_range()
+    chosen: list[int] = []
+    for _ in range(100 * count):
+        port = secrets.choice(candidates)
+        if port not in chosen and _bindable(port):
+            chosen.append(port)
+            if len(chosen) == count:
+                return chosen
+    raise RuntimeError(f"no {count} free ports on 127.0.0.1")
 
 
 def free_port_pair(offset: int, avoid: set[int]) -> tuple[int, int]:
-    """Ports ``p`` and ``p + offset``, both free on 127.0.0.1 and outside ``avoid``."""
+    """Ports ``p`` and ``p + offset``, both free on 127.0.0.1, outside ``avoid`` and the ephemeral range."""
+    candidates = _fixed_port_range()
     for _ in range(100):
-        port = secrets.choice(range(20000, 65535 - offset))
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + offset))
-        except OSError:
-            continue
-        if not {port, port + offset} & avoid:
+        port = secrets.choice(range(candidates.start, candidates.stop - offset))
+        if not {port, port + offset} & avoid and _bindable(port) and _bindable(port + offset):
             return port, port + offset
     raise RuntimeError("no free pair of ports on 127.0.0.1")
 

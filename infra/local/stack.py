@@ -172,6 +172,15 @@ class Stack:
     def log_file(self, service: str) -> Path:
         return self.logs / f"{service}.log"
 
+    def last_log_line(self, service: str) -> str:
+        """The last non-blank line ``service`` logged (its error, when it exited), shortened."""
+        try:
+            lines = [line.strip() for line in self.log_file(service).read_text(errors="replace").splitlines()]
+        except OSError:
+            return "no log"
+        last = next((line for line in reversed(lines) if line), "empty log")
+        return last if len(last) <= 200 else last[:197] + "..."
+
     # -- health --------------------------------------------------------------------------------------------
     def alive(self, service: str) -> bool:
         entry = self.pids().get(service)
@@ -211,7 +220,8 @@ class Stack:
         deadline = time.monotonic() + timeout
         while not self.healthy(service):
             if not self.alive(service):
-                raise RuntimeError(f"{service} exited during start-up; see {self.log_file(service)}")
+                raise RuntimeError(f"{service} exited during start-up ({self.last_log_line(service)}); "
+                                   f"see {self.log_file(service)}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{service} not healthy after {timeout:.0f} s; "
                                    f"see {self.log_file(service)}")

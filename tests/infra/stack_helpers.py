@@ -34,19 +34,38 @@ def running_stack() -> Iterator[tuple[Path, dict[str, int]]]:
     down and removed at the end if a test has not done it."""
     if not all((SCRIPTS / name).exists() for name in ("weed", "mlflow", "ray")):
         pytest.skip("the venv lacks weed, mlflow or ray")
-    root = Path(tempfile.mkdtemp(prefix="ccnet-stack-", dir="/tmp"))
-    names = WEED_PORTS + OTHER_PORTS
-    ports = dict(zip(names, free_ports(len(names)), strict=True))
-    # weed's worker dials the admin port + 10000 whatever -admin.port.grpc says: both must be free.
-    ports["admin"], ports["admin.grpc"] = free_port_pair(10000, set(ports.values()))
-    result = run_stack(root, "up", *(f"--port={name}={port}" for name, port in ports.items()))
+    failures = []
+    for _attempt in range(2):
+        # The ports are free when chosen, but processes starting meanwhile (Ray's own workers and gRPC
+        # servers take ephemeral ports) can take one first: a start-up that failed is retried once on others.
+        root = Path(tempfile.mkdtemp(prefix="ccnet-stack-", dir="/tmp"))
+        names = WEED_PORTS + OTHER_PORTS
+        ports = dict(zip(names, free_ports(len(names)), strict=True))
+        # weed's worker dials the admin port + 10000 whatever -admin.port.grpc says: both must be free.
+        ports["admin"], ports["admin.grpc"] = free_port_pair(10000, set(ports.values()))
+        result = run_stack(root, "up", *(f"--port={name}={port}" for name, port in ports.items()))
+        if result.returncode == 0:
+            break
+        failures.append(result.stdout + result.stderr + _log_tails(root))
+        run_stack(root, "down")
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        pytest.fail("\n".join(failures), pytrace=False)
     try:
-        assert result.returncode == 0, result.stdout + result.stderr
         yield root, ports
     finally:
         if (root / "pids.json").exists():  # a test failed before `down`
             run_stack(root, "down")
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _log_tails(root: Path, lines: int = 15) -> str:
+    """The last ``lines`` lines of every service log under ``root`` (why a start-up failed)."""
+    tails = []
+    for log in sorted((root / "logs").glob("*.log")):
+        text = log.read_text(errors="replace").splitlines()[-lines:]
+        tails.append(f"--- {log.name}\n" + "\n".join(text))
+    return "\n".join(tails)
 
 
 def stack_env(root: Path) -> dict[str, str]:
