@@ -29,8 +29,8 @@ from pipeline.config import Config, ConfigError, apply_overrides, config_from_di
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # The metrics a trial reports at its end (pipeline.tune) that the table summarises.
-SINGLE = "final/single-scale/mIoU"
-MULTI = "final/multi-scale_flip/mIoU"
+SINGLE = "final/mIoU_ss"
+MULTI = "final/mIoU_ms_flip"
 IMAGES_PER_SECOND = "train/median_images_per_second"
 PEAK_MEMORY = "train/peak_memory_mib"
 # Modules whose FLOPs count as "attention" (``FlopCounterMode`` names them from the model's class).

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 SINGLE_SCALE = "single-scale"
 MULTI_SCALE = "multi-scale+flip"
+# The protocols' suffixes in metric names: final/mIoU_ss, final/mIoU_ms_flip, final/IoU_ss/<class>, ...
+PROTOCOL_SUFFIX = {SINGLE_SCALE: "ss", MULTI_SCALE: "ms_flip"}
 
 
 def metric_name(name: str) -> str:
@@ -134,6 +136,17 @@ class EvalResult:
             key = f"{head}IoU/{metric_name(name)}"
             metrics[f"{key}_{index}" if key in metrics else key] = value
         return metrics
+
+    def state(self) -> dict[str, Any]:
+        """The result as plain values and one tensor, for a checkpoint (loads with ``weights_only=True``)."""
+        return {"confusion": self.confusion.clone(), "class_names": list(self.class_names),
+                "ignore_index": self.ignore_index, "mode": self.mode, "scales": list(self.scales),
+                "flip": self.flip, "num_images": self.num_images, "fusion": self.fusion}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> EvalResult:
+        """The inverse of :meth:`state`."""
+        return cls(**{**state, "scales": tuple(state["scales"])})
 
     def table(self) -> str:
         """Markdown table of per-class IoU and accuracy (in %), then the means."""
@@ -298,6 +311,7 @@ def evaluate_protocols(
     *,
     eval_config: EvalConfig,
     num_classes: int,
+    single_scale: EvalResult | None = None,
     **kwargs: Any,
 ) -> dict[str, EvalResult]:
     """Evaluate single-scale and with the configured scales and flip, both in ``eval_config.mode``.
@@ -307,6 +321,9 @@ def evaluate_protocols(
         eval_config: mode, window geometry, scales, flip, fusion and max_images.
         **kwargs: any other :func:`evaluate` keyword (ignore_index, class_names, device, rank, ...).
 
+        single_scale: the single-scale result of this model on ``dataset`` in this mode, when it is already
+            known (the training's validation of the best checkpoint): used instead of evaluating again.
+
     Returns:
         ``{"single-scale": scales (1.0,) without flip, "multi-scale+flip": eval_config.scales and flip}``.
     """
@@ -315,11 +332,24 @@ def evaluate_protocols(
         stride=eval_config.stride, fusion=eval_config.fusion, max_images=eval_config.max_images, **kwargs,
     )
     return {
-        SINGLE_SCALE: evaluate(model, dataset, scales=(1.0,), flip=False, **common),
+        SINGLE_SCALE: single_scale or evaluate(model, dataset, scales=(1.0,), flip=False, **common),
         MULTI_SCALE: evaluate(
             model, dataset, scales=tuple(eval_config.scales), flip=eval_config.flip, **common
         ),
     }
+
+
+def summary_metrics(results: Mapping[str, EvalResult], prefix: str = "final") -> dict[str, float]:
+    """The final results as short metric names, each figure once: ``{prefix}/mIoU_ss``,
+    ``{prefix}/mIoU_ms_flip``, ``{prefix}/pixel_accuracy_ss``, ``{prefix}/mean_accuracy_ms_flip``, ... and the
+    per-class ``{prefix}/IoU_ss/<class>`` (names as in :meth:`EvalResult.as_metrics`)."""
+    metrics: dict[str, float] = {}
+    for protocol, result in results.items():
+        suffix = PROTOCOL_SUFFIX.get(protocol) or metric_name(protocol)
+        for name, value in result.as_metrics("").items():
+            head, _, tail = name.partition("/")
+            metrics[f"{prefix}/{head}_{suffix}" + (f"/{tail}" if tail else "")] = value
+    return metrics
 
 
 def protocol_table(results: Mapping[str, EvalResult]) -> str:

@@ -145,11 +145,15 @@ def _log_plots(tracker: Any, model: torch.nn.Module, dataset: ShardDataset, resu
 
 
 def evaluate_checkpoint(
-    config: Config, checkpoint_uri: str, split: str | None = None
+    config: Config, checkpoint_uri: str, split: str | None = None, reuse_validation: bool = False
 ) -> tuple[torch.nn.Module, ShardDataset, dict]:
     """Load a checkpoint and evaluate it single-scale and multi-scale + flip on ``split`` (default: the
-    config's ``data.val_split``), normalising images as the checkpoint's model expects."""
-    from pipeline.evaluation import evaluate_protocols
+    config's ``data.val_split``), normalising images as the checkpoint's model expects.
+
+    With ``reuse_validation`` (a training's own best checkpoint, evaluated with the training's config), the
+    single-scale result is the validation that made the checkpoint best, stored with it, instead of a second
+    pass over the same images computing the same figures."""
+    from pipeline.evaluation import EvalResult, evaluate_protocols
 
     manifest = open_manifest(config.data.uri)
     model = build_model(config, manifest.num_classes, pretrained=False)
@@ -161,9 +165,15 @@ def evaluate_checkpoint(
         config.data.uri, split or config.data.val_split,
         transform=build_eval_transform(normalization.mean, normalization.std),
     )
+    # The training validated in its AMP precision; the final results are in float32.
+    same = reuse_validation and split in (None, config.data.val_split) and config.train.amp == "O0"
+    stored = state.get("val_result") if same else None
+    single_scale = EvalResult.from_state(stored) if stored else None
+    if single_scale and (single_scale.mode, single_scale.fusion) != (config.eval.mode, config.eval.fusion):
+        single_scale = None
     results = evaluate_protocols(
         model, dataset, eval_config=config.eval, num_classes=manifest.num_classes,
-        ignore_index=manifest.ignore_index,
+        ignore_index=manifest.ignore_index, single_scale=single_scale,
     )
     return model, dataset, results
 
@@ -174,13 +184,12 @@ def end_status(error: BaseException) -> str:
 
 
 def log_final_results(tracker: Any, results: dict[str, Any], step: int) -> dict[str, float]:
-    """Log each protocol's results as ``final/<protocol>/...`` metrics and the table as
-    ``evaluation/results.md``; returns the metrics logged (NaN for a class never seen)."""
-    from pipeline.evaluation import protocol_table
+    """Log the protocols' results once, under short names (``final/mIoU_ss``, ``final/mIoU_ms_flip``, ...:
+    :func:`pipeline.evaluation.summary_metrics`), and the table as ``evaluation/results.md``; returns the
+    metrics logged (NaN for a class never seen)."""
+    from pipeline.evaluation import protocol_table, summary_metrics
 
-    metrics: dict[str, float] = {}
-    for protocol, result in results.items():
-        metrics.update(result.as_metrics(f"final/{protocol.replace('+', '_')}"))  # no '+' in MLflow names
+    metrics = summary_metrics(results)
     tracker.log_metrics(metrics, step=step)
     tracker.log_text(protocol_table(results), "evaluation/results.md")
     return metrics
@@ -216,7 +225,7 @@ def _train_and_record(config: Config, tracker: Any, tracking_uri: str,
         last = storage.read_bytes(store.latest() or store.best_uri())
     lease.check()  # another writer took the run over meanwhile: publish nothing as this run's
     best = store.best_uri()
-    model, dataset, results = evaluate_checkpoint(config, best)
+    model, dataset, results = evaluate_checkpoint(config, best, reuse_validation=True)
     tracker.settle()  # an outage near the end: wait for the server before the final results and files
     table = protocol_table(results)
     log_final_results(tracker, results, config.train.iterations)

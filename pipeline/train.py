@@ -247,7 +247,7 @@ def train_loop(
     config: Config, session: Session, run_id: str | None = None, tracker: Any | None = None
 ) -> TrainSummary:
     """Train (or resume) ``config`` in this worker; returns a summary. Rank 0 logs to ``tracker``."""
-    from pipeline.evaluation import evaluate
+    from pipeline.evaluation import EvalResult, evaluate
 
     train_cfg, data_cfg = config.train, config.data
     amp_dtype = AMP_DTYPES[train_cfg.amp]
@@ -299,15 +299,21 @@ def train_loop(
             "rng": torch.get_rng_state(), "mlflow_run_id": run_id, "model_name": config.model.name,
             "num_classes": manifest.num_classes, "config": config.to_dict(),
             "normalization": normalization.as_dict(),
+            "val_result": validated[1].state() if validated and validated[0] == iteration else None,
         }
 
+    # This iteration's validation goes into its checkpoints (the final results reuse the best one's).
+    validated: tuple[int, EvalResult] | None = None
+
     def validate() -> dict[str, float]:
+        nonlocal validated
         result = evaluate(
             unwrap(model), val_data, num_classes=manifest.num_classes, ignore_index=manifest.ignore_index,
             mode=config.eval.mode, crop_size=config.eval.crop_size, stride=config.eval.stride,
             fusion=config.eval.fusion, max_images=config.eval.max_images, device=session.device,
             rank=session.rank, world_size=session.world_size, progress=False, amp_dtype=amp_dtype,
         )
+        validated = (iteration, result)
         model.train()
         # mIoU, pixel accuracy and per-class IoU; classes absent from the images (NaN) are left out
         return {name: value for name, value in result.as_metrics("val").items() if not math.isnan(value)}

@@ -100,7 +100,8 @@ def _final_evaluation(config: Config, tracker: Any) -> dict[str, float]:
     from pipeline.run import evaluate_checkpoint, log_final_results
     from pipeline.train import run_uri
 
-    _, _, results = evaluate_checkpoint(config, CheckpointStore(run_uri(config)).best_uri())
+    _, _, results = evaluate_checkpoint(config, CheckpointStore(run_uri(config)).best_uri(),
+                                        reuse_validation=True)
     metrics = log_final_results(tracker, results, config.train.iterations)
     return {key: value for key, value in metrics.items() if value == value}  # NaN: a class never seen
 

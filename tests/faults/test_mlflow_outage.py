@@ -102,4 +102,4 @@ def test_outage_during_a_run_loses_no_metric(dataset: str, tmp_path: Path, mlflo
     steps = [metric.step for metric in client.get_metric_history(report.run_id, "train/loss")]
     assert sorted(steps) == list(range(4, iterations + 1, 4))  # every logged step, the outage's included
     run = client.get_run(report.run_id)
-    assert run.info.status == "FINISHED" and "final/multi-scale_flip/mIoU" in run.data.metrics
+    assert run.info.status == "FINISHED" and "final/mIoU_ms_flip" in run.data.metrics

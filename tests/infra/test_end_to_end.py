@@ -116,7 +116,7 @@ def test_training_job_records_metrics_and_checkpoint_in_s3(env: dict[str, str],
     (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'e2e-train'")
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2, 4]
-    assert "final/multi-scale_flip/mIoU" in run.data.metrics
+    assert "final/mIoU_ms_flip" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/best")}
     assert artifacts == {"checkpoints/best/checkpoint.pt"}
     keys = {item["Key"] for item in _s3(env).list_objects_v2(Bucket="ccnet", Prefix="mlflow/")["Contents"]}

@@ -61,7 +61,13 @@ def test_train_records_a_run(trained: dict[str, str]) -> None:
     assert best_iteration in (2, 4) and 0 <= float(tags["ccnet.best.val_mIoU"]) <= 1
     stored = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
     assert stored == {"checkpoints/best"} | ({"checkpoints/last"} if best_iteration != 4 else set())
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mIoU")] == [2, 4]
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/mIoU")}
+    assert list(history) == [2, 4]
+    # The final results once, under short names; single-scale is the validation that made best, not rerun.
+    final = {key for key in run.data.metrics if key.startswith("final/")}
+    assert {"final/mIoU_ss", "final/mIoU_ms_flip", "final/pixel_accuracy_ss"} <= final
+    assert not any("single-scale" in key or "multi-scale" in key for key in final)
+    assert run.data.metrics["final/mIoU_ss"] == history[best_iteration]
     names = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert names == {"plots/confusion_matrix.png", "plots/predictions.png", "plots/attention.png"}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ccnet.models import build_ccnet
 from pipeline.config import EvalConfig
-from pipeline.evaluation import EvalResult, evaluate, evaluate_protocols, protocol_table
+from pipeline.evaluation import EvalResult, evaluate, evaluate_protocols, protocol_table, summary_metrics
 
 CLASSES = ("road", "car", "traffic light", "sky")
 IGNORE = 255
@@ -196,6 +196,29 @@ def test_protocols_and_their_table() -> None:
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("|")}
     assert "46.67" in rows["single-scale"] and "46.67" in rows["multi-scale+flip"]
     assert "66.67" in rows["traffic light"]
+
+
+def test_protocols_reuse_a_known_single_scale_result_and_the_summary_names_each_figure_once(
+    tmp_path: Path,
+) -> None:
+    config = EvalConfig(mode="whole", scales=[1.0, 2.0], flip=True)
+    torch.save(EvalResult(torch.tensor(CONFUSION), CLASSES, num_images=2).state(), tmp_path / "state.pt")
+    restored = EvalResult.from_state(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert restored.confusion.tolist() == CONFUSION and restored.class_names == CLASSES
+    assert (restored.scales, restored.flip, restored.num_images) == ((1.0,), False, 2)
+    model = ChannelArgmax()
+    results = evaluate_protocols(model, hand_dataset(), eval_config=config, num_classes=4,
+                                 class_names=CLASSES, progress=False, single_scale=restored)
+    assert results["single-scale"] is restored
+    assert len(model.calls) == 8  # only the multi-scale + flip pass ran: 2 images x 2 scales x 2 flips
+    metrics = summary_metrics(results)
+    assert metrics["final/mIoU_ss"] == pytest.approx(MIOU) == metrics["final/mIoU_ms_flip"]
+    assert metrics["final/pixel_accuracy_ms_flip"] == pytest.approx(PIXEL_ACCURACY)
+    assert metrics["final/IoU_ss/traffic_light"] == pytest.approx(2 / 3)
+    assert math.isnan(metrics["final/IoU_ms_flip/sky"])
+    # per protocol: mIoU, pixel and mean accuracy, 4 classes; nothing else, no name twice
+    assert len(metrics) == 2 * (3 + 4)
+    assert not any("single-scale" in key or "+" in key for key in metrics)
 
 
 @pytest.mark.parametrize("fusion", ["logits", "probs"])

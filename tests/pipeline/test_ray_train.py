@@ -134,7 +134,7 @@ def test_two_workers_on_s3_and_mlflow(
     assert run.data.params["run.num_workers"] == "2" and run.data.params["model.name"] == "ccnet_tiny"
     losses = client.get_metric_history(report.run_id, "train/loss")
     assert sorted(m.step for m in losses) == ([1, 2, 3, 4, 5, 6, 7] if loader == "torch" else [1, 2, 3, 4])
-    assert "final/multi-scale_flip/mIoU" in run.data.metrics
+    assert "final/mIoU_ms_flip" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(report.run_id, "checkpoints/best")}
     assert artifacts == {"checkpoints/best/checkpoint.pt"}
     assert {a.path for a in client.list_artifacts(report.run_id, "evaluation")} == {"evaluation/results.md"}

@@ -103,7 +103,7 @@ def test_ablation_grid_of_variants_and_seeds(tiny_run: tuple[list[str], str], tm
         axial = child.data.tags["ccnet.variant"] == "axial_r1"  # fcn: the preset's attention, as resolved
         assert (child.data.params["model.attention"], child.data.params["model.recurrence"]) == (
             ("axial", "1") if axial else ("criss_cross", "0"))
-        assert "final/multi-scale_flip/mIoU" in child.data.metrics
+        assert "final/mIoU_ms_flip" in child.data.metrics
     artifacts = {a.path for a in client.list_artifacts(report.parent_run_id, "ablation")}
     assert artifacts == {"ablation/results.md", "ablation/results.csv", "ablation/chart.png"}
     logged = client.download_artifacts(report.parent_run_id, "ablation/results.md", str(tmp_path))
