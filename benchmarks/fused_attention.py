@@ -1,11 +1,12 @@
-"""Fused criss-cross attention vs the einsum reference vs Non-local: forward + backward, side by side.
+"""The attention implementations side by side: Triton vs lean vs autograd (einsum reference), and Non-local;
+forward + backward.
 
     python benchmarks/fused_attention.py                       # 97x97x512, batch 8, bf16 autocast (CUDA)
     python benchmarks/fused_attention.py --batch 1 --feature-size 33 --dtype float32   # a quick one
 
 Each row is one module (a single step, R=1, with the 1x1 projections) timed over ``--repeats`` forward +
 backward passes after a warm-up (median), and its peak memory above the input during one pass. Ratios are
-to the einsum reference (``memory_efficient=False``: plain autograd through the energy tensor). The fused
+to the einsum reference (``impl='autograd'``: plain autograd through the energy tensor). The Triton
 rows need CUDA (Triton); on the CPU they are left out and the others still run.
 """
 
@@ -28,16 +29,15 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def variants(channels: int, cuda: bool) -> dict[str, Callable[[], nn.Module]]:
     rows: dict[str, Callable[[], nn.Module]] = {}
     if cuda:
-        rows["criss-cross fused (Triton)"] = lambda: CrissCrossAttention(channels, fused=True)
+        rows["criss-cross fused (Triton)"] = lambda: CrissCrossAttention(channels, impl="triton")
     rows |= {
-        "criss-cross einsum (reference)": lambda: CrissCrossAttention(channels, memory_efficient=False,
-                                                                      fused=False),
-        "criss-cross lean backward": lambda: CrissCrossAttention(channels, fused=False),
+        "criss-cross einsum (reference)": lambda: CrissCrossAttention(channels, impl="autograd"),
+        "criss-cross lean backward": lambda: CrissCrossAttention(channels, impl="lean"),
         "non-local": lambda: NonLocal2d(channels),
     }
     if cuda:
-        rows["rows-then-columns fused"] = lambda: AxialAttention(channels, fused=True)
-    rows["rows-then-columns einsum"] = lambda: AxialAttention(channels, fused=False)
+        rows["rows-then-columns fused"] = lambda: AxialAttention(channels, impl="triton")
+    rows["rows-then-columns einsum"] = lambda: AxialAttention(channels, impl="autograd")
     return rows
 
 

@@ -12,31 +12,52 @@ dtype.
   output of the row pass, so one module reaches every pixel.
 - :class:`NonLocal2d`: dense attention over all H * W pixels (Wang et al., CVPR 2018), the paper's baseline.
 - :class:`RecurrentAttention`: the same module applied ``recurrence`` times with shared weights (RCCA).
+
+Each module computes its function with one of several implementations, chosen once by ``impl`` at
+construction (``CCNetConfig.impl``, ``model.impl`` in run configs) and dispatched in one place
+(:meth:`_QKVAttention.forward`):
+
+- ``autograd``: the reference einsums (:mod:`ccnet.attention_reference`), differentiated by autograd;
+- ``lean`` (criss-cross only): when training, a step with a hand-written backward that keeps only the input
+  and the attention (:mod:`ccnet.attention_lean`); inference runs the reference forward;
+- ``triton`` (criss-cross and rows-then-columns): fused kernels with no energy tensor
+  (:mod:`ccnet.attention_triton`); CUDA, or the CPU under ``TRITON_INTERPRET=1``, else an error;
+- ``auto`` (default): ``triton`` on CUDA when Triton is installed and the input suits the kernels, else
+  ``lean`` where the module has it, else ``autograd``.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-from types import ModuleType
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ccnet.criss_cross_op import aggregate, criss_cross_step, energy, mask_centre
+from ccnet.attention_lean import criss_cross_step
+from ccnet.attention_reference import aggregate, energy, mask_centre
+
+IMPLEMENTATIONS = ("auto", "triton", "lean", "autograd")
 
 
 class _QKVAttention(nn.Module):
-    """Shared parameterisation: Q/K projections to ``in_channels // reduction``, V at ``in_channels``."""
+    """Shared parameterisation: Q/K projections to ``in_channels // reduction``, V at ``in_channels``; and the
+    one dispatch to the implementation ``impl`` (see the module's docstring)."""
 
-    def __init__(self, in_channels: int, reduction: int = 8) -> None:
+    IMPLS: ClassVar[tuple[str, ...]] = ("auto", "autograd")  # what this module can run
+
+    def __init__(self, in_channels: int, reduction: int = 8, impl: str = "auto") -> None:
         super().__init__()
         if in_channels < 1 or reduction < 1 or in_channels // reduction < 1:
             raise ValueError(
                 f"in_channels={in_channels} and reduction={reduction} leave no query/key channels"
             )
+        if impl not in self.IMPLS:
+            raise ValueError(f"{type(self).__name__} has no impl={impl!r}; choose one of {list(self.IMPLS)}")
         self.in_channels = in_channels
         self.reduction = reduction
+        self.impl = impl
         key_channels = in_channels // reduction
         self.query = nn.Conv2d(in_channels, key_channels, kernel_size=1)
         self.key = nn.Conv2d(in_channels, key_channels, kernel_size=1)
@@ -44,7 +65,7 @@ class _QKVAttention(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1))
 
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, reduction={self.reduction}"
+        return f"in_channels={self.in_channels}, reduction={self.reduction}, impl={self.impl}"
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -52,32 +73,61 @@ class _QKVAttention(nn.Module):
                 f"{type(self).__name__} expects (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
             )
 
+    def implementation(self, x: Tensor) -> str:
+        """The implementation a forward on ``x`` runs: ``impl``, or what ``auto`` picks for ``x``."""
+        if x.device.type == "meta":  # shape and FLOP counting: the reference formulation
+            return "autograd"
+        if self.impl == "triton":
+            if not _triton_runs_on(x.device):
+                raise RuntimeError("impl='triton': the Triton kernels need a CUDA device or "
+                                   f"TRITON_INTERPRET=1, got {x.device}")
+            return "triton"
+        if self.impl != "auto":
+            return self.impl
+        if "triton" in self.IMPLS and _triton_suits(x, self.query.out_channels):
+            return "triton"
+        return "lean" if "lean" in self.IMPLS else "autograd"
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        impl = self.implementation(x)
+        if impl == "triton":
+            return self.gamma * self._triton(x) + x
+        if impl == "lean" and torch.is_grad_enabled():
+            return criss_cross_step(x, self.gamma, self.query, self.key, self.value)
+        return self.gamma * self._reference(x) + x
+
+    def _reference(self, x: Tensor) -> Tensor:
+        """The aggregation by the reference einsums (the ``autograd`` implementation)."""
+        raise NotImplementedError
+
+    def _triton(self, x: Tensor) -> Tensor:
+        """The aggregation by the Triton kernels."""
+        raise NotImplementedError
+
 
 @functools.cache
 def _triton_installed() -> bool:
-    """Looked up once: every forward on CUDA asks."""
+    """Looked up once: every ``auto`` forward on CUDA asks."""
     return importlib.util.find_spec("triton") is not None
 
 
-def _fused_kernels(x: Tensor, fused: bool | None, key_channels: int) -> ModuleType | None:
-    """The Triton kernels (``ccnet.fused_attention``) when this call should use them, else None.
+def _triton_runs_on(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on ``device`` (CUDA, or the CPU under ``TRITON_INTERPRET=1``)."""
+    if not _triton_installed():
+        return False
+    from ccnet import attention_triton  # lazy: imports triton, which a CPU-only install may lack
 
-    ``fused=None`` (auto) uses them on CUDA when Triton is installed and the input suits them (float32,
-    float16 or bfloat16; at most 256 query/key channels), the reference otherwise; True insists (CUDA, or the
-    CPU under ``TRITON_INTERPRET=1``) and fails when they cannot run; False never uses them.
-    """
-    if fused is False or x.device.type == "meta":
-        return None
-    if fused is None and (x.device.type != "cuda" or x.dtype == torch.float64 or not _triton_installed()):
-        return None
-    from ccnet import fused_attention
+    return attention_triton.available(device)
 
-    if fused is None and key_channels > fused_attention.MAX_KEY_CHANNELS:
-        return None
-    if not fused_attention.available(x.device):
-        raise RuntimeError(f"fused=True: the Triton kernels need a CUDA device or TRITON_INTERPRET=1, "
-                           f"got {x.device}")
-    return fused_attention
+
+def _triton_suits(x: Tensor, key_channels: int) -> bool:
+    """``auto``'s test: CUDA, Triton installed, a dtype the kernels take, query/key channels in one tile."""
+    if x.device.type != "cuda" or x.dtype == torch.float64 or not _triton_installed():
+        return False
+    from ccnet import attention_triton  # lazy: as above
+
+    return key_channels <= attention_triton.MAX_KEY_CHANNELS
 
 
 def _softmax_fp32(energy: Tensor, out_dtype: torch.dtype) -> Tensor:
@@ -92,22 +142,14 @@ class CrissCrossAttention(_QKVAttention):
     Args:
         in_channels: channels C of the input and output.
         reduction: query/key channels are ``C // reduction`` (8 in the paper: 512 -> 64).
-        memory_efficient: when training without the fused kernels, run the step as
-            :class:`ccnet.criss_cross_op.CrissCrossStep`, which keeps only the input and the attention for
-            backward and recomputes the projections (same results, several times less memory, about a fifth
-            more compute). False differentiates the plain formulation with autograd.
-        fused: the Triton kernels of :mod:`ccnet.fused_attention` (no energy tensor, forward or backward):
-            None (default) uses them on CUDA when Triton is installed, True insists, False never.
+        impl: ``auto`` (default), ``triton``, ``lean`` or ``autograd`` (see the module's docstring); all give
+            the same results, at different memory and speed.
 
     Shapes:
         input (B, C, H, W) -> output (B, C, H, W); H and W are independent.
     """
 
-    def __init__(self, in_channels: int, reduction: int = 8, memory_efficient: bool = True,
-                 fused: bool | None = None) -> None:
-        super().__init__(in_channels, reduction)
-        self.memory_efficient = memory_efficient
-        self.fused = fused
+    IMPLS = IMPLEMENTATIONS
 
     def attention_weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Return the criss-cross attention and the values it aggregates.
@@ -122,15 +164,14 @@ class CrissCrossAttention(_QKVAttention):
         energies = mask_centre(energy(query, key))  # (B, H, W, H + W): column part, then row part
         return _softmax_fp32(energies, value.dtype), value
 
-    def forward(self, x: Tensor) -> Tensor:
-        if (kernels := _fused_kernels(x, self.fused, self.query.out_channels)) is not None:
-            self._check_input(x)
-            return self.gamma * kernels.criss_cross_aggregate(self.query(x), self.key(x), self.value(x)) + x
-        if self.memory_efficient and torch.is_grad_enabled() and x.device.type != "meta":
-            self._check_input(x)
-            return criss_cross_step(x, self.gamma, self.query, self.key, self.value)
+    def _reference(self, x: Tensor) -> Tensor:
         attention, value = self.attention_weights(x)
-        return self.gamma * aggregate(attention, value) + x
+        return aggregate(attention, value)
+
+    def _triton(self, x: Tensor) -> Tensor:
+        from ccnet import attention_triton  # lazy: imports triton
+
+        return attention_triton.criss_cross_aggregate(self.query(x), self.key(x), self.value(x))
 
 
 class AxialAttention(_QKVAttention):
@@ -144,12 +185,10 @@ class AxialAttention(_QKVAttention):
     Args:
         in_channels: channels C of the input and output.
         reduction: query/key channels are ``C // reduction``.
-        fused: the Triton kernels, as for :class:`CrissCrossAttention`.
+        impl: ``auto``, ``triton`` or ``autograd`` (no ``lean`` op for this one).
     """
 
-    def __init__(self, in_channels: int, reduction: int = 8, fused: bool | None = None) -> None:
-        super().__init__(in_channels, reduction)
-        self.fused = fused
+    IMPLS = ("auto", "triton", "autograd")
 
     def attention_weights(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Return ``(row_attention (B, H, W, W), column_attention (B, H, W, H), value (B, C, H, W))``."""
@@ -159,14 +198,15 @@ class AxialAttention(_QKVAttention):
         column = _softmax_fp32(torch.einsum("bchw,bcjw->bhwj", query, key), value.dtype)  # (B, H, W, H)
         return row, column, value
 
-    def forward(self, x: Tensor) -> Tensor:
-        if (kernels := _fused_kernels(x, self.fused, self.query.out_channels)) is not None:
-            self._check_input(x)
-            return self.gamma * kernels.axial_aggregate(self.query(x), self.key(x), self.value(x)) + x
+    def _reference(self, x: Tensor) -> Tensor:
         row, column, value = self.attention_weights(x)
         along_rows = torch.einsum("bhwj,bchj->bchw", row, value)
-        along_columns = torch.einsum("bhwj,bcjw->bchw", column, along_rows)
-        return self.gamma * along_columns + x
+        return torch.einsum("bhwj,bcjw->bchw", column, along_rows)
+
+    def _triton(self, x: Tensor) -> Tensor:
+        from ccnet import attention_triton  # lazy: imports triton
+
+        return attention_triton.axial_aggregate(self.query(x), self.key(x), self.value(x))
 
 
 class NonLocal2d(_QKVAttention):
@@ -185,11 +225,10 @@ class NonLocal2d(_QKVAttention):
         energy = torch.bmm(query.transpose(1, 2), key)  # (B, HW, HW)
         return _softmax_fp32(energy, value.dtype), value
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _reference(self, x: Tensor) -> Tensor:
         attention, value = self.attention_weights(x)
         # out[b, c, i] = sum_j attention[b, i, j] * value[b, c, j]
-        out = torch.bmm(value, attention.transpose(1, 2)).view_as(x)  # (B, C, HW) -> (B, C, H, W)
-        return self.gamma * out + x
+        return torch.bmm(value, attention.transpose(1, 2)).view_as(x)  # (B, C, HW) -> (B, C, H, W)
 
 
 class RecurrentAttention(nn.Module):
@@ -222,18 +261,16 @@ ATTENTION_TYPES: dict[str, type[_QKVAttention]] = {
 }
 
 
-def build_attention(kind: str, in_channels: int, reduction: int = 8, fused: bool | None = None) -> nn.Module:
-    """Build an attention module by name: one of :data:`ATTENTION_TYPES`. ``fused`` chooses the Triton kernels
-    of the criss-cross and rows-then-columns modules (None: on CUDA when available); Non-local has none."""
+def build_attention(kind: str, in_channels: int, reduction: int = 8, impl: str = "auto") -> nn.Module:
+    """Build an attention module by name (one of :data:`ATTENTION_TYPES`) with implementation ``impl``."""
     if kind not in ATTENTION_TYPES:
         raise ValueError(f"unknown attention {kind!r}; choose one of {sorted(ATTENTION_TYPES)}")
-    if kind == "nonlocal":
-        return NonLocal2d(in_channels, reduction)
-    return ATTENTION_TYPES[kind](in_channels, reduction, fused=fused)
+    return ATTENTION_TYPES[kind](in_channels, reduction, impl=impl)
 
 
 __all__ = [
     "ATTENTION_TYPES",
+    "IMPLEMENTATIONS",
     "AxialAttention",
     "CrissCrossAttention",
     "NonLocal2d",

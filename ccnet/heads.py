@@ -10,7 +10,7 @@ from ccnet.layers import ConvBNReLU
 
 
 def build_recurrent_attention(
-    attention: str, in_channels: int, recurrence: int, reduction: int = 8, fused: bool | None = None
+    attention: str, in_channels: int, recurrence: int, reduction: int = 8, impl: str = "auto"
 ) -> nn.Module:
     """Shared-weight attention applied ``recurrence`` times; ``recurrence=0`` builds no module at all.
 
@@ -19,7 +19,7 @@ def build_recurrent_attention(
     """
     if recurrence == 0:
         return nn.Identity()
-    return RecurrentAttention(build_attention(attention, in_channels, reduction, fused), recurrence)
+    return RecurrentAttention(build_attention(attention, in_channels, reduction, impl), recurrence)
 
 
 class RCCAHead(nn.Module):
@@ -36,7 +36,7 @@ class RCCAHead(nn.Module):
         dropout: Dropout2d probability before the classifier.
         embedding_channels: when > 0, also return a 1x1 projection of the attended features of this
             width, for the category-consistent loss.
-        fused: the attention's Triton kernels (None: on CUDA when available; see ``ccnet.attention``).
+        impl: the attention's implementation: ``auto``, ``triton``, ``lean`` or ``autograd``.
     """
 
     def __init__(
@@ -51,11 +51,11 @@ class RCCAHead(nn.Module):
         reduction: int = 8,
         dropout: float = 0.1,
         embedding_channels: int = 0,
-        fused: bool | None = None,
+        impl: str = "auto",
     ) -> None:
         super().__init__()
         self.reduce = ConvBNReLU(in_channels, channels)
-        self.attention = build_recurrent_attention(attention, channels, recurrence, reduction, fused)
+        self.attention = build_recurrent_attention(attention, channels, recurrence, reduction, impl)
         self.project = ConvBNReLU(channels, channels)
         self.bottleneck = ConvBNReLU(in_channels + channels, bottleneck_channels)
         self.dropout = nn.Dropout2d(dropout)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ccnet.attention import ATTENTION_TYPES
+from ccnet.attention import ATTENTION_TYPES, IMPLEMENTATIONS
 from ccnet.backbones import BACKBONES, Normalization, build_backbone
 from ccnet.heads import FCNHead, RCCAHead, build_recurrent_attention
 
@@ -48,8 +48,8 @@ class CCNetConfig:
             learn the geometry they were trained with, so every checkpoint saved before this option existed
             (all trained with False) keeps predicting as trained. Recipes set it: the 769x769 configs to True.
         pretrained: local file with ImageNet backbone weights, or None; never downloaded.
-        fused: the attention's fused Triton kernels: None uses them on CUDA when Triton is installed,
-            False keeps the reference modules, True insists.
+        impl: how the attention modules compute (same results): ``auto`` (Triton kernels on CUDA when
+            installed, else the lean backward), ``triton``, ``lean`` or ``autograd``; see ``ccnet.attention``.
     """
 
     backbone: str = "resnet101_deepstem"
@@ -66,7 +66,7 @@ class CCNetConfig:
     output_stride: int = 8
     align_corners: bool = False
     pretrained: str | None = None
-    fused: bool | None = None
+    impl: str = "auto"
 
     def __post_init__(self) -> None:
         checks = {
@@ -83,11 +83,17 @@ class CCNetConfig:
             "embedding_channels": self.embedding_channels >= 0,
             "output_stride": self.output_stride in (8, 16),
         }
-        choices = {"backbone": BACKBONES, "attention": tuple(ATTENTION_TYPES), "placement": PLACEMENTS}
+        choices = {"backbone": BACKBONES, "attention": tuple(ATTENTION_TYPES), "placement": PLACEMENTS,
+                   "impl": IMPLEMENTATIONS}
+        checks["impl"] = self.impl in IMPLEMENTATIONS
         for key, ok in checks.items():
             if not ok:
                 hint = f"; choose one of {list(choices[key])}" if key in choices else ""
                 raise ValueError(f"invalid model config: {key}={getattr(self, key)!r}{hint}")
+        implementations = ATTENTION_TYPES[self.attention].IMPLS
+        if self.impl not in implementations:
+            raise ValueError(f"invalid model config: impl={self.impl!r} with attention={self.attention!r}; "
+                             f"choose one of {list(implementations)}")
 
 
 class CCNet(nn.Module):
@@ -110,7 +116,7 @@ class CCNet(nn.Module):
         self.stem_attention = (
             build_recurrent_attention(
                 config.attention, self.backbone.stem_channels, config.recurrence, config.reduction,
-                config.fused,
+                config.impl,
             )
             if use_stem
             else None
@@ -125,7 +131,7 @@ class CCNet(nn.Module):
             reduction=config.reduction,
             dropout=config.dropout,
             embedding_channels=config.embedding_channels,
-            fused=config.fused,
+            impl=config.impl,
         )
         self.aux_head = (
             FCNHead(self.backbone.aux_channels, config.num_classes, config.aux_channels, config.dropout)

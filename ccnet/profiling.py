@@ -208,7 +208,7 @@ def compare_attention(
 
     The default is the paper's setting: a 769x769 image at output stride 8 gives 97x97 features of 512
     channels (queries/keys at 64). ``include_autograd`` adds criss-cross R=2 differentiated by plain
-    autograd (``memory_efficient=False``) for comparison with the hand-written backward.
+    autograd (``impl='autograd'``) for comparison with the hand-written backward.
     """
     from ccnet.attention import AxialAttention, CrissCrossAttention, NonLocal2d, RecurrentAttention
 
@@ -219,7 +219,7 @@ def compare_attention(
         )
     if include_autograd:
         builds["criss-cross R=2 autograd"] = lambda: RecurrentAttention(
-            CrissCrossAttention(channels, memory_efficient=False), 2
+            CrissCrossAttention(channels, impl="autograd"), 2
         )
     builds["rows-then-columns"] = lambda: AxialAttention(channels)
     shape = (batch, channels, *feature_size)

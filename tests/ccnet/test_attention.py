@@ -10,12 +10,12 @@ from torch import Tensor
 
 from ccnet import AxialAttention, CrissCrossAttention, NonLocal2d, RecurrentAttention
 from ccnet.attention import build_attention
-from ccnet.criss_cross_op import CrissCrossStep
+from ccnet.attention_lean import CrissCrossStep
 from ccnet.profiling import saved_tensor_bytes
 
-# The criss-cross module runs its hand-written op when training; memory_efficient=False differentiates the
-# plain formulation with autograd. Both are checked against the same oracles.
-CrissCrossAutograd = functools.partial(CrissCrossAttention, memory_efficient=False)
+# The criss-cross module runs its hand-written op (impl lean, what auto picks on the CPU) when training;
+# impl autograd differentiates the plain formulation. Both are checked against the same oracles.
+CrissCrossAutograd = functools.partial(CrissCrossAttention, impl="autograd")
 MODULES = [CrissCrossAttention, CrissCrossAutograd, AxialAttention, NonLocal2d]
 
 
@@ -86,6 +86,21 @@ def test_matches_dense_oracle(cls: type, shape: tuple[int, ...]) -> None:
     want = torch.autograd.grad(expected, [x, *module.parameters()], grad)
     for name, g, w in zip(["x", *dict(module.named_parameters())], got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"d/d{n}: {m}")
+
+
+def test_one_impl_per_module_chosen_at_construction() -> None:
+    """``auto`` on the CPU: the lean op for criss-cross, autograd for the others; explicit choices hold, and
+    a module refuses one it does not have, naming what it has."""
+    x = torch.randn(1, 16, 4, 5)
+    assert CrissCrossAttention(16).implementation(x) == "lean"
+    assert AxialAttention(16).implementation(x) == NonLocal2d(16).implementation(x) == "autograd"
+    assert CrissCrossAttention(16, impl="autograd").implementation(x) == "autograd"
+    assert CrissCrossAttention(16).implementation(x.to("meta")) == "autograd"  # FLOP counting
+    assert "impl=lean" in repr(CrissCrossAttention(16, impl="lean"))
+    with pytest.raises(ValueError, match=r"AxialAttention has no impl='lean'; choose one of \['auto', 't"):
+        AxialAttention(16, impl="lean")
+    with pytest.raises(ValueError, match=r"NonLocal2d has no impl='triton'; choose one of \['auto', 'autog"):
+        build_attention("nonlocal", 16, impl="triton")
 
 
 def test_memory_efficient_step_saves_only_input_and_attention() -> None:

@@ -23,6 +23,7 @@ NONSENSE: dict[str, list[tuple[str, str]]] = {
     "model.placement": [("tail", "model.placement='tail' is not allowed; choose one of")],
     "model.output_stride": [("4", "model.output_stride=4 is not allowed"), ("0", "output_stride=0")],
     "model.embedding_channels": [("-8", "model.embedding_channels=-8 is not allowed")],
+    "model.impl": [("fast", "model.impl='fast' is not allowed; choose one of ['auto', 'triton', 'lean'")],
     "data.train_split": [("''", "data.train_split='' is not allowed"), ("../x", "data.train_split='../x'")],
     "data.val_split": [("''", "data.val_split='' is not allowed")],
     "data.crop_size": [("0", "data.crop_size=0 is not allowed (expected an integer >= 8)")],
@@ -79,7 +80,7 @@ NONSENSE: dict[str, list[tuple[str, str]]] = {
 # tests/pipeline/test_config.py), or that are checked where they are used, with the file named.
 EXEMPT = {
     "model.pretrained": "a local file, 'imagenet' or 'none': checked when the backbone loads it, naming it",
-    "model.fused": "bool or null", "model.align_corners": "bool or null", "model.sync_bn": "bool",
+    "model.align_corners": "bool or null", "model.sync_bn": "bool",
     "train.ohem": "bool", "train.compile": "bool", "eval.flip": "bool", "run.ray": "bool",
     "run.use_gpu": "bool", "tune.variants": "each variant's overrides, checked by ccnet tune before anything "
     "starts (tests/faults/test_bad_search.py)",

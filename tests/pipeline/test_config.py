@@ -38,6 +38,12 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
         ("", ["train.ohem_min_kept=-1"], r"train.ohem_min_kept=-1 is not allowed"),
         ("", ["train.consistency_weight=-1"], r"train.consistency_weight=-1.0 is not allowed"),
         ("", ["model.embedding_channels=-8"], r"model.embedding_channels=-8 is not allowed"),
+        ("", ["model.impl=lean", "model.attention=axial"],
+         r"model.impl='lean' with attention='axial' is not allowed; choose one of \['auto', 'triton', "),
+        ("", ["model.impl=triton", "model.attention=nonlocal"],
+         r"model.impl='triton' with attention='nonlocal'"),
+        ("model: {fused: 3}\n", [],
+         r"run.yaml: model.fused is now model.impl \(auto, triton, lean or autograd\)"),
         ("", ["train.consistency_weight=1"], r"consistency_weight=1.0 needs model.embedding_channels > 0"),
         ("", ["train.consistency_weight=1", "model.embedding_channels=0"], r"needs model.embedding_channels"),
         ("", ["lr=0.1"], r"expected section.key=value, got 'lr=0.1'"),
@@ -86,6 +92,13 @@ def test_model_options_reach_the_model_config() -> None:
     config = load_config(None, ["model.align_corners=true", "model.embedding_channels=16",
                                 "train.consistency_weight=0.5"])
     assert config.model.overrides() == {"align_corners": True, "embedding_channels": 16}
+
+
+@pytest.mark.parametrize(("fused", "impl"), [("null", "auto"), ("true", "triton"), ("false", "lean")])
+def test_configs_of_older_checkpoints_map_model_fused_to_impl(fused: str, impl: str, tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: {{fused: {fused}}}\n")
+    assert load_config(path, []).model.impl == impl
 
 
 @pytest.mark.parametrize("value", ["none", "None"])

@@ -1,6 +1,7 @@
-"""The Triton kernels (``ccnet.fused_attention``) against dense attention with a criss-cross (or row / column)
-mask, forward and backward. On the CPU they run under Triton's interpreter at tiny sizes, so CI checks them
-without a GPU; the CUDA tests repeat the comparison at the paper's feature size on a device."""
+"""The Triton kernels (``ccnet.attention_triton``, the ``triton`` impl) against dense attention with a
+criss-cross (or row / column) mask, forward and backward. On the CPU they run under Triton's interpreter at
+tiny sizes, so CI checks them without a GPU; the CUDA tests repeat the comparison at the paper's feature size
+on a device."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _triton_modules() -> dict[str, ModuleType]:
     """Triton's Python modules (its native extension stays: it cannot be loaded twice) and ours."""
     return {name: module for name, module in sys.modules.items()
             if (name == "triton" or name.startswith("triton.")) and not name.startswith("triton._C")
-            or name in ("ccnet.fused_attention", "ccnet.fused_kernels")}
+            or name in ("ccnet.attention_triton", "ccnet.attention_triton_kernels")}
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +37,13 @@ def kernels() -> Iterator[ModuleType]:
         del sys.modules[name]
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        yield importlib.import_module("ccnet.fused_attention")
+        yield importlib.import_module("ccnet.attention_triton")
     finally:
         for name in _triton_modules():
             del sys.modules[name]
         sys.modules.update(saved_modules)
-        for name in ("fused_attention", "fused_kernels"):  # the package keeps its submodules as attributes
+        # the package keeps its submodules as attributes
+        for name in ("attention_triton", "attention_triton_kernels"):
             if f"ccnet.{name}" in saved_modules:
                 setattr(ccnet, name, saved_modules[f"ccnet.{name}"])
             elif hasattr(ccnet, name):
@@ -138,12 +140,13 @@ def test_strided_inputs_are_read_in_place(kernels: ModuleType) -> None:
 
 @pytest.mark.parametrize("module_type", [CrissCrossAttention, AxialAttention])
 def test_modules_give_the_reference_results(kernels: ModuleType, module_type: type) -> None:
-    """The same module fused and not: same output and same gradients for every parameter and the input."""
+    """The same module on the Triton kernels and on autograd: same output and same gradients for every
+    parameter and the input."""
     torch.manual_seed(0)
-    reference = module_type(16, fused=False).double()
+    reference = module_type(16, impl="autograd").double()
     with torch.no_grad():
         reference.gamma.fill_(0.7)  # 0 at initialisation would hide the attention
-    fused = module_type(16, fused=True).double()
+    fused = module_type(16, impl="triton").double()
     fused.load_state_dict(reference.state_dict())
     fused.float()
     x = torch.randn(2, 16, 5, 6, dtype=torch.float64)
@@ -160,11 +163,12 @@ def test_modules_give_the_reference_results(kernels: ModuleType, module_type: ty
         torch.testing.assert_close(grads[name].double(), grad, rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_fused_true_without_a_device_is_a_clear_error(kernels: ModuleType,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_impl_triton_without_a_device_is_a_clear_error(kernels: ModuleType,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(RuntimeError, match="need a CUDA device or TRITON_INTERPRET=1, got cpu"):
-        CrissCrossAttention(16, fused=True)(torch.randn(1, 16, 3, 3))
+    with pytest.raises(RuntimeError, match="impl='triton': the Triton kernels need a CUDA device or "
+                                           "TRITON_INTERPRET=1, got cpu"):
+        CrissCrossAttention(16, impl="triton")(torch.randn(1, 16, 3, 3))
 
 
 def test_bad_inputs_are_refused(kernels: ModuleType) -> None:
@@ -181,9 +185,9 @@ def test_bad_inputs_are_refused(kernels: ModuleType) -> None:
 @pytest.mark.parametrize("name", ["criss_cross", "axial"])
 def test_cuda_at_the_papers_size(name: str, dtype: torch.dtype) -> None:
     """97x97 features (769 / 8), 512 value and 64 key channels, against the dense oracle in float64."""
-    from ccnet import fused_attention
+    from ccnet import attention_triton
 
-    function = getattr(fused_attention, f"{name}_aggregate")
+    function = getattr(attention_triton, f"{name}_aggregate")
     oracle = criss_cross_oracle if name == "criss_cross" else axial_oracle
     torch.manual_seed(0)
     q, k = (torch.randn(1, 64, 97, 97, device="cuda") * 0.2 for _ in range(2))
@@ -202,20 +206,20 @@ def test_cuda_at_the_papers_size(name: str, dtype: torch.dtype) -> None:
 
 
 def test_the_model_switch_reaches_every_attention_module(kernels: ModuleType) -> None:
-    """``fused`` in the model's config (``model.fused`` in a run's) selects the kernels everywhere, stem
+    """``impl`` in the model's config (``model.impl`` in a run's) selects the kernels everywhere, stem
     placement included, with the reference's results."""
     from ccnet import build_ccnet
 
     torch.manual_seed(0)
-    reference = build_ccnet("ccnet_tiny", 4, placement="both", fused=False).eval()
-    fused = build_ccnet("ccnet_tiny", 4, placement="both", fused=True).eval()
+    reference = build_ccnet("ccnet_tiny", 4, placement="both", impl="autograd").eval()
+    fused = build_ccnet("ccnet_tiny", 4, placement="both", impl="triton").eval()
     fused.load_state_dict(reference.state_dict())
     for module in (reference, fused):
         for attention in module.modules():
             if isinstance(attention, CrissCrossAttention):
                 torch.nn.init.constant_(attention.gamma, 0.5)
-    flags = {m.fused for m in fused.modules() if isinstance(m, CrissCrossAttention)}
-    assert flags == {True} and len([m for m in fused.modules() if isinstance(m, CrissCrossAttention)]) == 2
+    modules = [m for m in fused.modules() if isinstance(m, CrissCrossAttention)]
+    assert {m.impl for m in modules} == {"triton"} and len(modules) == 2
     x = torch.randn(1, 3, 48, 48)
     with torch.no_grad():
         torch.testing.assert_close(fused(x)["out"], reference(x)["out"], rtol=1e-4, atol=1e-4)

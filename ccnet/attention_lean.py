@@ -1,4 +1,4 @@
-"""A memory-lean criss-cross attention step with a hand-written backward.
+"""The ``lean`` implementation of criss-cross attention: one step with a hand-written backward.
 
 Autograd through the plain einsum formulation keeps the queries, keys, values (C x H x W each step), the
 attention and several layout copies of the values alive until backward. This op keeps only the step's input
@@ -6,7 +6,8 @@ attention and several layout copies of the values alive until backward. This op 
 full-width values in chunks of channels so that they are never materialised whole, forward or backward:
 about a fifth more compute for several times less memory, the trade flash-style kernels make.
 
-Everything is expressed with three criss-cross primitives (each a pair of einsums, row and column):
+Everything is expressed with three criss-cross primitives (each a pair of einsums, row and column), the first
+two (and ``mask_centre``) from :mod:`ccnet.attention_reference`:
 
 - ``energy(a, b)[p, j]``: dot products of pixel ``p`` of ``a`` with the pixels ``j`` of its column, then
   its row, in ``b`` -> (B, H, W, H + W);
@@ -28,28 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-
-def energy(a: Tensor, b: Tensor) -> Tensor:
-    """(B, C, H, W) x (B, C, H, W) -> (B, H, W, H + W): each pixel of ``a`` against its column, then its
-    row, of ``b``."""
-    column = torch.einsum("bchw,bcjw->bhwj", a, b)  # (B, H, W, H)
-    row = torch.einsum("bchw,bchj->bhwj", a, b)  # (B, H, W, W)
-    return torch.cat([column, row], dim=-1)
-
-
-def mask_centre(energies: Tensor) -> Tensor:
-    """Set the centre's column entry to -inf in place, so the centre is counted once (in the row)."""
-    height = energies.shape[1]
-    diagonal = torch.arange(height, device=energies.device)
-    energies[:, diagonal, :, diagonal] = float("-inf")  # (H, B, W) entries: pixel (h, w) against (h, w)
-    return energies
-
-
-def aggregate(attention: Tensor, value: Tensor) -> Tensor:
-    """out[b, :, h, w] = sum over the cross of (h, w) of attention * value -> (B, C, H, W)."""
-    height = attention.shape[1]
-    out = torch.einsum("bhwj,bcjw->bchw", attention[..., :height], value)
-    return out.add_(torch.einsum("bhwj,bchj->bchw", attention[..., height:], value))
+from ccnet.attention_reference import aggregate, energy, mask_centre
 
 
 def scatter(attention: Tensor, grad: Tensor) -> Tensor:

@@ -35,9 +35,9 @@ def test_kernel_compiles_for_sm90(kernel_name: str, dtype: str) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from ccnet import fused_kernels
+    from ccnet import attention_triton_kernels
 
-    kernel = getattr(fused_kernels, kernel_name)
+    kernel = getattr(attention_triton_kernels, kernel_name)
     values = {"SKIP_CENTRE": True, "PRECISION": "ieee" if dtype == "fp32" else "tf32", "UPCAST": False,
               "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_CK": 64}
     names = list(inspect.signature(kernel.fn).parameters)

@@ -1,10 +1,10 @@
-"""Fused criss-cross and rows-then-columns attention in Triton: no (H + W) x H x W energy tensor, forward or
-backward.
+"""The ``triton`` implementation: fused criss-cross and rows-then-columns attention in Triton, with no
+(H + W) x H x W energy tensor, forward or backward.
 
 A criss-cross step is two 1-D attentions that share one softmax: along each row (W keys) and along each
 column (H keys, the pixel itself left out: it is counted in its row). Each pass is a flash-style kernel over
-sequences of one axis (:mod:`ccnet.fused_kernels`), addressed by strides, so the (B, C, H, W) tensors
-are read in place:
+sequences of one axis (:mod:`ccnet.attention_triton_kernels`), addressed by strides, so the (B, C, H, W)
+tensors are read in place:
 
 1. ``lse_kernel``: per pixel, the log-sum-exp of its energies along the axis (online max/sum over key
    blocks); the two passes' values merge with ``logaddexp`` into the softmax's normaliser.
@@ -32,7 +32,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ccnet.fused_kernels import dk_kernel, dq_kernel, dv_kernel, lse_kernel, out_kernel
+from ccnet.attention_triton_kernels import dk_kernel, dq_kernel, dv_kernel, lse_kernel, out_kernel
 
 MAX_KEY_CHANNELS = 256  # query/key channels are held in one tile
 

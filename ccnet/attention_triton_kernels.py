@@ -1,4 +1,4 @@
-"""The Triton kernels of :mod:`ccnet.fused_attention`: flash-style attention along one axis of (B, C, H, W)
+"""The Triton kernels of :mod:`ccnet.attention_triton`: flash-style attention along one axis of (B, C, H, W)
 tensors, addressed by strides (sequences are (batch, other spatial index), positions the axis).
 
 - ``lse_kernel``: per query, the log-sum-exp of its energies (online max/sum over key blocks).
