@@ -25,12 +25,13 @@ from typing import NoReturn
 from pipeline import interrupts
 from pipeline.cli_args import at_least
 from pipeline.cli_jobs import add_job_commands
+from pipeline.data.sources import SOURCES
 from pipeline.paths import Location, LocationError, absolute_location, is_relative_path, parse_location
 from pipeline.redaction import redact
 
 log = logging.getLogger("ccnet")
 
-DATASETS = ("cityscapes", "ade20k", "cocostuff", "camvid", "generated")
+DATASETS = tuple(SOURCES)  # the dataset registry: a new source module is a new --dataset choice
 
 
 # torch and the model library are imported by the commands that use them: `ccnet data`, `ccnet submit` and

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -104,6 +105,22 @@ def test_registry_names_are_self_describing() -> None:
     assert reference.backbone == "resnet101_deepstem"
     assert (reference.recurrence, reference.head_channels) == (2, 512)
     assert (reference.reduction, reference.dropout, reference.output_stride) == (8, 0.1, 8)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_keeps_the_contract(name: str) -> None:
+    """Built on the meta device (shapes only): logits and aux logits at the input size, the input
+    normalisation its backbone expects, and the options it was registered with."""
+    config = model_config(name)
+    with torch.device("meta"):
+        model = build_ccnet(name, num_classes=7)
+        outputs = model(torch.empty(2, 3, 65, 97))
+    assert isinstance(model, CCNet) and model.config == dataclasses.replace(config, num_classes=7)
+    assert outputs["out"].shape == (2, 7, 65, 97)
+    assert ("aux" in outputs) == (config.aux_channels > 0)
+    if "aux" in outputs:
+        assert outputs["aux"].shape == (2, 7, 65, 97)
+    assert len(model.normalization.mean) == len(model.normalization.std) == 3
 
 
 def test_reference_model_structure_on_meta() -> None:
