@@ -20,7 +20,7 @@ import torch
 from pipeline import storage
 from pipeline.checkpoints import CHECKPOINT_FILE, load, save_file
 from pipeline.config import Config, config_from_dict
-from pipeline.resources import WorkerRequest, ensure_placeable
+from pipeline.resources import WorkerRequest, alive_nodes, ensure_placeable
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,19 @@ def connect(config: Config, driver_cpus: float = 0.0) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         _init_quietly()
     ensure_placeable(worker_request(config, driver_cpus), wait=config.run.resource_wait)
+    warn_if_node_local(config.run.storage, alive_nodes())
+
+
+def warn_if_node_local(run_storage: str, nodes: list[dict[str, float]]) -> bool:
+    """A local ``run.storage`` on a cluster of several nodes: each worker writes checkpoints to its own node's
+    disk, and a run resumed elsewhere (a lost node) finds none. One WARNING (right only for a folder shared
+    at the same path on every node, NFS for example); returns whether it warned."""
+    if storage.is_s3(run_storage) or len(nodes) < 2:
+        return False
+    log.warning("run.storage=%s is a local folder but the Ray cluster has %d nodes: checkpoints written on "
+                "one node are lost with it; use s3://... (or a folder shared at the same path on every node)",
+                run_storage, len(nodes))
+    return True
 
 
 @dataclass

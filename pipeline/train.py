@@ -234,6 +234,33 @@ def _ray_batches(
                 return
 
 
+def _rng_states(session: Session) -> list[torch.Tensor]:
+    """Every rank's torch RNG state, rank 0 first (gathered: a collective that every rank calls)."""
+    state = torch.get_rng_state()
+    if session.world_size == 1 or not torch.distributed.is_initialized():
+        return [state]
+    states: list[Any] = [None] * session.world_size
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def _restore_rng(state: dict[str, Any], session: Session, seed: int) -> None:
+    """Each rank continues its own random stream (dropout, augmentation) from the checkpoint, so that a
+    resumed run is bit-equal to an uninterrupted one. With another number of workers than the checkpoint's
+    (or a checkpoint from before per-rank states), rank 0 continues the saved stream and the others start
+    fresh ones: the run resumes correctly, but not bit-equal."""
+    per_rank = state.get("rng_per_rank") or [state["rng"]]
+    if len(per_rank) == session.world_size:
+        torch.set_rng_state(per_rank[session.rank])
+        return
+    if session.rank == 0:
+        log.info("resuming %d workers from a checkpoint of %d: the random streams of ranks 1+ start afresh "
+                 "(a correct resume, not a bit-equal one)", session.world_size, len(per_rank))
+        torch.set_rng_state(per_rank[0])
+    else:
+        torch.manual_seed(seed * 1000 + session.rank + 1 + state["iteration"] * 7919)
+
+
 def _distribute(model: nn.Module, session: Session, sync_bn: bool) -> nn.Module:
     if session.world_size == 1:
         return model
@@ -266,7 +293,7 @@ def train_loop(
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start, best_miou = state["iteration"], state.get("best_miou")
-        torch.set_rng_state(state["rng"])
+        _restore_rng(state, session, train_cfg.seed)
         log.info("resumed from iteration %d", start)
     else:
         torch.manual_seed(train_cfg.seed * 1000 + session.rank + 1)  # dropout differs across workers
@@ -292,11 +319,12 @@ def train_loop(
         end_iteration=train_cfg.iterations,
     )
 
-    def state_dict(iteration: int) -> dict[str, Any]:
+    def state_dict(iteration: int, rng: list[torch.Tensor] | None = None) -> dict[str, Any]:
+        rng = rng or [torch.get_rng_state()]
         return {
             "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "iteration": iteration, "best_miou": best_miou,
-            "rng": torch.get_rng_state(), "mlflow_run_id": run_id, "model_name": config.model.name,
+            "rng": rng[0], "rng_per_rank": rng, "mlflow_run_id": run_id, "model_name": config.model.name,
             "num_classes": manifest.num_classes, "config": config.to_dict(),
             "normalization": normalization.as_dict(),
             "val_result": validated[1].state() if validated and validated[0] == iteration else None,
@@ -363,15 +391,17 @@ def train_loop(
             val_miou = metrics.get("val/mIoU")  # absent when no validation pixel is labelled
             if val_miou is not None and (best_miou is None or val_miou > best_miou):
                 best_miou = val_miou
+                rng = _rng_states(session)  # every rank takes this branch: val mIoU is the global one
                 if session.rank == 0:
-                    CheckpointStore(run_uri(config)).save_best(state_dict(iteration))
+                    CheckpointStore(run_uri(config)).save_best(state_dict(iteration, rng))
         if iteration == train_cfg.iterations:  # what the run cost, for ablation tables
             metrics["train/median_images_per_second"] = statistics.median(window_rates)
             metrics["train/peak_memory_mib"] = peak_memory_mib(session.device)
         if session.rank == 0 and tracker is not None and metrics:
             tracker.log_metrics(metrics, step=iteration)
         if iteration % train_cfg.checkpoint_every == 0 or iteration == train_cfg.iterations:
-            state = state_dict(iteration) if session.rank == 0 else None
+            rng = _rng_states(session)  # every rank's: a resumed run draws what this one would have
+            state = state_dict(iteration, rng) if session.rank == 0 else None
             # The latest val mIoU goes with every report: a search's scheduler reads it at each one.
             latest = {"val/mIoU": val_miou} if val_miou is not None else {}
             session.checkpoint(state, iteration, {"iteration": iteration, **latest, **metrics})

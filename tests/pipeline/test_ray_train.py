@@ -82,6 +82,18 @@ def test_unregistered_checkpoints_are_found_and_the_newest_whole_one_chosen(tmp_
     assert not (tmp_path / "run" / "checkpoint_b").exists()
 
 
+def test_local_storage_on_several_nodes_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    from pipeline.ray_train import warn_if_node_local
+
+    one, two = [{"CPU": 2.0}], [{"CPU": 0.0}, {"CPU": 1.0}]
+    with caplog.at_level(logging.WARNING):
+        assert not warn_if_node_local("/data/runs", one) and not warn_if_node_local("s3://b/runs", two)
+        assert not caplog.records
+        assert warn_if_node_local("/data/runs", two)
+    (record,) = caplog.records
+    assert "run.storage=/data/runs is a local folder but the Ray cluster has 2 nodes" in record.getMessage()
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("loader", ["torch", "ray"])
