@@ -319,8 +319,8 @@ def train_loop(
         end_iteration=train_cfg.iterations,
     )
 
-    def state_dict(iteration: int, rng: list[torch.Tensor] | None = None) -> dict[str, Any]:
-        rng = rng or [torch.get_rng_state()]
+    def state_dict(iteration: int, rng: list[torch.Tensor]) -> dict[str, Any]:
+        """The resumable state; ``rng``: every rank's random state (:func:`_rng_states`), rank 0's first."""
         return {
             "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "iteration": iteration, "best_miou": best_miou,
