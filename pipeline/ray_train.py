@@ -9,6 +9,7 @@ again with the same name. The loop itself is ours and is the same as without Ray
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -75,6 +76,9 @@ def _worker(loop_config: dict[str, Any]) -> None:
 
     project_logging()
     config = config_from_dict(loop_config["config"])
+    # Ray sets OMP_NUM_THREADS to the floor of the worker's CPUs: a trial's worker of 1.9 CPUs (the 0.1 left
+    # is its driver's, which only waits) would compute on one thread of two.
+    torch.set_num_threads(max(1, math.ceil(config.run.cpus_per_worker)))
     context = ray.train.get_context()
     session = RaySession(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
                          resume_from=loop_config.get("resume_from"))
