@@ -4,7 +4,7 @@
 #   1. the CUDA tests of the model library (fused kernels vs the dense oracle at 97x97x512, AMP finiteness);
 #   2. the fused-attention benchmark (97x97x512, batch 8, bf16) and the paper's efficiency table;
 #   3. the training-step benchmark (CCNet-R101, 769x769, batch 8, O0/O1/O2), which reads shards through
-#      pipeline.storage and so needs boto3: bring its wheels (boto3, botocore, s3transfer, jmespath) first.
+#      pipeline.io.storage and so needs boto3: bring its wheels (boto3, botocore, s3transfer, jmespath) first.
 set -uo pipefail
 PYTHON=${1:-python}
 status=0

@@ -4,10 +4,11 @@
     python benchmarks/train_step.py --model ccnet_tiny --crop 129 --batch 2 --steps 3 --images 8   # CPU smoke
 
 For each level (O0 float32, O1 float16 + GradScaler, O2 bfloat16) it times ``--steps`` training steps
-(``pipeline.train.train_step``: forward, loss main + 0.4 aux, backward, SGD) after a warm-up, twice side by
-side: on batches already on the device, and fed by the data pipeline (Parquet shards of a generated dataset
--> ``ShardDataset`` with the training augmentation -> DataLoader workers -> pinned copies), so the difference
-is the pipeline's cost. Then a profiler summary of one O2 step: where its time goes, top kernels first.
+(``pipeline.train.loop.train_step``: forward, loss main + 0.4 aux, backward, SGD) after a warm-up, twice
+side by side: on batches already on the device, and fed by the data pipeline (Parquet shards of a generated
+dataset -> ``ShardDataset`` with the training augmentation -> DataLoader workers -> pinned copies), so the
+difference is the pipeline's cost. Then a profiler summary of one O2 step: where its time goes, top kernels
+first.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pipeline.data.readers import ShardDataset
 from pipeline.data.sources import build_source
 from pipeline.data.transforms import build_train_transform
 from pipeline.data.writer import write_shards
-from pipeline.train import AMP_DTYPES, train_step
+from pipeline.train.loop import AMP_DTYPES, train_step
 
 
 def _sync(device: torch.device) -> None:

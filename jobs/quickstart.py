@@ -16,7 +16,7 @@ from pipeline import interrupts
 from pipeline.config import load_config
 from pipeline.data.sources import build_source
 from pipeline.data.writer import write_shards
-from pipeline.run import run_training
+from pipeline.train.driver import run_training
 
 CONFIG = "configs/quickstart_ccnet-tiny_generated-192x192_cpu.yaml"
 DATA_ROOT = "runs/datasets"

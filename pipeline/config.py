@@ -24,8 +24,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.paths import LocationError, absolute_location, is_relative_path, parse_location, stays_inside
-from pipeline.redaction import has_userinfo, redact
+from pipeline.io.paths import LocationError, absolute_location, is_relative_path, parse_location, stays_inside
+from pipeline.io.redaction import has_userinfo, redact
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class RunConfig:
     cpus_per_worker: float = 1.0
     max_failures: int = 0
     resource_wait: float = 0.0  # s to wait for nodes (an autoscaler) when the workers do not fit the cluster
-    lease_ttl: float = 60.0  # s a dead writer's lease keeps a second writer out (pipeline/lease.py)
+    lease_ttl: float = 60.0  # s a dead writer's lease keeps a second writer out (pipeline/io/lease.py)
 
 
 @dataclass

@@ -243,7 +243,7 @@ def s3_env(seaweedfs: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
     The bucket does not exist yet (``storage.ensure_bucket`` creates it). Storage caches are cleared before
     and after, so clients built for another environment are not reused.
     """
-    from pipeline import storage
+    from pipeline.io import storage
 
     if seaweedfs.pid is None:  # a fault-injection test stopped it and failed before starting it again
         seaweedfs.start()

@@ -147,7 +147,7 @@ class Stack:
                     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
         if service == "ray":  # the venv "activated", so Ray's workers run this interpreter
             scripts = sysconfig.get_path("scripts")
-            # The cluster's nodes hold the credentials: submitted jobs carry none (pipeline/submit.py).
+            # The cluster's nodes hold the credentials: submitted jobs carry none (pipeline/cli/submit.py).
             env |= self.credentials() | {"AWS_DEFAULT_REGION": REGION,
                                          "AWS_ENDPOINT_URL": self.urls["seaweedfs"],
                                          "MLFLOW_TRACKING_URI": self.urls["mlflow"]}

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from pipeline import storage
 from pipeline.data.images import decode_rgb
 from pipeline.data.readers import open_manifest, read_shard
 from pipeline.data.schema import Manifest
-from pipeline.plots import colorize
+from pipeline.eval.plots import colorize
+from pipeline.io import storage
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Reading prepared dataset versions: the manifest, whole shards, a torch Dataset and a Ray Dataset.
 
-Everything goes through :mod:`pipeline.storage`, so a version URI may be a local folder or ``s3://``. Reads
+Everything goes through :mod:`pipeline.io.storage`, so a version URI may be a local folder or ``s3://``. Reads
 are verified: a shard's sha256 against the manifest, its schema against ``SHARD_SCHEMA``, and every row's
 checksum against its bytes; any mismatch raises ValueError naming the shard (and sample).
 
@@ -28,9 +28,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from pipeline import storage
 from pipeline.data.schema import MANIFEST_NAME, SHARD_SCHEMA, Manifest, ShardInfo, sample_checksum
 from pipeline.data.transforms import JointTransform, decode_sample, sample_seed, seeded
+from pipeline.io import storage
 
 if TYPE_CHECKING:
     import ray.data

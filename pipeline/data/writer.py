@@ -26,7 +26,6 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import storage
 from pipeline.data.schema import (
     MANIFEST_NAME,
     SHARD_SCHEMA,
@@ -37,6 +36,7 @@ from pipeline.data.schema import (
     shard_name,
 )
 from pipeline.data.sources.base import BadSampleError, DatasetSource, SampleRef
+from pipeline.io import storage
 
 log = logging.getLogger(__name__)
 

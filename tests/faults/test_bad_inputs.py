@@ -29,19 +29,20 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.checkpoints import save_file
-from pipeline.cli import main
+from pipeline.cli.main import main
 from pipeline.config import load_config
-from pipeline.train import build_model
+from pipeline.io.checkpoints import save_file
+from pipeline.train.loop import build_model
 
 pytestmark = [pytest.mark.slow]
 
 ROOT = Path(__file__).parents[2]
 SIZE = 16  # CamVid fixture images are SIZE x SIZE
 # The storage module backs off up to ~15 s between retries against a dead endpoint; this runs the same
-# command with the waits skipped (every attempt still happens), as tests/pipeline/test_storage.py does.
+# command with the waits skipped (every attempt still happens), as tests/pipeline/io/test_storage.py does.
 NO_RETRY_WAIT = (
-    "import sys; from pipeline import cli, storage; storage._sleep = lambda s: None; sys.exit(cli.main())"
+    "import sys; from pipeline.cli.main import main; from pipeline.io import storage; "
+    "storage._sleep = lambda s: None; sys.exit(main())"
 )
 
 

@@ -78,8 +78,9 @@ def test_workers_that_do_not_fit_the_cluster_are_refused_before_anything_is_writ
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_ADDRESS"))}
     env |= {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
     database = tmp_path / "mlflow.db"
-    code = "import ray, sys; ray.init(num_cpus=2, include_dashboard=False); from pipeline.cli import main; " \
-           "sys.exit(main())"  # a cluster of 2 CPUs whatever this machine has
+    # a cluster of 2 CPUs whatever this machine has
+    code = "import ray, sys; ray.init(num_cpus=2, include_dashboard=False); " \
+           "from pipeline.cli.main import main; sys.exit(main())"
     result = subprocess.run(
         [sys.executable, "-c", code, "train", "--set", "run.num_workers=8", "--set", "run.cpus_per_worker=1",
          "--set", f"tracking.uri=sqlite:///{database}", "--set", f"run.storage={tmp_path / 'runs'}"],

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from pipeline import storage
-from pipeline.checkpoints import CheckpointStore
 from pipeline.data.sources import build_source
 from pipeline.data.writer import write_shards
-from pipeline.lease import LEASE_FILE
+from pipeline.io import storage
+from pipeline.io.checkpoints import CheckpointStore
+from pipeline.io.lease import LEASE_FILE
 
 pytestmark = [pytest.mark.slow]
 

@@ -64,7 +64,7 @@ def test_outage_during_a_run_loses_no_metric(dataset: str, tmp_path: Path, mlflo
                                              caplog: pytest.LogCaptureFixture) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.run import run_training
+    from pipeline.train.driver import run_training
 
     iterations = 160
     client = MlflowClient(mlflow_server.uri)

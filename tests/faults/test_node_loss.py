@@ -28,11 +28,11 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline import storage
-from pipeline.checkpoints import CHECKPOINT_FILE, load
 from pipeline.config import Config, load_config
 from pipeline.data.sources import build_source
 from pipeline.data.writer import write_shards
+from pipeline.io import storage
+from pipeline.io.checkpoints import CHECKPOINT_FILE, load
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 log = logging.getLogger(__name__)
@@ -143,8 +143,8 @@ def test_a_lost_node_resumes_from_s3_with_the_same_weights(cluster: tuple[Any, d
                                                             caplog: pytest.LogCaptureFixture) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.ray_train import connect
-    from pipeline.run import run_training
+    from pipeline.train.driver import run_training
+    from pipeline.train.ray_train import connect
 
     ray_cluster, nodes = cluster
     source = build_source("generated", None, image_size=(48, 48), counts={"train": 16, "val": 2})

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli.main import main
 from pipeline.config import Config, ConfigError, load_config
 
 ROOT = Path(__file__).parents[2]
@@ -139,10 +140,8 @@ FLAGS = [
 
 @pytest.mark.parametrize("argv", FLAGS, ids=[" ".join(a[-2:]) for a in FLAGS])
 def test_nonsense_flags_are_one_usage_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    from pipeline import cli
-
     with pytest.raises(SystemExit) as info:
-        cli.main(argv)
+        main(argv)
     assert info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ERROR ccnet ") and argv[-2] in lines[0], lines

@@ -19,9 +19,9 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import storage
 from pipeline.data.sources import build_source
 from pipeline.data.writer import write_shards
+from pipeline.io import storage
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -122,9 +122,9 @@ def test_outage_during_checkpoint_uploads(s3_env: str, seaweedfs: Any, tmp_path:
     has landed and comes back 3 s later, while later ones are being written."""
     import ray
 
-    from pipeline.checkpoints import CHECKPOINT_FILE, load
     from pipeline.config import load_config
-    from pipeline.ray_train import fit
+    from pipeline.io.checkpoints import CHECKPOINT_FILE, load
+    from pipeline.train.ray_train import fit
 
     source = build_source("generated", None, image_size=(48, 48), counts={"train": 16, "val": 2})
     data, _ = write_shards(source, str(tmp_path / "data"), workers=1, progress=False)

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from pipeline import storage
 from pipeline.data.sources import build_source
 from pipeline.data.writer import write_shards
+from pipeline.io import storage
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoints import CHECKPOINT_FILE, load
 from pipeline.config import load_config
 from pipeline.data.sources import build_source
 from pipeline.data.writer import write_shards
+from pipeline.io.checkpoints import CHECKPOINT_FILE, load
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _fit(dataset: str, storage: Path, name: str) -> tuple[object, dict[str, torch.Tensor]]:
-    from pipeline.ray_train import fit
+    from pipeline.train.ray_train import fit
 
     config = load_config(None, [
         f"data.uri={dataset}", "data.crop_size=48", "data.batch_size=2", f"train.iterations={ITERATIONS}",

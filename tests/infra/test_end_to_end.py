@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from stack_helpers import alive, port_open, run_stack, running_stack, stack_env, stack_pids
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -58,7 +58,7 @@ def env(stack: tuple[Path, dict[str, int]], monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def _jobs_client() -> Any:
-    from pipeline.submit import client
+    from pipeline.cli.submit import client
 
     return client(None)
 
@@ -129,12 +129,12 @@ def test_scheduled_search_records_nested_runs(env: dict[str, str], capsys: pytes
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow.tracking import MlflowClient
 
-    import pipeline.schedule
-    from pipeline.submit import wait
+    import pipeline.cli.schedule
+    from pipeline.cli.submit import wait
 
     # The Kubernetes CronJob's schedule, Saturdays 02:00, on a clock that is 2 s before one.
     started, fake_start = time.monotonic(), dt.datetime(2026, 12, 5, 1, 59, 58, tzinfo=dt.UTC)
-    monkeypatch.setattr(pipeline.schedule, "_now",
+    monkeypatch.setattr(pipeline.cli.schedule, "_now",
                         lambda tz: fake_start + dt.timedelta(seconds=time.monotonic() - started))
     code = main(["schedule", "0 2 * * 6", "tune", "-c", CONFIG, *_sets([*TINY, *SEARCH]), "--max-runs", "1"])
     out = capsys.readouterr().out

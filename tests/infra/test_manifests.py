@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.schedule import parse_cron
+from pipeline.cli.schedule import parse_cron
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 YAML_FILES = sorted([*INFRA.rglob("*.yaml"), *INFRA.rglob("*.yml")])

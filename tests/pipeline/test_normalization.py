@@ -10,16 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-import pipeline.predict
-import pipeline.train
-from pipeline.checkpoints import CheckpointStore, load, save_file
-from pipeline.cli import main
+import pipeline.eval.predict
+import pipeline.train.loop
+from pipeline.cli.main import main
 from pipeline.config import load_config
 from pipeline.data.readers import ShardDataset
 from pipeline.data.sources import build_source
 from pipeline.data.writer import write_shards
-from pipeline.run import evaluate_checkpoint
-from pipeline.train import LocalSession, input_normalization, run_uri, train_loop
+from pipeline.io.checkpoints import CheckpointStore, load, save_file
+from pipeline.train.driver import evaluate_checkpoint
+from pipeline.train.loop import LocalSession, input_normalization, run_uri, train_loop
 
 LITE = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -54,7 +54,7 @@ def lite_run(dataset: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[ob
         "model.name=fcn_lite0_d16", "model.pretrained=none", "eval.scales=[1.0]", "eval.flip=false",
     ])
     with pytest.MonkeyPatch.context() as patch:
-        seen = spy_on_normalisation(patch, pipeline.train, "build_train_transform")
+        seen = spy_on_normalisation(patch, pipeline.train.loop, "build_train_transform")
         train_loop(config, LocalSession(run_uri(config)))
     return config, CheckpointStore(run_uri(config)).best_uri(), seen
 
@@ -87,7 +87,7 @@ def test_predict_normalises_from_the_checkpoint(lite_run: tuple, tmp_path: Path)
     frame = tmp_path / "frame.png"
     Image.new("RGB", (32, 24), (200, 30, 90)).save(frame)
     with pytest.MonkeyPatch.context() as patch:
-        seen = spy_on_normalisation(patch, pipeline.predict, "predict_images")
+        seen = spy_on_normalisation(patch, pipeline.eval.predict, "predict_images")
         assert main(["predict", str(frame), "--checkpoint", best, "--out", str(tmp_path / "out")]) == 0
     assert seen == [LITE] and (tmp_path / "out" / "frame_overlay.png").exists()
 

@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import storage
 from pipeline.data.schema import MANIFEST_NAME, SHARD_SCHEMA, Manifest, sample_checksum
 from pipeline.data.sources.base import DatasetSource, SampleRef
 from pipeline.data.writer import PreparationError, write_shards
+from pipeline.io import storage
 
 
 class TinySource(DatasetSource):

@@ -1,0 +1,1 @@
+"""The ``ccnet`` command: sub-commands, job submission and scheduling."""

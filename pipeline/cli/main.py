@@ -1,0 +1,379 @@
+"""The ``ccnet`` command line.
+
+    ccnet models                                   # registered model names
+    ccnet efficiency                               # the paper's efficiency table (97x97x512 features)
+    ccnet efficiency --feature-size 33 --repeats 1 # a quick one
+    ccnet data prepare --dataset camvid --root ../shared/data/camvid --out s3://bucket/datasets
+    ccnet data prepare --dataset generated --out ./runs/datasets --count train=200,val=50
+    ccnet data inspect s3://bucket/datasets/camvid/v1 --grid camvid.png
+
+Training: ``ccnet train|tune|evaluate|predict`` (below); a Ray cluster's Jobs API:
+``ccnet submit|jobs|schedule`` (``pipeline/cli/jobs.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import re
+import shutil
+import sys
+import tempfile
+from typing import NoReturn
+
+from pipeline import interrupts
+from pipeline.cli.args import at_least
+from pipeline.cli.jobs import add_job_commands
+from pipeline.data.sources import SOURCES
+from pipeline.io.paths import Location, LocationError, absolute_location, is_relative_path, parse_location
+from pipeline.io.redaction import redact
+
+log = logging.getLogger("ccnet")
+
+DATASETS = tuple(SOURCES)  # the dataset registry: a new source module is a new --dataset choice
+
+
+# torch and the model library are imported by the commands that use them: `ccnet data`, `ccnet submit` and
+# `ccnet jobs` start in a fraction of the time.
+
+
+def _models(args: argparse.Namespace) -> int:
+    from ccnet import list_models
+
+    sys.stdout.write("\n".join(list_models()) + "\n")
+    return 0
+
+
+def _efficiency(args: argparse.Namespace) -> int:
+    import torch
+
+    from ccnet import list_models
+    from ccnet.profiling import compare_attention, format_table, model_summary
+
+    if args.model not in list_models():
+        raise ValueError(f"--model {args.model!r} is not a registered model (see `ccnet models`)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    size = (args.feature_size, args.feature_size)
+    log.info("profiling attention modules on %s features of %s, %s channels", size, device, args.channels)
+    rows = compare_attention(size, args.channels, args.batch, device=device, repeats=args.repeats)
+    sys.stdout.write(
+        f"Attention modules, batch {args.batch}, {args.channels}x{size[0]}x{size[1]} features, "
+        f"{device.type}, float32 (ratios to non-local):\n{format_table(rows, 'non-local')}\n\n"
+    )
+    image = (args.feature_size - 1) * 8 + 1  # output stride 8: 97x97 features come from 769x769 images
+    sys.stdout.write(model_summary(args.model, args.num_classes, (image, image)) + "\n")
+    return 0
+
+
+def _parse_counts(text: str) -> dict[str, int]:
+    """``train=200,val=50`` -> {"train": 200, "val": 50}."""
+    try:
+        counts = {split: int(count) for split, count in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected split=count[,split=count...], got {text!r}") from None
+    if any(count < 1 for count in counts.values()):
+        raise argparse.ArgumentTypeError(f"counts must be positive, got {text!r}")
+    return counts
+
+
+def _parse_location(text: str) -> Location:
+    """An argument's location, or the argparse error (exit 2, one line) that says why it is not one."""
+    try:
+        return parse_location(text)
+    except LocationError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _location(text: str) -> str:
+    """argparse type of a storage location (``s3://bucket/prefix``, a local path, ``file:///abs``)."""
+    _parse_location(text)
+    return text
+
+
+def _checkpoint(text: str) -> str:
+    """argparse type of a checkpoint: a storage location, or a registered model (``models:/NAME@ALIAS``,
+    ``models:/NAME/VERSION``) whose stored checkpoint is used."""
+    if text.startswith("models:/"):
+        if not re.fullmatch(r"models:/[^/@]+(@[\w-]+|/\d+)", text):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+        return text
+    return _location(text)
+
+
+def _local_folder(text: str) -> str:
+    """argparse type of an output folder on this machine: a local path (``file:///abs`` accepted)."""
+    location = _parse_location(text)
+    if location.is_s3:
+        raise argparse.ArgumentTypeError(f"{text!r} is on S3: this command writes to a local folder")
+    return location.path
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+    from pipeline.data.sources import build_source
+    from pipeline.data.writer import write_shards
+
+    out = absolute_location(args.out)
+    if is_relative_path(args.out):
+        log.info("--out: %s resolved to %s", args.out, out)
+    options: dict[str, object] = {}
+    if args.dataset == "generated":
+        options = {"seed": args.seed, "image_size": (args.image_size, args.image_size)}
+        if args.count:
+            options["counts"] = args.count
+    elif args.root is None:
+        raise ValueError(f"--root is required for dataset {args.dataset!r}")
+    source = build_source(args.dataset, args.root, **options)
+    splits = args.splits.split(",") if args.splits else None
+    uri, manifest = write_shards(
+        source,
+        out,
+        version=args.version,
+        splits=splits,
+        max_shard_bytes=int(args.max_shard_mb * 2**20),
+        workers=args.workers,
+        skip_bad=args.skip_bad,
+    )
+    counts = ", ".join(f"{split} {count}" for split, count in manifest.counts.items())
+    skipped = f", {len(manifest.skipped)} skipped" if manifest.skipped else ""
+    sys.stdout.write(f"{uri}: {counts} samples in {len(manifest.shards)} shards{skipped}\n")
+    return 0
+
+
+def _data_inspect(args: argparse.Namespace) -> int:
+    from pipeline.data.inspect import inspect_dataset
+
+    report = inspect_dataset(args.uri, split=args.split, limit=args.limit, grid=args.grid)
+    sys.stdout.write(report.format() + "\n")
+    if args.grid:
+        sys.stdout.write(f"sample grid: {args.grid}\n")
+    return 0
+
+
+def _add_data_commands(commands: argparse._SubParsersAction) -> None:
+    data = commands.add_parser("data", help="prepare and inspect datasets as Parquet shards")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+
+    prepare = data_commands.add_parser("prepare", help="turn a downloaded dataset into shards")
+    prepare.add_argument("--dataset", required=True, choices=DATASETS)
+    prepare.add_argument("--root", help="the dataset as downloaded (not needed for 'generated')")
+    prepare.add_argument("--out", required=True, type=_location,
+                         help="root URI: s3://bucket/prefix or a local folder")
+    prepare.add_argument("--version", default="v1", help="version name; a published version is immutable")
+    prepare.add_argument("--splits", help="comma-separated splits (default: the dataset's train and val)")
+    prepare.add_argument("--workers", type=at_least(1), default=None, help="processes (default: all cores)")
+    prepare.add_argument("--max-shard-mb", type=at_least(0.001, float), default=64.0,
+                         help="bound on a shard's size")
+    prepare.add_argument("--skip-bad", action="store_true", help="leave out bad samples, list them")
+    prepare.add_argument("--seed", type=at_least(0), default=0, help="generated: random seed")
+    prepare.add_argument("--image-size", type=at_least(8), default=128,
+                         help="generated: image side in pixels")
+    prepare.add_argument("--count", type=_parse_counts, help="generated: e.g. train=200,val=50")
+    prepare.set_defaults(run=_data_prepare)
+
+    inspect = data_commands.add_parser("inspect", help="counts, class histogram and a sample grid")
+    inspect.add_argument("uri", type=_location, help="a dataset version, e.g. s3://bucket/datasets/camvid/v1")
+    inspect.add_argument("--split", help="one split (default: all)")
+    inspect.add_argument("--limit", type=at_least(1), help="samples read per split for the histogram")
+    inspect.add_argument("--grid", type=_location,
+                         help="save a PNG grid of samples with coloured labels here")
+    inspect.set_defaults(run=_data_inspect)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+
+    config = load_config(args.config, args.set)  # a bad config is refused before torch loads
+
+    from pipeline.train.driver import run_training
+
+    report = run_training(config)
+    sys.stdout.write(
+        f"\n{report.table}\n\nbest checkpoint: {redact(report.best_checkpoint)}\n"
+        f"MLflow run {report.run_id} at {redact(report.tracking_uri)}\n"
+        f"browse it: {_browse_hint(report.tracking_uri)}\n"
+    )
+    return 0
+
+
+def _browse_hint(tracking_uri: str) -> str:
+    """How to open the runs: the server's own UI, or ``mlflow ui`` on a local store."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return redact(tracking_uri)
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.train.tune import run_search
+
+    report = run_search(load_config(args.config, args.set))
+    sys.stdout.write(
+        f"\n{report.table}\n\nbest: {report.best} ({report.best_value:.4f})\n"
+        f"MLflow parent run {report.parent_run_id}\n"
+    )
+    if report.ablation is not None:  # what the parent run holds as ablation/results.md
+        sys.stdout.write(f"\nablation (val mIoU: mean ± std over seeds):\n{report.ablation}\n")
+    return 0
+
+
+def _config_from_checkpoint(args: argparse.Namespace) -> tuple[object, dict]:
+    """The checkpoint's saved config with ``--set`` applied, and its state. A registered model's checkpoint
+    is downloaded first (``args.checkpoint`` then names the local copy, removed when the command ends)."""
+    from pipeline.config import apply_overrides, config_from_dict
+    from pipeline.io.checkpoints import load
+
+    if args.checkpoint.startswith("models:/"):
+        from pipeline.tracking import registered_checkpoint, resolve_tracking_uri
+
+        folder = tempfile.mkdtemp(prefix="ccnet-model-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        args.checkpoint = registered_checkpoint(args.checkpoint, resolve_tracking_uri(None), folder)
+    state = load(args.checkpoint)
+    values = apply_overrides(state.get("config") or {}, args.set or [])
+    return config_from_dict(values, source=f"{redact(args.checkpoint)} config"), state
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pipeline.eval.evaluation import protocol_table
+    from pipeline.tracking import Tracker, resolve_tracking_uri
+    from pipeline.train.driver import evaluate_checkpoint
+
+    config, state = _config_from_checkpoint(args)
+    _, _, results = evaluate_checkpoint(config, args.checkpoint, split=args.split)
+    table = protocol_table(results)
+    sys.stdout.write(table + "\n")
+    if state.get("mlflow_run_id") and not args.no_tracking:
+        uri = resolve_tracking_uri(config.tracking.uri)
+        tracker = Tracker(uri, config.tracking.experiment, required=False)
+        tracker.start(config.run.name, run_id=state["mlflow_run_id"])
+        prefix = "" if args.split in (None, config.data.val_split) else f"{args.split}_"  # val: unprefixed
+        tracker.log_text(table, f"evaluation/{prefix}iteration_{state['iteration']:07d}.md")
+        tracker.end()
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.eval.predict import predict_images
+    from pipeline.io.checkpoints import checkpoint_normalization, load_model_state
+    from pipeline.train.loop import build_model
+
+    config, state = _config_from_checkpoint(args)
+    model = build_model(config, state["num_classes"], pretrained=False)
+    load_model_state(model, state, redact(args.checkpoint))
+    normalization = checkpoint_normalization(state, model)
+    palette = _palette(config, state["num_classes"])
+    written = predict_images(
+        model.eval(), [Path(p) for p in args.images], palette=palette, out_dir=Path(args.out),
+        mean=normalization.mean, std=normalization.std,
+        mode=config.eval.mode, crop_size=config.eval.crop_size, stride=config.eval.stride,
+        scales=tuple(config.eval.scales) if args.multi_scale else (1.0,),
+        flip=args.multi_scale and config.eval.flip, fusion=config.eval.fusion,
+    )
+    sys.stdout.write("\n".join(str(path) for path in written) + "\n")
+    return 0
+
+
+def _palette(config: object, num_classes: int) -> tuple[tuple[int, int, int], ...]:
+    """The dataset's palette when its manifest is reachable, else a fixed spread of colours."""
+    from pipeline.data.readers import open_manifest
+
+    try:
+        return open_manifest(config.data.uri).palette
+    except (OSError, ValueError):
+        return tuple(((37 * i) % 256, (101 * i) % 256, (173 * i) % 256) for i in range(num_classes))
+
+
+def _add_training_commands(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser("train", help="train a model (Ray Train, MLflow) and evaluate it")
+    train.add_argument("-c", "--config", help="YAML config (see configs/); defaults otherwise")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.lr=0.02")
+    train.set_defaults(run=_train)
+
+    tune = commands.add_parser("tune", help="Ray Tune search (ASHA) or ablation grid over the training job")
+    tune.add_argument("-c", "--config", help="YAML config with a tune section")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="tune.num_samples=8")
+    tune.set_defaults(run=_tune)
+
+    evaluate = commands.add_parser("evaluate", help="single-scale vs multi-scale + flip mIoU of a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True, type=_checkpoint,
+                          help="checkpoint.pt (local path or s3:// URI)")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="eval.mode=slide")
+    evaluate.add_argument("--split", help="the split to evaluate, e.g. test (default: data.val_split)")
+    evaluate.add_argument("--no-tracking", action="store_true", help="do not record the table in MLflow")
+    evaluate.set_defaults(run=_evaluate)
+
+    predict = commands.add_parser("predict", help="coloured masks and overlays for images")
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--checkpoint", required=True, type=_checkpoint,
+                         help="local path, s3:// URI or models:/NAME@ALIAS")
+    predict.add_argument("--out", required=True, type=_local_folder, help="output folder")
+    predict.add_argument("--multi-scale", action="store_true", help="use eval.scales and flip")
+    predict.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    predict.set_defaults(run=_predict)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors look like every other error: one line, ``ERROR ...``, exit status 2.
+
+    Subcommand parsers are of the same class (argparse makes them with ``type(parent)``).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"ERROR {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ccnet", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    models = commands.add_parser("models", help="list the registered models")
+    models.set_defaults(run=_models)
+
+    efficiency = commands.add_parser("efficiency", help="FLOPs / memory / time of the attention modules")
+    efficiency.add_argument("--feature-size", type=at_least(1), default=97,
+                            help="feature map side (97 = 769 / 8)")
+    efficiency.add_argument("--channels", type=at_least(8), default=512)
+    efficiency.add_argument("--batch", type=at_least(1), default=1)
+    efficiency.add_argument("--repeats", type=at_least(1), default=2, help="timed forward+backward passes")
+    efficiency.add_argument("--device", help="default: cuda when available, else cpu")
+    efficiency.add_argument("--model", default="ccnet_r101_deepstem_d8", help="a name from `ccnet models`")
+    efficiency.add_argument("--num-classes", type=at_least(1), default=19)
+    efficiency.set_defaults(run=_efficiency)
+
+    _add_data_commands(commands)
+    _add_training_commands(commands)
+    add_job_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # What follows "--" belongs to the submitted job (argparse cannot mix it with the job's name).
+    job_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    parser = build_parser()
+    args = parser.parse_args(argv[:len(argv) - len(job_args) - 1] if "--" in argv else argv)
+    if job_args and args.command not in ("submit", "schedule"):
+        parser.error("arguments after -- are for `ccnet submit` and `ccnet schedule` only")
+    args.job_args = job_args
+    level = logging.DEBUG if args.debug else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+    interrupts.install()  # Ctrl-C: the command stops its way, or by force after 30 s
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        # One line; the run's MLflow record is KILLED, and the same command resumes from its last checkpoint.
+        log.error("interrupted (Ctrl-C): %s stopped; the same command resumes it", args.command)
+        return 130
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
+        if args.debug:
+            raise
+        log.error("%s", error)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

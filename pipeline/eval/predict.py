@@ -1,0 +1,134 @@
+"""Predict image files and write coloured masks and overlays next to each other.
+
+For every input ``<stem>.<ext>`` two PNGs go to ``out_dir``: ``<stem>_mask.png`` (each pixel in its
+predicted class's palette colour) and ``<stem>_overlay.png`` (the image blended half-and-half with the
+mask)::
+
+    model = build_ccnet("ccnet_tiny", num_classes=len(source.classes))
+    written = predict_images(model, sorted(Path("photos").glob("*.jpg")), palette=source.palette,
+                             out_dir=Path("runs/predictions"), mode="slide", crop_size=769, stride=513)
+
+Files are written under a temporary name and renamed into place, so a reader never sees half a PNG.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from ccnet.inference import predict_multiscale
+from pipeline.data.images import read_rgb
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.eval.plots import colorize
+
+log = logging.getLogger(__name__)
+
+def _blend(image: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
+    """``(1 - alpha) * image + alpha * mask``, rounded, both (H, W, 3) uint8."""
+    mixed = (1.0 - alpha) * image.astype(np.float64) + alpha * mask.astype(np.float64)
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+
+def _write_png(array: np.ndarray, path: Path) -> None:
+    """Write under a temporary name in the same folder, then rename: the PNG appears whole or not at all."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        Image.fromarray(array).save(temporary, format="PNG")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def predict_images(
+    model: nn.Module,
+    paths: Sequence[Path],
+    *,
+    palette: Sequence[Sequence[int]],
+    out_dir: Path,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    mode: str = "whole",
+    crop_size: int = 769,
+    stride: int = 513,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    fusion: str = "logits",
+    num_classes: int | None = None,
+    device: torch.device | str = "cpu",
+    ignore_index: int = 255,
+    alpha: float = 0.5,
+    progress: bool = True,
+) -> list[Path]:
+    """Predict each image file and write its coloured mask and overlay.
+
+    The model runs in eval mode (its previous mode is restored afterwards); images are read as 8-bit RGB the
+    way training reads them (:mod:`pipeline.data.images`: 16-bit, gray, RGBA and palette files too), scaled
+    to [0, 1] and normalised with ``mean``/``std`` as in training, then predicted with
+    :func:`ccnet.inference.predict_multiscale`.
+
+    Args:
+        model: segmentation model (``model(image)["out"]`` is (B, K, h, w) logits), already on ``device``.
+        paths: image files (anything PIL reads); their stems must differ, as they name the outputs.
+        palette: RGB colour of each class id.
+        out_dir: output folder, created if missing; existing outputs of the same name are replaced.
+        mean, std: per-channel normalisation of the [0, 1] image.
+        mode, crop_size, stride, scales, flip, fusion: the prediction protocol, as for
+            :func:`pipeline.eval.evaluation.evaluate`.
+        num_classes: K, for ``mode="slide"``; default ``len(palette)``.
+        device: where images are predicted.
+        ignore_index: id painted black by :func:`colorize` (predictions never take it).
+        alpha: weight of the mask in the overlay.
+        progress: show a progress bar.
+
+    Returns:
+        The written files, ``[<stem>_mask.png, <stem>_overlay.png]`` per image, in input order.
+
+    Raises:
+        ValueError: two inputs share a stem, or an image cannot be read (the message names the file). The
+            images before it keep their outputs; nothing is written for it or after it.
+    """
+    paths = [Path(path) for path in paths]
+    stems = [path.stem for path in paths]
+    duplicates = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if duplicates:
+        raise ValueError(f"inputs share file stems {duplicates}: their outputs would overwrite each other")
+    num_classes = len(palette) if num_classes is None else num_classes
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+    written: list[Path] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for path in tqdm(paths, unit="img", desc="predict", disable=not progress):
+            rgb = read_rgb(path)  # (H, W, 3) uint8
+            image = torch.from_numpy(rgb).to(device).permute(2, 0, 1)[None]  # (H, W, 3) -> (1, 3, H, W)
+            image = (image.float() / 255 - mean_t) / std_t
+            probs = predict_multiscale(
+                model, image, scales=tuple(scales), flip=flip, mode=mode, crop_size=crop_size,
+                stride=stride, num_classes=num_classes, fusion=fusion,
+            )  # (1, K, H, W)
+            ids = probs.argmax(dim=1)[0].cpu().numpy()  # (H, W)
+            mask = colorize(ids, palette, ignore_index)
+            for suffix, array in (("mask", mask), ("overlay", _blend(rgb, mask, alpha))):
+                target = out_dir / f"{path.stem}_{suffix}.png"
+                _write_png(array, target)
+                written.append(target)
+    finally:
+        model.train(was_training)
+    log.info("wrote masks and overlays of %d images to %s", len(paths), out_dir)
+    return written
+
+
+__all__ = ["colorize", "predict_images"]

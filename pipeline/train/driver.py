@@ -1,0 +1,275 @@
+"""The training job, driver side: track, train (with or without Ray), evaluate the paper's way, record.
+
+``run_training(config)`` opens (or, for a run name seen before, continues) the MLflow run, logs the resolved
+config, trains, then evaluates the best checkpoint single-scale and multi-scale + flip and records the
+results table, the checkpoints, the final model and the plots. Only this process talks to MLflow at the
+start and the end; during training rank 0 logs the metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ccnet.backbones import Normalization
+from ccnet.inference import LogitsOnly
+from pipeline.config import Config, dump_config
+from pipeline.data.readers import ShardDataset, open_manifest
+from pipeline.data.transforms import build_eval_transform
+from pipeline.io import storage
+from pipeline.io.checkpoints import (
+    CHECKPOINT_FILE,
+    CheckpointStore,
+    checkpoint_normalization,
+    load,
+    load_model_state,
+)
+from pipeline.io.lease import LEASE_FILE, RunLease
+from pipeline.train.loop import LocalSession, build_model, run_uri, train_loop, warn_if_not_pretrained
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingReport:
+    run_id: str | None
+    tracking_uri: str
+    results: dict[str, Any]  # protocol -> EvalResult
+    table: str
+    best_checkpoint: str
+
+
+_OPERATIONAL = ("run.resource_wait", "run.lease_ttl", "train.log_every", "data.loader_workers")
+_RESOLVED = ("backbone", "attention", "recurrence", "placement", "output_stride", "reduction",
+             "head_channels", "align_corners", "embedding_channels")
+
+
+def run_params(config: Config) -> dict[str, Any]:
+    """What defines a training, as MLflow params: the model as built (the registry's values where the config
+    says null), the data, recipe, evaluation and workers; not the tracking or search settings, nor knobs that
+    do not change the result. The whole resolved config is the run's ``config.yaml``."""
+    model = config.model.resolved()
+    params = {key: value for key, value in config.flat().items()
+              if not key.startswith(("tracking.", "tune.", "model.")) and key not in _OPERATIONAL}
+    params |= {"model.name": config.model.name, "model.pretrained": config.model.pretrained,
+               "model.sync_bn": config.model.sync_bn, **{f"model.{f}": getattr(model, f) for f in _RESOLVED}}
+    return params
+
+
+def variant_label(config: Config) -> str:
+    """A short name of the model variant for the runs table, e.g. ``criss_cross R=2 head os8``."""
+    params = run_params(config)
+    if params["model.recurrence"] == 0:
+        return f"fcn os{params['model.output_stride']}"
+    return (f"{params['model.attention']} R={params['model.recurrence']} {params['model.placement']} "
+            f"os{params['model.output_stride']}")
+
+
+def log_run_context(tracker: Any, config: Config, variant: str | None = None,
+                    extra_params: dict[str, Any] | None = None) -> None:
+    """Params, the variant tag (``variant``, else :func:`variant_label`), the resolved config and the
+    dataset version as the run's inputs."""
+    manifest = open_manifest(config.data.uri)
+    tracker.log_params({**run_params(config), **(extra_params or {})})
+    tracker.set_tags({"ccnet.variant": variant or variant_label(config), "ccnet.model": config.model.name})
+    tracker.log_text(dump_config(config), "config.yaml")
+    for split in (config.data.train_split, config.data.val_split):
+        profile = {"split": split, "samples": manifest.counts.get(split, 0), "classes": len(manifest.classes)}
+        shards = sorted(shard.sha256 for shard in manifest.shards if shard.split == split)
+        digest = hashlib.sha256("".join(shards).encode()).hexdigest()
+        context = "training" if split == config.data.train_split else "validation"
+        name = f"{manifest.dataset}/{manifest.version}/{split}"
+        tracker.log_dataset(name, digest, config.data.uri, profile, context)
+
+
+def describe_results(config: Config, results: dict[str, Any], best: dict[str, Any], manifest: Any) -> str:
+    """The run's description (``mlflow.note.content``): what it is and its headline results."""
+    figures = ", ".join(f"{result.miou * 100:.1f} {protocol}" for protocol, result in results.items())
+    return (f"{config.model.name} ({variant_label(config)}) trained {config.train.iterations} iterations on "
+            f"{manifest.dataset} {manifest.version} {config.data.train_split}, crop {config.data.crop_size}. "
+            f"Val mIoU ({config.data.val_split}) of the best checkpoint (iteration {best['iteration']}): "
+            f"{figures}. Files: checkpoints/best, evaluation/results.md (per class), plots/.")
+
+
+def _open_tracker(config: Config) -> tuple[Any, str]:
+    from pipeline.tracking import Tracker, find_run, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(config.tracking.uri)
+    tracker = Tracker(uri, config.tracking.experiment, required=config.tracking.required,
+                      settle_timeout=config.tracking.settle_timeout)
+    resuming = any(name != LEASE_FILE for name in storage.list_files(run_uri(config)))
+    previous = find_run(uri, config.tracking.experiment, config.run.name) if resuming else None
+    tracker.start(config.run.name, run_id=previous, tags={"ccnet.model": config.model.name})
+    return tracker, uri
+
+
+def _denormalise(image: torch.Tensor, normalization: Normalization) -> np.ndarray:
+    """(3, H, W) normalised -> (H, W, 3) uint8 for plots."""
+    mean = torch.tensor(normalization.mean).view(3, 1, 1)
+    std = torch.tensor(normalization.std).view(3, 1, 1)
+    return ((image * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+
+
+def _log_plots(tracker: Any, model: torch.nn.Module, dataset: ShardDataset, results: dict[str, Any],
+               run_name: str) -> None:
+    """Every figure names the run and what it shows, so it stands alone in the compare view."""
+    from ccnet.attention_maps import ccnet_attention_maps
+    from pipeline.eval.plots import attention_maps_figure, confusion_matrix_figure, overlay_figure
+
+    best = results["multi-scale+flip"]
+    title = f"{run_name}: {dataset.split}, multi-scale + flip (mIoU {best.miou * 100:.1f})"
+    figure = confusion_matrix_figure(best.confusion, dataset.classes, title=title)
+    tracker.log_figure(figure, "plots/confusion_matrix.png")
+    samples = [dataset[index] for index in range(min(4, len(dataset)))]
+    with torch.inference_mode():
+        predictions = [model(s["image"][None])["out"].argmax(1)[0].numpy() for s in samples]
+    images = [_denormalise(s["image"], model.normalization) for s in samples]
+    labels = [s["label"].numpy() for s in samples]
+    figure = overlay_figure(images, predictions, labels, dataset.manifest.palette, dataset.ignore_index,
+                            class_names=dataset.classes, title=f"{run_name}: {dataset.split}, single-scale")
+    tracker.log_figure(figure, "plots/predictions.png")
+    if model.config.attention == "criss_cross" and model.config.recurrence >= 1:
+        height, width = images[0].shape[:2]
+        pixels = [(height // 2, width // 4), (height // 4, 3 * width // 4)]
+        maps = ccnet_attention_maps(model, samples[0]["image"][None], pixels, recurrence=2)
+        figure = attention_maps_figure(images[0], maps[:, 0].numpy(), pixels,
+                                       title=f"{run_name}: where two pixels look after R=1 and R=2")
+        tracker.log_figure(figure, "plots/attention.png")
+
+
+def evaluate_checkpoint(
+    config: Config, checkpoint_uri: str, split: str | None = None, reuse_validation: bool = False
+) -> tuple[torch.nn.Module, ShardDataset, dict]:
+    """Load a checkpoint and evaluate it single-scale and multi-scale + flip on ``split`` (default: the
+    config's ``data.val_split``), normalising images as the checkpoint's model expects.
+
+    With ``reuse_validation`` (a training's own best checkpoint, evaluated with the training's config), the
+    single-scale result is the validation that made the checkpoint best, stored with it, instead of a second
+    pass over the same images computing the same figures."""
+    from pipeline.eval.evaluation import EvalResult, evaluate_protocols
+
+    manifest = open_manifest(config.data.uri)
+    model = build_model(config, manifest.num_classes, pretrained=False)
+    state = load(checkpoint_uri)
+    load_model_state(model, state, storage.redact(checkpoint_uri))
+    model.eval()
+    normalization = checkpoint_normalization(state, model)
+    dataset = ShardDataset(
+        config.data.uri, split or config.data.val_split,
+        transform=build_eval_transform(normalization.mean, normalization.std),
+    )
+    # The training validated in its AMP precision; the final results are in float32.
+    same = reuse_validation and split in (None, config.data.val_split) and config.train.amp == "O0"
+    stored = state.get("val_result") if same else None
+    single_scale = EvalResult.from_state(stored) if stored else None
+    if single_scale and (single_scale.mode, single_scale.fusion) != (config.eval.mode, config.eval.fusion):
+        single_scale = None
+    results = evaluate_protocols(
+        model, dataset, eval_config=config.eval, num_classes=manifest.num_classes,
+        ignore_index=manifest.ignore_index, single_scale=single_scale,
+    )
+    return model, dataset, results
+
+
+def end_status(error: BaseException) -> str:
+    """The MLflow status of a run that ``error`` stopped: KILLED for Ctrl-C, else FAILED."""
+    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+
+
+def log_final_results(tracker: Any, results: dict[str, Any], step: int) -> dict[str, float]:
+    """Log the protocols' results once, under short names (``final/mIoU_ss``, ``final/mIoU_ms_flip``, ...:
+    :func:`pipeline.eval.evaluation.summary_metrics`), and the table as ``evaluation/results.md``; returns the
+    metrics logged (NaN for a class never seen)."""
+    from pipeline.eval.evaluation import protocol_table, summary_metrics
+
+    metrics = summary_metrics(results)
+    tracker.log_metrics(metrics, step=step)
+    tracker.log_text(protocol_table(results), "evaluation/results.md")
+    return metrics
+
+
+def registered_model_name(config: Config) -> str:
+    """The model registry name of a training's best model: ``ccnet-<run.name>`` ("/" as "-")."""
+    return "ccnet-" + config.run.name.replace("/", "-")
+
+
+def _log_bytes(tracker: Any, data: bytes, artifact_path: str) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / CHECKPOINT_FILE
+        path.write_bytes(data)
+        tracker.log_artifact(str(path), artifact_path)
+
+
+def _train_and_record(config: Config, tracker: Any, tracking_uri: str,
+                      lease: RunLease) -> tuple[dict[str, Any], str, str]:
+    from pipeline.eval.evaluation import protocol_table
+
+    log_run_context(tracker, config)
+    store = CheckpointStore(run_uri(config))
+    if config.run.ray:
+        from pipeline.train.ray_train import fit
+
+        result = fit(config, tracker.run_id, tracking_uri)
+        with result.checkpoint.as_directory() as folder:
+            last = (Path(folder) / CHECKPOINT_FILE).read_bytes()
+    else:
+        session = LocalSession(run_uri(config), keep=config.train.keep_checkpoints)
+        train_loop(config, session, tracker.run_id, tracker)
+        last = storage.read_bytes(store.latest() or store.best_uri())
+    lease.check()  # another writer took the run over meanwhile: publish nothing as this run's
+    best = store.best_uri()
+    model, dataset, results = evaluate_checkpoint(config, best, reuse_validation=True)
+    tracker.settle()  # an outage near the end: wait for the server before the final results and files
+    table = protocol_table(results)
+    log_final_results(tracker, results, config.train.iterations)
+    best_bytes = storage.read_bytes(best)
+    state = load(best)
+    made_best = {"ccnet.best.iteration": str(state["iteration"])}
+    if state.get("best_miou") is not None:
+        made_best["ccnet.best.val_mIoU"] = f"{state['best_miou']:.4f}"
+    note = describe_results(config, results, state, dataset.manifest)
+    tracker.set_tags({"mlflow.note.content": note, **made_best})
+    if last != best_bytes:  # the same bytes once: often the last checkpoint is the best
+        _log_bytes(tracker, last, "checkpoints/last")
+    _log_plots(tracker, model, dataset, results, config.run.name)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / CHECKPOINT_FILE
+        path.write_bytes(best_bytes)
+        tracker.log_artifact(str(path), "checkpoints/best")
+        scores = {"val_mIoU": results["multi-scale+flip"].miou, "val_mIoU_single_scale":
+                  results["single-scale"].miou}
+        version = tracker.log_model(LogitsOnly(model).eval(), name="model",
+                                    registered_name=registered_model_name(config),
+                                    metrics=scores, checkpoint=str(path))
+    if version is not None:
+        log.info("registered model %s version %s (models:/%s@candidate)", registered_model_name(config),
+                 version, registered_model_name(config))
+    return results, table, best
+
+
+def run_training(config: Config) -> TrainingReport:
+    """Train ``config`` end to end and record it; returns what the command prints."""
+    config = config.with_absolute_paths()
+    warn_if_not_pretrained(config)
+    if config.run.ray:
+        from pipeline.train.ray_train import connect
+
+        connect(config)  # workers that cannot be placed are refused before anything is written
+
+    # One writer per run: a second command with this run.name stops here, before MLflow or a checkpoint.
+    with RunLease(run_uri(config), f"run {config.run.name!r}", ttl=config.run.lease_ttl) as lease:
+        tracker, tracking_uri = _open_tracker(config)
+        try:
+            results, table, best = _train_and_record(config, tracker, tracking_uri, lease)
+        except BaseException as error:
+            tracker.end(end_status(error))  # never left RUNNING
+            raise
+        tracker.end()
+    return TrainingReport(tracker.run_id, tracking_uri, results, table, best)

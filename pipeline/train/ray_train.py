@@ -1,0 +1,272 @@
+"""Ray Train V2: run :func:`pipeline.train.loop.train_loop` in every worker of a ``TorchTrainer``.
+
+Ray places the workers (CPU with gloo, or one GPU each with NCCL), stores the periodic checkpoints under
+``<run.storage>/<run.name>`` (local folder or S3 through the storage module's filesystem), restarts
+failed workers from the last checkpoint (``FailureConfig(max_failures)``), and resumes a run started
+again with the same name. The loop itself is ours and is the same as without Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import Config, config_from_dict
+from pipeline.io import storage
+from pipeline.io.checkpoints import CHECKPOINT_FILE, load, save_file
+from pipeline.train.resources import WorkerRequest, alive_nodes, ensure_placeable
+
+log = logging.getLogger(__name__)
+
+_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkpoints it registered
+DEBUG_ENV = "CCNET_DEBUG"  # set by --debug for the Ray processes: their logging stays verbose
+
+
+@dataclass
+class RaySession:
+    """The loop's view of a Ray Train worker."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    train_shard: Any = None  # this worker's Ray Data shard when data.loader is "ray"
+
+    resume_from: str | None = None  # a newer checkpoint than Ray's that Ray never registered
+
+    def restore(self) -> dict[str, Any] | None:
+        import ray.train
+
+        state = None
+        if (checkpoint := ray.train.get_checkpoint()) is not None:
+            with checkpoint.as_directory() as folder:
+                state = load(str(Path(folder) / CHECKPOINT_FILE))
+        if self.resume_from is not None:
+            newer = load(self.resume_from)
+            if state is None or newer["iteration"] > state["iteration"]:
+                log.info("resuming from %s, which the run wrote but Ray never registered",
+                         storage.redact(self.resume_from))
+                state = newer
+        return state
+
+    def checkpoint(self, state: dict[str, Any] | None, iteration: int, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        # report() is a collective: every rank calls it, only rank 0 attaches the checkpoint.
+        with tempfile.TemporaryDirectory() as folder:
+            attached = None
+            if state is not None:
+                save_file(folder, state)
+                attached = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=attached)
+
+
+def _worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.tracking import Tracker
+    from pipeline.train.loop import train_loop
+
+    project_logging()
+    config = config_from_dict(loop_config["config"])
+    # Ray sets OMP_NUM_THREADS to the floor of the worker's CPUs: a trial's worker of 1.9 CPUs (the 0.1 left
+    # is its driver's, which only waits) would compute on one thread of two.
+    torch.set_num_threads(max(1, math.ceil(config.run.cpus_per_worker)))
+    context = ray.train.get_context()
+    session = RaySession(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
+                         resume_from=loop_config.get("resume_from"))
+    if config.data.loader == "ray":
+        session.train_shard = ray.train.get_dataset_shard("train")
+    tracker = None
+    if session.rank == 0 and loop_config["run_id"]:
+        tracker = Tracker(loop_config["tracking_uri"], config.tracking.experiment, required=False,
+                          settle_timeout=config.tracking.settle_timeout)
+        tracker.start(config.run.name, run_id=loop_config["run_id"])
+    try:
+        summary = train_loop(config, session, loop_config["run_id"], tracker)
+    finally:
+        if tracker is not None:
+            tracker.settle()  # what an outage held back; the driver ends the run after its final evaluation
+    log.info("worker %d finished: %s", session.rank, summary)
+
+
+def train_datasets(config: Config) -> dict[str, Any]:
+    """The Ray Datasets the trainer shards over its workers: ``{"train": ...}`` when ``data.loader`` is
+    "ray", else none. The augmentation is the plain-PyTorch path's, crop padding labelled with the
+    manifest's ``ignore_index``."""
+    if config.data.loader != "ray":
+        return {}
+    from pipeline.data.readers import open_manifest, ray_dataset
+    from pipeline.data.transforms import build_train_transform
+    from pipeline.train.loop import input_normalization
+
+    data = config.data
+    manifest = open_manifest(data.uri)
+    normalization = input_normalization(config)
+    transform = build_train_transform(
+        data.crop_size, (data.scale_min, data.scale_max), ignore_index=manifest.ignore_index,
+        mean=normalization.mean, std=normalization.std,
+    )
+    dataset = ray_dataset(
+        data.uri, data.train_split, transform=transform, seed=config.train.seed, epoch=None,
+        batch_size=data.batch_size,
+    )
+    return {"train": dataset.select_columns(["image", "label"])}  # tensors only: sample ids are strings
+
+
+def worker_request(config: Config, driver_cpus: float = 0.0) -> WorkerRequest:
+    """What the run's worker group asks Ray for (``driver_cpus``: a search trial's own process)."""
+    run = config.run
+    return WorkerRequest(run.num_workers, run.cpus_per_worker, 1.0 if run.use_gpu else 0.0, driver_cpus)
+
+
+def project_logging() -> None:
+    """In a Ray worker or trial process: the project's own lines (``pipeline.*``, INFO and up) reach the
+    driver's console, whatever level Ray's logging configuration gave the root logger there."""
+    project = logging.getLogger("pipeline")
+    if not any(getattr(handler, "_ccnet", False) for handler in project.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        handler._ccnet = True  # type: ignore[attr-defined]
+        project.addHandler(handler)
+    project.setLevel(logging.INFO)
+    project.propagate = False
+    # Ray Train's worker-side notices ("Reporting training result ...") go through the root logger.
+    logging.getLogger().setLevel(logging.DEBUG if os.environ.get(DEBUG_ENV) else logging.WARNING)
+
+
+def ray_log_level() -> str:
+    """Ray's own log level: ERROR, or INFO when the command runs with ``--debug``."""
+    return "INFO" if logging.getLogger().isEnabledFor(logging.DEBUG) else "ERROR"
+
+
+def _init_quietly() -> None:
+    """``ray.init`` with Ray's own logs at ERROR in every process (INFO and up with ``--debug``): its
+    controller and placement-group helpers otherwise fill the console with internal notices. The driver's
+    logging is put back as it was (Ray's configuration also applies to the driver's root logger)."""
+    import ray
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    if ray_log_level() == "INFO":
+        os.environ[DEBUG_ENV] = "1"  # workers and trials inherit it
+    ray.init(include_dashboard=False, log_to_driver=True,
+             logging_config=ray.LoggingConfig(log_level=ray_log_level()))
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def connect(config: Config, driver_cpus: float = 0.0) -> None:
+    """Start (or join) Ray and check that the run's workers fit the cluster: call it before anything is
+    written, so a request that cannot be placed is refused with both numbers instead of waiting forever."""
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        _init_quietly()
+    ensure_placeable(worker_request(config, driver_cpus), wait=config.run.resource_wait)
+    warn_if_node_local(config.run.storage, alive_nodes())
+
+
+def warn_if_node_local(run_storage: str, nodes: list[dict[str, float]]) -> bool:
+    """A local ``run.storage`` on a cluster of several nodes: each worker writes checkpoints to its own node's
+    disk, and a run resumed elsewhere (a lost node) finds none. One WARNING (right only for a folder shared
+    at the same path on every node, NFS for example); returns whether it warned."""
+    if storage.is_s3(run_storage) or len(nodes) < 2:
+        return False
+    log.warning("run.storage=%s is a local folder but the Ray cluster has %d nodes: checkpoints written on "
+                "one node are lost with it; use s3://... (or a folder shared at the same path on every node)",
+                run_storage, len(nodes))
+    return True
+
+
+@dataclass
+class Unregistered:
+    """Checkpoint folders of a Ray run that Ray's checkpoint manager does not list: written by a worker,
+    then the run stopped (Ctrl-C, a killed driver) before the controller registered them."""
+
+    folders: list[str]  # names under the run folder
+    newest: str | None  # the checkpoint file to resume from: newer than every registered one and loadable
+
+
+def unregistered_checkpoints(run_folder: str) -> Unregistered:
+    """Finds the ``checkpoint_*`` folders of ``run_folder`` missing from Ray's
+    ``checkpoint_manager_snapshot.json``, and the newest one that loads and is ahead of Ray's latest."""
+    import json
+
+    from pipeline.io.checkpoints import CheckpointError
+
+    names = storage.list_files(run_folder)
+    folders = sorted({name.split("/")[0] for name in names if name.startswith("checkpoint_") and "/" in name})
+    registered, latest = set(), -1
+    if _SNAPSHOT in names:
+        snapshot = json.loads(storage.read_bytes(storage.join(run_folder, _SNAPSHOT)))
+        for result in snapshot.get("checkpoint_results", []):
+            registered.add(result["checkpoint_dir_name"])
+            latest = max(latest, int(result.get("metrics", {}).get("iteration", -1)))
+    orphans = [folder for folder in folders if folder not in registered]
+    newest, newest_iteration = None, latest
+    for folder in orphans:
+        uri = storage.join(run_folder, folder, CHECKPOINT_FILE)
+        try:
+            iteration = load(uri)["iteration"]
+        except (CheckpointError, FileNotFoundError):
+            continue  # cut short while it was written: not a state to resume from
+        if iteration > newest_iteration:
+            newest, newest_iteration = uri, iteration
+    return Unregistered(orphans, newest)
+
+
+def fit(config: Config, run_id: str | None, tracking_uri: str | None, callbacks: list | None = None) -> Any:
+    """Run the training with Ray Train; returns Ray's ``Result`` (its ``checkpoint`` is the last one).
+
+    ``callbacks`` go to the trainer's RunConfig (a search passes Tune's ``TuneReportCallback``).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    connect(config)
+    filesystem, path = storage.filesystem(config.run.storage)
+    if storage.is_s3(config.run.storage):
+        storage.ensure_bucket(config.run.storage)
+    else:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    datasets = train_datasets(config)
+    run_folder = storage.join(config.run.storage, config.run.name)
+    unregistered = unregistered_checkpoints(run_folder)
+    trainer = TorchTrainer(
+        _worker,
+        datasets=datasets or None,
+        train_loop_config={"config": config.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri,
+                           "resume_from": unregistered.newest},
+        scaling_config=ScalingConfig(
+            num_workers=config.run.num_workers,
+            use_gpu=config.run.use_gpu,
+            resources_per_worker={"CPU": config.run.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=config.run.name,
+            storage_path=path,
+            storage_filesystem=filesystem if storage.is_s3(config.run.storage) else None,
+            failure_config=FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+            callbacks=callbacks,
+            logging_config=LoggingConfig(log_level=ray_log_level()),  # the controller's notices
+        ),
+    )
+    result = trainer.fit()
+    if unregistered.folders:  # the run went past them: Ray's own checkpoints are the record now
+        for folder in unregistered.folders:
+            storage.delete_tree(storage.join(run_folder, folder))
+        log.info("removed %d checkpoint folder(s) that Ray never registered: %s", len(unregistered.folders),
+                 ", ".join(unregistered.folders))
+    return result

@@ -1,0 +1,275 @@
+"""Hyper-parameter search: Ray Tune over the training job, the Train V2 way.
+
+A ``Tuner`` runs a driver function per trial; each trial applies its sampled values to the config, opens a
+nested MLflow run under the search's parent run, and runs a ``TorchTrainer`` (named from the trial id, so a
+re-run resumes it) whose reports reach Tune through ``TuneReportCallback``. ASHA stops weak trials early on
+``tune.metric`` (``tune.scheduler: none`` lets every trial finish). The parent run gets the results table and
+the best config. Running the same search name again resumes an interrupted search; finished trials are not
+run again. An ablation is such a search over a grid of named model variants and seeds
+(:mod:`pipeline.train.ablation`).
+
+    ccnet tune -c configs/quickstart_ccnet-tiny_generated-192x192_cpu.yaml --set tune.num_samples=8
+    ccnet tune -c configs/ablation_ccnet-tiny_generated-256x256_cpu.yaml
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, apply_overrides, config_from_dict, dump_config
+from pipeline.io import storage
+from pipeline.io.lease import RunLease
+from pipeline.io.redaction import holds_secret
+from pipeline.train import ablation
+from pipeline.train.driver import end_status, log_run_context
+from pipeline.train.ray_train import connect, fit, project_logging
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchReport:
+    parent_run_id: str | None
+    table: str
+    best: dict[str, Any]  # the best trial's sampled values
+    best_value: float
+    ablation: str | None = None  # the per-variant table of an ablation (markdown)
+
+
+def param_space(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
+    """The YAML space (``{"train.lr": {"loguniform": [a, b]}}``, checked by the config) as Ray Tune
+    distributions."""
+    from ray import tune
+
+    samplers = {"loguniform": tune.loguniform, "uniform": tune.uniform, "choice": lambda *v: tune.choice(v)}
+    return {key: samplers[kind](*values) for key, spec in space.items() for kind, values in spec.items()}
+
+
+VARIANT = "variant"  # the grid's axis over tune.variants (an ablation)
+TRIAL_CPUS = 0.1  # a trial's own process only drives its TorchTrainer
+
+
+def _trial(sampled: dict[str, Any]) -> None:
+    """One trial: the config with its variant's overrides and the sampled values, a nested MLflow run, a
+    TorchTrainer, then the best checkpoint evaluated single-scale and multi-scale + flip (reported to Tune
+    as the trial's last result)."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.tracking import Tracker, resolve_tracking_uri
+
+    project_logging()
+    context = ray.tune.get_context()
+    values = dict(sampled)
+    base, parent = values.pop("_config"), values.pop("_parent_run_id")
+    tracking_uri = values.pop("_tracking_uri")
+    variant = values.pop(VARIANT, None)
+    overrides = [*(base["tune"]["variants"][variant] if variant else []),
+                 *(f"{key}={value}" for key, value in values.items())]
+    config = config_from_dict(apply_overrides(base, overrides), source=f"trial {context.get_trial_id()}")
+    if variant is None:
+        config.run.name = f"{config.tune.name}_{context.get_trial_id()}"
+    else:  # one trial per variant and seed, unless a space is sampled as well
+        config.run.name = f"{config.tune.name}_{variant}_seed{config.train.seed}"
+        if config.tune.space:
+            config.run.name += f"_{context.get_trial_id()}"
+    tracking_uri = tracking_uri or resolve_tracking_uri(config.tracking.uri)
+    tracker = Tracker(tracking_uri, config.tracking.experiment, required=False,
+                      settle_timeout=config.tracking.settle_timeout)
+    tags = {"mlflow.parentRunId": parent} if parent else {}
+    if variant is not None:
+        tags.update({"ccnet.variant": variant, "ccnet.seed": str(config.train.seed)})
+    run_id = tracker.start(config.run.name, tags=tags)
+    log_run_context(tracker, config, variant, {f"sampled.{k}": v for k, v in values.items()})
+    tracker.flush()
+    try:
+        result = fit(config, run_id, tracking_uri, callbacks=[TuneReportCallback()])
+        final = _final_evaluation(config, tracker)
+    except BaseException as error:
+        tracker.end(end_status(error))  # never left RUNNING
+        raise
+    tracker.end()
+    ray.tune.report({**(result.metrics or {}), **final})
+
+
+def _final_evaluation(config: Config, tracker: Any) -> dict[str, float]:
+    """The best checkpoint's single-scale and multi-scale + flip results, logged to the trial's run."""
+    from pipeline.io.checkpoints import CheckpointStore
+    from pipeline.train.driver import evaluate_checkpoint, log_final_results
+    from pipeline.train.loop import run_uri
+
+    _, _, results = evaluate_checkpoint(config, CheckpointStore(run_uri(config)).best_uri(),
+                                        reuse_validation=True)
+    metrics = log_final_results(tracker, results, config.train.iterations)
+    return {key: value for key, value in metrics.items() if value == value}  # NaN: a class never seen
+
+
+def _table(results: Any, keys: list[str], metric: str) -> str:
+    """One row per trial: its sampled values, the searched metric, the final mIoU, its iterations."""
+    header = f"| trial | {' | '.join(keys)} | {metric} | final single | final ms+flip | iterations |"
+    lines = [header, "|---" * (len(keys) + 5) + "|"]
+
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    for result in results:
+        sampled = result.config or {}
+        metrics = result.metrics or {}
+        values = " | ".join(f"{sampled.get(key)}" for key in keys)
+        lines.append(
+            f"| {metrics.get('trial_id', '?')} | {values} | {number(metrics.get(metric))} | "
+            f"{number(metrics.get(ablation.SINGLE))} | {number(metrics.get(ablation.MULTI))} | "
+            f"{metrics.get('iteration', '-')}{' (failed)' if result.error else ''} |"
+        )
+    return "\n".join(lines)
+
+
+def _record_ablation(
+    tracker: Any, config: Config, results: Any, costs: dict[str, ablation.VariantCost]
+) -> str:
+    """The per-variant table (markdown, CSV) and chart on the parent run; returns the markdown."""
+    from pipeline.eval.plots import ablation_figure
+
+    trials = [
+        ablation.Trial(result.config[VARIANT], int(result.config["train.seed"]), dict(result.metrics or {}),
+                       error=None if result.error is None else str(result.error).splitlines()[0])
+        for result in results
+        if result.config and VARIANT in result.config
+    ]
+    rows = ablation.summarise(trials, costs)
+    table = ablation.results_table(rows)
+    tracker.log_text(table, "ablation/results.md")
+    tracker.log_text(ablation.results_csv(rows), "ablation/results.csv")
+    nan = float("nan")
+    miou = {
+        label: ([s.mean if s else nan for s in stats], [s.spread if s else nan for s in stats])
+        for label, stats in (("single-scale", [r.single for r in rows]),
+                             ("ms+flip", [r.multi for r in rows]))
+    }
+    figure = ablation_figure([r.variant for r in rows], miou, [r.cost.attention_gflops for r in rows],
+                             title=config.tune.name)
+    tracker.log_figure(figure, "ablation/chart.png")
+    return table
+
+
+def run_search(config: Config) -> SearchReport:
+    """Run (or resume) the search ``config.tune`` over ``config``; returns the results and the best values.
+
+    With ``tune.variants`` the search is an ablation: a grid of every variant crossed with ``tune.seeds``
+    (and the space's samples), whose parent run also gets the per-variant table and chart.
+    """
+    from ray import tune
+
+    from pipeline.data.readers import open_manifest
+    from pipeline.tracking import Tracker, find_run, resolve_tracking_uri
+    from pipeline.train.loop import warn_if_not_pretrained
+
+    config = config.with_absolute_paths()
+    warn_if_not_pretrained(config)
+    if not config.run.ray:
+        raise ValueError("run.ray=false: a search runs its trials with Ray")
+    # Everything that can be refused is checked before the parent run and Ray start.
+    sampled = param_space(config.tune.space)
+    variants = ablation.variant_configs(config)
+    costs: dict[str, ablation.VariantCost] = {}
+    if variants:
+        num_classes = open_manifest(config.data.uri).num_classes
+        size = (config.data.crop_size, config.data.crop_size)
+        costs = {name: ablation.variant_cost(c, num_classes, size) for name, c in variants.items()}
+        grid = {VARIANT: tune.grid_search(list(variants)), "train.seed": tune.grid_search(config.tune.seeds)}
+        sampled = {**grid, **sampled}
+    connect(config, driver_cpus=TRIAL_CPUS)
+    # One writer per search: a second command with this tune.name stops here, before MLflow or Ray Tune.
+    prefix = storage.join(config.run.storage, config.tune.name)
+    with RunLease(prefix, f"search {config.tune.name!r}", ttl=config.run.lease_ttl):
+        tracking_uri = resolve_tracking_uri(config.tracking.uri)
+        tracker = Tracker(tracking_uri, config.tracking.experiment, required=config.tracking.required,
+                          settle_timeout=config.tracking.settle_timeout)
+        previous = find_run(tracking_uri, config.tracking.experiment, config.tune.name)
+        tags = {"ccnet.search": "true", **({"ccnet.ablation": "true"} if variants else {})}
+        tracker.start(config.tune.name, run_id=previous, tags=tags)
+        try:
+            tracker.log_text(dump_config(config), "search_config.yaml")
+            tracker.flush()
+            report = _search(config, tracker, sampled, variants, costs, tracking_uri)
+        except BaseException as error:
+            tracker.end(end_status(error))  # never left RUNNING
+            raise
+        tracker.end()
+    return report
+
+
+def _search(
+    config: Config, tracker: Any, sampled: dict[str, Any], variants: dict[str, Config],
+    costs: dict[str, ablation.VariantCost], tracking_uri: str,
+) -> SearchReport:
+    """The search itself, under the parent run that ``tracker`` holds open."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    parent = tracker.run_id
+    filesystem, path = storage.filesystem(config.run.storage)
+    if storage.is_s3(config.run.storage):
+        storage.ensure_bucket(config.run.storage)
+    fs = filesystem if storage.is_s3(config.run.storage) else None
+    space = {
+        **sampled,
+        # Tune saves the space with the search: a tracking URI with credentials (from MLFLOW_TRACKING_URI)
+        # stays out of it, and each trial resolves it from its own environment.
+        "_config": config.to_dict(), "_parent_run_id": parent,
+        "_tracking_uri": None if holds_secret(tracking_uri) else tracking_uri,
+    }
+    # The trial function only drives its TorchTrainer, whose workers hold the CPUs/GPUs; Tune refuses an
+    # empty request, hence a sliver.
+    trainable = tune.with_resources(_trial, {"CPU": TRIAL_CPUS})
+    search_path = storage.join(path, config.tune.name) if fs else str(Path(path) / config.tune.name)
+    if tune.Tuner.can_restore(search_path, storage_filesystem=fs):
+        log.info("resuming search %s", config.tune.name)
+        try:
+            tuner = tune.Tuner.restore(search_path, trainable, param_space=space, storage_filesystem=fs)
+        except Exception as error:
+            raise RuntimeError(
+                f"search {config.tune.name} at {storage.redact(search_path)} cannot be resumed "
+                f"({str(error).splitlines()[0]}); choose another tune.name or delete that folder"
+            ) from None
+    else:
+        scheduler = None
+        if config.tune.scheduler == "asha":
+            scheduler = ASHAScheduler(
+                time_attr="iteration", metric=config.tune.metric, mode=config.tune.mode,
+                max_t=config.train.iterations, grace_period=config.tune.grace_period,
+                reduction_factor=config.tune.reduction_factor,
+            )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                # A grid alone runs each point once; num_samples would repeat the whole grid.
+                num_samples=config.tune.num_samples if config.tune.space or not variants else 1,
+                max_concurrent_trials=config.tune.max_concurrent,
+                scheduler=scheduler,
+            ),
+            run_config=tune.RunConfig(name=config.tune.name, storage_path=path, storage_filesystem=fs),
+        )
+    results = tuner.fit()
+    if all(result.error is not None for result in results):
+        first = str(results[0].error).strip().splitlines()[0][:200]
+        raise RuntimeError(f"search {config.tune.name}: no trial finished; the first failed with: {first}")
+    best = results.get_best_result(metric=config.tune.metric, mode=config.tune.mode, scope="all")
+    keys = ([VARIANT, "train.seed"] if variants else []) + list(config.tune.space)
+    table = _table(results, keys, config.tune.metric)
+    tracker.log_text(table, "search/results.md")
+    best_values = {key: best.config[key] for key in keys}
+    best_value = best.metrics[config.tune.metric]
+    tracker.log_dict({"best": best_values, config.tune.metric: best_value}, "search/best.json")
+    best_overrides = [f"{k}={v}" for k, v in best_values.items() if k != VARIANT]
+    if VARIANT in best_values:
+        best_overrides = [*config.tune.variants[best_values[VARIANT]], *best_overrides]
+    best_config = apply_overrides(config.to_dict(), best_overrides)
+    best_config["tune"]["variants"] = {}
+    tracker.log_text(dump_config(config_from_dict(best_config)), "search/best_config.yaml")
+    ablation_table = _record_ablation(tracker, config, results, costs) if variants else None
+    return SearchReport(parent, table, best_values, best_value, ablation_table)

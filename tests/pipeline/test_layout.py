@@ -1,0 +1,57 @@
+"""The package layout's rules, read from the code itself: the library never imports its entry points
+(``jobs``), one module owns each boundary (MLflow: ``pipeline.tracking``; boto3: ``pipeline.io.storage``),
+and no module under ``pipeline/`` grows past 400 lines."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PIPELINE = ROOT / "pipeline"
+MAX_LINES = 400
+
+
+def _modules() -> list[str]:
+    return sorted(".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+                  for path in PIPELINE.rglob("*.py") if path.name != "__main__.py")
+
+
+def _imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            roots |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module)
+    return roots
+
+
+def test_importing_all_of_pipeline_never_imports_jobs() -> None:
+    code = (f"import importlib, sys\nfor name in {_modules()!r}:\n    importlib.import_module(name)\n"
+            "assert 'jobs' not in sys.modules, [m for m in sys.modules if m.startswith('jobs')]\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_each_boundary_has_one_owner() -> None:
+    owners = {"mlflow": "pipeline/tracking/", "boto3": "pipeline/io/storage",
+              "botocore": "pipeline/io/storage"}
+    for path in PIPELINE.rglob("*.py"):
+        relative = path.relative_to(ROOT).as_posix()
+        for name in _imported_roots(path):
+            root = name.split(".")[0]
+            if root == "jobs":
+                raise AssertionError(f"{relative} imports {name}: the library never imports its entry points")
+            if root in owners:
+                owner = owners[root]
+                assert relative.startswith(owner), f"{relative} imports {name}, owned by {owner}"
+
+
+def test_no_module_is_over_the_size_limit() -> None:
+    sizes = {path.relative_to(ROOT).as_posix(): len(path.read_text().splitlines())
+             for path in PIPELINE.rglob("*.py")}
+    assert {path: n for path, n in sizes.items() if n > MAX_LINES} == {}

@@ -1,0 +1,173 @@
+"""The training loop without Ray: steps, AMP levels, non-finite losses, exact resume."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ccnet import build_ccnet
+from ccnet.losses import SegmentationLoss
+from pipeline.config import Config, load_config
+from pipeline.data.sources import build_source
+from pipeline.data.writer import write_shards
+from pipeline.io.checkpoints import CheckpointStore, load
+from pipeline.train.loop import (
+    LocalSession,
+    NonFiniteLossError,
+    build_loss,
+    poly_lr,
+    run_uri,
+    train_loop,
+    train_step,
+    warn_if_not_pretrained,
+)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
+    source = build_source("generated", None, image_size=(48, 48), counts={"train": 12, "val": 4})
+    uri, _ = write_shards(source, str(tmp_path_factory.mktemp("data")), workers=1, progress=False)
+    return uri
+
+
+def make_config(dataset: str, tmp_path: Path, *overrides: str) -> Config:
+    return load_config(None, [
+        f"data.uri={dataset}", "data.crop_size=48", "data.batch_size=4", "train.iterations=8",
+        "train.log_every=1", "train.checkpoint_every=4", "train.eval_every=100", f"run.storage={tmp_path}",
+        "run.ray=false", *overrides,
+    ])
+
+
+class Recorder:
+    """Stands in for the MLflow tracker: keeps what the loop logs."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[int, dict[str, float]] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.metrics.setdefault(step, {}).update(metrics)
+
+    def losses(self) -> dict[int, float]:
+        return {step: m["train/loss"] for step, m in self.metrics.items() if "train/loss" in m}
+
+
+def test_poly_lr() -> None:
+    assert poly_lr(0.01, 0, 100, 0.9) == 0.01
+    assert poly_lr(0.01, 50, 100, 0.9) == pytest.approx(0.01 * 0.5**0.9)
+    assert poly_lr(0.01, 100, 100, 0.9) == 0.0
+
+
+def test_step_learns_and_skips_non_finite() -> None:
+    torch.manual_seed(0)
+    model = build_ccnet("ccnet_tiny", 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
+    loss_fn = SegmentationLoss()
+    losses = [train_step(model, images, labels, loss_fn, optimizer, scaler, None).loss for _ in range(6)]
+    assert losses[-1] < losses[0]
+    with torch.no_grad():
+        model.head.classifier.bias.fill_(float("nan"))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    step = train_step(model, images, labels, SegmentationLoss(), optimizer, scaler, None)
+    assert not step.finite
+    for name, p in model.named_parameters():  # no update applied
+        assert torch.equal(p, before[name]) or torch.isnan(p).all(), name
+
+
+@pytest.mark.parametrize("amp", ["O1", "O2"])
+def test_mixed_precision_levels_train(dataset: str, tmp_path: Path, amp: str) -> None:
+    recorder = Recorder()
+    config = make_config(dataset, tmp_path, f"train.amp={amp}", "train.iterations=3")
+    summary = train_loop(config, LocalSession(run_uri(config)), tracker=recorder)
+    assert summary.iterations == 3 and summary.skipped_steps == 0
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in recorder.losses().values())
+
+
+def test_repeated_non_finite_losses_stop_the_run(dataset: str, tmp_path: Path) -> None:
+    config = make_config(dataset, tmp_path, "train.lr=1e12", "train.max_nonfinite=2", "train.iterations=40")
+    with pytest.raises(NonFiniteLossError, match="non-finite for 2 iterations in a row"):
+        train_loop(config, LocalSession(run_uri(config)))
+
+
+class CrashAfter(LocalSession):
+    """Checkpoints like LocalSession, then dies right after the checkpoint of ``crash_at``."""
+
+    crash_at = 4
+
+    def checkpoint(self, state: dict[str, Any] | None, iteration: int, metrics: dict[str, float]) -> None:
+        super().checkpoint(state, iteration, metrics)
+        if iteration == self.crash_at:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def test_resume_continues_exactly(dataset: str, tmp_path: Path) -> None:
+    straight = Recorder()
+    config = make_config(dataset, tmp_path, "run.name=straight")
+    train_loop(config, LocalSession(run_uri(config)), tracker=straight)
+
+    resumed = Recorder()
+    config = make_config(dataset, tmp_path, "run.name=resumed")
+    with pytest.raises(KeyboardInterrupt):
+        train_loop(config, CrashAfter(run_uri(config)), tracker=resumed)
+    assert sorted(resumed.losses()) == [1, 2, 3, 4]
+    train_loop(config, LocalSession(run_uri(config)), tracker=resumed)
+
+    assert resumed.losses() == straight.losses()  # the same losses at every iteration, 5..8 included
+    final = {
+        name: load(CheckpointStore(str(tmp_path / name)).latest())["model"]
+        for name in ("straight", "resumed")
+    }
+    for key, value in final["straight"].items():
+        assert torch.equal(value, final["resumed"][key]), key
+
+
+def test_category_consistent_loss_trains_on_the_generated_set(dataset: str, tmp_path: Path) -> None:
+    recorder = Recorder()
+    config = make_config(dataset, tmp_path, "model.embedding_channels=8", "train.consistency_weight=1.0",
+                         "train.iterations=2")
+    summary = train_loop(config, LocalSession(run_uri(config)), tracker=recorder)
+    assert summary.skipped_steps == 0
+    for metrics in recorder.metrics.values():
+        parts = {name: metrics[f"train/loss_{name}"] for name in ("main", "aux", "var", "dis", "reg")}
+        assert all(math.isfinite(value) for value in [metrics["train/loss"], *parts.values()])
+        assert parts["var"] + parts["dis"] + parts["reg"] > 0  # the term is there, not a zero placeholder
+        # train/loss = main + 0.4 aux + 1.0 var + 1.0 dis + 0.001 reg
+        expected = parts["main"] + 0.4 * parts["aux"] + parts["var"] + parts["dis"] + 0.001 * parts["reg"]
+        assert metrics["train/loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_build_loss_reads_the_train_section(dataset: str, tmp_path: Path) -> None:
+    off = build_loss(make_config(dataset, tmp_path), ignore_index=7)
+    assert (off.ignore_index, off.consistency, off.ohem) == (7, False, False)
+    on = build_loss(make_config(dataset, tmp_path, "model.embedding_channels=8", "train.consistency_weight=2",
+                                "train.ohem=true", "train.ohem_min_kept=123"), ignore_index=255)
+    assert on.consistency and on.consistency_weights == (2.0, 2.0, 0.002)
+    assert on.ohem and on.ohem_min_kept == 123
+
+
+@pytest.mark.parametrize(
+    ("overrides", "warns"),
+    [
+        (["model.name=ccnet_r101_deepstem_d8"], True),  # a paper recipe, no weights
+        (["model.name=fcn_r50_d8"], True),
+        (["model.name=ccnet_r101_deepstem_d8", "model.pretrained=none"], False),  # no weights on purpose
+        (["model.name=ccnet_r101_deepstem_d8", "model.pretrained=/data/r101.pth"], False),
+        (["model.name=ccnet_tiny"], False),  # the tiny backbone trains from scratch by design
+    ],
+)
+def test_missing_imagenet_weights_warn_once_naming_the_key(
+    caplog: pytest.LogCaptureFixture, overrides: list[str], warns: bool
+) -> None:
+    config = load_config(None, overrides)
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.loop"):
+        assert warn_if_not_pretrained(config) is warns
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == int(warns)
+    if warns:
+        assert "model.pretrained" in warnings[0].getMessage() and "\n" not in warnings[0].getMessage()

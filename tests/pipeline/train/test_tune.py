@@ -1,0 +1,110 @@
+"""Searches on a local Ray, recorded as nested MLflow runs, resumable: a 2-trial ASHA search and an ablation
+grid of 2 variants x 2 seeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.data.sources import build_source
+from pipeline.data.writer import write_shards
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture
+def tiny_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], str]:
+    """Overrides for a tiny generated dataset, storage under tmp_path and a sqlite MLflow; and its URI."""
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    source = build_source("generated", None, image_size=(48, 48), counts={"train": 8, "val": 2})
+    data_uri, _ = write_shards(source, str(tmp_path / "data"), workers=1, progress=False)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [f"data.uri={data_uri}", "data.batch_size=4", f"run.storage={tmp_path / 'runs'}",
+                 f"tracking.uri={tracking}", "run.cpus_per_worker=0.5", "train.checkpoint_every=2",
+                 "train.eval_every=2"]
+    return overrides, tracking
+
+
+def test_two_trial_search(tiny_run: tuple[list[str], str]) -> None:
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.train.tune import run_search
+
+    overrides, tracking = tiny_run
+    config = load_config(None, [
+        *overrides, "train.iterations=4", "train.log_every=2", "eval.scales=[1.0]", "tune.name=tiny-search",
+        "tune.num_samples=2", "tune.grace_period=2",
+        "tune.space={train.lr: {loguniform: [0.001, 0.1]}, data.crop_size: {choice: [32, 48]}}",
+    ])
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        report = run_search(config)
+        again = run_search(config)  # the same search name: restored, its finished trials not run again
+    finally:
+        ray.shutdown()
+    assert again.parent_run_id == report.parent_run_id
+    assert sorted(again.table.splitlines()) == sorted(report.table.splitlines())  # same trials and results
+    assert report.table.count("\n") == 3  # header, rule, two trials
+    assert set(report.best) == {"train.lr", "data.crop_size"} and 0.0 <= report.best_value <= 1.0
+
+    client = MlflowClient(tracking)
+    experiment = client.get_experiment_by_name("ccnet")
+    runs = client.search_runs([experiment.experiment_id])
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == report.parent_run_id]
+    assert len(children) == 2
+    for child in children:
+        assert client.get_metric_history(child.info.run_id, "train/loss")
+        assert "sampled.train.lr" in child.data.params
+    artifacts = {a.path for a in client.list_artifacts(report.parent_run_id, "search")}
+    assert artifacts == {"search/results.md", "search/best.json", "search/best_config.yaml"}
+
+
+def test_ablation_grid_of_variants_and_seeds(tiny_run: tuple[list[str], str], tmp_path: Path) -> None:
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.train.tune import run_search
+
+    overrides, tracking = tiny_run
+    config = load_config(None, [
+        *overrides, "data.crop_size=48", "train.iterations=2", "train.log_every=1", "eval.scales=[1.0, 1.25]",
+        "tune.name=tiny-ablation", "tune.space={}", "tune.scheduler=none", "tune.seeds=[0, 1]",
+        "tune.variants={fcn: [model.recurrence=0], axial_r1: [model.attention=axial, model.recurrence=1]}",
+    ])
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        report = run_search(config)
+        again = run_search(config)  # the same name: the grid is restored and no finished trial runs again
+    finally:
+        ray.shutdown()
+
+    trial_rows = report.table.splitlines()[2:]
+    assert len(trial_rows) == 4  # 2 variants x 2 seeds, each once
+    assert sorted(row.split(" | ")[1:3] for row in trial_rows) == [
+        ["axial_r1", "0"], ["axial_r1", "1"], ["fcn", "0"], ["fcn", "1"]]
+    assert all("(failed)" not in row and " | - | " not in row for row in trial_rows)  # final figures there
+    rows = report.ablation.splitlines()
+    assert [row.split(" | ")[0] for row in rows[2:]] == ["| fcn", "| axial_r1"]
+    assert all(row.endswith("| 0,1 |") for row in rows[2:])
+    assert again.ablation == report.ablation and again.parent_run_id == report.parent_run_id
+
+    client = MlflowClient(tracking)
+    experiment = client.get_experiment_by_name("ccnet")
+    runs = client.search_runs([experiment.experiment_id])
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == report.parent_run_id]
+    assert sorted((c.data.tags["ccnet.variant"], c.data.tags["ccnet.seed"]) for c in children) == [
+        ("axial_r1", "0"), ("axial_r1", "1"), ("fcn", "0"), ("fcn", "1")]
+    for child in children:
+        assert child.info.run_name == f"tiny-ablation_{child.data.tags['ccnet.variant']}_seed" \
+            f"{child.data.tags['ccnet.seed']}"
+        axial = child.data.tags["ccnet.variant"] == "axial_r1"  # fcn: the preset's attention, as resolved
+        assert (child.data.params["model.attention"], child.data.params["model.recurrence"]) == (
+            ("axial", "1") if axial else ("criss_cross", "0"))
+        assert "final/mIoU_ms_flip" in child.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(report.parent_run_id, "ablation")}
+    assert artifacts == {"ablation/results.md", "ablation/results.csv", "ablation/chart.png"}
+    logged = client.download_artifacts(report.parent_run_id, "ablation/results.md", str(tmp_path))
+    assert Path(logged).read_text() == report.ablation  # what the command prints is what MLflow holds
