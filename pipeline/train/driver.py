@@ -32,6 +32,7 @@ from pipeline.io.checkpoints import (
     load_model_state,
 )
 from pipeline.io.lease import LEASE_FILE, RunLease
+from pipeline.tracking.base import Tracker
 from pipeline.train.loop import LocalSession, build_model, run_uri, train_loop, warn_if_not_pretrained
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def variant_label(config: Config) -> str:
             f"os{params['model.output_stride']}")
 
 
-def log_run_context(tracker: Any, config: Config, variant: str | None = None,
+def log_run_context(tracker: Tracker, config: Config, variant: str | None = None,
                     extra_params: dict[str, Any] | None = None) -> None:
     """Params, the variant tag (``variant``, else :func:`variant_label`), the resolved config and the
     dataset version as the run's inputs."""
@@ -99,10 +100,10 @@ def describe_results(config: Config, results: dict[str, Any], best: dict[str, An
 
 
 def _open_tracker(config: Config) -> tuple[Any, str]:
-    from pipeline.tracking import Tracker, find_run, resolve_tracking_uri
+    from pipeline.tracking import MlflowTracker, find_run, resolve_tracking_uri
 
     uri = resolve_tracking_uri(config.tracking.uri)
-    tracker = Tracker(uri, config.tracking.experiment, required=config.tracking.required,
+    tracker = MlflowTracker(uri, config.tracking.experiment, required=config.tracking.required,
                       settle_timeout=config.tracking.settle_timeout)
     resuming = any(name != LEASE_FILE for name in storage.list_files(run_uri(config)))
     previous = find_run(uri, config.tracking.experiment, config.run.name) if resuming else None
@@ -117,7 +118,7 @@ def _denormalise(image: torch.Tensor, normalization: Normalization) -> np.ndarra
     return ((image * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
 
 
-def _log_plots(tracker: Any, model: torch.nn.Module, dataset: ShardDataset, results: dict[str, Any],
+def _log_plots(tracker: Tracker, model: torch.nn.Module, dataset: ShardDataset, results: dict[str, Any],
                run_name: str) -> None:
     """Every figure names the run and what it shows, so it stands alone in the compare view."""
     from ccnet.attention_maps import ccnet_attention_maps
@@ -183,7 +184,7 @@ def end_status(error: BaseException) -> str:
     return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
 
 
-def log_final_results(tracker: Any, results: dict[str, Any], step: int) -> dict[str, float]:
+def log_final_results(tracker: Tracker, results: dict[str, Any], step: int) -> dict[str, float]:
     """Log the protocols' results once, under short names (``final/mIoU_ss``, ``final/mIoU_ms_flip``, ...:
     :func:`pipeline.eval.evaluation.summary_metrics`), and the table as ``evaluation/results.md``; returns the
     metrics logged (NaN for a class never seen)."""
@@ -200,14 +201,14 @@ def registered_model_name(config: Config) -> str:
     return "ccnet-" + config.run.name.replace("/", "-")
 
 
-def _log_bytes(tracker: Any, data: bytes, artifact_path: str) -> None:
+def _log_bytes(tracker: Tracker, data: bytes, artifact_path: str) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / CHECKPOINT_FILE
         path.write_bytes(data)
         tracker.log_artifact(str(path), artifact_path)
 
 
-def _train_and_record(config: Config, tracker: Any, tracking_uri: str,
+def _train_and_record(config: Config, tracker: Tracker, tracking_uri: str,
                       lease: RunLease) -> tuple[dict[str, Any], str, str]:
     from pipeline.eval.evaluation import protocol_table
 

@@ -34,6 +34,7 @@ from pipeline.data.sampling import ShardBatchSampler
 from pipeline.data.transforms import build_eval_transform, build_train_transform
 from pipeline.io import storage
 from pipeline.io.checkpoints import CheckpointStore, load, load_model_state
+from pipeline.tracking.base import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -271,11 +272,12 @@ def _distribute(model: nn.Module, session: Session, sync_bn: bool) -> nn.Module:
 
 
 def train_loop(
-    config: Config, session: Session, run_id: str | None = None, tracker: Any | None = None
+    config: Config, session: Session, run_id: str | None = None, tracker: Tracker | None = None
 ) -> TrainSummary:
     """Train (or resume) ``config`` in this worker; returns a summary. Rank 0 logs to ``tracker``."""
     from pipeline.eval.evaluation import EvalResult, evaluate
 
+    tracker = NullTracker() if tracker is None else tracker
     train_cfg, data_cfg = config.train, config.data
     amp_dtype = AMP_DTYPES[train_cfg.amp]
     manifest = open_manifest(data_cfg.uri)
@@ -397,7 +399,7 @@ def train_loop(
         if iteration == train_cfg.iterations:  # what the run cost, for ablation tables
             metrics["train/median_images_per_second"] = statistics.median(window_rates)
             metrics["train/peak_memory_mib"] = peak_memory_mib(session.device)
-        if session.rank == 0 and tracker is not None and metrics:
+        if session.rank == 0 and metrics:
             tracker.log_metrics(metrics, step=iteration)
         if iteration % train_cfg.checkpoint_every == 0 or iteration == train_cfg.iterations:
             rng = _rng_states(session)  # every rank's: a resumed run draws what this one would have

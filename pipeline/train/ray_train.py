@@ -71,7 +71,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipeline.tracking import Tracker
+    from pipeline.tracking import MlflowTracker, NullTracker, Tracker
     from pipeline.train.loop import train_loop
 
     project_logging()
@@ -84,16 +84,15 @@ def _worker(loop_config: dict[str, Any]) -> None:
                          resume_from=loop_config.get("resume_from"))
     if config.data.loader == "ray":
         session.train_shard = ray.train.get_dataset_shard("train")
-    tracker = None
+    tracker: Tracker = NullTracker()
     if session.rank == 0 and loop_config["run_id"]:
-        tracker = Tracker(loop_config["tracking_uri"], config.tracking.experiment, required=False,
+        tracker = MlflowTracker(loop_config["tracking_uri"], config.tracking.experiment, required=False,
                           settle_timeout=config.tracking.settle_timeout)
         tracker.start(config.run.name, run_id=loop_config["run_id"])
     try:
         summary = train_loop(config, session, loop_config["run_id"], tracker)
     finally:
-        if tracker is not None:
-            tracker.settle()  # what an outage held back; the driver ends the run after its final evaluation
+        tracker.settle()  # what an outage held back; the driver ends the run after its final evaluation
     log.info("worker %d finished: %s", session.rank, summary)
 
 

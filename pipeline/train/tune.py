@@ -23,6 +23,7 @@ from pipeline.config import Config, apply_overrides, config_from_dict, dump_conf
 from pipeline.io import storage
 from pipeline.io.lease import RunLease
 from pipeline.io.redaction import holds_secret
+from pipeline.tracking.base import Tracker
 from pipeline.train import ablation
 from pipeline.train.driver import end_status, log_run_context
 from pipeline.train.ray_train import connect, fit, project_logging
@@ -59,7 +60,7 @@ def _trial(sampled: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.tracking import Tracker, resolve_tracking_uri
+    from pipeline.tracking import MlflowTracker, resolve_tracking_uri
 
     project_logging()
     context = ray.tune.get_context()
@@ -77,7 +78,7 @@ def _trial(sampled: dict[str, Any]) -> None:
         if config.tune.space:
             config.run.name += f"_{context.get_trial_id()}"
     tracking_uri = tracking_uri or resolve_tracking_uri(config.tracking.uri)
-    tracker = Tracker(tracking_uri, config.tracking.experiment, required=False,
+    tracker = MlflowTracker(tracking_uri, config.tracking.experiment, required=False,
                       settle_timeout=config.tracking.settle_timeout)
     tags = {"mlflow.parentRunId": parent} if parent else {}
     if variant is not None:
@@ -95,7 +96,7 @@ def _trial(sampled: dict[str, Any]) -> None:
     ray.tune.report({**(result.metrics or {}), **final})
 
 
-def _final_evaluation(config: Config, tracker: Any) -> dict[str, float]:
+def _final_evaluation(config: Config, tracker: Tracker) -> dict[str, float]:
     """The best checkpoint's single-scale and multi-scale + flip results, logged to the trial's run."""
     from pipeline.io.checkpoints import CheckpointStore
     from pipeline.train.driver import evaluate_checkpoint, log_final_results
@@ -128,7 +129,7 @@ def _table(results: Any, keys: list[str], metric: str) -> str:
 
 
 def _record_ablation(
-    tracker: Any, config: Config, results: Any, costs: dict[str, ablation.VariantCost]
+    tracker: Tracker, config: Config, results: Any, costs: dict[str, ablation.VariantCost]
 ) -> str:
     """The per-variant table (markdown, CSV) and chart on the parent run; returns the markdown."""
     from pipeline.eval.plots import ablation_figure
@@ -164,7 +165,7 @@ def run_search(config: Config) -> SearchReport:
     from ray import tune
 
     from pipeline.data.readers import open_manifest
-    from pipeline.tracking import Tracker, find_run, resolve_tracking_uri
+    from pipeline.tracking import MlflowTracker, find_run, resolve_tracking_uri
     from pipeline.train.loop import warn_if_not_pretrained
 
     config = config.with_absolute_paths()
@@ -186,7 +187,7 @@ def run_search(config: Config) -> SearchReport:
     prefix = storage.join(config.run.storage, config.tune.name)
     with RunLease(prefix, f"search {config.tune.name!r}", ttl=config.run.lease_ttl):
         tracking_uri = resolve_tracking_uri(config.tracking.uri)
-        tracker = Tracker(tracking_uri, config.tracking.experiment, required=config.tracking.required,
+        tracker = MlflowTracker(tracking_uri, config.tracking.experiment, required=config.tracking.required,
                           settle_timeout=config.tracking.settle_timeout)
         previous = find_run(tracking_uri, config.tracking.experiment, config.tune.name)
         tags = {"ccnet.search": "true", **({"ccnet.ablation": "true"} if variants else {})}
@@ -203,7 +204,7 @@ def run_search(config: Config) -> SearchReport:
 
 
 def _search(
-    config: Config, tracker: Any, sampled: dict[str, Any], variants: dict[str, Config],
+    config: Config, tracker: Tracker, sampled: dict[str, Any], variants: dict[str, Config],
     costs: dict[str, ablation.VariantCost], tracking_uri: str,
 ) -> SearchReport:
     """The search itself, under the parent run that ``tracker`` holds open."""

@@ -16,7 +16,14 @@ import torch
 from matplotlib.figure import Figure
 
 from pipeline.config import Config
-from pipeline.tracking import NullTracker, Tracker, TrackingError, find_run, resolve_tracking_uri
+from pipeline.tracking import (
+    MlflowTracker,
+    NullTracker,
+    Tracker,
+    TrackingError,
+    find_run,
+    resolve_tracking_uri,
+)
 
 EXPERIMENT = "ccnet-tests"
 
@@ -103,7 +110,7 @@ def test_embedded_sqlite_round_trip(
     sqlite_uri: str, sqlite_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = Config()
-    run_id = _log_round_trip(Tracker(sqlite_uri, EXPERIMENT), config)
+    run_id = _log_round_trip(MlflowTracker(sqlite_uri, EXPERIMENT), config)
     run = _check_round_trip(sqlite_uri, run_id, config)
     # Artifacts beside the database, not in ./mlruns of whatever the cwd was.
     assert run.info.artifact_uri.startswith((sqlite_root / "artifacts").as_uri())
@@ -112,14 +119,14 @@ def test_embedded_sqlite_round_trip(
 
 
 def test_resume_continues_the_same_run(sqlite_uri: str, caplog: pytest.LogCaptureFixture) -> None:
-    first = Tracker(sqlite_uri, EXPERIMENT)
+    first = MlflowTracker(sqlite_uri, EXPERIMENT)
     run_id = first.start("resumable")
     first.log_params({"train.lr": 0.01, "train.iterations": 100})
     first.log_metrics({"loss": 3.0}, step=0)
     first.log_metrics({"loss": 2.0}, step=1)
     first.end("KILLED")  # the job died
 
-    second = Tracker(sqlite_uri, EXPERIMENT)
+    second = MlflowTracker(sqlite_uri, EXPERIMENT)
     assert second.start("resumable", run_id=run_id) == run_id
     assert _client(sqlite_uri).get_run(run_id).info.status == "RUNNING"
     with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
@@ -140,12 +147,12 @@ def test_resume_continues_the_same_run(sqlite_uri: str, caplog: pytest.LogCaptur
 
 def test_a_resumed_run_logs_no_step_twice(sqlite_uri: str) -> None:
     """A resume repeats the steps between its checkpoint and the interruption: the record keeps the first."""
-    first = Tracker(sqlite_uri, EXPERIMENT)
+    first = MlflowTracker(sqlite_uri, EXPERIMENT)
     run_id = first.start("interrupted")
     for step in range(1, 6):
         first.log_metrics({"train/loss": float(step)}, step=step)
     first.end("KILLED")  # the last checkpoint was at step 3
-    second = Tracker(sqlite_uri, EXPERIMENT)
+    second = MlflowTracker(sqlite_uri, EXPERIMENT)
     second.start("interrupted", run_id=run_id)
     for step in range(4, 8):
         second.log_metrics({"train/loss": 10.0 + step, "val/mIoU": 0.5}, step=step)
@@ -156,7 +163,7 @@ def test_a_resumed_run_logs_no_step_twice(sqlite_uri: str) -> None:
 
 
 def test_resume_of_a_missing_run_starts_a_new_one(sqlite_uri: str) -> None:
-    tracker = Tracker(sqlite_uri, EXPERIMENT)
+    tracker = MlflowTracker(sqlite_uri, EXPERIMENT)
     run_id = tracker.start("gone", run_id="0" * 32)
     assert run_id and run_id != "0" * 32
     tracker.end()
@@ -164,7 +171,7 @@ def test_resume_of_a_missing_run_starts_a_new_one(sqlite_uri: str) -> None:
 
 def test_secrets_are_redacted_in_what_mlflow_stores(sqlite_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-from-env")
-    tracker = Tracker(sqlite_uri, EXPERIMENT)
+    tracker = MlflowTracker(sqlite_uri, EXPERIMENT)
     run_id = tracker.start("secrets", tags={"source": "https://bob:tagpass@git.example/repo"})
     tracker.log_params({
         "tracking.uri": "http://alice:hunter2@mlflow.example:5000",
@@ -190,7 +197,7 @@ def test_secrets_are_redacted_in_what_mlflow_stores(sqlite_uri: str, monkeypatch
 def test_find_run_returns_the_latest_run_of_that_name(sqlite_uri: str) -> None:
     ids = []
     for name in ("alpha", "beta", "alpha"):
-        tracker = Tracker(sqlite_uri, EXPERIMENT)
+        tracker = MlflowTracker(sqlite_uri, EXPERIMENT)
         ids.append(tracker.start(name))
         tracker.end()
         time.sleep(0.01)  # distinct start times
@@ -221,7 +228,7 @@ def _log_and_load_model(uri: str, run_id: str, monkeypatch: pytest.MonkeyPatch) 
     torch.manual_seed(0)
     nn = torch.nn
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))
-    resumed = Tracker(uri, EXPERIMENT)
+    resumed = MlflowTracker(uri, EXPERIMENT)
     resumed.start("round-trip", run_id=run_id)
     resumed.log_model(model, name="model")
     resumed.end()
@@ -255,7 +262,7 @@ def test_registered_versions_get_aliases_and_load_without_the_repository(sqlite_
     checkpoint.write_bytes(b"weights")
     versions = []
     for score in (0.5, 0.7, 0.6):
-        tracker = Tracker(sqlite_uri, EXPERIMENT)
+        tracker = MlflowTracker(sqlite_uri, EXPERIMENT)
         tracker.start("registered")
         versions.append(tracker.log_model(model, registered_name="ccnet-test", metrics={"val_mIoU": score},
                                           checkpoint=str(checkpoint)))
@@ -302,7 +309,7 @@ print(json.dumps({{"shape": list(logits.shape), "sum": float(logits.sum()),
 def test_server_round_trip_with_model(mlflow_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     config = Config()
     uri = mlflow_server.uri
-    run_id = _log_round_trip(Tracker(uri, EXPERIMENT), config)
+    run_id = _log_round_trip(MlflowTracker(uri, EXPERIMENT), config)
     _check_round_trip(uri, run_id, config)
     assert find_run(uri, EXPERIMENT, "round-trip") == run_id
     _log_and_load_model(uri, run_id, monkeypatch)
@@ -312,7 +319,7 @@ def test_unreachable_server_fails_fast_when_required() -> None:
     uri = f"http://alice:hunter2@127.0.0.1:{_closed_port()}"
     began = time.monotonic()
     with pytest.raises(TrackingError) as caught:
-        Tracker(uri, EXPERIMENT, required=True).start("nobody-listens")
+        MlflowTracker(uri, EXPERIMENT, required=True).start("nobody-listens")
     assert time.monotonic() - began < 5
     message = str(caught.value)
     assert "127.0.0.1" in message and "hunter2" not in message and "\n" not in message
@@ -321,7 +328,7 @@ def test_unreachable_server_fails_fast_when_required() -> None:
 
 def test_unreachable_server_becomes_a_no_op_when_optional(caplog: pytest.LogCaptureFixture) -> None:
     uri = f"http://127.0.0.1:{_closed_port()}"
-    tracker = Tracker(uri, EXPERIMENT, required=False)
+    tracker = MlflowTracker(uri, EXPERIMENT, required=False)
     began = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
         assert find_run(uri, EXPERIMENT, "x") is None
@@ -338,9 +345,9 @@ def test_unreachable_server_becomes_a_no_op_when_optional(caplog: pytest.LogCapt
 def test_outage_buffers_metrics_and_the_next_call_or_end_flushes_them(mlflow_server: Any,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     uri = mlflow_server.uri
-    tracker = Tracker(uri, EXPERIMENT)
+    tracker = MlflowTracker(uri, EXPERIMENT)
     run_id = tracker.start("outage")
-    closing = Tracker(uri, EXPERIMENT)  # a second run, ended right after the outage: end() must flush
+    closing = MlflowTracker(uri, EXPERIMENT)  # a second run, ended right after the outage: end() must flush
     closing_id = closing.start("outage-then-end")
     for step in range(3):
         tracker.log_metrics({"loss": float(10 - step)}, step=step)

@@ -1,0 +1,198 @@
+"""MLflow client helpers: the library imported with its notices tamed, per-call HTTP settings, experiments,
+the tags MLflow's fluent API would set, runs looked up by name, registered models and their aliases."""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import re
+import subprocess
+import sys
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+from pipeline.io.redaction import redact
+from pipeline.tracking.base import TrackingError
+from pipeline.tracking.uri import answers, env, one_line
+
+log = logging.getLogger(__name__)
+
+
+# MLflow reads these on every request. Its defaults (7 retries, exponential backoff, 120 s timeout) would
+# stall a training step for minutes while the server is down, so each kind of call gets its own bounds.
+PROBE_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+LOG_HTTP = {  # one retry (urllib3 waits 0 s before it) covers a pooled connection the server closed
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+}
+ARTIFACT_HTTP = {  # uploads keep the default timeout: the server answers only once it has stored the file
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+
+
+def import_mlflow() -> Any:
+    # Telemetry is read from the environment at import and at every call: set it before the first import.
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    import mlflow
+
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):  # --debug shows MLflow's and alembic's notices
+        for name in ("mlflow", "alembic"):  # "Creating initial MLflow database tables...", migrations
+            logging.getLogger(name).setLevel(logging.WARNING)
+        pytorch = logging.getLogger("mlflow.pytorch")
+        if not any(isinstance(f, _PickleNotice) for f in pytorch.filters):
+            pytorch.addFilter(_PickleNotice())
+    return mlflow
+
+
+class _PickleNotice(logging.Filter):
+    """Drops MLflow's advice to log PyTorch models as ``pt2`` instead of pickle, printed at every model
+    logged: the project pickles on purpose (README, model registry) and never unpickles what it reads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "serialization_format" not in record.getMessage()
+
+
+
+def _sqlite_artifact_location(uri: str) -> str | None:
+    """``file:`` URI of an ``artifacts`` folder beside a sqlite store; None for other stores (a server
+    decides itself). Without it MLflow would put artifacts under ``./mlruns`` of whatever the cwd is."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = Path(urllib.parse.unquote(uri[len("sqlite:///"):]))
+    return (database.resolve().parent / "artifacts").as_uri()
+
+
+def is_permanent(error: BaseException) -> bool:
+    """True when the store understood the request and refused it (4xx other than 408 and 429): sending it
+    again cannot help. Connection failures and timeouts surface as 500-class errors."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(error, MlflowException):
+        return False
+    status = error.get_http_status_code()
+    return 400 <= status < 500 and status not in (408, 429)
+
+
+EXPERIMENT_NOTE = (
+    "CCNet (criss-cross attention) trainings and searches from the `ccnet` command. Each training run holds "
+    "its resolved config (config.yaml), the model variant (tag ccnet.variant), the dataset version as an "
+    "input, val mIoU curves, the final single-scale and multi-scale + flip results (evaluation/results.md) "
+    "and its best checkpoint; searches and ablations are parent runs with one nested run per trial."
+)
+
+
+def context_tags() -> dict[str, str]:
+    """The tags MLflow's fluent API sets and ``client.create_run`` does not: the command, the user and the
+    git commit of the code (when it runs from a checkout)."""
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": " ".join(
+        ["ccnet", *(arg for arg in sys.argv[1:2] if not arg.startswith("-"))]) if sys.argv else "ccnet"}
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for this uid (containers)
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    if re.fullmatch(r"[0-9a-f]{40}", commit):
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def ensure_experiment(client: Any, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created if missing (tolerating a concurrent creator)."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=_sqlite_artifact_location(uri),
+                                            tags={"mlflow.note.content": EXPERIMENT_NOTE})
+        except MlflowException:
+            experiment = client.get_experiment_by_name(name)  # another trial created it meanwhile
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage != "active":
+        raise TrackingError(f"MLflow experiment {name!r} at {redact(uri)} is deleted: restore or rename it")
+    return experiment.experiment_id
+
+
+def last_steps(client: Any, run: Any) -> dict[str, int]:
+    """The last step the run holds of each of its metrics (one request per metric)."""
+    return {key: max((m.step for m in client.get_metric_history(run.info.run_id, key)), default=-1)
+            for key in run.data.metrics}
+
+
+CHAMPION_METRIC = "val_mIoU"  # what makes a registered version the champion (higher is better)
+
+
+def promote(client: Any, name: str, version: str, score: float | None) -> None:
+    """``candidate`` -> the new version; ``champion`` -> it too when its score beats the champion's."""
+    from mlflow.exceptions import MlflowException
+
+    client.set_registered_model_alias(name, "candidate", version)
+    if score is None:
+        return
+    client.set_model_version_tag(name, version, CHAMPION_METRIC, f"{score:.6f}")
+    try:
+        champion = client.get_model_version_by_alias(name, "champion")
+        best = float(champion.tags.get(CHAMPION_METRIC, "-inf"))
+    except MlflowException:  # no champion yet
+        best = float("-inf")
+    if score > best:
+        client.set_registered_model_alias(name, "champion", version)
+        log.info("registered model %s version %s is the champion (%s %.4f)", name, version, CHAMPION_METRIC,
+                 score)
+
+
+def registered_checkpoint(model_uri: str, tracking_uri: str, folder: str) -> str:
+    """Downloads the checkpoint stored with a registered model (``models:/NAME@alias`` or
+    ``models:/NAME/VERSION``) into ``folder``; returns its local path. The model itself is not loaded.
+
+    Raises:
+        FileNotFoundError: no such model, alias or version, or one logged without its checkpoint.
+    """
+    import_mlflow()
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with env({"MLFLOW_TRACKING_URI": tracking_uri}):
+            local = download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/extra_files/checkpoint.pt",
+                                       dst_path=folder, tracking_uri=tracking_uri)
+    except (MlflowException, OSError) as error:
+        raise FileNotFoundError(f"{model_uri}: no registered model checkpoint at {redact(tracking_uri)} "
+                                f"({one_line(error)[:200]})") from None
+    return local
+
+
+def find_run(uri: str, experiment: str, run_name: str) -> str | None:
+    """The id of the latest (by start time) active run named ``run_name`` in ``experiment``, for resuming
+    by name.
+
+    Returns:
+        None when there is no such run or experiment, and also when the store cannot be reached (logged as a
+        warning): :meth:`Tracker.start` then decides, by ``required``, whether that is fatal.
+    """
+    mlflow = import_mlflow()
+    quoted = run_name.replace("\\", "\\\\").replace("'", "\\'")
+    try:
+        if not answers(uri):
+            raise ConnectionError("no answer from /health")
+        with env(PROBE_HTTP):
+            client = mlflow.MlflowClient(tracking_uri=uri)
+            found = client.get_experiment_by_name(experiment)
+            if found is None:
+                return None
+            runs = client.search_runs(
+                [found.experiment_id], filter_string=f"attributes.run_name = '{quoted}'",
+                order_by=["attributes.start_time DESC"], max_results=1)
+    except Exception as error:
+        log.warning("cannot look up run %r at %s: %s", run_name, redact(uri), one_line(error))
+        return None
+    return runs[0].info.run_id if runs else None
