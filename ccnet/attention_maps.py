@@ -88,10 +88,9 @@ def ccnet_attention_maps(
         (R, B, P, h, w) maps at the feature resolution (upsample for display).
     """
     recurrent = model.head.attention
-    is_criss_cross = isinstance(recurrent, RecurrentAttention) and isinstance(
-        recurrent.attention, CrissCrossAttention
-    )
-    if not is_criss_cross:
+    if not (
+        isinstance(recurrent, RecurrentAttention) and isinstance(recurrent.attention, CrissCrossAttention)
+    ):
         raise ValueError("attention maps need a model with criss-cross attention in its head")
     features = model.head.reduce(model.backbone(image, stem_hook=model.stem_attention)["out"])
     scale_y = features.shape[2] / image.shape[2]

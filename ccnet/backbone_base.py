@@ -11,7 +11,7 @@ the training transforms, evaluation, ``ccnet predict`` and every checkpoint take
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -36,7 +36,13 @@ class Normalization:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, list[float]]) -> Normalization:
-        return cls(tuple(float(v) for v in values["mean"]), tuple(float(v) for v in values["std"]))
+        return cls(_rgb(values["mean"]), _rgb(values["std"]))
+
+
+def _rgb(values: Sequence[float]) -> tuple[float, float, float]:
+    """A saved mean or std; ValueError unless it has exactly three values."""
+    red, green, blue = (float(v) for v in values)
+    return red, green, blue
 
 
 # torchvision's ImageNet statistics (its ResNet weights, the CCNet authors' ResNet-101).

@@ -273,6 +273,7 @@ class EfficientNetLiteBackbone(Backbone):
     """
 
     normalization = SYMMETRIC_NORMALIZATION
+    stem_blocks: nn.Sequential  # set in __init__, with layer2..layer4, from _STAGE_GROUPS
 
     def __init__(self, variant: str = "lite0", output_stride: int = 8) -> None:
         super().__init__()

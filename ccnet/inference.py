@@ -63,7 +63,8 @@ def _check_fusion(fusion: str) -> None:
 
 def _whole_scores(model: nn.Module, image: Tensor, fusion: str, align_corners: bool) -> Tensor:
     """(B, K, H, W) float32 logits (``fusion="logits"``) or probabilities of one forward pass at H x W."""
-    logits = _resize(model(image)["out"].float(), tuple(image.shape[-2:]), align_corners)
+    height, width = image.shape[-2:]
+    logits = _resize(model(image)["out"].float(), (height, width), align_corners)
     return logits if fusion == "logits" else logits.softmax(dim=1)
 
 
@@ -220,11 +221,12 @@ def predict_multiscale(
 
     def predict(x: Tensor) -> Tensor:
         if mode == "slide":
+            assert crop_size is not None and stride is not None and num_classes is not None  # checked above
             return _sliding_scores(model, x, crop_size, stride, num_classes, fusion, corners)
         return _whole_scores(model, x, fusion, corners)
 
     height, width = image.shape[-2:]
-    total = None
+    total: Tensor | None = None
     passes = 0
     for scale in scales:
         # int(x + 0.5) rounds halves up (Python's round() would round them to even).
@@ -237,6 +239,7 @@ def predict_multiscale(
             scores = _resize(scores, (height, width), corners)
             total = scores if total is None else total + scores
             passes += 1
+    assert total is not None  # scales is not empty
     return _to_probs(total / passes, fusion)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -156,7 +157,7 @@ class CCNet(nn.Module):
         return outputs
 
 
-_BACKBONE_SUFFIXES = {
+_BACKBONE_SUFFIXES: dict[str, dict[str, Any]] = {
     "r50_d8": dict(backbone="resnet50"),
     "r101_d8": dict(backbone="resnet101"),
     "r101_deepstem_d8": dict(backbone="resnet101_deepstem"),
@@ -171,7 +172,7 @@ _BACKBONE_SUFFIXES = {
         for stride in (8, 16)
     },
 }
-_METHODS = {
+_METHODS: dict[str, dict[str, Any]] = {
     "ccnet": dict(attention="criss_cross", recurrence=2),
     "axial": dict(attention="axial", recurrence=1),
     "nonlocal": dict(attention="nonlocal", recurrence=1),
@@ -189,7 +190,7 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def model_config(name: str, **overrides: object) -> CCNetConfig:
+def model_config(name: str, **overrides: Any) -> CCNetConfig:
     """The registered config of ``name`` with ``overrides`` applied (validated)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")

@@ -212,11 +212,12 @@ def compare_attention(
     """
     from ccnet.attention import AxialAttention, CrissCrossAttention, NonLocal2d, RecurrentAttention
 
+    def criss_cross(recurrence: int) -> Callable[[], nn.Module]:
+        return lambda: RecurrentAttention(CrissCrossAttention(channels), recurrence)
+
     builds: dict[str, Callable[[], nn.Module]] = {"non-local": lambda: NonLocal2d(channels)}
     for recurrence in (1, 2, 3):
-        builds[f"criss-cross R={recurrence}"] = lambda r=recurrence: RecurrentAttention(
-            CrissCrossAttention(channels), r
-        )
+        builds[f"criss-cross R={recurrence}"] = criss_cross(recurrence)
     if include_autograd:
         builds["criss-cross R=2 autograd"] = lambda: RecurrentAttention(
             CrissCrossAttention(channels, impl="autograd"), 2

@@ -236,7 +236,8 @@ def _config_from_checkpoint(args: argparse.Namespace) -> tuple[object, dict]:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from pipeline.eval.evaluation import protocol_table
-    from pipeline.tracking import MlflowTracker, resolve_tracking_uri
+    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.train.context import start_tracker
     from pipeline.train.driver import evaluate_checkpoint
 
     config, state = _config_from_checkpoint(args)
@@ -244,9 +245,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     table = protocol_table(results)
     sys.stdout.write(table + "\n")
     if state.get("mlflow_run_id") and not args.no_tracking:
-        uri = resolve_tracking_uri(config.tracking.uri)
-        tracker = MlflowTracker(uri, config.tracking.experiment, required=False)
-        tracker.start(config.run.name, run_id=state["mlflow_run_id"])
+        tracker = start_tracker(config, resolve_tracking_uri(config.tracking.uri), config.run.name,
+                                run_id=state["mlflow_run_id"], required=False)
         prefix = "" if args.split in (None, config.data.val_split) else f"{args.split}_"  # val: unprefixed
         tracker.log_text(table, f"evaluation/{prefix}iteration_{state['iteration']:07d}.md")
         tracker.end()

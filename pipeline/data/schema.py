@@ -76,6 +76,12 @@ class SkippedSample:
     reason: str
 
 
+def _rgb(color: Any) -> tuple[int, int, int]:
+    """A palette colour read from JSON; ValueError unless it has exactly three components."""
+    red, green, blue = (int(c) for c in color)
+    return red, green, blue
+
+
 @dataclass(frozen=True)
 class Manifest:
     """Everything a reader needs to know about one prepared dataset version."""
@@ -131,7 +137,7 @@ class Manifest:
                 dataset=str(data["dataset"]),
                 version=str(data["version"]),
                 classes=tuple(str(name) for name in data["classes"]),
-                palette=tuple(tuple(int(c) for c in color) for color in data["palette"]),
+                palette=tuple(_rgb(color) for color in data["palette"]),
                 ignore_index=int(data["ignore_index"]),
                 id_mapping={int(raw): int(train) for raw, train in data["id_mapping"].items()},
                 counts={str(split): int(count) for split, count in data["counts"].items()},

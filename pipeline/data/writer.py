@@ -158,8 +158,8 @@ def plan_shards(
     tasks: list[ShardTask] = []
     for split in splits:
         refs = sorted(source.samples(split), key=lambda ref: ref.sample_id)
-        hints = [source.size_hint(ref) for ref in refs]
-        if refs and any(hint is None for hint in hints):
+        hints = [hint for hint in (source.size_hint(ref) for ref in refs) if hint is not None]
+        if len(hints) < len(refs):
             # No file sizes (generated data): measure one sample and assume the rest are alike.
             first = source.load(refs[0])
             hints = [len(first.image) + first.label.size] * len(refs)

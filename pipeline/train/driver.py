@@ -31,9 +31,9 @@ from pipeline.io.checkpoints import (
     load,
     load_model_state,
 )
-from pipeline.io.lease import LEASE_FILE, RunLease
 from pipeline.tracking.base import Tracker
-from pipeline.train.loop import LocalSession, build_model, run_uri, train_loop, warn_if_not_pretrained
+from pipeline.train.context import RunContext, open_run, resolve
+from pipeline.train.loop import LocalSession, build_model, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -97,18 +97,6 @@ def describe_results(config: Config, results: dict[str, Any], best: dict[str, An
             f"{manifest.dataset} {manifest.version} {config.data.train_split}, crop {config.data.crop_size}. "
             f"Val mIoU ({config.data.val_split}) of the best checkpoint (iteration {best['iteration']}): "
             f"{figures}. Files: checkpoints/best, evaluation/results.md (per class), plots/.")
-
-
-def _open_tracker(config: Config) -> tuple[Any, str]:
-    from pipeline.tracking import MlflowTracker, find_run, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(config.tracking.uri)
-    tracker = MlflowTracker(uri, config.tracking.experiment, required=config.tracking.required,
-                      settle_timeout=config.tracking.settle_timeout)
-    resuming = any(name != LEASE_FILE for name in storage.list_files(run_uri(config)))
-    previous = find_run(uri, config.tracking.experiment, config.run.name) if resuming else None
-    tracker.start(config.run.name, run_id=previous, tags={"ccnet.model": config.model.name})
-    return tracker, uri
 
 
 def _denormalise(image: torch.Tensor, normalization: Normalization) -> np.ndarray:
@@ -179,11 +167,6 @@ def evaluate_checkpoint(
     return model, dataset, results
 
 
-def end_status(error: BaseException) -> str:
-    """The MLflow status of a run that ``error`` stopped: KILLED for Ctrl-C, else FAILED."""
-    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-
-
 def log_final_results(tracker: Tracker, results: dict[str, Any], step: int) -> dict[str, float]:
     """Log the protocols' results once, under short names (``final/mIoU_ss``, ``final/mIoU_ms_flip``, ...:
     :func:`pipeline.eval.evaluation.summary_metrics`), and the table as ``evaluation/results.md``; returns the
@@ -208,23 +191,23 @@ def _log_bytes(tracker: Tracker, data: bytes, artifact_path: str) -> None:
         tracker.log_artifact(str(path), artifact_path)
 
 
-def _train_and_record(config: Config, tracker: Tracker, tracking_uri: str,
-                      lease: RunLease) -> tuple[dict[str, Any], str, str]:
+def _train_and_record(run: RunContext) -> tuple[dict[str, Any], str, str]:
     from pipeline.eval.evaluation import protocol_table
 
+    config, tracker = run.config, run.tracker
     log_run_context(tracker, config)
-    store = CheckpointStore(run_uri(config))
+    store = CheckpointStore(run.run_uri)
     if config.run.ray:
         from pipeline.train.ray_train import fit
 
-        result = fit(config, tracker.run_id, tracking_uri)
+        result = fit(config, tracker.run_id, run.tracking_uri)
         with result.checkpoint.as_directory() as folder:
             last = (Path(folder) / CHECKPOINT_FILE).read_bytes()
     else:
-        session = LocalSession(run_uri(config), keep=config.train.keep_checkpoints)
+        session = LocalSession(run.run_uri, keep=config.train.keep_checkpoints)
         train_loop(config, session, tracker.run_id, tracker)
         last = storage.read_bytes(store.latest() or store.best_uri())
-    lease.check()  # another writer took the run over meanwhile: publish nothing as this run's
+    run.lease.check()  # another writer took the run over meanwhile: publish nothing as this run's
     best = store.best_uri()
     model, dataset, results = evaluate_checkpoint(config, best, reuse_validation=True)
     tracker.settle()  # an outage near the end: wait for the server before the final results and files
@@ -257,20 +240,9 @@ def _train_and_record(config: Config, tracker: Tracker, tracking_uri: str,
 
 def run_training(config: Config) -> TrainingReport:
     """Train ``config`` end to end and record it; returns what the command prints."""
-    config = config.with_absolute_paths()
-    warn_if_not_pretrained(config)
-    if config.run.ray:
-        from pipeline.train.ray_train import connect
-
-        connect(config)  # workers that cannot be placed are refused before anything is written
-
-    # One writer per run: a second command with this run.name stops here, before MLflow or a checkpoint.
-    with RunLease(run_uri(config), f"run {config.run.name!r}", ttl=config.run.lease_ttl) as lease:
-        tracker, tracking_uri = _open_tracker(config)
-        try:
-            results, table, best = _train_and_record(config, tracker, tracking_uri, lease)
-        except BaseException as error:
-            tracker.end(end_status(error))  # never left RUNNING
-            raise
-        tracker.end()
-    return TrainingReport(tracker.run_id, tracking_uri, results, table, best)
+    config = resolve(config)
+    # One writer per run: a second command with this run.name stops in open_run, before MLflow or Ray.
+    with open_run(config, config.run.name, f"run {config.run.name!r}",
+                  tags={"ccnet.model": config.model.name}) as run:
+        results, table, best = _train_and_record(run)
+    return TrainingReport(run.tracker.run_id, run.tracking_uri, results, table, best)

@@ -71,7 +71,8 @@ def _worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipeline.tracking import MlflowTracker, NullTracker, Tracker
+    from pipeline.tracking import NullTracker, Tracker
+    from pipeline.train.context import start_tracker
     from pipeline.train.loop import train_loop
 
     project_logging()
@@ -85,10 +86,9 @@ def _worker(loop_config: dict[str, Any]) -> None:
     if config.data.loader == "ray":
         session.train_shard = ray.train.get_dataset_shard("train")
     tracker: Tracker = NullTracker()
-    if session.rank == 0 and loop_config["run_id"]:
-        tracker = MlflowTracker(loop_config["tracking_uri"], config.tracking.experiment, required=False,
-                          settle_timeout=config.tracking.settle_timeout)
-        tracker.start(config.run.name, run_id=loop_config["run_id"])
+    if session.rank == 0 and loop_config["run_id"]:  # the driver's run, continued; the driver ends it
+        tracker = start_tracker(config, loop_config["tracking_uri"], config.run.name,
+                                run_id=loop_config["run_id"], required=False)
     try:
         summary = train_loop(config, session, loop_config["run_id"], tracker)
     finally:
@@ -225,6 +225,17 @@ def unregistered_checkpoints(run_folder: str) -> Unregistered:
     return Unregistered(orphans, newest)
 
 
+def ray_storage(run_storage: str) -> tuple[Any, str]:
+    """What Ray Train and Tune get as ``storage_filesystem`` and ``storage_path`` for ``run.storage``: S3's
+    filesystem (its bucket created when missing), or None and a local folder (created)."""
+    filesystem, path = storage.filesystem(run_storage)
+    if storage.is_s3(run_storage):
+        storage.ensure_bucket(run_storage)
+        return filesystem, path
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return None, path
+
+
 def fit(config: Config, run_id: str | None, tracking_uri: str | None, callbacks: list | None = None) -> Any:
     """Run the training with Ray Train; returns Ray's ``Result`` (its ``checkpoint`` is the last one).
 
@@ -234,11 +245,7 @@ def fit(config: Config, run_id: str | None, tracking_uri: str | None, callbacks:
     from ray.train.torch import TorchTrainer
 
     connect(config)
-    filesystem, path = storage.filesystem(config.run.storage)
-    if storage.is_s3(config.run.storage):
-        storage.ensure_bucket(config.run.storage)
-    else:
-        Path(path).mkdir(parents=True, exist_ok=True)
+    filesystem, path = ray_storage(config.run.storage)
     datasets = train_datasets(config)
     run_folder = storage.join(config.run.storage, config.run.name)
     unregistered = unregistered_checkpoints(run_folder)
@@ -255,7 +262,7 @@ def fit(config: Config, run_id: str | None, tracking_uri: str | None, callbacks:
         run_config=RunConfig(
             name=config.run.name,
             storage_path=path,
-            storage_filesystem=filesystem if storage.is_s3(config.run.storage) else None,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
             callbacks=callbacks,

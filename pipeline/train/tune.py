@@ -21,12 +21,13 @@ from typing import Any
 
 from pipeline.config import Config, apply_overrides, config_from_dict, dump_config
 from pipeline.io import storage
-from pipeline.io.lease import RunLease
 from pipeline.io.redaction import holds_secret
+from pipeline.tracking import resolve_tracking_uri
 from pipeline.tracking.base import Tracker
 from pipeline.train import ablation
-from pipeline.train.driver import end_status, log_run_context
-from pipeline.train.ray_train import connect, fit, project_logging
+from pipeline.train.context import ended_with_status, open_run, resolve, start_tracker
+from pipeline.train.driver import log_run_context
+from pipeline.train.ray_train import fit, project_logging, ray_storage
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,6 @@ def _trial(sampled: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.tracking import MlflowTracker, resolve_tracking_uri
-
     project_logging()
     context = ray.tune.get_context()
     values = dict(sampled)
@@ -77,22 +76,17 @@ def _trial(sampled: dict[str, Any]) -> None:
         config.run.name = f"{config.tune.name}_{variant}_seed{config.train.seed}"
         if config.tune.space:
             config.run.name += f"_{context.get_trial_id()}"
-    tracking_uri = tracking_uri or resolve_tracking_uri(config.tracking.uri)
-    tracker = MlflowTracker(tracking_uri, config.tracking.experiment, required=False,
-                      settle_timeout=config.tracking.settle_timeout)
+    tracking_uri = tracking_uri or resolve_tracking_uri(config.tracking.uri)  # one with credentials: from env
     tags = {"mlflow.parentRunId": parent} if parent else {}
     if variant is not None:
         tags.update({"ccnet.variant": variant, "ccnet.seed": str(config.train.seed)})
-    run_id = tracker.start(config.run.name, tags=tags)
-    log_run_context(tracker, config, variant, {f"sampled.{k}": v for k, v in values.items()})
-    tracker.flush()
-    try:
-        result = fit(config, run_id, tracking_uri, callbacks=[TuneReportCallback()])
+    # A trial's run is optional: a tracking outage must not fail one trial of a search.
+    tracker = start_tracker(config, tracking_uri, config.run.name, tags=tags, required=False)
+    with ended_with_status(tracker):
+        log_run_context(tracker, config, variant, {f"sampled.{k}": v for k, v in values.items()})
+        tracker.flush()
+        result = fit(config, tracker.run_id, tracking_uri, callbacks=[TuneReportCallback()])
         final = _final_evaluation(config, tracker)
-    except BaseException as error:
-        tracker.end(end_status(error))  # never left RUNNING
-        raise
-    tracker.end()
     ray.tune.report({**(result.metrics or {}), **final})
 
 
@@ -165,11 +159,8 @@ def run_search(config: Config) -> SearchReport:
     from ray import tune
 
     from pipeline.data.readers import open_manifest
-    from pipeline.tracking import MlflowTracker, find_run, resolve_tracking_uri
-    from pipeline.train.loop import warn_if_not_pretrained
 
-    config = config.with_absolute_paths()
-    warn_if_not_pretrained(config)
+    config = resolve(config)
     if not config.run.ray:
         raise ValueError("run.ray=false: a search runs its trials with Ray")
     # Everything that can be refused is checked before the parent run and Ray start.
@@ -182,24 +173,13 @@ def run_search(config: Config) -> SearchReport:
         costs = {name: ablation.variant_cost(c, num_classes, size) for name, c in variants.items()}
         grid = {VARIANT: tune.grid_search(list(variants)), "train.seed": tune.grid_search(config.tune.seeds)}
         sampled = {**grid, **sampled}
-    connect(config, driver_cpus=TRIAL_CPUS)
-    # One writer per search: a second command with this tune.name stops here, before MLflow or Ray Tune.
-    prefix = storage.join(config.run.storage, config.tune.name)
-    with RunLease(prefix, f"search {config.tune.name!r}", ttl=config.run.lease_ttl):
-        tracking_uri = resolve_tracking_uri(config.tracking.uri)
-        tracker = MlflowTracker(tracking_uri, config.tracking.experiment, required=config.tracking.required,
-                          settle_timeout=config.tracking.settle_timeout)
-        previous = find_run(tracking_uri, config.tracking.experiment, config.tune.name)
-        tags = {"ccnet.search": "true", **({"ccnet.ablation": "true"} if variants else {})}
-        tracker.start(config.tune.name, run_id=previous, tags=tags)
-        try:
-            tracker.log_text(dump_config(config), "search_config.yaml")
-            tracker.flush()
-            report = _search(config, tracker, sampled, variants, costs, tracking_uri)
-        except BaseException as error:
-            tracker.end(end_status(error))  # never left RUNNING
-            raise
-        tracker.end()
+    tags = {"ccnet.search": "true", **({"ccnet.ablation": "true"} if variants else {})}
+    # One writer per search: a second command with this tune.name stops in open_run, before MLflow or Tune.
+    with open_run(config, config.tune.name, f"search {config.tune.name!r}", tags=tags, resume=True,
+                  driver_cpus=TRIAL_CPUS) as run:
+        run.tracker.log_text(dump_config(config), "search_config.yaml")
+        run.tracker.flush()
+        report = _search(config, run.tracker, sampled, variants, costs, run.tracking_uri)
     return report
 
 
@@ -212,10 +192,7 @@ def _search(
     from ray.tune.schedulers import ASHAScheduler
 
     parent = tracker.run_id
-    filesystem, path = storage.filesystem(config.run.storage)
-    if storage.is_s3(config.run.storage):
-        storage.ensure_bucket(config.run.storage)
-    fs = filesystem if storage.is_s3(config.run.storage) else None
+    fs, path = ray_storage(config.run.storage)
     space = {
         **sampled,
         # Tune saves the space with the search: a tracking URI with credentials (from MLFLOW_TRACKING_URI)

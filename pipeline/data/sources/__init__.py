@@ -7,6 +7,7 @@ train ids (see :mod:`pipeline.data.sources.base`); ``generated`` makes its sampl
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pipeline.data.sources.ade20k import ADE20KSource
 from pipeline.data.sources.base import (
@@ -45,7 +46,7 @@ __all__ = [
 ]
 
 
-def build_source(name: str, root: str | Path | None, **options: object) -> DatasetSource:
+def build_source(name: str, root: str | Path | None, **options: Any) -> DatasetSource:
     """The adapter ``name`` for the dataset under ``root``, with adapter-specific keyword ``options``.
 
     Raises:
@@ -57,6 +58,8 @@ def build_source(name: str, root: str | Path | None, **options: object) -> Datas
         source_class = SOURCES[name]
     except KeyError:
         raise ValueError(f"unknown dataset source {name!r}; known: {sorted(SOURCES)}") from None
-    if root is None and source_class is not GeneratedSource:
-        raise FileNotFoundError(f"dataset source {name!r} needs a root folder")
+    if root is None:
+        if source_class is not GeneratedSource:
+            raise FileNotFoundError(f"dataset source {name!r} needs a root folder")
+        return GeneratedSource(root, **options)
     return source_class(root, **options)

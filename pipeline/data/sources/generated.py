@@ -108,7 +108,8 @@ class Scene:
 
 
 def _jitter(rng: np.random.Generator) -> tuple[float, float, float]:
-    return tuple(float(v) for v in rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, 3))
+    red, green, blue = (float(v) for v in rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, 3))
+    return red, green, blue
 
 
 def _place_bands(rng: np.random.Generator, scene_size: tuple[int, int], horizontal: bool, count: int,
@@ -160,13 +161,15 @@ def draw_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
         ))
     vertical = _place_bands(rng, (height, width), False, int(rng.integers(1, 4)), strip, border, marker)
     horizontal = _place_bands(rng, (height, width), True, int(rng.integers(1, 4)), strip, border, marker)
+    red, green, blue = (float(v) for v in rng.uniform(30, 90, 3))
+    vertical_change, horizontal_change = (float(v) for v in rng.uniform(-20, 20, 2))
     return Scene(
         height=height,
         width=width,
         border=border,
         marker=marker,
-        background=tuple(float(v) for v in rng.uniform(30, 90, 3)),
-        gradient=tuple(float(v) for v in rng.uniform(-20, 20, 2)),
+        background=(red, green, blue),
+        gradient=(vertical_change, horizontal_change),
         blobs=tuple(blobs),
         bands=tuple(vertical + horizontal),  # drawn in order: horizontal bands end up on top
     )

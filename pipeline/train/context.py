@@ -1,0 +1,112 @@
+"""What a run decides once, at its start, and hands on built: :class:`RunContext`.
+
+A training (``run_training``) and a search (``run_search``) each open one::
+
+    config = resolve(config)                  # absolute paths; the not-pretrained warning, once
+    with open_run(config, config.run.name, f"run {config.run.name!r}") as run:
+        ...                                   # run.config, run.tracking_uri, run.run_uri, run.tracker
+
+Opening it connects to Ray when the run uses it (workers that cannot be placed are refused before anything is
+written), takes the run's lease (one writer per run), resolves the tracking URI and starts the tracker (the
+MLflow run of that name continues when the run resumes). Leaving it ends the tracker with the run's status
+(FINISHED, or FAILED / KILLED when an error or Ctrl-C leaves the block). Every other tracker of a run (a
+trial's nested run, the rank-0 worker's, ``ccnet evaluate``'s) comes from :func:`start_tracker`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pipeline.config import Config
+from pipeline.io import storage
+from pipeline.io.lease import LEASE_FILE, RunLease
+from pipeline.tracking import find_run, open_tracker, resolve_tracking_uri
+from pipeline.tracking.base import Tracker
+from pipeline.train.loop import warn_if_not_pretrained
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """A run's values, decided once.
+
+    Attributes:
+        config: the run's config, every location absolute.
+        tracking_uri: where it is tracked (``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else sqlite).
+        run_uri: where its checkpoints live: ``<run.storage>/<name>``.
+        tracker: its started tracker (a :class:`~pipeline.tracking.base.NullTracker` when tracking is optional
+            and the store is down).
+        lease: the run's lease; :meth:`RunLease.check` before publishing anything as this run's.
+    """
+
+    config: Config
+    tracking_uri: str
+    run_uri: str
+    tracker: Tracker
+    lease: RunLease
+
+
+def resolve(config: Config) -> Config:
+    """The config as a run uses it: every location absolute (relative ones logged once)."""
+    config = config.with_absolute_paths()
+    warn_if_not_pretrained(config)
+    return config
+
+
+def end_status(error: BaseException) -> str:
+    """The tracking status of a run that ``error`` stopped: KILLED for Ctrl-C, else FAILED."""
+    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+
+
+def start_tracker(config: Config, tracking_uri: str, name: str, *, run_id: str | None = None,
+                  resume: bool = False, tags: dict[str, str] | None = None,
+                  required: bool | None = None) -> Tracker:
+    """A started tracker for run ``name``: continues ``run_id``, or with ``resume`` the latest run of that
+    name; ``required`` (default ``tracking.required``) decides whether an unusable store is fatal."""
+    tracker = open_tracker(tracking_uri, config.tracking.experiment,
+                           required=config.tracking.required if required is None else required,
+                           settle_timeout=config.tracking.settle_timeout)
+    if run_id is None and resume:
+        run_id = find_run(tracking_uri, config.tracking.experiment, name)
+    tracker.start(name, run_id=run_id, tags=tags)
+    return tracker
+
+
+@contextlib.contextmanager
+def ended_with_status(tracker: Tracker) -> Iterator[Tracker]:
+    """Ends ``tracker`` when the block ends: FINISHED, or the status of the error that left it (never left
+    RUNNING)."""
+    try:
+        yield tracker
+    except BaseException as error:
+        tracker.end(end_status(error))
+        raise
+    tracker.end()
+
+
+@contextlib.contextmanager
+def open_run(config: Config, name: str, what: str, *, tags: dict[str, str] | None = None,
+             resume: bool | None = None, driver_cpus: float = 0.0) -> Iterator[RunContext]:
+    """Opens run ``name`` of the resolved ``config`` (see the module's docstring).
+
+    Args:
+        what: how the lease names the run in a refusal (``run 'x'``, ``search 'y'``).
+        resume: continue the latest tracked run of that name; default: when its storage holds files.
+        driver_cpus: CPUs this process's own Ray tasks take beside the workers (a search's trial drivers).
+    """
+    if config.run.ray:
+        from pipeline.train.ray_train import connect  # Ray starts only for runs that use it
+
+        connect(config, driver_cpus=driver_cpus)
+    run_uri = storage.join(config.run.storage, name)
+    with RunLease(run_uri, what, ttl=config.run.lease_ttl) as lease:
+        tracking_uri = resolve_tracking_uri(config.tracking.uri)
+        if resume is None:
+            resume = any(file != LEASE_FILE for file in storage.list_files(run_uri))
+        tracker = start_tracker(config, tracking_uri, name, resume=resume, tags=tags)
+        with ended_with_status(tracker):
+            yield RunContext(config, tracking_uri, run_uri, tracker, lease)
