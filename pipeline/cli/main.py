@@ -258,7 +258,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     from pipeline.eval.predict import predict_images
     from pipeline.io.checkpoints import checkpoint_normalization, load_model_state
-    from pipeline.train.loop import build_model
+    from pipeline.train.build import build_model
 
     config, state = _config_from_checkpoint(args)
     model = build_model(config, state["num_classes"], pretrained=False)

@@ -5,8 +5,8 @@
 and the configured scales with flip) and :func:`protocol_table` renders them as markdown::
 
     model = build_ccnet("ccnet_tiny", num_classes=dataset.num_classes)
-    result = evaluate(model, dataset, num_classes=dataset.num_classes, mode="slide", crop_size=769,
-                      stride=513, scales=(0.75, 1.0, 1.25), flip=True)
+    protocol = EvalProtocol(mode="slide", crop_size=769, stride=513, scales=(0.75, 1.0, 1.25), flip=True)
+    result = evaluate(model, dataset, protocol, num_classes=dataset.num_classes)
     result.miou, result.as_metrics("val")  # {"val/mIoU": ..., "val/IoU/road": ..., ...}
 
 On several workers each rank predicts images ``rank::world_size`` and, when ``torch.distributed`` is
@@ -196,20 +196,84 @@ def _all_reduce_counts(confusion: Tensor, num_images: int) -> tuple[Tensor, int]
     return counts[:-1].view(num_classes, num_classes), int(counts[-1])  # (K * K,) -> (K, K)
 
 
+@dataclass(frozen=True)
+class EvalProtocol:
+    """How one evaluation predicts: whole image or sliding window, test-time scales and flip, and what the
+    predictions average (see :mod:`ccnet.inference`).
+
+    Attributes:
+        mode: ``"whole"`` or ``"slide"`` (windows of ``crop_size`` every ``stride`` pixels).
+        scales, flip: test-time resize factors and horizontal flip; ``(1.0,)`` without flip is single-scale.
+        fusion: what windows, scales and flips average: ``"logits"`` (the authors') or ``"probs"``.
+        max_images: only the first N images of the dataset (applied before the split over ranks).
+    """
+
+    mode: str = "whole"
+    crop_size: int = 769
+    stride: int = 513
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    fusion: str = "logits"
+    max_images: int | None = None
+
+    @classmethod
+    def single_scale(cls, config: EvalConfig) -> EvalProtocol:
+        """``config``'s mode and geometry at scale 1.0 without flip (validation during training)."""
+        return cls(config.mode, config.crop_size, config.stride, (1.0,), False, config.fusion,
+                   config.max_images)
+
+    @classmethod
+    def multi_scale(cls, config: EvalConfig) -> EvalProtocol:
+        """``config``'s mode and geometry with its scales and flip (the paper's multi-scale test)."""
+        return cls(config.mode, config.crop_size, config.stride, tuple(config.scales), config.flip,
+                   config.fusion, config.max_images)
+
+    def describe(self) -> str:
+        return f"eval {self.mode} x{len(self.scales)}{' +flip' if self.flip else ''}"
+
+
+def _check_arguments(protocol: EvalProtocol, batch_size: int, rank: int, world_size: int) -> bool:
+    """Refuses impossible arguments; returns whether the counts are summed over a process group."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if protocol.max_images is not None and protocol.max_images < 0:
+        raise ValueError(f"max_images must be >= 0 or None, got {protocol.max_images}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
+    if distributed and (dist.get_world_size(), dist.get_rank()) != (world_size, rank):
+        raise ValueError(
+            f"rank {rank} of {world_size} does not match the process group's "
+            f"rank {dist.get_rank()} of {dist.get_world_size()}"
+        )
+    return distributed
+
+
+def _count(model: nn.Module, dataset: Any, indices: range, protocol: EvalProtocol, metric: SegmentationMetric,
+           batch_size: int, device: torch.device, bar: tqdm) -> None:
+    """Predicts the images at ``indices`` in batches of consecutive images of one size, counting them."""
+    for start in range(0, len(indices), batch_size):
+        chunk = [dataset[i] for i in indices[start : start + batch_size]]
+        for run in _shape_runs(chunk):
+            images = torch.stack([torch.as_tensor(item["image"]) for item in run]).to(device)
+            labels = torch.stack([torch.as_tensor(item["label"]) for item in run]).to(device)
+            probs = predict_multiscale(
+                model, images, scales=protocol.scales, flip=protocol.flip, mode=protocol.mode,
+                crop_size=protocol.crop_size, stride=protocol.stride, num_classes=metric.num_classes,
+                fusion=protocol.fusion,
+            )  # (B, K, H, W)
+            metric.update(probs.argmax(dim=1), labels.long())
+        bar.update(len(chunk))
+
+
 def evaluate(
     model: nn.Module,
     dataset: Sequence[Mapping[str, Any]] | torch.utils.data.Dataset,
+    protocol: EvalProtocol | None = None,
     *,
     num_classes: int,
     ignore_index: int = 255,
     class_names: Sequence[str] | None = None,
-    mode: str = "whole",
-    crop_size: int = 769,
-    stride: int = 513,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    fusion: str = "logits",
-    max_images: int | None = None,
     device: torch.device | str = "cpu",
     batch_size: int = 1,
     rank: int = 0,
@@ -226,15 +290,10 @@ def evaluate(
         model: segmentation model (``model(image)["out"]`` is (B, K, h, w) logits), already on ``device``.
         dataset: indexable items ``{"image": (3, H, W) float normalised, "label": (H, W) int}``, e.g. a
             :class:`pipeline.data.readers.ShardDataset` with the eval transform. Sizes may differ per image.
+        protocol: how to predict (default: whole image, single-scale, no flip).
         num_classes: K.
         ignore_index: label value that is not counted.
         class_names: K names; default the dataset's ``classes`` if it has them, else ``class_0``...
-        mode: ``"whole"`` or ``"slide"`` (windows of ``crop_size`` every ``stride`` pixels).
-        crop_size, stride: sliding-window geometry, used by ``mode="slide"``.
-        scales, flip: test-time resize factors and horizontal flip; ``(1.0,)`` without flip is single-scale.
-        fusion: what windows, scales and flips average: ``"logits"`` (the authors') or ``"probs"`` (see
-            :mod:`ccnet.inference`).
-        max_images: only the first N images of the dataset (applied before the split over ranks).
         device: where images are predicted and counted.
         batch_size: images per forward; only consecutive images of equal size are batched together.
         rank, world_size: this worker predicts images ``rank::world_size``. When ``torch.distributed`` is
@@ -246,25 +305,14 @@ def evaluate(
     Returns:
         The confusion matrix over all counted pixels, with the protocol that produced it.
     """
+    protocol = protocol or EvalProtocol()
     device = torch.device(device)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if max_images is not None and max_images < 0:
-        raise ValueError(f"max_images must be >= 0 or None, got {max_images}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
-    distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
-    if distributed and (dist.get_world_size(), dist.get_rank()) != (world_size, rank):
-        raise ValueError(
-            f"rank {rank} of {world_size} does not match the process group's "
-            f"rank {dist.get_rank()} of {dist.get_world_size()}"
-        )
+    distributed = _check_arguments(protocol, batch_size, rank, world_size)
     if class_names is None:
         class_names = getattr(dataset, "classes", None) or [f"class_{i}" for i in range(num_classes)]
     inner = _unwrap(model)
     _check_device(inner, device)
-
-    total = len(dataset) if max_images is None else min(max_images, len(dataset))
+    total = len(dataset) if protocol.max_images is None else min(protocol.max_images, len(dataset))
     indices = range(rank, total, world_size)
     metric = SegmentationMetric(num_classes, ignore_index, device=device)
     autocast = (
@@ -273,34 +321,22 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), autocast, tqdm(
-            total=len(indices), unit="img", desc=f"eval {mode} x{len(scales)}{' +flip' if flip else ''}",
-            disable=not progress or rank != 0,
-        ) as bar:
-            for start in range(0, len(indices), batch_size):
-                chunk = [dataset[i] for i in indices[start : start + batch_size]]
-                for run in _shape_runs(chunk):
-                    images = torch.stack([torch.as_tensor(item["image"]) for item in run]).to(device)
-                    labels = torch.stack([torch.as_tensor(item["label"]) for item in run]).to(device)
-                    probs = predict_multiscale(
-                        inner, images, scales=tuple(scales), flip=flip, mode=mode,
-                        crop_size=crop_size, stride=stride, num_classes=num_classes, fusion=fusion,
-                    )  # (B, K, H, W)
-                    metric.update(probs.argmax(dim=1), labels.long())
-                bar.update(len(chunk))
+        with torch.inference_mode(), autocast, tqdm(total=len(indices), unit="img", desc=protocol.describe(),
+                                                    disable=not progress or rank != 0) as bar:
+            _count(inner, dataset, indices, protocol, metric, batch_size, device, bar)
     finally:
         model.train(was_training)
-
     confusion, num_images = metric.confusion, len(indices)
     if distributed:
         confusion, num_images = _all_reduce_counts(confusion, num_images)
     result = EvalResult(
-        confusion, tuple(class_names), ignore_index, mode=mode, scales=tuple(scales), flip=flip,
-        num_images=num_images, fusion=fusion,
+        confusion, tuple(class_names), ignore_index, mode=protocol.mode, scales=protocol.scales,
+        flip=protocol.flip, num_images=num_images, fusion=protocol.fusion,
     )
     log.info(
         "evaluated %d images (%s, scales %s, flip %s): mIoU %s %%, pixel accuracy %s %%",
-        num_images, mode, result.scales, flip, _percent(result.miou), _percent(result.pixel_accuracy),
+        num_images, protocol.mode, result.scales, protocol.flip, _percent(result.miou),
+        _percent(result.pixel_accuracy),
     )
     return result
 
@@ -319,23 +355,18 @@ def evaluate_protocols(
     Args:
         model, dataset, num_classes: as for :func:`evaluate`.
         eval_config: mode, window geometry, scales, flip, fusion and max_images.
-        **kwargs: any other :func:`evaluate` keyword (ignore_index, class_names, device, rank, ...).
-
         single_scale: the single-scale result of this model on ``dataset`` in this mode, when it is already
             known (the training's validation of the best checkpoint): used instead of evaluating again.
+        **kwargs: any other :func:`evaluate` keyword (ignore_index, class_names, device, rank, ...).
 
     Returns:
         ``{"single-scale": scales (1.0,) without flip, "multi-scale+flip": eval_config.scales and flip}``.
     """
-    common = dict(
-        num_classes=num_classes, mode=eval_config.mode, crop_size=eval_config.crop_size,
-        stride=eval_config.stride, fusion=eval_config.fusion, max_images=eval_config.max_images, **kwargs,
-    )
     return {
-        SINGLE_SCALE: single_scale or evaluate(model, dataset, scales=(1.0,), flip=False, **common),
-        MULTI_SCALE: evaluate(
-            model, dataset, scales=tuple(eval_config.scales), flip=eval_config.flip, **common
-        ),
+        SINGLE_SCALE: single_scale or evaluate(model, dataset, EvalProtocol.single_scale(eval_config),
+                                               num_classes=num_classes, **kwargs),
+        MULTI_SCALE: evaluate(model, dataset, EvalProtocol.multi_scale(eval_config), num_classes=num_classes,
+                              **kwargs),
     }
 
 
@@ -387,6 +418,7 @@ def protocol_table(results: Mapping[str, EvalResult]) -> str:
 __all__ = [
     "MULTI_SCALE",
     "SINGLE_SCALE",
+    "EvalProtocol",
     "EvalResult",
     "evaluate",
     "evaluate_protocols",

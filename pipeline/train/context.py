@@ -25,7 +25,7 @@ from pipeline.io import storage
 from pipeline.io.lease import LEASE_FILE, RunLease
 from pipeline.tracking import find_run, open_tracker, resolve_tracking_uri
 from pipeline.tracking.base import Tracker
-from pipeline.train.loop import warn_if_not_pretrained
+from pipeline.train.build import warn_if_not_pretrained
 
 log = logging.getLogger(__name__)
 

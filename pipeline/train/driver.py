@@ -32,8 +32,10 @@ from pipeline.io.checkpoints import (
     load_model_state,
 )
 from pipeline.tracking.base import Tracker
+from pipeline.train.build import build_model
 from pipeline.train.context import RunContext, open_run, resolve
-from pipeline.train.loop import LocalSession, build_model, train_loop
+from pipeline.train.loop import train_loop
+from pipeline.train.sessions import LocalSession
 
 log = logging.getLogger(__name__)
 

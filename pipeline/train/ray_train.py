@@ -8,20 +8,32 @@ again with the same name. The loop itself is ours and is the same as without Ray
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.train
+import ray.train.torch
 import torch
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
 from pipeline.config import Config, config_from_dict
+from pipeline.data.readers import open_manifest, ray_dataset
+from pipeline.data.transforms import build_train_transform
 from pipeline.io import storage
-from pipeline.io.checkpoints import CHECKPOINT_FILE, load, save_file
+from pipeline.io.checkpoints import CHECKPOINT_FILE, CheckpointError, load
+from pipeline.tracking import NullTracker, Tracker
+from pipeline.train.build import input_normalization
+from pipeline.train.context import start_tracker
+from pipeline.train.loop import train_loop
 from pipeline.train.resources import WorkerRequest, alive_nodes, ensure_placeable
+from pipeline.train.sessions import RaySession, run_uri
 
 log = logging.getLogger(__name__)
 
@@ -29,52 +41,7 @@ _SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkp
 DEBUG_ENV = "CCNET_DEBUG"  # set by --debug for the Ray processes: their logging stays verbose
 
 
-@dataclass
-class RaySession:
-    """The loop's view of a Ray Train worker."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-    train_shard: Any = None  # this worker's Ray Data shard when data.loader is "ray"
-
-    resume_from: str | None = None  # a newer checkpoint than Ray's that Ray never registered
-
-    def restore(self) -> dict[str, Any] | None:
-        import ray.train
-
-        state = None
-        if (checkpoint := ray.train.get_checkpoint()) is not None:
-            with checkpoint.as_directory() as folder:
-                state = load(str(Path(folder) / CHECKPOINT_FILE))
-        if self.resume_from is not None:
-            newer = load(self.resume_from)
-            if state is None or newer["iteration"] > state["iteration"]:
-                log.info("resuming from %s, which the run wrote but Ray never registered",
-                         storage.redact(self.resume_from))
-                state = newer
-        return state
-
-    def checkpoint(self, state: dict[str, Any] | None, iteration: int, metrics: dict[str, float]) -> None:
-        import ray.train
-
-        # report() is a collective: every rank calls it, only rank 0 attaches the checkpoint.
-        with tempfile.TemporaryDirectory() as folder:
-            attached = None
-            if state is not None:
-                save_file(folder, state)
-                attached = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=attached)
-
-
 def _worker(loop_config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
-
-    from pipeline.tracking import NullTracker, Tracker
-    from pipeline.train.context import start_tracker
-    from pipeline.train.loop import train_loop
-
     project_logging()
     config = config_from_dict(loop_config["config"])
     # Ray sets OMP_NUM_THREADS to the floor of the worker's CPUs: a trial's worker of 1.9 CPUs (the 0.1 left
@@ -82,7 +49,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, math.ceil(config.run.cpus_per_worker)))
     context = ray.train.get_context()
     session = RaySession(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
-                         resume_from=loop_config.get("resume_from"))
+                         resume_from=loop_config.get("resume_from"), run_uri=run_uri(config))
     if config.data.loader == "ray":
         session.train_shard = ray.train.get_dataset_shard("train")
     tracker: Tracker = NullTracker()
@@ -102,9 +69,6 @@ def train_datasets(config: Config) -> dict[str, Any]:
     manifest's ``ignore_index``."""
     if config.data.loader != "ray":
         return {}
-    from pipeline.data.readers import open_manifest, ray_dataset
-    from pipeline.data.transforms import build_train_transform
-    from pipeline.train.loop import input_normalization
 
     data = config.data
     manifest = open_manifest(data.uri)
@@ -150,7 +114,6 @@ def _init_quietly() -> None:
     """``ray.init`` with Ray's own logs at ERROR in every process (INFO and up with ``--debug``): its
     controller and placement-group helpers otherwise fill the console with internal notices. The driver's
     logging is put back as it was (Ray's configuration also applies to the driver's root logger)."""
-    import ray
 
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
@@ -167,7 +130,6 @@ def _init_quietly() -> None:
 def connect(config: Config, driver_cpus: float = 0.0) -> None:
     """Start (or join) Ray and check that the run's workers fit the cluster: call it before anything is
     written, so a request that cannot be placed is refused with both numbers instead of waiting forever."""
-    import ray
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -200,9 +162,7 @@ class Unregistered:
 def unregistered_checkpoints(run_folder: str) -> Unregistered:
     """Finds the ``checkpoint_*`` folders of ``run_folder`` missing from Ray's
     ``checkpoint_manager_snapshot.json``, and the newest one that loads and is ahead of Ray's latest."""
-    import json
 
-    from pipeline.io.checkpoints import CheckpointError
 
     names = storage.list_files(run_folder)
     folders = sorted({name.split("/")[0] for name in names if name.startswith("checkpoint_") and "/" in name})
@@ -241,8 +201,6 @@ def fit(config: Config, run_id: str | None, tracking_uri: str | None, callbacks:
 
     ``callbacks`` go to the trainer's RunConfig (a search passes Tune's ``TuneReportCallback``).
     """
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     connect(config)
     filesystem, path = ray_storage(config.run.storage)

@@ -94,7 +94,7 @@ def _final_evaluation(config: Config, tracker: Tracker) -> dict[str, float]:
     """The best checkpoint's single-scale and multi-scale + flip results, logged to the trial's run."""
     from pipeline.io.checkpoints import CheckpointStore
     from pipeline.train.driver import evaluate_checkpoint, log_final_results
-    from pipeline.train.loop import run_uri
+    from pipeline.train.sessions import run_uri
 
     _, _, results = evaluate_checkpoint(config, CheckpointStore(run_uri(config)).best_uri(),
                                         reuse_validation=True)

@@ -32,7 +32,7 @@ from PIL import Image
 from pipeline.cli.main import main
 from pipeline.config import load_config
 from pipeline.io.checkpoints import save_file
-from pipeline.train.loop import build_model
+from pipeline.train.build import build_model
 
 pytestmark = [pytest.mark.slow]
 

@@ -11,15 +11,17 @@ import torch
 from PIL import Image
 
 import pipeline.eval.predict
-import pipeline.train.loop
+import pipeline.train.build
 from pipeline.cli.main import main
 from pipeline.config import load_config
 from pipeline.data.readers import ShardDataset
 from pipeline.data.sources import build_source
 from pipeline.data.writer import write_shards
 from pipeline.io.checkpoints import CheckpointStore, load, save_file
+from pipeline.train.build import input_normalization
 from pipeline.train.driver import evaluate_checkpoint
-from pipeline.train.loop import LocalSession, input_normalization, run_uri, train_loop
+from pipeline.train.loop import train_loop
+from pipeline.train.sessions import LocalSession, run_uri
 
 LITE = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -54,7 +56,7 @@ def lite_run(dataset: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[ob
         "model.name=fcn_lite0_d16", "model.pretrained=none", "eval.scales=[1.0]", "eval.flip=false",
     ])
     with pytest.MonkeyPatch.context() as patch:
-        seen = spy_on_normalisation(patch, pipeline.train.loop, "build_train_transform")
+        seen = spy_on_normalisation(patch, pipeline.train.build, "build_train_transform")
         train_loop(config, LocalSession(run_uri(config)))
     return config, CheckpointStore(run_uri(config)).best_uri(), seen
 

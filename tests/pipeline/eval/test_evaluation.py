@@ -7,11 +7,13 @@ The fake model predicts, at each pixel, the index of the largest of its three in
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import socket
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,7 +24,14 @@ from torch import Tensor, nn
 
 from ccnet.models import build_ccnet
 from pipeline.config import EvalConfig
-from pipeline.eval.evaluation import EvalResult, evaluate, evaluate_protocols, protocol_table, summary_metrics
+from pipeline.eval.evaluation import (
+    EvalProtocol,
+    EvalResult,
+    evaluate,
+    evaluate_protocols,
+    protocol_table,
+    summary_metrics,
+)
 
 CLASSES = ("road", "car", "traffic light", "sky")
 IGNORE = 255
@@ -72,8 +81,12 @@ def hand_dataset() -> list[dict[str, object]]:
     ]
 
 
-def run(model: nn.Module, dataset: list[dict[str, object]], **kwargs: object) -> EvalResult:
-    return evaluate(model, dataset, num_classes=4, class_names=CLASSES, progress=False, **kwargs)
+def run(model: nn.Module, dataset: list[dict[str, object]], **kwargs: Any) -> EvalResult:
+    """:func:`evaluate` with the protocol's fields among ``kwargs`` (``mode``, ``scales``, ...)."""
+    fields = {f.name for f in dataclasses.fields(EvalProtocol)}
+    protocol = EvalProtocol(**{k: tuple(v) if k == "scales" else v for k, v in kwargs.items() if k in fields})
+    others = {k: v for k, v in kwargs.items() if k not in fields}
+    return evaluate(model, dataset, protocol, num_classes=4, class_names=CLASSES, progress=False, **others)
 
 
 @pytest.mark.parametrize("mode", ["whole", "slide"])
@@ -278,9 +291,8 @@ def test_ccnet_tiny_on_images_of_different_sizes() -> None:
         label = torch.randint(0, 3, (height, width))
         label[:4] = IGNORE
         dataset.append({"image": torch.randn(3, height, width), "label": label, "sample_id": f"{height}"})
-    result = evaluate(
-        model, dataset, num_classes=3, mode="slide", crop_size=32, stride=24, batch_size=2, progress=False
-    )
+    result = evaluate(model, dataset, EvalProtocol(mode="slide", crop_size=32, stride=24), num_classes=3,
+                      batch_size=2, progress=False)
     assert result.num_images == 3
     assert result.num_pixels == sum(int((item["label"] != IGNORE).sum()) for item in dataset)
     assert result.class_names == ("class_0", "class_1", "class_2")

@@ -32,12 +32,12 @@ class CapturedDataset:
 def test_ray_data_pads_crops_with_the_manifests_ignore_index(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pipeline.data.readers
+    import pipeline.train.ray_train
 
     source = build_source("generated", None, image_size=(48, 48), counts={"train": 2, "val": 1})
     source.ignore_index = 250  # the manifest's; only the crop padding is looked at (the rim keeps 255)
     data_uri, _ = write_shards(source, str(tmp_path), workers=1, progress=False)
-    monkeypatch.setattr(pipeline.data.readers, "ray_dataset", CapturedDataset)
+    monkeypatch.setattr(pipeline.train.ray_train, "ray_dataset", CapturedDataset)
     config = load_config(None, [f"data.uri={data_uri}", "data.loader=ray", "data.crop_size=64",
                                 "data.scale_min=1.0", "data.scale_max=1.0"])
     dataset = train_datasets(config)["train"]

@@ -16,16 +16,9 @@ from pipeline.config import Config, load_config
 from pipeline.data.sources import build_source
 from pipeline.data.writer import write_shards
 from pipeline.io.checkpoints import CheckpointStore, load
-from pipeline.train.loop import (
-    LocalSession,
-    NonFiniteLossError,
-    build_loss,
-    poly_lr,
-    run_uri,
-    train_loop,
-    train_step,
-    warn_if_not_pretrained,
-)
+from pipeline.train.build import build_loss, warn_if_not_pretrained
+from pipeline.train.loop import NonFiniteLossError, poly_lr, train_loop, train_step
+from pipeline.train.sessions import LocalSession, run_uri
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,236 @@
+"""What a training is built from its config, detectron2-style: ``build_*`` functions that read the config so
+that the loop (:func:`pipeline.train.loop.run_loop`) receives built objects and never the whole config.
+
+:func:`build_training` makes a :class:`Training`: the model (seeded, restored from the session's checkpoint
+when the run resumes, distributed over the workers), the optimiser, the gradient scaler, the loss, the stream
+of training batches (from the shards, or from the worker's Ray Data shard) and the validation set.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ccnet import build_ccnet, model_config
+from ccnet.backbones import Normalization, backbone_normalization
+from ccnet.losses import SegmentationLoss
+from pipeline.config import Config
+from pipeline.data.readers import ShardDataset, open_manifest
+from pipeline.data.sampling import ShardBatchSampler
+from pipeline.data.transforms import build_eval_transform, build_train_transform
+from pipeline.io.checkpoints import load_model_state
+from pipeline.train.sessions import Session, restore_rng
+
+log = logging.getLogger(__name__)
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Training:
+    """Everything the loop trains with, built by :func:`build_training`.
+
+    Attributes:
+        model: the model as saved and evaluated; ``trained`` is what the steps run (distributed, compiled).
+        batches: (images, labels) on the device, from the iteration the run starts at to its last.
+        start: the iteration the run starts at (a resumed run: its checkpoint's).
+        best_miou: the best val mIoU so far (a resumed run: its checkpoint's).
+        meta: what every checkpoint carries beside the training state (model name, classes, config, input
+            normalisation, tracking run id).
+    """
+
+    model: nn.Module
+    trained: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_fn: SegmentationLoss
+    batches: Batches
+    val_data: ShardDataset
+    num_classes: int
+    ignore_index: int
+    start: int = 0
+    best_miou: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def state(self, iteration: int, rng: list[torch.Tensor], val_result: dict | None) -> dict[str, Any]:
+        """The resumable state at ``iteration``; ``rng``: every rank's random state, rank 0's first;
+        ``val_result``: the validation of this iteration, if it ran (the final results reuse the best's)."""
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "iteration": iteration, "best_miou": self.best_miou,
+            "rng": rng[0], "rng_per_rank": rng, **self.meta, "val_result": val_result,
+        }
+
+
+def build_model(config: Config, num_classes: int, *, pretrained: bool = True) -> nn.Module:
+    """The configured model; ``pretrained=False`` skips the backbone's ImageNet weights (a checkpoint is
+    about to replace every weight, so evaluation and prediction need neither the file nor its package)."""
+    overrides = config.model.overrides()
+    if not pretrained:
+        overrides.pop("pretrained", None)
+    return build_ccnet(config.model.name, num_classes, **overrides)
+
+
+def input_normalization(config: Config) -> Normalization:
+    """The ``(image - mean) / std`` that the configured model's backbone weights expect (the backbone's
+    description owns it): training transforms, evaluation, prediction and checkpoints all use this."""
+    return backbone_normalization(model_config(config.model.name, **config.model.overrides()).backbone)
+
+
+# Backbones that train from scratch by design; every other one is started from ImageNet by its recipes.
+_FROM_SCRATCH_BACKBONES = ("tiny",)
+
+
+def warn_if_not_pretrained(config: Config) -> bool:
+    """Log one WARNING when ``config`` trains a backbone without the ImageNet weights its recipe expects.
+
+    That is ``model.pretrained`` left null for any backbone but the tiny one; ``pretrained: none`` says no
+    weights on purpose and stays silent. Call it once, on the driver.
+
+    Returns:
+        Whether it warned.
+    """
+    if config.model.pretrained is not None:
+        return False
+    backbone = model_config(config.model.name).backbone
+    if backbone in _FROM_SCRATCH_BACKBONES:
+        return False
+    log.warning(
+        "model.pretrained is null: %s (backbone %s) trains from random weights, far from the paper's "
+        "accuracy; set model.pretrained to ImageNet weights, or to none to train from scratch on purpose",
+        config.model.name, backbone,
+    )
+    return True
+
+
+def build_loss(config: Config, ignore_index: int) -> SegmentationLoss:
+    """The training loss of ``config.train``: main + aux, OHEM and the category-consistent loss as set."""
+    train_cfg = config.train
+    weight = train_cfg.consistency_weight
+    return SegmentationLoss(
+        aux_weight=train_cfg.aux_weight, ignore_index=ignore_index, ohem=train_cfg.ohem,
+        ohem_thresh=train_cfg.ohem_thresh, ohem_min_kept=train_cfg.ohem_min_kept,
+        consistency=weight > 0, consistency_weights=(weight, weight, 0.001 * weight),
+    )
+
+
+def _batches(
+    dataset: ShardDataset, sampler: ShardBatchSampler, loader_workers: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches from ``sampler``'s iterations, one DataLoader per epoch (so augmentation sees the epoch)."""
+    iteration = sampler.start_iteration
+    while iteration < sampler.end_iteration:
+        epoch = sampler.epoch_of(iteration)
+        epoch_end = min((epoch + 1) * sampler.batches_per_epoch, sampler.end_iteration)
+        dataset.set_epoch(epoch)
+        part = ShardBatchSampler(
+            sampler.shard_sizes, sampler.batch_size, rank=sampler.rank, world_size=sampler.world_size,
+            seed=sampler.seed, start_iteration=iteration, end_iteration=epoch_end,
+        )
+        # Its own generator: a DataLoader draws a seed when iterated, which would shift the global RNG
+        # (dropout) differently in a resumed run that starts mid-epoch.
+        generator = torch.Generator().manual_seed(sampler.seed + epoch)
+        loader = torch.utils.data.DataLoader(  # pinned host memory: the copies overlap the GPU's work
+            dataset, batch_sampler=part, num_workers=loader_workers, generator=generator,
+            pin_memory=device.type == "cuda",
+        )
+        for batch in loader:
+            yield batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+        iteration = epoch_end
+
+
+def _ray_batches(
+    shard: Any, batch_size: int, start: int, end: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches streamed from this worker's Ray Data shard, pass after pass, for iterations start..end.
+
+    A resumed run starts a new pass rather than mid-pass: Ray Data streams without a fixed order.
+    """
+    iteration = start
+    while iteration < end:
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True):
+            yield batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+            iteration += 1
+            if iteration >= end:
+                return
+
+
+def _distribute(model: nn.Module, session: Session, sync_bn: bool) -> nn.Module:
+    if session.world_size == 1:
+        return model
+    if sync_bn and session.device.type == "cuda":  # SyncBatchNorm needs NCCL; on CPU/gloo it fails
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device_ids = [session.device.index] if session.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD with momentum and weight decay (the learning rate is set every iteration by the poly schedule)."""
+    train = config.train
+    return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
+                           weight_decay=train.weight_decay)
+
+
+def build_train_batches(config: Config, session: Session, normalization: Normalization, ignore_index: int,
+                        start: int) -> Batches:
+    """The training batches from iteration ``start``: from this worker's Ray Data shard when Ray Data feeds
+    it (``data.loader: ray``), else read from the shards with the training augmentation, each worker its
+    part of every epoch (:class:`ShardBatchSampler`)."""
+    data, train = config.data, config.train
+    shard = getattr(session, "train_shard", None)
+    if shard is not None:
+        return _ray_batches(shard, data.batch_size, start, train.iterations, session.device)
+    dataset = ShardDataset(
+        data.uri, data.train_split, seed=train.seed,
+        transform=build_train_transform(
+            data.crop_size, (data.scale_min, data.scale_max), ignore_index=ignore_index,
+            mean=normalization.mean, std=normalization.std,
+        ),
+    )
+    sampler = ShardBatchSampler(
+        [shard.rows for shard in dataset.shards], data.batch_size, rank=session.rank,
+        world_size=session.world_size, seed=train.seed, start_iteration=start, end_iteration=train.iterations,
+    )
+    return _batches(dataset, sampler, data.loader_workers, session.device)
+
+
+def build_training(config: Config, session: Session, run_id: str | None = None) -> Training:
+    """The model, optimiser, scaler, loss, batches and validation set of ``config`` in this worker, restored
+    from the session's checkpoint when the run resumes. The random draws happen in the same order on every
+    run (the same seed: the same initial weights on every worker), which a bit-equal resume relies on."""
+    train = config.train
+    manifest = open_manifest(config.data.uri)
+    torch.manual_seed(train.seed)  # the same initial weights on every worker
+    model = build_model(config, manifest.num_classes).to(session.device)
+    optimizer = build_optimizer(config, model)
+    scaler = torch.amp.GradScaler(session.device.type, enabled=train.amp == "O1")
+    loss_fn = build_loss(config, manifest.ignore_index)
+    start, best_miou = 0, None
+    state = session.restore()
+    if state is not None:
+        load_model_state(model, state, f"checkpoint of iteration {state['iteration']}")
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start, best_miou = state["iteration"], state.get("best_miou")
+        restore_rng(state, session, train.seed)
+        log.info("resumed from iteration %d", start)
+    else:
+        torch.manual_seed(train.seed * 1000 + session.rank + 1)  # dropout differs across workers
+    trained = _distribute(model, session, config.model.sync_bn)
+    if train.compile:
+        trained = torch.compile(trained)
+    normalization: Normalization = model.normalization
+    val_data = ShardDataset(config.data.uri, config.data.val_split,
+                            transform=build_eval_transform(normalization.mean, normalization.std))
+    meta = {"mlflow_run_id": run_id, "model_name": config.model.name, "num_classes": manifest.num_classes,
+            "config": config.to_dict(), "normalization": normalization.as_dict()}
+    return Training(
+        model, trained, optimizer, scaler, loss_fn,
+        build_train_batches(config, session, normalization, manifest.ignore_index, start), val_data,
+        manifest.num_classes, manifest.ignore_index, start, best_miou, meta,
+    )
