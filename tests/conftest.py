@@ -243,7 +243,7 @@ def s3_env(seaweedfs: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
     The bucket does not exist yet (``storage.ensure_bucket`` creates it). Storage caches are cleared before
     and after, so clients built for another environment are not reused.
     """
-    from pipeline.io import storage
+    from pipeline.io import s3
 
     if seaweedfs.pid is None:  # a fault-injection test stopped it and failed before starting it again
         seaweedfs.start()
@@ -251,9 +251,9 @@ def s3_env(seaweedfs: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweedfs.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweedfs.secret_key)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    storage._clear_caches()
+    s3.clear_caches()
     yield f"s3://test-{secrets.token_hex(6)}"
-    storage._clear_caches()
+    s3.clear_caches()
 
 
 @dataclasses.dataclass

@@ -235,7 +235,7 @@ def _config_from_checkpoint(args: argparse.Namespace) -> tuple[object, dict]:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from pipeline.eval.evaluation import protocol_table
+    from pipeline.eval.results import protocol_table
     from pipeline.tracking import resolve_tracking_uri
     from pipeline.train.context import start_tracker
     from pipeline.train.driver import evaluate_checkpoint

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 
 from pipeline.io import storage
+from pipeline.io.errors import PreconditionFailed
 from pipeline.io.paths import parse_location
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class RunLease:
         payload = self._payload()
         try:
             self._version = storage.write_if(self.uri, payload, current[1] if current else None)
-        except storage.PreconditionFailed:
+        except PreconditionFailed:
             # Another writer won the race, or a retried put of ours had already landed: read who holds it.
             current = storage.read_versioned(self.uri)
             holder = _decode(current[0], self.uri) if current else None
@@ -151,7 +152,7 @@ class RunLease:
         while not self._stop.wait(self.ttl / 3):
             try:
                 self._version = storage.write_if(self.uri, self._payload(), self._version)
-            except storage.PreconditionFailed:
+            except PreconditionFailed:
                 current = storage.read_versioned(self.uri)
                 holder = _decode(current[0], self.uri) if current else None
                 log.error("%s: lost its lease to %s; stop this process, its writes may mix with theirs",

@@ -15,53 +15,28 @@ import contextlib
 import errno
 import hashlib
 import logging
-import math
 import os
-import random
-import re
 import tempfile
-import threading
-import time
-import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import boto3
-import botocore.config
 import botocore.exceptions as bce
 import pyarrow.fs
 
+from pipeline.io.errors import PreconditionFailed
 from pipeline.io.paths import parse_location, stays_inside
 from pipeline.io.redaction import redact
+from pipeline.io.retry import MISSING, error_code, retry
+from pipeline.io.s3 import s3_client, s3_filesystem
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _TMP_MARK = ".storage-tmp-"  # prefix of in-progress local writes; list_files hides them
-_MISSING = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
-_CONFLICT = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
-_AUTH = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden", "InvalidToken",
-         "ExpiredToken"}
-_TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestTimeout",
-              "TooManyRequestsException", "InternalError", "ServiceUnavailable"}
-# pyarrow reports S3 failures as OSError text ("AWS Error NETWORK_CONNECTION ...", "HTTP status 503").
-_TRANSIENT_TEXT = re.compile(r"connect|timed? ?out|timeout|slow.?down|throttl|service.?unavailable|internal"
-                             r".?(failure|error)|reset by peer|broken pipe|curlcode|\b50[0234]\b", re.I)
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once: temp files are created 0600, renamed files get the mode open() would give
 
-_lock = threading.Lock()
-_cache: dict[tuple, Any] = {}  # ("fs" | "client", endpoint, scheme, key id, secret digest, region) -> object
-_sleep = time.sleep  # tests replace this to retry without waiting
-
-
-class StorageError(RuntimeError):
-    """A storage operation failed; the message is one line naming the (redacted) location and the cause."""
-
-
-class PreconditionFailed(StorageError):
-    """A conditional write lost: the object was created or changed since the version the writer named."""
 
 
 def is_s3(uri: str) -> bool:
@@ -98,89 +73,6 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
-def _s3_env() -> tuple[str | None, str, str | None, str | None, str]:
-    """(endpoint "host:port" or None for AWS, scheme, key id, secret, region) from the environment.
-
-    Without either key the AWS SDK's default chain applies (an EC2 instance profile, a web identity); one key
-    without the other is a mistake.
-    """
-    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-    missing = [name for name in names if not os.environ.get(name)]
-    if len(missing) == 1:
-        raise StorageError(f"S3 credentials incomplete: {missing[0]} is not set but "
-                           f"{next(n for n in names if n not in missing)} is")
-    endpoint, scheme = None, "https"
-    if url := os.environ.get("AWS_ENDPOINT_URL"):
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname or "@" in parsed.netloc:
-            raise StorageError(f"AWS_ENDPOINT_URL must be http(s)://host[:port], got {redact(url)!r}")
-        endpoint, scheme = parsed.netloc, parsed.scheme
-    region = os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    key_id, secret = (os.environ.get(name) or None for name in names)
-    return endpoint, scheme, key_id, secret, region
-
-
-def _cached(kind: str, build: Callable[..., T]) -> T:
-    endpoint, scheme, key_id, secret, region = env = _s3_env()
-    # The secret's digest in the key: a changed secret must not reuse an object built with the old one.
-    digest = hashlib.sha256(secret.encode()).hexdigest() if secret else None
-    key = (kind, endpoint, scheme, key_id, digest, region)
-    with _lock:
-        if key not in _cache:
-            _cache[key] = build(*env)
-        return _cache[key]
-
-
-class _S3FileSystem(pyarrow.fs.S3FileSystem):
-    """pyarrow's S3 filesystem whose retry strategy survives pickling.
-
-    Ray pickles the filesystem to its Train controller and workers, and pyarrow's own pickling drops the
-    retry strategy: there, a server restart of a few seconds failed the whole run at the next checkpoint.
-    """
-
-    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
-        _, (options,) = super().__reduce__()
-        return _rebuild_filesystem, (options,)
-
-
-def _rebuild_filesystem(options: dict[str, Any]) -> _S3FileSystem:
-    return _S3FileSystem(**options, retry_strategy=_arrow_retry_strategy())
-
-
-def arrow_attempts(budget: float) -> int:
-    """Attempts of pyarrow's AWS standard retry strategy (for Ray's checkpoint uploads and Parquet reads)
-    that last about ``budget`` s against a dead endpoint: measured here, 7 attempts take about 29 s and each
-    further one about 18 s (the SDK's backoff is capped at 20 s, with jitter)."""
-    if budget < 29:
-        return 1 + math.ceil(budget * 6 / 29)
-    return 7 + math.ceil((budget - 29) / 18)
-
-
-def _arrow_retry_strategy() -> pyarrow.fs.S3RetryStrategy:
-    return pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=arrow_attempts(retry_budget()))
-
-
-def _build_filesystem(endpoint: str | None, scheme: str, key_id: str | None, secret: str | None,
-                      region: str) -> Any:
-    return _S3FileSystem(
-        access_key=key_id, secret_key=secret, region=region, scheme=scheme, endpoint_override=endpoint,
-        connect_timeout=3, request_timeout=30, retry_strategy=_arrow_retry_strategy(),
-    )
-
-
-def _build_client(endpoint: str | None, scheme: str, key_id: str | None, secret: str | None,
-                  region: str) -> Any:
-    config = botocore.config.Config(
-        retries={"mode": "standard", "max_attempts": 2}, connect_timeout=2, read_timeout=10,
-        s3={"addressing_style": "path"} if endpoint else None,  # virtual hosts need DNS a local server lacks
-    )
-    # A session of its own: boto3's default session is not thread-safe.
-    return boto3.session.Session().client(
-        "s3", endpoint_url=f"{scheme}://{endpoint}" if endpoint else None, aws_access_key_id=key_id,
-        aws_secret_access_key=secret, region_name=region, config=config,
-    )
-
-
 def filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
     """Returns ``(filesystem, path inside it)`` for a location.
 
@@ -191,136 +83,7 @@ def filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
     if not is_s3(uri):
         return pyarrow.fs.LocalFileSystem(), os.path.abspath(_local_path(uri))
     bucket, key = _split_s3(uri)
-    return _cached("fs", _build_filesystem), f"{bucket}/{key}" if key else bucket
-
-
-def s3_client() -> Any:
-    """Returns a boto3 S3 client for the environment (cached per endpoint, credentials and region).
-
-    Timeouts are short (2 s connect, 10 s per read) and botocore retries once: :func:`retry` owns the policy.
-    """
-    return _cached("client", _build_client)
-
-
-def _clear_caches() -> None:
-    """Forgets cached clients and filesystems (tests that change the environment call this)."""
-    with _lock:
-        _cache.clear()
-
-
-def _code(exc: BaseException) -> str:
-    return str(exc.response.get("Error", {}).get("Code", "")) if isinstance(exc, bce.ClientError) else ""
-
-
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, bce.ClientError):
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-        return _code(exc) in _TRANSIENT or status >= 500 or status == 429
-    if isinstance(exc, (bce.ConnectionError, bce.HTTPClientError, bce.IncompleteReadError, ConnectionError,
-                        TimeoutError)):
-        return True
-    return type(exc) is OSError and bool(_TRANSIENT_TEXT.search(str(exc)))  # not FileNotFoundError & co
-
-
-def _describe(what: str, exc: BaseException) -> str:
-    """``what``, the error and the endpoint as one redacted line."""
-    endpoint = f" [endpoint {url}]" if (url := os.environ.get("AWS_ENDPOINT_URL")) else ""
-    return redact(" ".join(f"{what}: {type(exc).__name__}: {exc}{endpoint}".split()))
-
-
-def _final(what: str, exc: Exception) -> Exception | None:
-    """The error to raise at once for a non-transient ``exc`` (itself if not a storage error), else None."""
-    if _code(exc) in _CONFLICT:
-        return PreconditionFailed(f"{redact(what)}: changed by another writer ({_code(exc)})")
-    if _code(exc) in _MISSING:
-        return FileNotFoundError(errno.ENOENT, f"{redact(what)}: not found ({_code(exc)})")
-    if _code(exc) in _AUTH or (type(exc) is OSError and "ACCESS_DENIED" in str(exc)):
-        target = match.group(0) if (match := re.search(r"s3://\S+", what)) else "S3"
-        hint = "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
-        return StorageError(redact(f"credentials rejected for {target}: {_describe(what, exc)}; {hint}"))
-    if _is_transient(exc):
-        return None
-    storage_error = isinstance(exc, (bce.BotoCoreError, bce.ClientError))
-    return StorageError(_describe(what, exc)) if storage_error else exc
-
-
-RETRY_SECONDS_ENV = "CCNET_STORAGE_RETRY_SECONDS"
-DEFAULT_RETRY_SECONDS = 60.0
-
-
-def retry_budget() -> float:
-    """Seconds of backoff :func:`retry` may spend on one operation: ``CCNET_STORAGE_RETRY_SECONDS`` or 60.
-
-    A restart of a loaded object store, throttling or a load balancer's failover outlast a few seconds; a
-    dead endpoint still fails in about a minute. Raise it for a store known to blip for longer.
-    """
-    raw = os.environ.get(RETRY_SECONDS_ENV, "")
-    if not raw:
-        return DEFAULT_RETRY_SECONDS
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = -1.0
-    if not 0 <= seconds < float("inf"):
-        raise ValueError(f"{RETRY_SECONDS_ENV}={raw!r}: expected a number of seconds >= 0")
-    return seconds
-
-
-def backoff_schedule(budget: float, base_delay: float = 0.5, max_delay: float = 8.0) -> list[float]:
-    """The nominal waits before each retry: ``base_delay`` doubled up to ``max_delay``, while their sum fits.
-
-    >>> backoff_schedule(20)
-    [0.5, 1.0, 2.0, 4.0, 8.0]
-    """
-    delays: list[float] = []
-    delay = base_delay
-    while sum(delays) + delay <= budget:
-        delays.append(delay)
-        delay = min(max_delay, delay * 2)
-    return delays
-
-
-def retry(fn: Callable[[], T], *, what: str, attempts: int | None = None, base_delay: float = 0.5,
-          max_delay: float = 8.0) -> T:
-    """Calls ``fn`` until it succeeds, retrying transient storage errors with exponential backoff + jitter.
-
-    Args:
-        fn: the operation (it must be safe to repeat).
-        what: names the operation in the warning logged per retry and in errors, e.g. "read s3://b/k".
-        attempts: calls in total; by default as many as the backoff fits into :func:`retry_budget` (60 s:
-            11 calls), so the policy is a time budget, the same for every operation.
-        base_delay: seconds before the first retry, doubled each time up to ``max_delay`` and scaled by a
-            random factor in [0.5, 1] so that many clients do not retry in step.
-
-    Raises:
-        StorageError: transient errors outlasted the attempts (names ``what``, the last error and the
-            endpoint), or S3 rejected the credentials or the request (not retried).
-        FileNotFoundError: the object or bucket does not exist (not retried).
-        Exception: any other error from ``fn``, unchanged and not retried.
-    """
-    if attempts is None:
-        delays = backoff_schedule(retry_budget(), base_delay, max_delay)
-    elif attempts < 1:
-        raise ValueError(f"attempts must be at least 1, got {attempts}")
-    else:
-        delays = [min(max_delay, base_delay * 2 ** i) for i in range(attempts - 1)]
-    total = len(delays) + 1
-    for attempt in range(1, total + 1):
-        try:
-            return fn()
-        except Exception as exc:
-            if (final := _final(what, exc)) is exc:
-                raise
-            # "from None": the message names the cause, redacted; the cause itself (a server's StringToSign,
-            # say) may echo the key id into a logged traceback.
-            if final is not None:
-                raise final from None
-            if attempt == total:
-                raise StorageError(f"gave up after {total} attempts: {_describe(what, exc)}") from None
-            delay = delays[attempt - 1] * random.uniform(0.5, 1.0)
-            log.warning("retry %d/%d in %.1f s: %s", attempt, total - 1, delay, _describe(what, exc))
-            _sleep(delay)
-    raise AssertionError("unreachable: the last attempt returns or raises")
+    return s3_filesystem(), f"{bucket}/{key}" if key else bucket
 
 
 def _s3(op: str, uri: str, fn: Callable[[str, str], T]) -> T:
@@ -340,14 +103,14 @@ def ensure_bucket(uri: str) -> None:
             client.head_bucket(Bucket=bucket)  # first: a user may read a bucket it may not create
             return
         except bce.ClientError as exc:
-            if _code(exc) not in _MISSING:
+            if error_code(exc) not in MISSING:
                 raise
         region = client.meta.region_name
         extra = {} if region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": region}}
         try:
             client.create_bucket(Bucket=bucket, **extra)
         except bce.ClientError as exc:
-            if _code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):  # lost a race: fine
+            if error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):  # lost a race: fine
                 raise
 
     _s3("create bucket", f"s3://{_split_s3(uri)[0]}", create)

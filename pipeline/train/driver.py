@@ -144,7 +144,8 @@ def evaluate_checkpoint(
     With ``reuse_validation`` (a training's own best checkpoint, evaluated with the training's config), the
     single-scale result is the validation that made the checkpoint best, stored with it, instead of a second
     pass over the same images computing the same figures."""
-    from pipeline.eval.evaluation import EvalResult, evaluate_protocols
+    from pipeline.eval.evaluation import evaluate_protocols
+    from pipeline.eval.results import EvalResult
 
     manifest = open_manifest(config.data.uri)
     model = build_model(config, manifest.num_classes, pretrained=False)
@@ -171,9 +172,9 @@ def evaluate_checkpoint(
 
 def log_final_results(tracker: Tracker, results: dict[str, Any], step: int) -> dict[str, float]:
     """Log the protocols' results once, under short names (``final/mIoU_ss``, ``final/mIoU_ms_flip``, ...:
-    :func:`pipeline.eval.evaluation.summary_metrics`), and the table as ``evaluation/results.md``; returns the
+    :func:`pipeline.eval.results.summary_metrics`), and the table as ``evaluation/results.md``; returns the
     metrics logged (NaN for a class never seen)."""
-    from pipeline.eval.evaluation import protocol_table, summary_metrics
+    from pipeline.eval.results import protocol_table, summary_metrics
 
     metrics = summary_metrics(results)
     tracker.log_metrics(metrics, step=step)
@@ -194,7 +195,7 @@ def _log_bytes(tracker: Tracker, data: bytes, artifact_path: str) -> None:
 
 
 def _train_and_record(run: RunContext) -> tuple[dict[str, Any], str, str]:
-    from pipeline.eval.evaluation import protocol_table
+    from pipeline.eval.results import protocol_table
 
     config, tracker = run.config, run.tracker
     log_run_context(tracker, config)

@@ -27,7 +27,8 @@ from torch import nn
 
 from ccnet.losses import SegmentationLoss
 from pipeline.config import Config, EvalConfig, TrainConfig
-from pipeline.eval.evaluation import EvalProtocol, EvalResult, evaluate
+from pipeline.eval.evaluation import EvalProtocol, evaluate
+from pipeline.eval.results import EvalResult
 from pipeline.tracking.base import NullTracker, Tracker
 from pipeline.train.build import Training, build_training
 from pipeline.train.sessions import Session, rng_states

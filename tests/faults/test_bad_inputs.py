@@ -41,8 +41,8 @@ SIZE = 16  # CamVid fixture images are SIZE x SIZE
 # The storage module backs off up to ~15 s between retries against a dead endpoint; this runs the same
 # command with the waits skipped (every attempt still happens), as tests/pipeline/io/test_storage.py does.
 NO_RETRY_WAIT = (
-    "import sys; from pipeline.cli.main import main; from pipeline.io import storage; "
-    "storage._sleep = lambda s: None; sys.exit(main())"
+    "import sys; import pipeline.io.retry as retries; from pipeline.cli.main import main; "
+    "retries._sleep = lambda s: None; sys.exit(main())"
 )
 
 

@@ -24,14 +24,8 @@ from torch import Tensor, nn
 
 from ccnet.models import build_ccnet
 from pipeline.config import EvalConfig
-from pipeline.eval.evaluation import (
-    EvalProtocol,
-    EvalResult,
-    evaluate,
-    evaluate_protocols,
-    protocol_table,
-    summary_metrics,
-)
+from pipeline.eval.evaluation import EvalProtocol, evaluate, evaluate_protocols
+from pipeline.eval.results import EvalResult, protocol_table, summary_metrics
 
 CLASSES = ("road", "car", "traffic light", "sky")
 IGNORE = 255

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from pipeline.io import storage
+from pipeline.io.errors import PreconditionFailed
 from pipeline.io.lease import LEASE_FILE, LeaseHeld, RunLease
 
 
@@ -52,10 +53,10 @@ def _wait_for(predicate: Any, timeout: float = 60.0) -> None:
 def test_write_if_is_a_compare_and_swap(prefix: str) -> None:
     uri = storage.join(prefix, "object.json")
     first = storage.write_if(uri, b"one", None)
-    with pytest.raises(storage.PreconditionFailed):
+    with pytest.raises(PreconditionFailed):
         storage.write_if(uri, b"two", None)  # it exists now
     second = storage.write_if(uri, b"two", first)
-    with pytest.raises(storage.PreconditionFailed):
+    with pytest.raises(PreconditionFailed):
         storage.write_if(uri, b"three", first)  # stale version
     assert storage.read_versioned(uri) == (b"two", second)
     assert not storage.delete_if(uri, first) and storage.exists(uri)
@@ -73,7 +74,7 @@ def test_racing_creators_have_one_winner(prefix: str) -> None:
         try:
             storage.write_if(uri, str(index).encode(), None)
             outcomes.append(index)
-        except storage.PreconditionFailed:
+        except PreconditionFailed:
             outcomes.append(None)
 
     threads = [threading.Thread(target=create, args=(i,)) for i in range(6)]

@@ -25,15 +25,16 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.io import storage
-from pipeline.io.storage import StorageError
+import pipeline.io.retry as retries
+from pipeline.io import s3, storage
+from pipeline.io.errors import StorageError
 
 
 @pytest.fixture
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """Makes ``retry`` record its waits instead of sleeping."""
     delays: list[float] = []
-    monkeypatch.setattr(storage, "_sleep", delays.append)
+    monkeypatch.setattr(retries, "_sleep", delays.append)
     return delays
 
 
@@ -48,9 +49,9 @@ def fake_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
            "AWS_SECRET_ACCESS_KEY": "SECRET" + secrets.token_hex(12)}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    storage._clear_caches()
+    s3.clear_caches()
     yield env
-    storage._clear_caches()
+    s3.clear_caches()
 
 
 def client_error(code: str, status: int) -> botocore.exceptions.ClientError:
@@ -142,15 +143,15 @@ def test_filesystem_s3_takes_endpoint_and_credentials_from_environment(fake_env:
 
 def test_clients_are_cached_per_environment(fake_env: dict[str, str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    client = storage.s3_client()
+    client = s3.s3_client()
     assert client.meta.endpoint_url == fake_env["AWS_ENDPOINT_URL"] and client.meta.region_name == "eu-west-3"
-    assert storage.s3_client() is client
+    assert s3.s3_client() is client
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "another-secret")
-    assert storage.s3_client() is not client
+    assert s3.s3_client() is not client
     fs = storage.filesystem("s3://b")[0]
     monkeypatch.setenv("AWS_ENDPOINT_URL", "https://storage.example:8443")
     assert storage.filesystem("s3://b")[0] is not fs
-    assert storage.s3_client().meta.endpoint_url == "https://storage.example:8443"
+    assert s3.s3_client().meta.endpoint_url == "https://storage.example:8443"
 
 
 def test_s3_settings_errors(fake_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,7 +160,7 @@ def test_s3_settings_errors(fake_env: dict[str, str], monkeypatch: pytest.Monkey
     assert "topsecret" not in str(info.value)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "ftp://127.0.0.1:21")
     with pytest.raises(StorageError, match="AWS_ENDPOINT_URL"):
-        storage.s3_client()
+        s3.s3_client()
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     with pytest.raises(StorageError, match="AWS_SECRET_ACCESS_KEY"):
         storage.filesystem("s3://bucket/x")
@@ -247,8 +248,8 @@ TRANSIENT = [
 def test_retry_succeeds_after_transient_failures(error: Exception, sleeps: list[float],
                                                  caplog: pytest.LogCaptureFixture) -> None:
     calls, fn = flaky([error, error])
-    with caplog.at_level(logging.WARNING, logger="pipeline.io.storage"):
-        assert storage.retry(fn, what="read s3://b/k") == "ok"
+    with caplog.at_level(logging.WARNING, logger="pipeline.io.retry"):
+        assert retries.retry(fn, what="read s3://b/k") == "ok"
     assert len(calls) == 3 and len(sleeps) == 2
     assert [r.levelno for r in caplog.records] == [logging.WARNING] * 2
     assert all("read s3://b/k" in r.getMessage() for r in caplog.records)
@@ -257,11 +258,11 @@ def test_retry_succeeds_after_transient_failures(error: Exception, sleeps: list[
 def test_retry_budget_is_a_minute_of_backoff_by_default(sleeps: list[float],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A loaded object store took longer than 11 s to restart: the default rides out about a minute."""
-    monkeypatch.delenv(storage.RETRY_SECONDS_ENV, raising=False)
+    monkeypatch.delenv(retries.RETRY_SECONDS_ENV, raising=False)
     calls, fn = flaky([client_error("SlowDown", 503)] * 20)
     with pytest.raises(StorageError, match="gave up after 11 attempts"):
-        storage.retry(fn, what="read s3://b/k")
-    nominal = storage.backoff_schedule(60.0)
+        retries.retry(fn, what="read s3://b/k")
+    nominal = retries.backoff_schedule(60.0)
     assert len(calls) == 11 and nominal == [0.5, 1.0, 2.0, 4.0, 8.0] + [8.0] * 5 and sum(nominal) <= 60
     assert all(c / 2 <= s <= c for s, c in zip(sleeps, nominal, strict=True))
 
@@ -269,19 +270,19 @@ def test_retry_budget_is_a_minute_of_backoff_by_default(sleeps: list[float],
 @pytest.mark.parametrize(("raw", "attempts"), [("0", 1), ("3.5", 4), ("600", 79)])
 def test_retry_budget_comes_from_the_environment(raw: str, attempts: int, sleeps: list[float],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(storage.RETRY_SECONDS_ENV, raw)
+    monkeypatch.setenv(retries.RETRY_SECONDS_ENV, raw)
     calls, fn = flaky([client_error("SlowDown", 503)] * 100)
     with pytest.raises(StorageError):
-        storage.retry(fn, what="read s3://b/k")
+        retries.retry(fn, what="read s3://b/k")
     assert len(calls) == attempts and sum(sleeps) <= float(raw)
 
 
 @pytest.mark.parametrize("raw", ["soon", "-1", "inf", "nan"])
 def test_a_nonsense_retry_budget_is_refused_naming_the_variable(raw: str,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(storage.RETRY_SECONDS_ENV, raw)
+    monkeypatch.setenv(retries.RETRY_SECONDS_ENV, raw)
     with pytest.raises(ValueError, match=f"CCNET_STORAGE_RETRY_SECONDS={raw!r}"):
-        storage.retry(lambda: "ok", what="read s3://b/k")
+        retries.retry(lambda: "ok", what="read s3://b/k")
 
 
 def test_retry_gives_up_after_attempts_with_capped_backoff(fake_env: dict[str, str],
@@ -289,7 +290,7 @@ def test_retry_gives_up_after_attempts_with_capped_backoff(fake_env: dict[str, s
     error = botocore.exceptions.ConnectTimeoutError(endpoint_url="http://10.9.8.7:9000/b/k")
     calls, fn = flaky([error] * 6 + [client_error("SlowDown", 503)] * 4)
     with pytest.raises(StorageError) as info:
-        storage.retry(fn, what="write s3://b/k", attempts=7, base_delay=0.5, max_delay=3.0)
+        retries.retry(fn, what="write s3://b/k", attempts=7, base_delay=0.5, max_delay=3.0)
     assert len(calls) == 7
     ceilings = [0.5, 1.0, 2.0, 3.0, 3.0, 3.0]  # doubling, capped at max_delay
     assert len(sleeps) == 6 and all(c / 2 <= s <= c for s, c in zip(sleeps, ceilings, strict=True))
@@ -314,7 +315,7 @@ def test_retry_does_not_retry_other_errors(error: Exception, expected: type, tex
                                            sleeps: list[float]) -> None:
     calls, fn = flaky([error])
     with pytest.raises(expected, match=re.escape(text)):
-        storage.retry(fn, what="read s3://b/k")
+        retries.retry(fn, what="read s3://b/k")
     assert len(calls) == 1 and sleeps == []
 
 
@@ -323,15 +324,15 @@ def test_retry_errors_and_logs_carry_no_credentials(fake_env: dict[str, str], sl
     secret, key_id = fake_env["AWS_SECRET_ACCESS_KEY"], fake_env["AWS_ACCESS_KEY_ID"]
     error = botocore.exceptions.EndpointConnectionError(endpoint_url=f"http://{key_id}:{secret}@host/b")
     _, fn = flaky([error] * 3)
-    with caplog.at_level(logging.WARNING, logger="pipeline.io.storage"), pytest.raises(StorageError) as info:
-        storage.retry(fn, what="read s3://b/k", attempts=3)
+    with caplog.at_level(logging.WARNING, logger="pipeline.io.retry"), pytest.raises(StorageError) as info:
+        retries.retry(fn, what="read s3://b/k", attempts=3)
     assert secret not in str(info.value) and key_id not in str(info.value) and "***@host" in str(info.value)
     assert caplog.records and secret not in caplog.text and key_id not in caplog.text
 
 
 def test_unreachable_endpoint_fails_fast_naming_it(fake_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
                                                    caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(storage, "retry", functools.partial(storage.retry, attempts=3, base_delay=0.01))
+    monkeypatch.setattr(storage, "retry", functools.partial(retries.retry, attempts=3, base_delay=0.01))
     endpoint = fake_env["AWS_ENDPOINT_URL"]
     for operation in (storage.read_bytes, storage.exists, lambda uri: storage.write_bytes(uri, b"x")):
         caplog.clear()
@@ -430,7 +431,7 @@ def test_s3_wrong_credentials(s3_env: str, seaweedfs, monkeypatch: pytest.Monkey
     fs, path = storage.filesystem(uri)
     operations = [storage.read_bytes, storage.exists, storage.size, storage.list_files, storage.ensure_bucket,
                   lambda u: storage.write_bytes(u, b"b"),
-                  lambda u: storage.retry(lambda: fs.get_file_info(path), what=f"stat {u}")]
+                  lambda u: retries.retry(lambda: fs.get_file_info(path), what=f"stat {u}")]
     with caplog.at_level(logging.DEBUG):
         for operation in operations:
             with pytest.raises(StorageError, match="credentials rejected for s3://") as info:
@@ -461,7 +462,7 @@ def test_s3_write_survives_server_restart(s3_env: str, seaweedfs, caplog: pytest
     restarter.start()
     start = time.monotonic()
     try:
-        with caplog.at_level(logging.WARNING, logger="pipeline.io.storage"):
+        with caplog.at_level(logging.WARNING, logger="pipeline.io.retry"):
             storage.write_bytes(storage.join(s3_env, "during.bin"), b"written during the outage")
     finally:
         restarter.join()
@@ -479,8 +480,8 @@ def test_without_keys_the_default_credential_chain_applies(fake_env: dict[str, s
     shared = tmp_path / "credentials"  # one link of the default chain, standing in for the instance profile
     shared.write_text("[default]\naws_access_key_id = AKIDCHAIN1234\naws_secret_access_key = chain-secret\n")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(shared))
-    storage._clear_caches()
-    credentials = storage.s3_client()._request_signer._credentials
+    s3.clear_caches()
+    credentials = s3.s3_client()._request_signer._credentials
     assert credentials.access_key == "AKIDCHAIN1234"
     fs, _ = storage.filesystem("s3://bucket/key")
     assert not fs.__reduce__()[1][0].get("access_key")  # left to the SDK's chain
@@ -489,9 +490,9 @@ def test_without_keys_the_default_credential_chain_applies(fake_env: dict[str, s
 def test_one_key_without_the_other_is_refused(fake_env: dict[str, str],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    storage._clear_caches()
+    s3.clear_caches()
     with pytest.raises(StorageError, match="AWS_SECRET_ACCESS_KEY is not set but AWS_ACCESS_KEY_ID is"):
-        storage.s3_client()
+        s3.s3_client()
 
 
 def test_pickled_filesystem_keeps_its_retry_strategy(fake_env: dict[str, str]) -> None:
@@ -502,7 +503,7 @@ def test_pickled_filesystem_keeps_its_retry_strategy(fake_env: dict[str, str]) -
 
     fs, _ = storage.filesystem("s3://bucket/key")
     copy = pickle.loads(pickle.dumps(fs))
-    assert type(copy) is type(fs) and copy.__reduce__()[0] is storage._rebuild_filesystem
+    assert type(copy) is type(fs) and copy.__reduce__()[0] is s3._rebuild_filesystem
     assert copy.__reduce__()[1] == fs.__reduce__()[1]  # same endpoint, credentials, timeouts
     # Riding out a real outage through the pickled copy: tests/faults/test_s3_outage.py (checkpoint uploads).
 
@@ -510,4 +511,4 @@ def test_pickled_filesystem_keeps_its_retry_strategy(fake_env: dict[str, str]) -
 @pytest.mark.parametrize(("budget", "attempts"), [(0, 1), (10, 4), (29, 7), (60, 9), (600, 39)])
 def test_pyarrows_attempts_follow_the_retry_budget(budget: float, attempts: int) -> None:
     """pyarrow's strategy counts attempts, not seconds: 7 take about 29 s, each further one about 18 s."""
-    assert storage.arrow_attempts(budget) == attempts
+    assert s3.arrow_attempts(budget) == attempts

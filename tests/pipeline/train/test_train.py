@@ -158,7 +158,7 @@ def test_missing_imagenet_weights_warn_once_naming_the_key(
     caplog: pytest.LogCaptureFixture, overrides: list[str], warns: bool
 ) -> None:
     config = load_config(None, overrides)
-    with caplog.at_level(logging.WARNING, logger="pipeline.train.loop"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.build"):
         assert warn_if_not_pretrained(config) is warns
     warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == int(warns)

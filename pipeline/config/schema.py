@@ -1,33 +1,19 @@
-"""Run configuration: typed dataclasses with visible defaults, YAML overrides, ``--set key=value``.
-
-A config file holds only what differs from the defaults::
-
-    model: {name: ccnet_r101_deepstem_d8, pretrained: /data/resnet101-imagenet.pth}
-    data: {uri: s3://bucket/datasets/cityscapes/v1, crop_size: 769, batch_size: 8}
-    train: {iterations: 60000, lr: 0.01, ohem: true}
-
-``load_config(path, overrides)`` reads it, applies ``a.b=c`` overrides (values parsed as YAML), and checks
-every key and type: an unknown key or a wrong type raises :class:`ConfigError` naming the file and the key.
-"""
+"""The run configuration's schema: one typed dataclass per section, with visible defaults, and
+:func:`build`, which makes them from nested dicts (YAML), checking every key and type."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
-import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from pipeline.io.paths import absolute_location, is_relative_path
 
-from pipeline.io.paths import LocationError, absolute_location, is_relative_path, parse_location, stays_inside
-from pipeline.io.redaction import has_userinfo, redact
-
-log = logging.getLogger(__name__)
+log = logging.getLogger("pipeline.config")
 
 
 class ConfigError(ValueError):
@@ -232,140 +218,7 @@ class Config:
             if is_relative_path(uri):
                 log.info("%s: %s resolved to %s", key, uri, values[section][name])
         values["model"]["pretrained"] = absolute(self.model.pretrained)
-        return config_from_dict(values)
-
-    def validate(self, source: str = "config") -> None:
-        """Values that are well-typed but impossible: ConfigError naming the key and what it expects."""
-        c = self
-        positive, non_negative, fraction = "a finite number > 0", "a finite number >= 0", "a number in [0, 1)"
-        one, zero = "an integer >= 1", "an integer >= 0"
-        rules: dict[str, tuple[bool, str]] = {
-            "train.iterations": (c.train.iterations >= 1, "an integer >= 1"),
-            "train.lr": (0 < c.train.lr < math.inf, positive),
-            "train.momentum": (0 <= c.train.momentum < 1, fraction),
-            "train.weight_decay": (0 <= c.train.weight_decay < math.inf, non_negative),
-            "train.poly_power": (0 < c.train.poly_power < math.inf, positive),
-            "train.aux_weight": (0 <= c.train.aux_weight < math.inf, non_negative),
-            "train.ohem_thresh": (0 < c.train.ohem_thresh <= 1, "a probability in (0, 1]"),
-            "train.ohem_min_kept": (c.train.ohem_min_kept >= 0, "an integer >= 0"),
-            "train.consistency_weight": (0 <= c.train.consistency_weight < math.inf, non_negative),
-            "train.amp": (c.train.amp in ("O0", "O1", "O2"), "one of O0, O1, O2"),
-            "train.max_nonfinite": (c.train.max_nonfinite >= 1, "an integer >= 1"),
-            "train.seed": (0 <= c.train.seed < 2**32, "an integer in [0, 2**32)"),
-            "train.checkpoint_every": (c.train.checkpoint_every >= 1, "an integer >= 1"),
-            "train.keep_checkpoints": (c.train.keep_checkpoints >= 1, "an integer >= 1"),
-            "train.eval_every": (c.train.eval_every >= 1, "an integer >= 1"),
-            "train.log_every": (c.train.log_every >= 1, "an integer >= 1"),
-            "data.train_split": (stays_inside(c.data.train_split), "a split name"),
-            "data.val_split": (stays_inside(c.data.val_split), "a split name"),
-            "data.crop_size": (c.data.crop_size >= 8, "an integer >= 8"),
-            "data.batch_size": (c.data.batch_size >= 1, "an integer >= 1"),
-            "data.scale_min": (0 < c.data.scale_min <= c.data.scale_max, "> 0 and <= data.scale_max"),
-            "data.scale_max": (c.data.scale_max < math.inf, "a finite number"),
-            "data.loader_workers": (c.data.loader_workers >= 0, "an integer >= 0"),
-            "data.loader": (c.data.loader == "torch" or (c.data.loader == "ray" and c.run.ray),
-                            "torch, or ray with run.ray=true"),
-            "eval.mode": (c.eval.mode in ("whole", "slide"), "whole or slide"),
-            "eval.fusion": (c.eval.fusion in ("logits", "probs"), "logits or probs"),
-            "eval.crop_size": (c.eval.crop_size >= 8, "an integer >= 8"),
-            "eval.stride": (1 <= c.eval.stride <= c.eval.crop_size, "an integer in [1, eval.crop_size]"),
-            "eval.scales": (len(c.eval.scales) > 0 and all(0 < x < math.inf for x in c.eval.scales),
-                            "a non-empty list of numbers > 0"),
-            "eval.max_images": (c.eval.max_images is None or c.eval.max_images >= 1, f"null or {one}"),
-            "run.name": (stays_inside(c.run.name), "a name or relative path without '..'"),
-            "run.num_workers": (c.run.num_workers >= 1, "an integer >= 1"),
-            "run.cpus_per_worker": (0 < c.run.cpus_per_worker < math.inf, positive),
-            "run.max_failures": (c.run.max_failures >= -1, "an integer >= 0, or -1 for no limit"),
-            "run.resource_wait": (0 <= c.run.resource_wait < math.inf, non_negative),
-            "run.lease_ttl": (0 < c.run.lease_ttl < math.inf, positive),
-            "tracking.experiment": (bool(c.tracking.experiment.strip()), "a non-empty name"),
-            "tracking.settle_timeout": (0 <= c.tracking.settle_timeout < math.inf, non_negative),
-            "model.recurrence": (c.model.recurrence is None or c.model.recurrence >= 0, f"null or {zero}"),
-            "model.embedding_channels": ((c.model.embedding_channels or 0) >= 0, f"null or {zero}"),
-            "tune.name": (stays_inside(c.tune.name), "a name or relative path without '..'"),
-            "tune.num_samples": (c.tune.num_samples >= 1, "an integer >= 1"),
-            "tune.max_concurrent": (c.tune.max_concurrent >= 1, "an integer >= 1"),
-            "tune.metric": (bool(c.tune.metric.strip()), "a metric name such as val/mIoU"),
-            "tune.mode": (c.tune.mode in ("min", "max"), "min or max"),
-            "tune.scheduler": (c.tune.scheduler in ("asha", "none"), "asha or none"),
-            "tune.seeds": (len(c.tune.seeds) > 0 and len(set(c.tune.seeds)) == len(c.tune.seeds)
-                           and all(0 <= x < 2**32 for x in c.tune.seeds), "distinct integers >= 0"),
-            "tune.grace_period": (c.tune.grace_period >= 1, "an integer >= 1"),
-            "tune.reduction_factor": (c.tune.reduction_factor >= 2, "an integer >= 2"),
-        }
-        for key, (ok, expected) in rules.items():
-            if not ok:
-                section, name = key.split(".")
-                value = getattr(getattr(self, section), name)
-                raise ConfigError(f"{source}: {key}={value!r} is not allowed (expected {expected})")
-        _check_model(self.model, source)
-        if self.train.consistency_weight > 0 and not (self.model.embedding_channels or 0) > 0:
-            raise ConfigError(
-                f"{source}: train.consistency_weight={self.train.consistency_weight!r} needs "
-                f"model.embedding_channels > 0, got {self.model.embedding_channels!r}"
-            )
-        for key, value in (("data.uri", self.data.uri), ("run.storage", self.run.storage)):
-            if has_userinfo(value):
-                continue  # refused below, with the other secrets
-            try:
-                parse_location(value, key)
-            except LocationError as error:
-                raise ConfigError(f"{source}: {error}") from None
-        _check_space(self, source)
-        for key, value in self.flat().items():  # configs are saved with every run: no secret may be in one
-            if isinstance(value, str) and has_userinfo(value):
-                raise ConfigError(f"{source}: {key}={redact(value)} holds credentials; they belong in the "
-                                  "environment (AWS_* keys, MLFLOW_TRACKING_USERNAME/_PASSWORD or _TOKEN)")
-
-
-def _check_model(model: ModelConfig, source: str) -> None:
-    """The model name and options, checked by the model library itself before anything runs."""
-    from ccnet import list_models
-
-    if model.name not in list_models():
-        raise ConfigError(f"{source}: model.name={model.name!r} is not a registered model (`ccnet models`)")
-    try:
-        model.resolved()
-    except ValueError as error:  # "invalid model config: attention='x'; choose one of [...]"
-        setting, _, hint = str(error).removeprefix("invalid model config: ").partition("; ")
-        hint = f"; {hint}" if hint else ""
-        raise ConfigError(f"{source}: model.{setting} is not allowed{hint}") from None
-
-
-SPACE_KINDS = ("loguniform", "uniform", "choice")  # tune.space distributions
-
-
-def _check_space(config: Config, source: str) -> None:
-    """Each ``tune.space`` entry names a config key outside ``tune``/``run`` and one distribution whose values
-    that key accepts: ``loguniform [low, high]`` with 0 < low < high, ``uniform [low, high]`` with low < high,
-    ``choice`` with at least one value. Raises ConfigError naming ``tune.space.<key>``."""
-    base = config.to_dict()
-    base["tune"]["space"] = {}
-    for key, spec in config.tune.space.items():
-        where = f"{source}: tune.space.{key}"
-        section, _, name = key.partition(".")
-        if section in ("tune", "run") or section not in base or name not in base[section]:
-            valid = sorted(f"{s}.{k}" for s, keys in base.items() if s not in ("tune", "run") for k in keys)
-            raise ConfigError(f"{where}: not a key a search can vary (e.g. {', '.join(valid[:4])}, ...)")
-        if len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
-            raise ConfigError(f"{where}: expected one of {list(SPACE_KINDS)} with its values, got {spec}")
-        (kind, values), = spec.items()
-        if kind == "choice" and not values:
-            raise ConfigError(f"{where}: choice needs at least one value")
-        if kind != "choice":
-            numbers = len(values) == 2 and all(
-                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values
-            )
-            if not numbers or not values[0] < values[1] or (kind == "loguniform" and values[0] <= 0):
-                bound = "0 < low < high" if kind == "loguniform" else "low < high"
-                raise ConfigError(f"{where}: {kind} needs [low, high] with {bound}, got {values}")
-        for value in values:  # every value the search may give the key must make a valid config
-            values_dict = copy.deepcopy(base)
-            values_dict[section][name] = value if kind == "choice" else float(value)  # what Tune samples
-            try:
-                _build(Config, values_dict, "", source).validate(source)
-            except ConfigError as error:
-                raise ConfigError(f"{where}: the value {value!r} is refused ({error})") from None
+        return build(Config, values, "", "config")  # only the locations changed: the values were checked
 
 
 def _check_type(value: Any, annotation: Any, key: str, source: str) -> Any:
@@ -415,7 +268,9 @@ def _check_type(value: Any, annotation: Any, key: str, source: str) -> Any:
 _FUSED_TO_IMPL = {None: "auto", True: "triton", False: "lean"}
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
+def build(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
+    """An instance of the dataclass ``cls`` from ``values``: unknown keys and wrong types raise ConfigError
+    naming ``source`` and the key (``prefix`` + name); nested sections are built the same way."""
     if cls is ModelConfig and "fused" in values and "impl" not in values:
         fused = values["fused"]
         if fused not in _FUSED_TO_IMPL:
@@ -432,52 +287,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
         if dataclasses.is_dataclass(hints[name]):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
-            kwargs[name] = _build(hints[name], value, f"{key}.", source)
+            kwargs[name] = build(hints[name], value, f"{key}.", source)
         else:
             kwargs[name] = _check_type(value, hints[name], key, source)
     return cls(**kwargs)
-
-
-def apply_overrides(values: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:
-    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict, in place."""
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or "." not in key:
-            raise ConfigError(f"{source}: expected section.key=value, got {item!r}")
-        section, name = key.split(".", 1)
-        values.setdefault(section, {})
-        if not isinstance(values[section], dict):
-            raise ConfigError(f"{source}: {section} must be a mapping")
-        values[section][name] = yaml.safe_load(text) if text else None
-    return values
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or none: the defaults), apply overrides, check keys, types and values."""
-    source = str(path) if path else "defaults"
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: invalid YAML ({error})".replace("\n", " ")) from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections")
-    apply_overrides(values, overrides or [])
-    config = _build(Config, values, "", source)
-    config.validate(source)
-    return config
-
-
-def config_from_dict(values: dict[str, Any], source: str = "config") -> Config:
-    """A Config from a nested dict (e.g. a saved resolved config), checked like a file."""
-    config = _build(Config, values, "", source)
-    config.validate(source)
-    return config
-
-
-def dump_config(config: Config) -> str:
-    """The resolved config as YAML (saved with every run)."""
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
