@@ -25,6 +25,7 @@ from typing import NoReturn
 from pipeline import interrupts
 from pipeline.cli.args import at_least
 from pipeline.cli.jobs import add_job_commands
+from pipeline.config import Config
 from pipeline.data.sources import SOURCES
 from pipeline.io.paths import Location, LocationError, absolute_location, is_relative_path, parse_location
 from pipeline.io.redaction import redact
@@ -217,7 +218,7 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_from_checkpoint(args: argparse.Namespace) -> tuple[object, dict]:
+def _config_from_checkpoint(args: argparse.Namespace) -> tuple[Config, dict]:
     """The checkpoint's saved config with ``--set`` applied, and its state. A registered model's checkpoint
     is downloaded first (``args.checkpoint`` then names the local copy, removed when the command ends)."""
     from pipeline.config import apply_overrides, config_from_dict
@@ -276,7 +277,7 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _palette(config: object, num_classes: int) -> tuple[tuple[int, int, int], ...]:
+def _palette(config: Config, num_classes: int) -> tuple[tuple[int, int, int], ...]:
     """The dataset's palette when its manifest is reachable, else a fixed spread of colours."""
     from pipeline.data.readers import open_manifest
 

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 _FIELDS = ("minute", "hour", "day of month", "month", "day of week")
 _RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))  # day of week: 0 and 7 are both Sunday
-_NAMES = (
+_NAMES: tuple[dict[str, int], ...] = (
     {},
     {},
     {},

@@ -19,7 +19,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -70,6 +70,15 @@ def _all_reduce_counts(confusion: Tensor, num_images: int) -> tuple[Tensor, int]
     dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     counts = counts.cpu()
     return counts[:-1].view(num_classes, num_classes), int(counts[-1])  # (K * K,) -> (K, K)
+
+
+class Samples(Protocol):
+    """What evaluation reads: a sized, indexable set of ``{"image", "label"}`` items (a list, or a
+    :class:`~pipeline.data.readers.ShardDataset`)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Mapping[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -144,7 +153,7 @@ def _count(model: nn.Module, dataset: Any, indices: range, protocol: EvalProtoco
 
 def evaluate(
     model: nn.Module,
-    dataset: Sequence[Mapping[str, Any]] | torch.utils.data.Dataset,
+    dataset: Samples,
     protocol: EvalProtocol | None = None,
     *,
     num_classes: int,
@@ -219,7 +228,7 @@ def evaluate(
 
 def evaluate_protocols(
     model: nn.Module,
-    dataset: Sequence[Mapping[str, Any]] | torch.utils.data.Dataset,
+    dataset: Samples,
     *,
     eval_config: EvalConfig,
     num_classes: int,

@@ -9,7 +9,7 @@ label maps (H, W) integer class ids with ``ignore_index`` for void; arrays may a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -130,7 +130,7 @@ def overlay_figure(
             if row == 0:
                 axes[row, col].set_title(titles[col])
     if class_names:
-        handles = [Patch(facecolor=np.asarray(colour) / 255.0, label=name)
+        handles = [Patch(facecolor=(colour[0] / 255, colour[1] / 255, colour[2] / 255), label=name)
                    for name, colour in zip(class_names, palette, strict=False)]
         figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=8,
                       frameon=False)
@@ -182,7 +182,7 @@ def attention_maps_figure(image: Any, maps: Any, pixels: Sequence[tuple[int, int
 
 def ablation_figure(
     variants: Sequence[str],
-    miou: dict[str, tuple[Sequence[float], Sequence[float]]],
+    miou: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     attention_gflops: Sequence[float],
     title: str = "",
 ) -> Figure:

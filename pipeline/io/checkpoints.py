@@ -81,7 +81,11 @@ def checkpoint_normalization(state: dict[str, Any], model: torch.nn.Module) -> N
     """The input normalisation a checkpoint was trained with (saved since EfficientNet-Lite); older
     checkpoints, which lack it, get the model's own (all their backbones used ImageNet statistics)."""
     saved = state.get("normalization")
-    return Normalization.from_dict(saved) if saved else model.normalization
+    if saved:
+        return Normalization.from_dict(saved)
+    normalization = model.normalization
+    assert isinstance(normalization, Normalization), "a model of this project carries its normalisation"
+    return normalization
 
 
 class CheckpointStore:

@@ -12,7 +12,7 @@ import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from pipeline.io.redaction import redact
@@ -47,7 +47,7 @@ def resolve_tracking_uri(configured: str | None, default_dir: str = "runs") -> s
 
 
 @contextlib.contextmanager
-def env(values: dict[str, str | None]) -> Iterator[None]:
+def env(values: Mapping[str, str | None]) -> Iterator[None]:
     """Sets (None: removes) environment variables for the block and restores them after."""
     saved = {name: os.environ.get(name) for name in values}
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -223,8 +223,9 @@ def build_training(config: Config, session: Session, run_id: str | None = None) 
         torch.manual_seed(train.seed * 1000 + session.rank + 1)  # dropout differs across workers
     trained = _distribute(model, session, config.model.sync_bn)
     if train.compile:
-        trained = torch.compile(trained)
-    normalization: Normalization = model.normalization
+        trained = cast(nn.Module, torch.compile(trained))  # a compiled module is called as the module
+    normalization = model.normalization
+    assert isinstance(normalization, Normalization), "every model of ccnet carries its normalisation"
     val_data = ShardDataset(config.data.uri, config.data.val_split,
                             transform=build_eval_transform(normalization.mean, normalization.std))
     meta = {"mlflow_run_id": run_id, "model_name": config.model.name, "num_classes": manifest.num_classes,

@@ -13,13 +13,14 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from ccnet.backbones import Normalization
 from ccnet.inference import LogitsOnly
+from ccnet.models import CCNet
 from pipeline.config import Config, dump_config
 from pipeline.data.readers import ShardDataset, open_manifest
 from pipeline.data.transforms import build_eval_transform
@@ -108,7 +109,7 @@ def _denormalise(image: torch.Tensor, normalization: Normalization) -> np.ndarra
     return ((image * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
 
 
-def _log_plots(tracker: Tracker, model: torch.nn.Module, dataset: ShardDataset, results: dict[str, Any],
+def _log_plots(tracker: Tracker, model: CCNet, dataset: ShardDataset, results: dict[str, Any],
                run_name: str) -> None:
     """Every figure names the run and what it shows, so it stands alone in the compare view."""
     from ccnet.attention_maps import ccnet_attention_maps
@@ -225,7 +226,7 @@ def _train_and_record(run: RunContext) -> tuple[dict[str, Any], str, str]:
     tracker.set_tags({"mlflow.note.content": note, **made_best})
     if last != best_bytes:  # the same bytes once: often the last checkpoint is the best
         _log_bytes(tracker, last, "checkpoints/last")
-    _log_plots(tracker, model, dataset, results, config.run.name)
+    _log_plots(tracker, cast(CCNet, model), dataset, results, config.run.name)  # built by build_ccnet
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / CHECKPOINT_FILE
         path.write_bytes(best_bytes)

@@ -217,7 +217,9 @@ def fit(config: Config, run_id: str | None, tracking_uri: str | None, callbacks:
             use_gpu=config.run.use_gpu,
             resources_per_worker={"CPU": config.run.cpus_per_worker},
         ),
-        run_config=RunConfig(
+        # Ray Train V2's RunConfig (what ray.train exports at run time) takes logging_config; the static
+        # annotation is V1's.
+        run_config=RunConfig(  # type: ignore[call-arg]
             name=config.run.name,
             storage_path=path,
             storage_filesystem=filesystem,

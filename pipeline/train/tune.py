@@ -232,16 +232,17 @@ def _search(
             ),
             run_config=tune.RunConfig(name=config.tune.name, storage_path=path, storage_filesystem=fs),
         )
-    results = tuner.fit()
+    grid = tuner.fit()
+    results = [grid[i] for i in range(len(grid))]
     if all(result.error is not None for result in results):
         first = str(results[0].error).strip().splitlines()[0][:200]
         raise RuntimeError(f"search {config.tune.name}: no trial finished; the first failed with: {first}")
-    best = results.get_best_result(metric=config.tune.metric, mode=config.tune.mode, scope="all")
+    best = grid.get_best_result(metric=config.tune.metric, mode=config.tune.mode, scope="all")
     keys = ([VARIANT, "train.seed"] if variants else []) + list(config.tune.space)
     table = _table(results, keys, config.tune.metric)
     tracker.log_text(table, "search/results.md")
-    best_values = {key: best.config[key] for key in keys}
-    best_value = best.metrics[config.tune.metric]
+    best_values = {key: (best.config or {})[key] for key in keys}
+    best_value = (best.metrics or {})[config.tune.metric]
     tracker.log_dict({"best": best_values, config.tune.metric: best_value}, "search/best.json")
     best_overrides = [f"{k}={v}" for k, v in best_values.items() if k != VARIANT]
     if VARIANT in best_values:
