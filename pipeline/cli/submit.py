@@ -103,6 +103,7 @@ def runtime_env(working_dir: Path, env_vars: dict[str, str], pip: bool) -> dict[
 
 def _check_remote_paths(config: Any) -> None:
     """Local relative paths would land in the job's temporary working directory on the cluster."""
+    # lazy: Ray's job client loads only when a cluster is contacted
     from pipeline.io.paths import is_relative_path
 
     for key, value in (("data.uri", config.data.uri), ("run.storage", config.run.storage)):
@@ -145,6 +146,7 @@ def build_submission(
     overrides = list(overrides or [])
     command = ["python", "-m", f"jobs.{job}"]
     if config_path is not None or overrides:
+        # lazy: Ray's job client loads only when a cluster is contacted
         from pipeline.config import load_config
 
         config = load_config(config_path, overrides)  # a bad key fails here, not an hour later on the cluster
@@ -196,6 +198,7 @@ def _address_wins(address: str) -> Iterator[None]:
 
 def client(address: str | None) -> Any:
     """A ``JobSubmissionClient`` for the cluster; one clear error when its job server cannot be reached."""
+    # lazy: Ray's job client loads only when a cluster is contacted
     from ray.job_submission import JobSubmissionClient
 
     url = resolve_address(address)

@@ -99,7 +99,7 @@ def validate(config: Config, source: str = "config") -> None:
 
 def _check_model(model: ModelConfig, source: str) -> None:
     """The model name and options, checked by the model library itself before anything runs."""
-    from ccnet import list_models
+    from ccnet import list_models  # lazy: torch (the model library) loads only when a model config is checked
 
     if model.name not in list_models():
         raise ConfigError(f"{source}: model.name={model.name!r} is not a registered model (`ccnet models`)")

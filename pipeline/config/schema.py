@@ -44,6 +44,7 @@ class ModelConfig:
     def resolved(self) -> Any:
         """The model's ``CCNetConfig`` as it will be built: the registered preset with these overrides
         (``pretrained`` aside: a file is checked when it is loaded). Raises ValueError for a bad value."""
+        # lazy: torch (the model library) loads only when a model config is resolved
         from ccnet import model_config
 
         options = {k: v for k, v in self.overrides().items() if k != "pretrained"}

@@ -151,6 +151,7 @@ def _count(model: nn.Module, dataset: Any, indices: range, protocol: EvalProtoco
         bar.update(len(chunk))
 
 
+# Over 60 lines with its docstring, which documents each argument; the code is 49 lines.
 def evaluate(
     model: nn.Module,
     dataset: Samples,

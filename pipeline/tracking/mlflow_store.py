@@ -37,7 +37,7 @@ ARTIFACT_HTTP = {  # uploads keep the default timeout: the server answers only o
 def import_mlflow() -> Any:
     # Telemetry is read from the environment at import and at every call: set it before the first import.
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-    import mlflow
+    import mlflow  # lazy: MLflow (2 s to import) loads only where a run is tracked
 
     if not logging.getLogger().isEnabledFor(logging.DEBUG):  # --debug shows MLflow's and alembic's notices
         for name in ("mlflow", "alembic"):  # "Creating initial MLflow database tables...", migrations
@@ -69,6 +69,7 @@ def _sqlite_artifact_location(uri: str) -> str | None:
 def is_permanent(error: BaseException) -> bool:
     """True when the store understood the request and refused it (4xx other than 408 and 429): sending it
     again cannot help. Connection failures and timeouts surface as 500-class errors."""
+    # lazy: MLflow (2 s to import) loads only where a run is tracked
     from mlflow.exceptions import MlflowException
 
     if not isinstance(error, MlflowException):
@@ -106,6 +107,7 @@ def context_tags() -> dict[str, str]:
 
 def ensure_experiment(client: Any, name: str, uri: str) -> str:
     """The id of experiment ``name``, created if missing (tolerating a concurrent creator)."""
+    # lazy: MLflow (2 s to import) loads only where a run is tracked
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
@@ -133,6 +135,7 @@ CHAMPION_METRIC = "val_mIoU"  # what makes a registered version the champion (hi
 
 def promote(client: Any, name: str, version: str, score: float | None) -> None:
     """``candidate`` -> the new version; ``champion`` -> it too when its score beats the champion's."""
+    # lazy: MLflow (2 s to import) loads only where a run is tracked
     from mlflow.exceptions import MlflowException
 
     client.set_registered_model_alias(name, "candidate", version)
@@ -158,6 +161,7 @@ def registered_checkpoint(model_uri: str, tracking_uri: str, folder: str) -> str
         FileNotFoundError: no such model, alias or version, or one logged without its checkpoint.
     """
     import_mlflow()
+    # lazy: MLflow (2 s to import) loads only where a run is tracked
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 

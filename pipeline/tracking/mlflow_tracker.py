@@ -124,7 +124,7 @@ class MlflowTracker:
         if self._run_id is not None or self._ended:
             raise RuntimeError("Tracker.start called twice")
         mlflow = import_mlflow()
-        from mlflow.entities import RunTag
+        from mlflow.entities import RunTag  # lazy: MLflow (2 s to import) loads only where a run is tracked
 
         safe_tags = {key: _safe_value(key, value) for key, value in (tags or {}).items()}
         try:
@@ -158,6 +158,7 @@ class MlflowTracker:
 
     def _resumable(self, client: Any, run_id: str) -> Any:
         """The run to continue, or None (with a warning) when it is gone: a new run is better than none."""
+        # lazy: MLflow (2 s to import) loads only where a run is tracked
         from mlflow.exceptions import MlflowException
 
         try:
@@ -202,6 +203,7 @@ class MlflowTracker:
     def _flush(self) -> bool:
         """Sends pending params, then buffered metrics in order; keeps whatever did not get through.
         The caller holds the lock."""
+        # lazy: MLflow (2 s to import) loads only where a run is tracked
         from mlflow.entities import Metric, Param
 
         if self._buffer.empty:
@@ -280,13 +282,14 @@ class MlflowTracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Sets run tags now (``mlflow.note.content`` is the run's description in the UI)."""
-        from mlflow.entities import RunTag
+        from mlflow.entities import RunTag  # lazy: MLflow (2 s to import) loads only where a run is tracked
 
         safe = [RunTag(key, _safe_value(key, value)) for key, value in tags.items()]
         self._log_file("tags", lambda client: client.log_batch(self._run_id, tags=safe))
 
     def log_dataset(self, name: str, digest: str, source: str, profile: dict[str, Any], context: str) -> None:
         """Records the dataset version the run used as an MLflow input (the run's Datasets column)."""
+        # lazy: MLflow (2 s to import) loads only where a run is tracked
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         dataset = Dataset(name=name, digest=digest[:36], source_type="ccnet-shards", source=json.dumps(
@@ -326,7 +329,7 @@ class MlflowTracker:
         """
         if not self.active:
             return None
-        import mlflow.pytorch
+        import mlflow.pytorch  # lazy: MLflow (2 s to import) loads only where a run is tracked
         import numpy as np
         import torch
         from mlflow.models import ModelSignature

@@ -18,12 +18,16 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from ccnet.attention_maps import ccnet_attention_maps
 from ccnet.backbones import Normalization
 from ccnet.inference import LogitsOnly
 from ccnet.models import CCNet
 from pipeline.config import Config, dump_config
 from pipeline.data.readers import ShardDataset, open_manifest
 from pipeline.data.transforms import build_eval_transform
+from pipeline.eval.evaluation import evaluate_protocols
+from pipeline.eval.plots import attention_maps_figure, confusion_matrix_figure, overlay_figure
+from pipeline.eval.results import EvalResult, protocol_table, summary_metrics
 from pipeline.io import storage
 from pipeline.io.checkpoints import (
     CHECKPOINT_FILE,
@@ -112,8 +116,6 @@ def _denormalise(image: torch.Tensor, normalization: Normalization) -> np.ndarra
 def _log_plots(tracker: Tracker, model: CCNet, dataset: ShardDataset, results: dict[str, Any],
                run_name: str) -> None:
     """Every figure names the run and what it shows, so it stands alone in the compare view."""
-    from ccnet.attention_maps import ccnet_attention_maps
-    from pipeline.eval.plots import attention_maps_figure, confusion_matrix_figure, overlay_figure
 
     best = results["multi-scale+flip"]
     title = f"{run_name}: {dataset.split}, multi-scale + flip (mIoU {best.miou * 100:.1f})"
@@ -145,8 +147,6 @@ def evaluate_checkpoint(
     With ``reuse_validation`` (a training's own best checkpoint, evaluated with the training's config), the
     single-scale result is the validation that made the checkpoint best, stored with it, instead of a second
     pass over the same images computing the same figures."""
-    from pipeline.eval.evaluation import evaluate_protocols
-    from pipeline.eval.results import EvalResult
 
     manifest = open_manifest(config.data.uri)
     model = build_model(config, manifest.num_classes, pretrained=False)
@@ -175,7 +175,6 @@ def log_final_results(tracker: Tracker, results: dict[str, Any], step: int) -> d
     """Log the protocols' results once, under short names (``final/mIoU_ss``, ``final/mIoU_ms_flip``, ...:
     :func:`pipeline.eval.results.summary_metrics`), and the table as ``evaluation/results.md``; returns the
     metrics logged (NaN for a class never seen)."""
-    from pipeline.eval.results import protocol_table, summary_metrics
 
     metrics = summary_metrics(results)
     tracker.log_metrics(metrics, step=step)
@@ -196,13 +195,12 @@ def _log_bytes(tracker: Tracker, data: bytes, artifact_path: str) -> None:
 
 
 def _train_and_record(run: RunContext) -> tuple[dict[str, Any], str, str]:
-    from pipeline.eval.results import protocol_table
 
     config, tracker = run.config, run.tracker
     log_run_context(tracker, config)
     store = CheckpointStore(run.run_uri)
     if config.run.ray:
-        from pipeline.train.ray_train import fit
+        from pipeline.train.ray_train import fit  # lazy: only a run with run.ray loads Ray
 
         result = fit(config, tracker.run_id, run.tracking_uri)
         with result.checkpoint.as_directory() as folder:

@@ -66,7 +66,7 @@ def shortfall(request: WorkerRequest, nodes: Sequence[dict[str, float]]) -> str 
 
 def alive_nodes() -> list[dict[str, float]]:
     """The resources of each alive node of the connected Ray cluster."""
-    import ray
+    import ray  # lazy: only a run with run.ray loads Ray
 
     return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
 

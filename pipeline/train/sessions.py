@@ -107,7 +107,7 @@ class RaySession:
     run_uri: str = ""  # where the best checkpoint goes
 
     def restore(self) -> dict[str, Any] | None:
-        import ray.train
+        import ray.train  # lazy: a LocalSession runs without Ray
 
         state = None
         if (checkpoint := ray.train.get_checkpoint()) is not None:
@@ -122,7 +122,7 @@ class RaySession:
         return state
 
     def checkpoint(self, state: dict[str, Any] | None, iteration: int, metrics: dict[str, float]) -> None:
-        import ray.train
+        import ray.train  # lazy: a LocalSession runs without Ray
 
         # report() is a collective: every rank calls it, only rank 0 attaches the checkpoint.
         with tempfile.TemporaryDirectory() as folder:

@@ -19,15 +19,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray.tune
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
 from pipeline.config import Config, apply_overrides, config_from_dict, dump_config
+from pipeline.data.readers import open_manifest
+from pipeline.eval.plots import ablation_figure
 from pipeline.io import storage
+from pipeline.io.checkpoints import CheckpointStore
 from pipeline.io.redaction import holds_secret
 from pipeline.tracking import resolve_tracking_uri
 from pipeline.tracking.base import Tracker
 from pipeline.train import ablation
 from pipeline.train.context import ended_with_status, open_run, resolve, start_tracker
-from pipeline.train.driver import log_run_context
+from pipeline.train.driver import evaluate_checkpoint, log_final_results, log_run_context
 from pipeline.train.ray_train import fit, project_logging, ray_storage
+from pipeline.train.sessions import run_uri
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +53,6 @@ class SearchReport:
 def param_space(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
     """The YAML space (``{"train.lr": {"loguniform": [a, b]}}``, checked by the config) as Ray Tune
     distributions."""
-    from ray import tune
 
     samplers = {"loguniform": tune.loguniform, "uniform": tune.uniform, "choice": lambda *v: tune.choice(v)}
     return {key: samplers[kind](*values) for key, spec in space.items() for kind, values in spec.items()}
@@ -58,8 +66,6 @@ def _trial(sampled: dict[str, Any]) -> None:
     """One trial: the config with its variant's overrides and the sampled values, a nested MLflow run, a
     TorchTrainer, then the best checkpoint evaluated single-scale and multi-scale + flip (reported to Tune
     as the trial's last result)."""
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     project_logging()
     context = ray.tune.get_context()
@@ -92,9 +98,6 @@ def _trial(sampled: dict[str, Any]) -> None:
 
 def _final_evaluation(config: Config, tracker: Tracker) -> dict[str, float]:
     """The best checkpoint's single-scale and multi-scale + flip results, logged to the trial's run."""
-    from pipeline.io.checkpoints import CheckpointStore
-    from pipeline.train.driver import evaluate_checkpoint, log_final_results
-    from pipeline.train.sessions import run_uri
 
     _, _, results = evaluate_checkpoint(config, CheckpointStore(run_uri(config)).best_uri(),
                                         reuse_validation=True)
@@ -126,7 +129,6 @@ def _record_ablation(
     tracker: Tracker, config: Config, results: Any, costs: dict[str, ablation.VariantCost]
 ) -> str:
     """The per-variant table (markdown, CSV) and chart on the parent run; returns the markdown."""
-    from pipeline.eval.plots import ablation_figure
 
     trials = [
         ablation.Trial(result.config[VARIANT], int(result.config["train.seed"]), dict(result.metrics or {}),
@@ -156,9 +158,7 @@ def run_search(config: Config) -> SearchReport:
     With ``tune.variants`` the search is an ablation: a grid of every variant crossed with ``tune.seeds``
     (and the space's samples), whose parent run also gets the per-variant table and chart.
     """
-    from ray import tune
 
-    from pipeline.data.readers import open_manifest
 
     config = resolve(config)
     if not config.run.ray:
@@ -183,23 +183,9 @@ def run_search(config: Config) -> SearchReport:
     return report
 
 
-def _search(
-    config: Config, tracker: Tracker, sampled: dict[str, Any], variants: dict[str, Config],
-    costs: dict[str, ablation.VariantCost], tracking_uri: str,
-) -> SearchReport:
-    """The search itself, under the parent run that ``tracker`` holds open."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
-    parent = tracker.run_id
-    fs, path = ray_storage(config.run.storage)
-    space = {
-        **sampled,
-        # Tune saves the space with the search: a tracking URI with credentials (from MLFLOW_TRACKING_URI)
-        # stays out of it, and each trial resolves it from its own environment.
-        "_config": config.to_dict(), "_parent_run_id": parent,
-        "_tracking_uri": None if holds_secret(tracking_uri) else tracking_uri,
-    }
+def _tuner(config: Config, space: dict[str, Any], ablation_grid: bool, fs: Any, path: str) -> tune.Tuner:
+    """The search's Tuner: restored from ``<path>/<tune.name>`` when an earlier run of it is there (its
+    finished trials are not run again), else a new one."""
     # The trial function only drives its TorchTrainer, whose workers hold the CPUs/GPUs; Tune refuses an
     # empty request, hence a sliver.
     trainable = tune.with_resources(_trial, {"CPU": TRIAL_CPUS})
@@ -226,13 +212,30 @@ def _search(
             param_space=space,
             tune_config=tune.TuneConfig(
                 # A grid alone runs each point once; num_samples would repeat the whole grid.
-                num_samples=config.tune.num_samples if config.tune.space or not variants else 1,
+                num_samples=config.tune.num_samples if config.tune.space or not ablation_grid else 1,
                 max_concurrent_trials=config.tune.max_concurrent,
                 scheduler=scheduler,
             ),
             run_config=tune.RunConfig(name=config.tune.name, storage_path=path, storage_filesystem=fs),
         )
-    grid = tuner.fit()
+    return tuner
+
+
+def _search(
+    config: Config, tracker: Tracker, sampled: dict[str, Any], variants: dict[str, Config],
+    costs: dict[str, ablation.VariantCost], tracking_uri: str,
+) -> SearchReport:
+    """The search itself, under the parent run that ``tracker`` holds open."""
+    parent = tracker.run_id
+    fs, path = ray_storage(config.run.storage)
+    space = {
+        **sampled,
+        # Tune saves the space with the search: a tracking URI with credentials (from MLFLOW_TRACKING_URI)
+        # stays out of it, and each trial resolves it from its own environment.
+        "_config": config.to_dict(), "_parent_run_id": parent,
+        "_tracking_uri": None if holds_secret(tracking_uri) else tracking_uri,
+    }
+    grid = _tuner(config, space, bool(variants), fs, path).fit()
     results = [grid[i] for i in range(len(grid))]
     if all(result.error is not None for result in results):
         first = str(results[0].error).strip().splitlines()[0][:200]

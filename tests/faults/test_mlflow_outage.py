@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_ports
 
+from infra.local.servers import free_ports
 from pipeline.config import load_config
 from pipeline.data.sources import build_source
 from pipeline.data.writer import write_shards

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port_pair, free_ports
+
+from infra.local.servers import free_port_pair, free_ports
 
 SCRIPT = Path(__file__).resolve().parents[2] / "infra" / "local" / "stack.py"
 SCRIPTS = Path(sysconfig.get_path("scripts"))
