@@ -20,9 +20,13 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the file and the key."""
 
 
+_NOT_MODEL_OPTIONS = ("name", "sync_bn")  # every other ModelConfig field overrides a CCNetConfig field
+
+
 @dataclass
 class ModelConfig:
-    """Which model: a registered name (``ccnet.list_models()``) and the options users vary."""
+    """Which model: a registered name (``ccnet.list_models()``) and the options users vary: each field but
+    ``name`` and ``sync_bn`` is the :class:`ccnet.models.CCNetConfig` field of its name (None: the preset's)."""
 
     name: str = "ccnet_tiny"
     recurrence: int | None = None  # None keeps the registered model's value
@@ -52,10 +56,7 @@ class ModelConfig:
 
     def overrides(self) -> dict[str, Any]:
         """The CCNetConfig fields to override (those not None); ``pretrained: none`` means no weights."""
-        names = (
-            "recurrence", "attention", "placement", "output_stride", "pretrained", "impl", "align_corners",
-            "embedding_channels",
-        )
+        names = [f.name for f in dataclasses.fields(self) if f.name not in _NOT_MODEL_OPTIONS]
         values = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
         if is_explicit_none(self.pretrained):
             del values["pretrained"]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, config_from_dict, dump_config, load_config
+from pipeline.config import ConfigError, ModelConfig, config_from_dict, dump_config, load_config
 
 
 def test_defaults_and_overrides(tmp_path: Path) -> None:
@@ -133,3 +134,14 @@ def test_with_absolute_paths_resolves_locations_and_logs_relative_ones(
     assert resolved.with_absolute_paths() == resolved and caplog.messages == []
     s3 = load_config(None, ["run.storage=s3://bucket/runs"]).with_absolute_paths()
     assert s3.run.storage == "s3://bucket/runs"
+
+
+def test_every_model_option_is_a_field_of_the_model_config() -> None:
+    """``model.*`` keys override the CCNetConfig field of their name: one source of truth for the options."""
+    from ccnet.models import CCNetConfig
+
+    options = set(ModelConfig().overrides()) | {
+        f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("name", "sync_bn")}
+    assert options <= {f.name for f in dataclasses.fields(CCNetConfig)}
+    assert load_config(None, ["model.recurrence=1", "model.attention=axial"]).model.overrides() == {
+        "recurrence": 1, "attention": "axial"}
