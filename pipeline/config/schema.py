@@ -25,8 +25,9 @@ _NOT_MODEL_OPTIONS = ("name", "sync_bn")  # every other ModelConfig field overri
 
 @dataclass
 class ModelConfig:
-    """Which model: a registered name (``ccnet.list_models()``) and the options users vary: each field but
-    ``name`` and ``sync_bn`` is the :class:`ccnet.models.CCNetConfig` field of its name (None: the preset's)."""
+    """Which model: a registered name (``ccnet.list_models()``) and the options users vary. Each field but
+    ``name`` and ``sync_bn`` overrides the :class:`ccnet.models.CCNetConfig` field of its name (None: the
+    preset's value)."""
 
     name: str = "ccnet_tiny"
     recurrence: int | None = None  # None keeps the registered model's value
