@@ -175,9 +175,9 @@ def registered_checkpoint(model_uri: str, tracking_uri: str, folder: str) -> str
     return local
 
 
-def find_run(uri: str, experiment: str, run_name: str) -> str | None:
-    """The id of the latest (by start time) active run named ``run_name`` in ``experiment``, for resuming
-    by name.
+def find_run(uri: str, experiment: str, run_name: str, parent_run_id: str | None = None) -> str | None:
+    """The id of the latest (by start time) active run named ``run_name`` in ``experiment`` (and nested under
+    ``parent_run_id`` when given), for resuming by name.
 
     Returns:
         None when there is no such run or experiment, and also when the store cannot be reached (logged as a
@@ -193,9 +193,11 @@ def find_run(uri: str, experiment: str, run_name: str) -> str | None:
             found = client.get_experiment_by_name(experiment)
             if found is None:
                 return None
-            runs = client.search_runs(
-                [found.experiment_id], filter_string=f"attributes.run_name = '{quoted}'",
-                order_by=["attributes.start_time DESC"], max_results=1)
+            query = f"attributes.run_name = '{quoted}'"
+            if parent_run_id is not None:
+                query += f" and tags.mlflow.parentRunId = '{parent_run_id}'"
+            runs = client.search_runs([found.experiment_id], filter_string=query,
+                                      order_by=["attributes.start_time DESC"], max_results=1)
     except Exception as error:
         log.warning("cannot look up run %r at %s: %s", run_name, redact(uri), one_line(error))
         return None

@@ -63,15 +63,16 @@ def end_status(error: BaseException) -> str:
 
 
 def start_tracker(config: Config, tracking_uri: str, name: str, *, run_id: str | None = None,
-                  resume: bool = False, tags: dict[str, str] | None = None,
+                  resume: bool = False, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
                   required: bool | None = None) -> Tracker:
     """A started tracker for run ``name``: continues ``run_id``, or with ``resume`` the latest run of that
-    name; ``required`` (default ``tracking.required``) decides whether an unusable store is fatal."""
+    name (nested under ``parent_run_id`` when given); ``required`` (default ``tracking.required``) decides
+    whether an unusable store is fatal."""
     tracker = open_tracker(tracking_uri, config.tracking.experiment,
                            required=config.tracking.required if required is None else required,
                            settle_timeout=config.tracking.settle_timeout)
     if run_id is None and resume:
-        run_id = find_run(tracking_uri, config.tracking.experiment, name)
+        run_id = find_run(tracking_uri, config.tracking.experiment, name, parent_run_id)
     tracker.start(name, run_id=run_id, tags=tags)
     return tracker
 

@@ -230,9 +230,13 @@ def fit(config: Config, run_id: str | None, tracking_uri: str | None, callbacks:
         ),
     )
     result = trainer.fit()
-    if unregistered.folders:  # the run went past them: Ray's own checkpoints are the record now
-        for folder in unregistered.folders:
+    # The run went past every checkpoint Ray never registered, and Ray's own are the record now: those found
+    # above, and those a worker wrote just before it was lost (Ray Train restarted the group from the last one
+    # it had registered, without them).
+    leftover = unregistered_checkpoints(run_folder).folders
+    if leftover:
+        for folder in leftover:
             storage.delete_tree(storage.join(run_folder, folder))
-        log.info("removed %d checkpoint folder(s) that Ray never registered: %s", len(unregistered.folders),
-                 ", ".join(unregistered.folders))
+        log.info("removed %d checkpoint folder(s) that Ray never registered: %s", len(leftover),
+                 ", ".join(leftover))
     return result

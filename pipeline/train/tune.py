@@ -5,8 +5,9 @@ nested MLflow run under the search's parent run, and runs a ``TorchTrainer`` (na
 re-run resumes it) whose reports reach Tune through ``TuneReportCallback``. ASHA stops weak trials early on
 ``tune.metric`` (``tune.scheduler: none`` lets every trial finish). The parent run gets the results table and
 the best config. Running the same search name again resumes an interrupted search; finished trials are not
-run again. An ablation is such a search over a grid of named model variants and seeds
-(:mod:`pipeline.train.ablation`).
+run again, and a trial started again (so too one whose process was lost with its node, up to
+``run.max_failures`` times) continues its checkpoints and its nested run. An ablation is such a search over a
+grid of named model variants and seeds (:mod:`pipeline.train.ablation`).
 
     ccnet tune -c configs/quickstart_ccnet-tiny_generated-192x192_cpu.yaml --set tune.num_samples=8
     ccnet tune -c configs/ablation_ccnet-tiny_generated-256x256_cpu.yaml
@@ -86,8 +87,11 @@ def _trial(sampled: dict[str, Any]) -> None:
     tags = {"mlflow.parentRunId": parent} if parent else {}
     if variant is not None:
         tags.update({"ccnet.variant": variant, "ccnet.seed": str(config.train.seed)})
-    # A trial's run is optional: a tracking outage must not fail one trial of a search.
-    tracker = start_tracker(config, tracking_uri, config.run.name, tags=tags, required=False)
+    # A trial's run is optional: a tracking outage must not fail one trial of a search. A trial started again
+    # (Tune's restart after its process was lost with its node, or a resumed search) continues its nested
+    # run, as its TorchTrainer continues the run's checkpoints.
+    tracker = start_tracker(config, tracking_uri, config.run.name, resume=parent is not None,
+                            parent_run_id=parent, tags=tags, required=False)
     with ended_with_status(tracker):
         log_run_context(tracker, config, variant, {f"sampled.{k}": v for k, v in values.items()})
         tracker.flush()
@@ -216,7 +220,12 @@ def _tuner(config: Config, space: dict[str, Any], ablation_grid: bool, fs: Any, 
                 max_concurrent_trials=config.tune.max_concurrent,
                 scheduler=scheduler,
             ),
-            run_config=tune.RunConfig(name=config.tune.name, storage_path=path, storage_filesystem=fs),
+            # A trial whose process is lost (with its node: on a head without CPUs, trials run on the worker
+            # nodes) is started again, up to run.max_failures times; Ray Train restarts lost workers.
+            # TODO: Tune cannot tell a lost process from an error, so a trial failing in its own code (after
+            # Ray Train's run.max_failures restarts) is also started again: up to (max_failures + 1)^2 tries.
+            run_config=tune.RunConfig(name=config.tune.name, storage_path=path, storage_filesystem=fs,
+                                      failure_config=tune.FailureConfig(max_failures=config.run.max_failures)),
         )
     return tuner
 

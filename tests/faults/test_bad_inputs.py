@@ -351,7 +351,7 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     result = _ccnet("--debug", "train", "-c", str(path))
     assert result.returncode != 0
     assert "Traceback (most recent call last)" in result.stderr
-    assert f"pipeline.config.ConfigError: {path}: train.lr=-0.01 is not allowed" in result.stderr
+    assert f"pipeline.config.schema.ConfigError: {path}: train.lr=-0.01 is not allowed" in result.stderr
 
 
 # --------------------------------------------------------------------------------------- storage locations

@@ -207,6 +207,20 @@ def test_find_run_returns_the_latest_run_of_that_name(sqlite_uri: str) -> None:
     assert find_run(sqlite_uri, "no-such-experiment", "alpha") is None
 
 
+def test_find_run_under_a_parent_returns_that_parents_nested_run(sqlite_uri: str) -> None:
+    parents, children = [], []
+    for _ in range(2):  # the same search twice: each parent has a nested run of the same name
+        parent = MlflowTracker(sqlite_uri, EXPERIMENT)
+        parents.append(parent.start("search"))
+        child = MlflowTracker(sqlite_uri, EXPERIMENT)
+        children.append(child.start("search_trial", tags={"mlflow.parentRunId": parents[-1]}))
+        child.end()
+        parent.end()
+    assert find_run(sqlite_uri, EXPERIMENT, "search_trial", parent_run_id=parents[0]) == children[0]
+    assert find_run(sqlite_uri, EXPERIMENT, "search_trial", parent_run_id=parents[1]) == children[1]
+    assert find_run(sqlite_uri, EXPERIMENT, "search_trial", parent_run_id="0" * 32) is None
+
+
 def test_null_tracker_records_nothing(tmp_path: Path) -> None:
     tracker = NullTracker()
     assert tracker.start("x") is None and tracker.run_id is None and not tracker.active
