@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from pipeline.config import load_config
+from pipeline.io.paths import is_relative_path
 from pipeline.io.redaction import holds_secret, is_secret_name, redact
 
 log = logging.getLogger(__name__)
@@ -103,9 +105,6 @@ def runtime_env(working_dir: Path, env_vars: dict[str, str], pip: bool) -> dict[
 
 def _check_remote_paths(config: Any) -> None:
     """Local relative paths would land in the job's temporary working directory on the cluster."""
-    # lazy: Ray's job client loads only when a cluster is contacted
-    from pipeline.io.paths import is_relative_path
-
     for key, value in (("data.uri", config.data.uri), ("run.storage", config.run.storage)):
         if is_relative_path(value):
             raise SubmitError(f"{key}={value} is a relative path: on the cluster it would land in the "
@@ -146,9 +145,6 @@ def build_submission(
     overrides = list(overrides or [])
     command = ["python", "-m", f"jobs.{job}"]
     if config_path is not None or overrides:
-        # lazy: Ray's job client loads only when a cluster is contacted
-        from pipeline.config import load_config
-
         config = load_config(config_path, overrides)  # a bad key fails here, not an hour later on the cluster
         if job in ("train", "tune"):
             _check_remote_paths(config)

@@ -134,8 +134,8 @@ def _check_arguments(protocol: EvalProtocol, batch_size: int, rank: int, world_s
     return distributed
 
 
-def _count(model: nn.Module, dataset: Any, indices: range, protocol: EvalProtocol, metric: SegmentationMetric,
-           batch_size: int, device: torch.device, bar: tqdm) -> None:
+def _count(model: nn.Module, dataset: Samples, indices: range, protocol: EvalProtocol,
+           metric: SegmentationMetric, batch_size: int, device: torch.device, bar: tqdm) -> None:
     """Predicts the images at ``indices`` in batches of consecutive images of one size, counting them."""
     for start in range(0, len(indices), batch_size):
         chunk = [dataset[i] for i in indices[start : start + batch_size]]

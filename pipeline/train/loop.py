@@ -137,7 +137,8 @@ class _Throughput:
     """Images per second over each logging window (all workers' images), and their median for the run."""
 
     def __init__(self, world_size: int) -> None:
-        self.world_size, self.rates = world_size, list[float]()
+        self.world_size = world_size
+        self.rates: list[float] = []
         self.start, self.images, self.latest = time.perf_counter(), 0, 0.0
 
     def count(self, batch_images: int) -> None:

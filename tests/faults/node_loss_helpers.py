@@ -27,6 +27,17 @@ WORKER = "RayTrainWorker"  # Ray Train's worker actor class
 TRIAL = "ImplicitFunc"  # Ray Tune's actor for a function trainable: a search's trial driver
 
 
+def run_settings(data: str, runs: str, tracking: str) -> list[str]:
+    """The training both tests lose a node in: tiny, a checkpoint every EVERY iterations (all kept), two
+    restarts allowed, data and checkpoints in S3, tracked at ``tracking``."""
+    return [
+        f"data.uri={data}", "data.crop_size=48", "data.batch_size=2", f"train.iterations={ITERATIONS}",
+        f"train.checkpoint_every={EVERY}", "train.eval_every=8", f"train.log_every={EVERY}",
+        f"train.keep_checkpoints={ITERATIONS // EVERY + 2}", "eval.scales=[1.0]", f"run.storage={runs}",
+        "run.max_failures=2", f"tracking.uri={tracking}",
+    ]
+
+
 @contextlib.contextmanager
 def three_node_cluster() -> Iterator[tuple[Any, dict[str, Any]]]:
     """Head (0 CPUs) + two worker nodes of 1 CPU, ``node_a`` and ``node_b``; the driver connected. Start it

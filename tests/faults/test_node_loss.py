@@ -34,6 +34,7 @@ from node_loss_helpers import (
     final_model,
     lose_a_node,
     registered,
+    run_settings,
     three_node_cluster,
 )
 
@@ -54,14 +55,8 @@ def cluster(s3_env: str) -> Iterator[tuple[Any, dict[str, Any]]]:
 
 
 def _config(data: str, runs: str, name: str, tracking: str) -> Config:
-    return load_config(None, [
-        f"data.uri={data}", "data.crop_size=48", "data.batch_size=2", f"train.iterations={ITERATIONS}",
-        f"train.checkpoint_every={EVERY}", "train.eval_every=8", f"train.log_every={EVERY}",
-        "eval.scales=[1.0]",
-        f"run.storage={runs}", f"run.name={name}", "run.num_workers=2", "run.cpus_per_worker=1",
-        "run.max_failures=2", f"train.keep_checkpoints={ITERATIONS // EVERY + 2}", f"tracking.uri={tracking}",
-        "tracking.experiment=node-loss",
-    ])
+    return load_config(None, [*run_settings(data, runs, tracking), f"run.name={name}", "run.num_workers=2",
+                              "run.cpus_per_worker=1", "tracking.experiment=node-loss"])
 
 
 def test_a_lost_node_resumes_from_s3_with_the_same_weights(cluster: tuple[Any, dict[str, Any]], s3_env: str,

@@ -37,6 +37,7 @@ from node_loss_helpers import (
     final_model,
     lose_a_node,
     registered,
+    run_settings,
     three_node_cluster,
 )
 
@@ -62,11 +63,8 @@ def _config(data: str, runs: str, name: str, tracking: str) -> Config:
     """A grid of one variant (the preset as it is) and two seeds, both trials at once, each to its end; the
     search and its MLflow experiment are both called ``name``."""
     return load_config(None, [
-        f"data.uri={data}", "data.crop_size=48", "data.batch_size=2", f"train.iterations={ITERATIONS}",
-        f"train.checkpoint_every={EVERY}", "train.eval_every=8", f"train.log_every={EVERY}",
-        "eval.scales=[1.0]", f"train.keep_checkpoints={ITERATIONS // EVERY + 2}",
-        f"run.storage={runs}", "run.num_workers=1", "run.cpus_per_worker=0.6", "run.max_failures=2",
-        f"tracking.uri={tracking}", f"tracking.experiment={name}",
+        *run_settings(data, runs, tracking), "run.num_workers=1", "run.cpus_per_worker=0.6",
+        f"tracking.experiment={name}",
         f"tune.name={name}", "tune.space={}", "tune.scheduler=none", "tune.variants={cc: []}",
         f"tune.seeds=[{', '.join(map(str, SEEDS))}]", f"tune.max_concurrent={len(SEEDS)}",
     ])
