@@ -101,10 +101,10 @@ class RaySession:
     rank: int
     world_size: int
     device: torch.device
+    run_uri: str  # where the best checkpoint goes
     train_shard: Any = None  # this worker's Ray Data shard when data.loader is "ray"
 
     resume_from: str | None = None  # a newer checkpoint than Ray's that Ray never registered
-    run_uri: str = ""  # where the best checkpoint goes
 
     def restore(self) -> dict[str, Any] | None:
         import ray.train  # lazy: a LocalSession runs without Ray
