@@ -1,6 +1,6 @@
 """One writer per run: a lease object in the run's storage that a second writer sees before it writes.
 
-``<storage>/<name>/lease.json`` names its owner (a random id, host, pid, command) and an expiry. The
+``<storage>/<name>/run.lease`` (JSON) names its owner (a random id, host, pid, command) and an expiry. The
 owner renews it from a background thread every third of its time to live; a second ``ccnet train`` (or
 ``ccnet tune``) with the same name finds a live lease and stops with one line naming the run and the owner,
 before it touches MLflow or the checkpoints. A lease whose owner died is taken over: at once when the
@@ -32,7 +32,10 @@ from pipeline.io.paths import parse_location
 
 log = logging.getLogger(__name__)
 
-LEASE_FILE = "lease.json"
+# Not "*.json": Ray Tune's restore copies every .json/.pkl file of the experiment folder (the search's run
+# folder) to its staging folder and uploads them back later, which rewrote a resumed search's lease and made
+# it look taken over.
+LEASE_FILE = "run.lease"
 
 
 class LeaseHeld(RuntimeError):
