@@ -108,3 +108,28 @@ def test_ablation_grid_of_variants_and_seeds(tiny_run: tuple[list[str], str], tm
     assert artifacts == {"ablation/results.md", "ablation/results.csv", "ablation/chart.png"}
     logged = client.download_artifacts(report.parent_run_id, "ablation/results.md", str(tmp_path))
     assert Path(logged).read_text() == report.ablation  # what the command prints is what MLflow holds
+
+
+def test_tune_restore_leaves_the_search_lease_alone(tmp_path: Path) -> None:
+    """Tune's restore copies the experiment folder's state files to its staging folder and uploads them back
+    later; a lease among them was rewritten under its owner, who took that for a takeover (a resumed CamVid
+    search lost its lease 20 s after the restore)."""
+    import ray
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    from pipeline.io.lease import LEASE_FILE, RunLease
+
+    experiment = tmp_path / "runs" / "search"
+    experiment.mkdir(parents=True)
+    (experiment / "experiment_state-2026-12-02.json").write_text("{}")  # what a restore must copy
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        with RunLease(str(experiment), "search 'search'") as lease:
+            storage = StorageContext(str(tmp_path / "runs"), "search")
+            _ExperimentCheckpointManager(storage=storage, checkpoint_period=10).sync_down_experiment_state()
+            staged = sorted(path.name for path in Path(storage.experiment_driver_staging_path).iterdir())
+            assert staged == ["experiment_state-2026-12-02.json"]  # Ray copies state files, not the lease
+            assert (experiment / LEASE_FILE).exists() and not lease.lost.is_set()
+    finally:
+        ray.shutdown()
