@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 _SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkpoints it registered
 DEBUG_ENV = "CCNET_DEBUG"  # set by --debug for the Ray processes: their logging stays verbose
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train's switch, read by its controller
 
 
 def _worker(loop_config: dict[str, Any]) -> None:
@@ -119,8 +120,19 @@ def _init_quietly() -> None:
     level, handlers = root.level, list(root.handlers)
     if ray_log_level() == "INFO":
         os.environ[DEBUG_ENV] = "1"  # workers and trials inherit it
-    ray.init(include_dashboard=False, log_to_driver=True,
-             logging_config=ray.LoggingConfig(log_level=ray_log_level()))
+    # A Ray instance started here runs on this machine alone, which no one preempts while the driver lives:
+    # Ray Train's preemption watcher has nothing to watch there, and starting its actor prints a C++ notice
+    # in every run. Ray's processes take the environment as it is while ray.init starts them; a cluster that
+    # ray.init joins instead keeps its own setting, and so does a user who set the variable.
+    watcher_off = PREEMPTION_WATCHER_ENV not in os.environ
+    if watcher_off:
+        os.environ[PREEMPTION_WATCHER_ENV] = "0"
+    try:
+        ray.init(include_dashboard=False, log_to_driver=True,
+                 logging_config=ray.LoggingConfig(log_level=ray_log_level()))
+    finally:
+        if watcher_off:
+            del os.environ[PREEMPTION_WATCHER_ENV]
     for handler in root.handlers[:]:
         if handler not in handlers:
             root.removeHandler(handler)

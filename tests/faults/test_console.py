@@ -20,13 +20,12 @@ ROOT = Path(__file__).parents[2]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 PREFIX = re.compile(r"^\((\w+) pid=\d+(?:, ip=[\d.]+)?\) ")  # Ray's prefix of a forwarded line
 # Ray's internal chatter as it appeared on the console before: the controller's and the placement-group
-# cleaner's notices, the workers' report dumps and checkpoint paths. (One C++ line of the core worker about
-# its PreemptionWatcher actor is left: Ray's C++ log level cannot be lowered without Ray printing a line
-# about that in every process.)
+# cleaner's notices, the workers' report dumps and checkpoint paths, and the core worker's C++ line about
+# the preemption watcher's actor (not started on a Ray instance of one machine).
 RAY_INTERNALS = ("PlacementGroupCleaner", "Failed to query Ray Train Controller", "Reporting training result",
                  "TrainingReport(", "Requesting resources", "Attempting to start training worker group",
                  "Checkpoint successfully created", "Started a local Ray instance", "Logical resource usage",
-                 "Setting up process group")
+                 "Setting up process group", "PreemptionWatcher", "core_worker.cc")
 
 
 def _train(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
