@@ -99,7 +99,10 @@ def read_shard(uri: str, shard: ShardInfo, verify: bool = True) -> pa.Table:
         if digest != shard.sha256:
             raise ValueError(f"{shard_uri}: sha256 {digest} does not match the manifest's {shard.sha256}")
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        # One thread, and none of Arrow's pools: the bytes are in memory already, and pq.read_table's
+        # dataset scanner starts pool threads whose teardown at exit now and then aborted the process
+        # ("terminate called without an active exception", apache/arrow#34314) after a refused shard.
+        table = pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
     except (pa.ArrowException, OSError) as error:
         raise ValueError(f"{shard_uri}: not a readable Parquet file ({error})") from None
     _check_schema(table.schema, shard_uri)

@@ -187,6 +187,29 @@ def test_read_shard_detects_row_checksum_mismatch(dataset: tuple[str, Arrays]) -
     assert read_shard(uri, shard, verify=False).num_rows == 3  # verify=False skips the row check
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux's /proc")
+def test_read_shard_starts_no_native_thread(dataset: tuple[str, Arrays]) -> None:
+    """Arrow's pool threads, once started, sometimes aborted the process at exit ("terminate called without an
+    active exception", exit 134) after a refused shard: read_shard starts none, for a good or a bad shard."""
+    uri, _ = dataset
+    tamper_row(uri, 1, 0)
+    script = f"""
+import os
+from pipeline.data.readers import open_manifest, read_shard
+good, bad = open_manifest({uri!r}).shards[:2]
+before = set(os.listdir("/proc/self/task"))
+read_shard({uri!r}, good)
+try:
+    read_shard({uri!r}, bad)
+except ValueError:
+    pass
+print(len(set(os.listdir("/proc/self/task")) - before))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).parents[3])
+    assert result.stdout.strip() == "0", result.stderr
+
+
 # --- ShardDataset ---
 
 
