@@ -347,9 +347,10 @@ class MlflowTracker:
 
         def call(client: Any) -> None:
             # log_model goes through MLflow's global state: point it at this store and experiment for the
-            # call (MLFLOW_TRACKING_URI is only read while set_tracking_uri was never called, i.e. here).
+            # call (MLFLOW_TRACKING_URI is only read while set_tracking_uri was never called, i.e. here). Its
+            # check of the input example downloads the model back: without a progress bar on the console.
             scope = {"MLFLOW_TRACKING_URI": self.uri, "MLFLOW_EXPERIMENT_ID": self._experiment_id,
-                     "MLFLOW_EXPERIMENT_NAME": None}
+                     "MLFLOW_EXPERIMENT_NAME": None, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
             with env(scope):
                 if mlflow.get_tracking_uri() != self.uri:  # someone called mlflow.set_tracking_uri
                     raise RuntimeError("MLflow's global tracking URI was set elsewhere")
