@@ -140,7 +140,11 @@ def summarise(trials: Sequence[Trial], costs: dict[str, VariantCost]) -> list[Va
 
 
 def _pct(stat: Stat | None) -> str:
-    return "-" if stat is None else f"{100 * stat.mean:.2f} ± {100 * stat.spread:.2f}"
+    if stat is None:
+        return "-"
+    if stat.n == 1:  # one seed has no spread to show
+        return f"{100 * stat.mean:.2f}"
+    return f"{100 * stat.mean:.2f} ± {100 * stat.spread:.2f}"
 
 
 def _num(stat: Stat | None, digits: int) -> str:
@@ -148,7 +152,8 @@ def _num(stat: Stat | None, digits: int) -> str:
 
 
 def results_table(rows: Sequence[VariantRow]) -> str:
-    """The table as markdown: mIoU in % as mean ± standard deviation over the seeds."""
+    """The table as markdown: mIoU in % as mean ± standard deviation over the seeds (the mean alone for one
+    seed)."""
     lines = [
         "| variant | val mIoU single (%) | val mIoU ms+flip (%) | params (M) | GFLOPs | attention GFLOPs "
         "| train img/s | peak memory (MiB) | seeds |",

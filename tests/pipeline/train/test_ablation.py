@@ -78,6 +78,7 @@ def test_rows_hold_the_mean_and_spread_over_seeds_and_name_failed_seeds() -> Non
 
     table = ablation.results_table(rows).splitlines()
     assert len(table) == 2 + 3
+    assert table[2].startswith("| fcn | 60.00 | 61.00 |")  # one seed: no spread to show
     assert "| cc | 85.00 ± 7.07 | 87.00 ± 7.07 |" in table[3]
     assert "0,1,2 (failed: 2)" in table[3]
     assert table[4].startswith("| never_ran | - | - |")
