@@ -33,8 +33,9 @@ class Tracker(Protocol):
         """True between a successful :meth:`start` and :meth:`end`."""
 
     def start(self, run_name: str, run_id: str | None = None,
-              tags: dict[str, str] | None = None) -> str | None:
-        """Opens the run (continues ``run_id`` when it exists); returns its id, or None when not recording."""
+              tags: dict[str, str] | None = None, announce: bool = True) -> str | None:
+        """Opens the run (continues ``run_id`` when it exists); returns its id, or None when not recording.
+        ``announce``: say which run it is on the console (not again where another process continues it)."""
 
     def log_params(self, params: dict[str, object]) -> None: ...
 
@@ -72,7 +73,7 @@ class NullTracker:
     active = False
 
     def start(self, run_name: str, run_id: str | None = None,
-              tags: dict[str, str] | None = None) -> str | None:
+              tags: dict[str, str] | None = None, announce: bool = True) -> str | None:
         return None
 
     def log_params(self, params: dict[str, object]) -> None:

@@ -86,11 +86,19 @@ EXPERIMENT_NOTE = (
 )
 
 
+def source_name(argv: list[str]) -> str:
+    """What started the run, as the runs table shows it: ``jobs.train`` for a job (``python -m jobs.train``,
+    as ``ccnet submit`` runs it), else ``ccnet <command>``."""
+    program = Path(argv[0]) if argv and argv[0] else Path("ccnet")
+    if program.parent.name == "jobs":
+        return f"jobs.{program.stem}"
+    return " ".join(["ccnet", *(arg for arg in argv[1:2] if not arg.startswith("-"))])
+
+
 def context_tags() -> dict[str, str]:
     """The tags MLflow's fluent API sets and ``client.create_run`` does not: the command, the user and the
     git commit of the code (when it runs from a checkout)."""
-    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": " ".join(
-        ["ccnet", *(arg for arg in sys.argv[1:2] if not arg.startswith("-"))]) if sys.argv else "ccnet"}
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": source_name(sys.argv)}
     try:
         tags["mlflow.user"] = getpass.getuser()
     except (KeyError, OSError):  # no passwd entry for this uid (containers)
@@ -131,6 +139,23 @@ def last_steps(client: Any, run: Any) -> dict[str, int]:
 
 
 CHAMPION_METRIC = "val_mIoU"  # what makes a registered version the champion (higher is better)
+
+
+def register(client: Any, name: str, model_id: str, run_id: str, await_for: int = 60) -> str:
+    """A new version of registered model ``name`` (created if missing) from logged model ``model_id``;
+    returns the version. What ``log_model(registered_model_name=...)`` does, without the lines MLflow prints
+    to stderr about it (the caller logs one of its own)."""
+    # lazy: MLflow (2 s to import) loads only where a run is tracked
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    version = client.create_model_version(name, f"models:/{model_id}", run_id=run_id, model_id=model_id,
+                                          await_creation_for=await_for)
+    return str(version.version)
 
 
 def promote(client: Any, name: str, version: str, score: float | None) -> None:

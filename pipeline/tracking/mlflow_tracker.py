@@ -48,6 +48,7 @@ from pipeline.tracking.mlflow_store import (
     is_permanent,
     last_steps,
     promote,
+    register,
 )
 from pipeline.tracking.uri import answers, env, one_line
 
@@ -106,12 +107,14 @@ class MlflowTracker:
         return self._run_id is not None and not self._ended
 
     def start(
-        self, run_name: str, run_id: str | None = None, tags: dict[str, str] | None = None
+        self, run_name: str, run_id: str | None = None, tags: dict[str, str] | None = None,
+        announce: bool = True,
     ) -> str | None:
         """Opens the run: continues ``run_id`` when given and it exists (resume), else creates one.
 
         The store is checked first (an HTTP server's ``/health`` within a second, then the experiment with
-        a 5 s timeout and no retries), so a dead server fails before any training work.
+        a 5 s timeout and no retries), so a dead server fails before any training work. ``announce``
+        logs which run it is at INFO (else at DEBUG: a process continuing a run the driver announced).
 
         Returns:
             The run id; None when the store is unusable and tracking is not required (the tracker is then
@@ -152,8 +155,8 @@ class MlflowTracker:
             return None
         self._client, self._experiment_id, self._run_id = client, experiment_id, run.info.run_id
         self._unregister = on_forced_exit(self._mark_killed)  # a Ctrl-C whose shutdown hangs
-        log.info("MLflow run %s (%s) in experiment %r at %s", self._run_id, run_name, self.experiment,
-                 redact(self.uri))
+        log.log(logging.INFO if announce else logging.DEBUG, "MLflow run %s (%s) in experiment %r at %s",
+                self._run_id, run_name, self.experiment, redact(self.uri))
         return self._run_id
 
     def _resumable(self, client: Any, run_id: str) -> Any:
@@ -327,7 +330,8 @@ class MlflowTracker:
         README's model registry section. The new version gets the alias ``candidate``, and ``champion``
         when its ``val_mIoU`` tag beats the champion's.
         """
-        if not self.active:
+        run_id = self._run_id
+        if run_id is None or not self.active:
             return None
         import mlflow.pytorch  # lazy: MLflow (2 s to import) loads only where a run is tracked
         import numpy as np
@@ -355,15 +359,15 @@ class MlflowTracker:
                 if mlflow.get_tracking_uri() != self.uri:  # someone called mlflow.set_tracking_uri
                     raise RuntimeError("MLflow's global tracking URI was set elsewhere")
                 info = mlflow.pytorch.log_model(
-                    model, name=name, run_id=self._run_id, serialization_format="pickle",
+                    model, name=name, run_id=run_id, serialization_format="pickle",
                     pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
                     code_paths=[str(Path(ccnet.__file__).parent)], signature=signature, input_example=example,
-                    extra_files=[checkpoint] if checkpoint else None, registered_model_name=registered_name,
-                    await_registration_for=60)
+                    extra_files=[checkpoint] if checkpoint else None)
+                if registered_name:  # the store resolves models:/ through the same global state
+                    version.append(register(client, registered_name, info.model_id, run_id))
             for key, value in (metrics or {}).items():
-                client.log_metric(self._run_id, key, value, model_id=info.model_id)
-            if registered_name and info.registered_model_version is not None:
-                version.append(str(info.registered_model_version))
+                client.log_metric(run_id, key, value, model_id=info.model_id)
+            if registered_name:
                 promote(client, registered_name, version[0], (metrics or {}).get(CHAMPION_METRIC))
 
         self._log_file(f"model {name}", call)

@@ -64,16 +64,17 @@ def end_status(error: BaseException) -> str:
 
 def start_tracker(config: Config, tracking_uri: str, name: str, *, run_id: str | None = None,
                   resume: bool = False, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-                  required: bool | None = None) -> Tracker:
+                  required: bool | None = None, announce: bool = True) -> Tracker:
     """A started tracker for run ``name``: continues ``run_id``, or with ``resume`` the latest run of that
     name (nested under ``parent_run_id`` when given); ``required`` (default ``tracking.required``) decides
-    whether an unusable store is fatal."""
+    whether an unusable store is fatal; ``announce`` False keeps the run's line off the console (a process
+    that continues a run the driver announced)."""
     tracker = open_tracker(tracking_uri, config.tracking.experiment,
                            required=config.tracking.required if required is None else required,
                            settle_timeout=config.tracking.settle_timeout)
     if run_id is None and resume:
         run_id = find_run(tracking_uri, config.tracking.experiment, name, parent_run_id)
-    tracker.start(name, run_id=run_id, tags=tags)
+    tracker.start(name, run_id=run_id, tags=tags, announce=announce)
     return tracker
 
 

@@ -56,7 +56,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
     tracker: Tracker = NullTracker()
     if session.rank == 0 and loop_config["run_id"]:  # the driver's run, continued; the driver ends it
         tracker = start_tracker(config, loop_config["tracking_uri"], config.run.name,
-                                run_id=loop_config["run_id"], required=False)
+                                run_id=loop_config["run_id"], required=False, announce=False)
     try:
         summary = train_loop(config, session, loop_config["run_id"], tracker)
     finally:

@@ -116,13 +116,43 @@ def test_training_job_records_metrics_and_checkpoint_in_s3(env: dict[str, str],
     (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'e2e-train'")
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2, 4]
-    assert "final/mIoU_ms_flip" in run.data.metrics
+    _assert_a_user_can_decide_from(client, experiment, run)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/best")}
     assert artifacts == {"checkpoints/best/checkpoint.pt"}
     keys = {item["Key"] for item in _s3(env).list_objects_v2(Bucket="ccnet", Prefix="mlflow/")["Contents"]}
     assert any(key.endswith(f"{run.info.run_id}/artifacts/checkpoints/best/checkpoint.pt") for key in keys)
     ray_checkpoints = _s3(env).list_objects_v2(Bucket="ccnet", Prefix="runs/e2e-train/")["Contents"]
     assert any(item["Key"].endswith("checkpoint.pt") for item in ray_checkpoints)
+
+
+def _assert_a_user_can_decide_from(client: Any, experiment: Any, run: Any) -> None:
+    """What the MLflow server holds for a training submitted as a job: the model as built, the variant, a
+    description with the results, where it came from, the dataset version as inputs, the final results under
+    their short names, and the best model registered with its aliases and its eval metrics."""
+    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    assert (params["model.attention"], params["model.recurrence"], params["model.placement"]) == (
+        "criss_cross", "2", "head")
+    assert not any(key.startswith(("tracking.", "tune.")) for key in params)
+    assert tags["ccnet.variant"] == "criss_cross R=2 head os8"
+    assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"] == "jobs.train"
+    assert "mlflow.user" in tags
+    assert experiment.tags["mlflow.note.content"].startswith("CCNet (criss-cross attention) trainings")
+    note = tags["mlflow.note.content"]
+    assert "trained 4 iterations on generated v1 train" in note and "multi-scale+flip" in note
+    inputs = {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+              for d in run.inputs.dataset_inputs}
+    assert inputs == {("generated/v1/train", "training"), ("generated/v1/val", "validation")}
+    assert {"final/mIoU_ss", "final/mIoU_ms_flip"} <= set(metrics)
+    assert not any("single-scale" in key or "multi-scale" in key for key in metrics)
+    assert f"{metrics['final/mIoU_ms_flip'] * 100:.1f} multi-scale+flip" in note
+
+    name = "ccnet-e2e-train"
+    champion = client.get_model_version_by_alias(name, "champion")
+    candidate = client.get_model_version_by_alias(name, "candidate")
+    assert champion.version == candidate.version and champion.run_id == run.info.run_id
+    logged = client.get_logged_model(champion.model_id or champion.source.removeprefix("models:/"))
+    scores = {m.key: m.value for m in logged.metrics}
+    assert scores["val_mIoU"] == pytest.approx(metrics["final/mIoU_ms_flip"])
 
 
 def test_scheduled_search_records_nested_runs(env: dict[str, str], capsys: pytest.CaptureFixture[str],

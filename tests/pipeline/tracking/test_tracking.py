@@ -24,6 +24,7 @@ from pipeline.tracking import (
     find_run,
     resolve_tracking_uri,
 )
+from pipeline.tracking.mlflow_store import source_name
 
 EXPERIMENT = "ccnet-tests"
 
@@ -259,8 +260,9 @@ def _log_and_load_model(uri: str, run_id: str, monkeypatch: pytest.MonkeyPatch) 
     torch.testing.assert_close(loaded(inputs), model(inputs))
 
 
-def test_registered_versions_get_aliases_and_load_without_the_repository(sqlite_uri: str,
-                                                                          tmp_path: Path) -> None:
+def test_registered_versions_get_aliases_and_load_without_the_repository(sqlite_uri: str, tmp_path: Path,
+                                                                          capfd: pytest.CaptureFixture[str]
+                                                                          ) -> None:
     """candidate is the newest version, champion the best val_mIoU; the model loads in a process where the
     repository is not importable (its code travels with it), with its checkpoint as an extra file."""
     import json
@@ -282,6 +284,9 @@ def test_registered_versions_get_aliases_and_load_without_the_repository(sqlite_
                                           checkpoint=str(checkpoint)))
         tracker.end()
     assert versions == ["1", "2", "3"]
+    # MLflow prints its own lines about a registration to stderr; ours go through logging
+    printed = capfd.readouterr()
+    assert "registered model" not in (printed.out + printed.err).lower()
     client = _client(sqlite_uri)
     assert str(client.get_model_version_by_alias("ccnet-test", "candidate").version) == "3"
     champion = client.get_model_version_by_alias("ccnet-test", "champion")
@@ -392,3 +397,13 @@ def test_outage_buffers_metrics_and_the_next_call_or_end_flushes_them(mlflow_ser
     closing.end()
     assert _steps(uri, closing_id, "acc") == [(1, 0.5)]
     assert _client(uri).get_run(closing_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["/opt/venv/bin/ccnet", "train", "-c", "x.yaml"], "ccnet train"),
+    (["/srv/work/jobs/train.py", "-c", "x.yaml"], "jobs.train"),  # a submitted job: python -m jobs.train
+    (["/repo/pipeline/cli/__main__.py", "--debug", "tune"], "ccnet"),
+    ([], "ccnet"),
+])
+def test_the_source_name_says_what_started_the_run(argv: list[str], expected: str) -> None:
+    assert source_name(argv) == expected
