@@ -141,6 +141,23 @@ def last_steps(client: Any, run: Any) -> dict[str, int]:
 CHAMPION_METRIC = "val_mIoU"  # what makes a registered version the champion (higher is better)
 
 
+def image_signature(model: Any) -> tuple[Any, Any]:
+    """The MLflow signature of a model mapping ``(B, 3, H, W)`` images to ``(B, K, H, W)`` float32 logits, any
+    batch and image size, and an input example (one 64x64 image of zeros)."""
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature  # lazy: MLflow (2 s to import) loads only where a run is tracked
+    from mlflow.types import Schema, TensorSpec
+
+    example = np.zeros((1, 3, 64, 64), dtype=np.float32)
+    with torch.inference_mode():
+        classes = int(model(torch.from_numpy(example)).shape[1])
+    floats = np.dtype(np.float32)
+    signature = ModelSignature(inputs=Schema([TensorSpec(floats, (-1, 3, -1, -1))]),
+                               outputs=Schema([TensorSpec(floats, (-1, classes, -1, -1))]))
+    return signature, example
+
+
 def register(client: Any, name: str, model_id: str, run_id: str, await_for: int = 60) -> str:
     """A new version of registered model ``name`` (created if missing) from logged model ``model_id``;
     returns the version. What ``log_model(registered_model_name=...)`` does, without the lines MLflow prints

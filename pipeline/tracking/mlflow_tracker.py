@@ -44,6 +44,7 @@ from pipeline.tracking.mlflow_store import (
     PROBE_HTTP,
     context_tags,
     ensure_experiment,
+    image_signature,
     import_mlflow,
     is_permanent,
     last_steps,
@@ -334,19 +335,10 @@ class MlflowTracker:
         if run_id is None or not self.active:
             return None
         import mlflow.pytorch  # lazy: MLflow (2 s to import) loads only where a run is tracked
-        import numpy as np
-        import torch
-        from mlflow.models import ModelSignature
-        from mlflow.types import Schema, TensorSpec
 
         import ccnet
 
-        example = np.zeros((1, 3, 64, 64), dtype=np.float32)
-        with torch.inference_mode():
-            classes = int(model(torch.from_numpy(example)).shape[1])
-        floats = np.dtype(np.float32)
-        signature = ModelSignature(inputs=Schema([TensorSpec(floats, (-1, 3, -1, -1))]),
-                                   outputs=Schema([TensorSpec(floats, (-1, classes, -1, -1))]))
+        signature, example = image_signature(model)
         version: list[str] = []
 
         def call(client: Any) -> None:
