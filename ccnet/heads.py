@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import zlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -9,17 +13,38 @@ from ccnet.attention import RecurrentAttention, build_attention
 from ccnet.layers import ConvBNReLU
 
 
+@contextlib.contextmanager
+def separate_rng(stream: str) -> Iterator[None]:
+    """Draw the enclosed initialisation from a CPU generator of its own, seeded by the global seed
+    (``torch.initial_seed()``) and ``stream``, and leave the global random state as it was.
+
+    Ablations compare variants that differ only in their attention. With the attention's parameters drawn
+    from the global stream, adding or removing it would shift every later draw, so the FCN twin's head would
+    start from other weights than CCNet's, and a paired comparison over seeds would pair different
+    initialisations. Under this context every layer that the variants share starts identical for one seed.
+    """
+    seed = (torch.initial_seed() * 1_000_003 + zlib.crc32(stream.encode())) % 2**63
+    with torch.random.fork_rng(devices=[]):  # the CPU generator only: models are built on the CPU
+        torch.manual_seed(seed)
+        yield
+
+
 def build_recurrent_attention(
-    attention: str, in_channels: int, recurrence: int, reduction: int = 8, impl: str = "auto"
+    attention: str, in_channels: int, recurrence: int, reduction: int = 8, impl: str = "auto",
+    stream: str = "attention",
 ) -> nn.Module:
     """Shared-weight attention applied ``recurrence`` times; ``recurrence=0`` builds no module at all.
 
     No module (``nn.Identity``) rather than an unused one, so every parameter of a model gets a gradient
-    (DistributedDataParallel needs that without ``find_unused_parameters``).
+    (DistributedDataParallel needs that without ``find_unused_parameters``). The attention's weights are drawn
+    from their own generator named by ``stream`` (:func:`separate_rng`): building it draws nothing from the
+    global random stream, so the layers around it get the same weights whatever the attention.
     """
     if recurrence == 0:
         return nn.Identity()
-    return RecurrentAttention(build_attention(attention, in_channels, reduction, impl), recurrence)
+    with separate_rng(stream):
+        module = build_attention(attention, in_channels, reduction, impl)
+    return RecurrentAttention(module, recurrence)
 
 
 class RCCAHead(nn.Module):
@@ -55,7 +80,8 @@ class RCCAHead(nn.Module):
     ) -> None:
         super().__init__()
         self.reduce = ConvBNReLU(in_channels, channels)
-        self.attention = build_recurrent_attention(attention, channels, recurrence, reduction, impl)
+        self.attention = build_recurrent_attention(attention, channels, recurrence, reduction, impl,
+                                                   stream="head_attention")
         self.project = ConvBNReLU(channels, channels)
         self.bottleneck = ConvBNReLU(in_channels + channels, bottleneck_channels)
         self.dropout = nn.Dropout2d(dropout)

@@ -117,7 +117,7 @@ class CCNet(nn.Module):
         self.stem_attention = (
             build_recurrent_attention(
                 config.attention, self.backbone.stem_channels, config.recurrence, config.reduction,
-                config.impl,
+                config.impl, stream="stem_attention",
             )
             if use_stem
             else None

@@ -24,6 +24,7 @@ def validate(config: Config, source: str = "config") -> None:
         "train.momentum": (0 <= c.train.momentum < 1, fraction),
         "train.weight_decay": (0 <= c.train.weight_decay < math.inf, non_negative),
         "train.poly_power": (0 < c.train.poly_power < math.inf, positive),
+        "train.head_lr_mult": (0 < c.train.head_lr_mult < math.inf, positive),
         "train.aux_weight": (0 <= c.train.aux_weight < math.inf, non_negative),
         "train.ohem_thresh": (0 < c.train.ohem_thresh <= 1, "a probability in (0, 1]"),
         "train.ohem_min_kept": (c.train.ohem_min_kept >= 0, "an integer >= 0"),
@@ -71,6 +72,8 @@ def validate(config: Config, source: str = "config") -> None:
                        and all(0 <= x < 2**32 for x in c.tune.seeds), "distinct integers >= 0"),
         "tune.grace_period": (c.tune.grace_period >= 1, "an integer >= 1"),
         "tune.reduction_factor": (c.tune.reduction_factor >= 2, "an integer >= 2"),
+        "tune.baseline": (c.tune.baseline is None or c.tune.baseline in c.tune.variants,
+                          f"null or one of tune.variants: {', '.join(c.tune.variants) or 'none set'}"),
     }
     for key, (ok, expected) in rules.items():
         if not ok:

@@ -96,6 +96,12 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # Learning rate of every parameter outside the backbone (head, aux head, stem attention) as a multiple
+    # of lr: 1 is the paper's single SGD group; DANet and hszhao/semseg train the head at 10x.
+    head_lr_mult: float = 1.0
+    # True keeps 1-D parameters (biases, norm weights, the attention's gamma) out of weight decay (timm's
+    # param_groups_weight_decay); false decays every parameter, as the paper's recipe does.
+    no_decay_1d: bool = False
     poly_power: float = 0.9
     aux_weight: float = 0.4
     ohem: bool = False
@@ -168,8 +174,11 @@ class TuneConfig:
     reduction_factor: int = 2
     # An ablation: named model variants, each a list of section.key=value overrides ({"fcn":
     # ["model.recurrence=0"], "cc_r2": []}), every one trained once per seed (a grid crossed with the
-    # space's samples). The parent run gets a table per variant: mean and spread over the seeds.
+    # space's samples). The parent run gets a table per variant: mean and 95 % interval over the seeds.
     variants: dict[str, list[str]] = field(default_factory=dict)
+    # The variant the others are compared with, seed by seed (a paired difference and its 95 % interval per
+    # variant); None compares none, even with an "fcn" variant: the reference is chosen, never guessed.
+    baseline: str | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
     # "section.key": {"loguniform": [low, high]} | {"uniform": [low, high]} | {"choice": [values...]}
     space: dict[str, dict[str, list[Any]]] = field(

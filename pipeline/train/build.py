@@ -169,11 +169,48 @@ def _distribute(model: nn.Module, session: Session, sync_bn: bool) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
+def parameter_groups(model: nn.Module, *, head_lr_mult: float = 1.0, weight_decay: float = 0.0,
+                     no_decay_1d: bool = False) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups: the backbone's and the rest's (head, aux head, stem attention), each
+    split into decayed and undecayed parameters when ``no_decay_1d``; empty groups are left out.
+
+    Every trainable parameter lands in exactly one group (a parameter in none would silently never train:
+    DANet#84). Each group carries ``name`` (``backbone``, ``head``, ``backbone_no_decay``, ``head_no_decay``)
+    and ``lr_mult`` (1 for the backbone, ``head_lr_mult`` for the rest), which the poly schedule multiplies
+    its learning rate by at every iteration.
+
+    Args:
+        model: the model as built (not wrapped by DistributedDataParallel), with a ``backbone`` submodule.
+        head_lr_mult: learning-rate multiple for every parameter outside ``model.backbone``.
+        weight_decay: the decay of the decayed groups.
+        no_decay_1d: keep 1-D parameters (biases, norm weights, ``gamma``) out of weight decay.
+    """
+    backbone = {id(p) for p in model.backbone.parameters()}  # type: ignore[union-attr]
+    groups: dict[str, dict[str, Any]] = {}
+    for _, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        part = "backbone" if id(parameter) in backbone else "head"
+        undecayed = no_decay_1d and parameter.ndim <= 1
+        name = f"{part}_no_decay" if undecayed else part
+        group = groups.setdefault(name, {
+            "name": name, "params": [], "lr_mult": 1.0 if part == "backbone" else head_lr_mult,
+            "weight_decay": 0.0 if undecayed else weight_decay,
+        })
+        group["params"].append(parameter)
+    order = ("backbone", "backbone_no_decay", "head", "head_no_decay")
+    return [groups[name] for name in order if name in groups]
+
+
 def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD with momentum and weight decay (the learning rate is set every iteration by the poly schedule)."""
+    """SGD with momentum and weight decay over :func:`parameter_groups` (the poly schedule sets each group's
+    learning rate, ``lr * lr_mult``, every iteration)."""
     train = config.train
-    return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
-                           weight_decay=train.weight_decay)
+    groups = parameter_groups(model, head_lr_mult=train.head_lr_mult, weight_decay=train.weight_decay,
+                              no_decay_1d=train.no_decay_1d)
+    for group in groups:
+        group["lr"] = train.lr * group["lr_mult"]
+    return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
 
 
 def build_train_batches(config: Config, session: Session, normalization: Normalization, ignore_index: int,

@@ -66,6 +66,11 @@ def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float) -
     return base_lr * (1 - iteration / max_iterations) ** power
 
 
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Each named parameter group's current learning rate, as ``train/lr/<group>`` metrics."""
+    return {f"train/lr/{group['name']}": group["lr"] for group in optimizer.param_groups if "name" in group}
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DistributedDataParallel (or torch.compile), for saving and evaluation."""
     model = getattr(model, "_orig_mod", model)
@@ -184,7 +189,7 @@ def run_loop(training: Training, recipe: TrainConfig, eval_config: EvalConfig, s
     for images, labels in training.batches:
         lr = poly_lr(recipe.lr, iteration, recipe.iterations, recipe.poly_power)
         for group in training.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         step = train_step(training.trained, images, labels, training.loss_fn, training.optimizer,
                           training.scaler, amp_dtype)
         iteration += 1
@@ -196,7 +201,7 @@ def run_loop(training: Training, recipe: TrainConfig, eval_config: EvalConfig, s
         nonfinite, loss_value, last = 0, step.loss, iteration == recipe.iterations
         metrics: dict[str, float] = {}
         if iteration % recipe.log_every == 0 or last:
-            metrics = {"train/loss": step.loss, "train/lr": lr,
+            metrics = {"train/loss": step.loss, "train/lr": lr, **group_lrs(training.optimizer),
                        "train/images_per_second": throughput.close_window(),
                        **{f"train/loss_{name}": value for name, value in step.parts.items()}}
             if session.rank == 0:

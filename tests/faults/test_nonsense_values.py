@@ -38,6 +38,7 @@ NONSENSE: dict[str, list[tuple[str, str]]] = {
     "train.momentum": [("1", "train.momentum=1.0 is not allowed"), ("-0.1", "train.momentum=-0.1")],
     "train.weight_decay": [("-1e-4", "train.weight_decay=-0.0001 is not allowed"), (".inf", "=inf")],
     "train.poly_power": [("0", "train.poly_power=0.0 is not allowed")],
+    "train.head_lr_mult": [("0", "train.head_lr_mult=0.0 is not allowed"), (".nan", "head_lr_mult=nan")],
     "train.aux_weight": [("-0.4", "train.aux_weight=-0.4 is not allowed")],
     "train.ohem_thresh": [("0", "train.ohem_thresh=0.0 is not allowed"), ("1.5", "train.ohem_thresh=1.5")],
     "train.ohem_min_kept": [("-1", "train.ohem_min_kept=-1 is not allowed")],
@@ -76,15 +77,17 @@ NONSENSE: dict[str, list[tuple[str, str]]] = {
     "tune.seeds": [("[]", "tune.seeds=[] is not allowed"), ("[1, 1]", "tune.seeds=[1, 1]"),
                    ("[-1]", "tune.seeds=[-1]")],
     "tune.space": [("{train.lr: {choice: []}}", "choice needs at least one value")],
+    "tune.baseline": [("fcn", "tune.baseline='fcn' is not allowed (expected null or one of tune.variants")],
 }
 # Keys whose every value of the right type is usable (a wrong type is refused by the type check, tested in
 # tests/pipeline/test_config.py), or that are checked where they are used, with the file named.
 EXEMPT = {
     "model.pretrained": "a local file, 'imagenet' or 'none': checked when the backbone loads it, naming it",
     "model.align_corners": "bool or null", "model.sync_bn": "bool",
-    "train.ohem": "bool", "train.compile": "bool", "eval.flip": "bool", "run.ray": "bool",
-    "run.use_gpu": "bool", "tune.variants": "each variant's overrides, checked by ccnet tune before anything "
-    "starts (tests/faults/test_bad_search.py)",
+    "train.ohem": "bool", "train.no_decay_1d": "bool", "train.compile": "bool", "eval.flip": "bool",
+    "run.ray": "bool", "run.use_gpu": "bool",
+    "tune.variants": "each variant's overrides, checked by ccnet tune before anything starts "
+    "(tests/faults/test_bad_search.py)",
     "tracking.uri": "parsed by the tracking module when it connects", "tracking.required": "bool",
 }
 CASES = [(key, value, text) for key, cases in NONSENSE.items() for value, text in cases]
