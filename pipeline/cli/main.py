@@ -220,7 +220,7 @@ def _tune(args: argparse.Namespace) -> int:
         f"MLflow parent run {report.parent_run_id}\n"
     )
     if report.ablation is not None:  # what the parent run holds as ablation/results.md
-        sys.stdout.write(f"\nablation (val mIoU: mean ± std over seeds):\n{report.ablation}\n")
+        sys.stdout.write(f"\nablation (val mIoU: mean ± 95 % interval over seeds):\n{report.ablation}\n")
     return 0
 
 

@@ -1,5 +1,6 @@
-"""Figures for the run record: confusion matrix, predictions over images, criss-cross attention maps, and
-an ablation's mIoU per variant beside its attention cost.
+"""Figures for the run record: confusion matrix, predictions over images, criss-cross attention maps, the
+attention diagnostics over a run, and an ablation's mIoU per variant (95 % intervals, paired differences to a
+baseline) beside its attention cost.
 
 Every function returns a ``matplotlib.figure.Figure`` drawn on the Agg canvas and writes no file
 (``Tracker.log_figure`` stores it). Figures are built without ``pyplot``, so nothing is kept in pyplot's
@@ -180,38 +181,117 @@ def attention_maps_figure(image: Any, maps: Any, pixels: Sequence[tuple[int, int
     return figure
 
 
+_DIAGNOSTICS_PANELS = {  # figure -> (panel title, the y-axis's bounds: None where the data decide)
+    "gamma": ("gamma", (None, None)),
+    "share": ("share ||γ·A(x)|| / ||x||", (0.0, None)),
+    "entropy_normalised": ("entropy / log(keys): 1 uniform", (0.0, 1.05)),
+    "distance": ("mean distance (feature pixels)", (0.0, None)),
+}
+
+
+def attention_diagnostics_figure(history: Sequence[tuple[int, Mapping[str, float]]], threshold: float,
+                                 title: str = "") -> Figure:
+    """The attention diagnostics over a run: gamma, share, normalised entropy and distance against the
+    iteration, one line per place of the model (``head``, ``stem``).
+
+    Args:
+        history: ``(iteration, metrics)`` in run order, metrics named ``attention/<place>/<figure>``
+            (:func:`ccnet.diagnostics.attention_diagnostics`); other names are ignored.
+        threshold: the share at which the attention counts as engaged, a dashed line on the share's axes.
+        title: drawn above the figure (the run's name).
+
+    Returns:
+        Four axes in a row, in the order above.
+    """
+    places = sorted({name.split("/")[1] for _, metrics in history for name in metrics
+                     if name.startswith("attention/")})
+    if not places:
+        raise ValueError("no attention diagnostics to plot")
+    figure, axes = _figure(1, len(_DIAGNOSTICS_PANELS), panel_inches=3.5)
+    axes[0, 1].axhline(threshold, color="black", linestyle="--", linewidth=0.8,
+                       label=f"engaged ({threshold:g})")
+    for panel, (name, (label, bounds)) in zip(axes[0], _DIAGNOSTICS_PANELS.items(), strict=True):
+        for place in places:
+            key = f"attention/{place}/{name}"
+            points = [(iteration, metrics[key]) for iteration, metrics in history if key in metrics]
+            panel.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=place)
+        panel.set_title(label)
+        panel.set_xlabel("iteration")
+        panel.set_ylim(*bounds)
+        panel.ticklabel_format(axis="y", useOffset=False)  # a flat curve reads as its value, not an offset
+        panel.grid(alpha=0.3)
+    axes[0, 1].legend(loc="best")
+    if title:
+        figure.suptitle(title)
+    return figure
+
+
 def ablation_figure(
     variants: Sequence[str],
     miou: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     attention_gflops: Sequence[float],
     title: str = "",
+    differences: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+    baseline: str | None = None,
 ) -> Figure:
-    """An ablation at a glance: mIoU per variant with its spread over seeds, next to the attention's cost.
+    """An ablation at a glance: mIoU per variant with its 95 % interval over seeds, the paired differences to
+    a baseline with theirs, and the attention's cost.
 
     Args:
         variants: the V variant names, in table order.
-        miou: protocol name -> (V means, V spreads), as fractions in [0, 1]; NaN for a variant with no result.
+        miou: protocol name -> (V means, V half-widths of the 95 % intervals), as fractions in [0, 1]; NaN
+            for a variant with no result, a half-width NaN where there is no interval (one seed).
         attention_gflops: GFLOPs of each variant's attention modules alone.
         title: drawn above the figure (the search's name).
+        differences: protocol name -> (V mean paired differences to ``baseline``, V half-widths), as
+            fractions, NaN like ``miou``'s; the baseline's own entries are not drawn.
+        baseline: the variant ``differences`` are to; needed with them.
 
     Returns:
-        Two axes: grouped bars of mIoU (%) with error bars of one spread, then bars of attention GFLOPs.
+        Two axes: grouped bars of mIoU (%) with error bars of the 95 % interval, then bars of attention
+        GFLOPs; with ``differences``, between the two the differences (percentage points) as markers with
+        error bars of their intervals, one position per variant but the baseline, and a line at 0.
     """
+    if differences is not None and baseline is None:
+        raise ValueError("differences need the baseline they are to")
     count = len(variants)
-    figure, axes = _figure(1, 2, panel_inches=max(4.0, 0.55 * count + 1.5))
+    panels = 2 if differences is None else 3
+    figure, axes = _figure(1, panels, panel_inches=max(4.0, 0.55 * count + 1.5))
     positions = np.arange(count)
     width = 0.8 / max(len(miou), 1)
-    for index, (protocol, (means, spreads)) in enumerate(miou.items()):
+    for index, (protocol, (means, half_widths)) in enumerate(miou.items()):
         offset = (index - (len(miou) - 1) / 2) * width
         axes[0, 0].bar(positions + offset, 100 * np.asarray(means, dtype=float), width,
-                       yerr=100 * np.asarray(spreads, dtype=float), capsize=3, label=protocol)
-    axes[0, 0].set_ylabel("val mIoU (%), mean ± std over seeds")
+                       yerr=100 * np.asarray(half_widths, dtype=float), capsize=3, label=protocol)
+    axes[0, 0].set_ylabel("val mIoU (%), mean and 95 % CI over seeds")
     axes[0, 0].legend(loc="lower right")
-    axes[0, 1].bar(positions, np.asarray(attention_gflops, dtype=float), 0.6, color="tab:gray")
-    axes[0, 1].set_ylabel("attention GFLOPs (one image)")
+    axes[0, 0].set_xticks(positions, labels=list(variants), rotation=45, ha="right")
+    if differences is not None:
+        _differences_panel(axes[0, 1], variants, differences, str(baseline), width)
+    axes[0, -1].bar(positions, np.asarray(attention_gflops, dtype=float), 0.6, color="tab:gray")
+    axes[0, -1].set_ylabel("attention GFLOPs (one image)")
+    axes[0, -1].set_xticks(positions, labels=list(variants), rotation=45, ha="right")
     for panel in axes[0]:
-        panel.set_xticks(positions, labels=list(variants), rotation=45, ha="right")
         panel.grid(axis="y", alpha=0.3)
     if title:
         figure.suptitle(title)
     return figure
+
+
+def _differences_panel(
+    axes: Any, variants: Sequence[str], differences: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    baseline: str, width: float,
+) -> None:
+    """Each variant's paired differences to ``baseline`` in percentage points, a marker per protocol with
+    error bars of its 95 % interval; a line at 0, where an interval that crosses it resolves nothing."""
+    compared = [index for index, name in enumerate(variants) if name != baseline]
+    positions = np.arange(len(compared))
+    for index, (protocol, (means, half_widths)) in enumerate(differences.items()):
+        offset = (index - (len(differences) - 1) / 2) * width
+        axes.errorbar(positions + offset, 100 * np.asarray(means, dtype=float)[compared],
+                      yerr=100 * np.asarray(half_widths, dtype=float)[compared], fmt="o", capsize=3,
+                      label=protocol)
+    axes.axhline(0.0, color="black", linewidth=0.8)
+    axes.set_ylabel(f"Δ val mIoU vs {baseline} (pp), paired, 95 % CI")
+    axes.legend(loc="best")
+    axes.set_xticks(positions, labels=[variants[index] for index in compared], rotation=45, ha="right")

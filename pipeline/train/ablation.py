@@ -4,8 +4,11 @@ A config's ``tune.variants`` names sets of overrides (``{"fcn": ["model.recurren
 ``tune.seeds`` the seeds; :mod:`pipeline.train.tune` trains every variant once per seed with no early stopping
 (``tune.scheduler: none``). This module owns what is specific to that: the variants' configs (checked before
 anything starts), their cost at the input size (parameters, GFLOPs of the model and of its attention alone),
-and the summary of the trials' results, one row per variant with the mean and spread over the seeds, as
-markdown, CSV and a chart (:func:`pipeline.eval.plots.ablation_figure`).
+and the summary of the trials' results, one row per variant with the mean over the seeds and its 95 %
+confidence interval (Student's t), as markdown, CSV and a chart (:func:`pipeline.eval.plots.ablation_figure`).
+With ``tune.baseline`` each other variant is also compared with the baseline seed by seed: the paired
+difference, its 95 % interval and a verdict that names a difference only when its interval excludes 0
+("not resolved" otherwise). Without it nothing is compared, even with a variant named ``fcn``.
 
     ccnet tune -c configs/ablation_ccnet-tiny_generated-256x256_cpu.yaml
 """
@@ -22,10 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 from torch.utils.flop_counter import FlopCounterMode
 
 from ccnet import build_ccnet
 from pipeline.config import Config, ConfigError, apply_overrides, config_from_dict
+from pipeline.eval.plots import ablation_figure
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # The metrics a trial reports at its end (pipeline.train.tune) that the table summarises.
@@ -33,6 +38,7 @@ SINGLE = "final/mIoU_ss"
 MULTI = "final/mIoU_ms_flip"
 IMAGES_PER_SECOND = "train/median_images_per_second"
 PEAK_MEMORY = "train/peak_memory_mib"
+CONFIDENCE = 0.95  # of every interval in the table and the chart
 # Modules whose FLOPs count as "attention" (``FlopCounterMode`` names them from the model's class).
 _ATTENTION_MODULES = ("CCNet.head.attention", "CCNet.stem_attention")
 
@@ -51,6 +57,7 @@ def variant_configs(config: Config) -> dict[str, Config]:
             raise ConfigError(f"{source}: a variant name is letters, digits, '_', '.' or '-'")
         values = apply_overrides(config.to_dict(), list(overrides), source=source)
         values["tune"]["variants"] = {}  # a variant's own config is not an ablation
+        values["tune"]["baseline"] = None
         configs[name] = config_from_dict(values, source=source)
     return configs
 
@@ -90,26 +97,127 @@ class Trial:
     error: str | None = None
 
 
+def student_t_quantile(p: float, df: float) -> float:
+    """The ``p`` quantile of Student's t distribution with ``df`` degrees of freedom (12.706 for p=0.975 and
+    df=1, 1.960 as df grows), to about 1e-12 relative: bisection on the upper tail.
+
+    Raises:
+        ValueError: ``p`` outside (0, 1) or ``df`` not a finite number > 0.
+    """
+    if not (0.0 < p < 1.0 and 0.0 < df < math.inf):
+        raise ValueError(f"a t quantile needs 0 < p < 1 and finite df > 0, got p={p}, df={df}")
+    if p < 0.5:  # the distribution is symmetric about 0
+        return -student_t_quantile(1.0 - p, df)
+    if p == 0.5:  # the median, where the bisection's relative stop cannot be met
+        return 0.0
+    tail = 1.0 - p
+    low, high = 0.0, 1.0
+    while _t_upper_tail(high, df) > tail:
+        low, high = high, 2.0 * high
+    for _ in range(200):  # each step halves the bracket [high / 2, high]: 1e-12 relative within about 40
+        if high - low <= 1e-12 * high:
+            break
+        middle = (low + high) / 2.0
+        low, high = (middle, high) if _t_upper_tail(middle, df) > tail else (low, middle)
+    return (low + high) / 2.0
+
+
+def _t_upper_tail(t: float, df: float) -> float:
+    """P(T > t) for t >= 0: half the regularized incomplete beta I_x(df/2, 1/2) at x = df / (df + t^2),
+    computed directly rather than as 1 - CDF, which would cancel far in the tail."""
+    return 0.5 * _regularized_beta(df / (df + t * t), df / 2.0, 0.5)
+
+
+def _regularized_beta(x: float, a: float, b: float) -> float:
+    """I_x(a, b) for 0 <= x <= 1 and a, b > 0, by its continued fraction (Numerical Recipes' betai)."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    # The fraction converges quickly only below about Beta(a, b)'s mean; above, I_x(a, b) = 1 - I_1-x(b, a).
+    if x > (a + 1.0) / (a + b + 2.0):
+        return 1.0 - _regularized_beta(1.0 - x, b, a)
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    return math.exp(log_front) * _beta_fraction(x, a, b) / a
+
+
+def _beta_fraction(x: float, a: float, b: float) -> float:
+    """The continued fraction of I_x(a, b), evaluated by the modified Lentz method (to 1e-15 relative)."""
+    tiny = 1e-300  # stands in for a zero denominator, as Lentz's method prescribes
+
+    def step(value: float) -> float:
+        return value if abs(value) > tiny else tiny
+
+    c, d = 1.0, 1.0 / step(1.0 - (a + b) * x / (a + 1.0))
+    result = d
+    for m in range(1, 10_000):  # about sqrt(max(a, b)) terms are needed
+        even = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        odd = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        for numerator in (even, odd):
+            d = 1.0 / step(1.0 + numerator * d)
+            c = step(1.0 + numerator / c)
+            result *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return result
+
+
 @dataclass(frozen=True)
 class Stat:
-    """Mean and spread (sample standard deviation; 0 for one value) over the seeds; n values."""
+    """The mean of n values and the half-width of its 95 % confidence interval by Student's t with n - 1
+    degrees of freedom, ``t_{0.975, n-1} * sd / sqrt(n)``; None for one value, which has no interval."""
 
     mean: float
-    spread: float
+    half_width: float | None
     n: int
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Stat | None:
+        """The statistic of ``values`` with NaN left out; None when none is left."""
         values = [v for v in values if v is not None and not math.isnan(v)]
-        if not values:
+        if len(values) < 2:
+            return cls(values[0], None, 1) if values else None
+        n = len(values)
+        t = student_t_quantile(0.5 + CONFIDENCE / 2.0, n - 1)
+        return cls(statistics.fmean(values), t * statistics.stdev(values) / math.sqrt(n), n)
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """``(mean - half_width, mean + half_width)``; None without a half-width."""
+        if self.half_width is None:
             return None
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return cls(statistics.fmean(values), spread, len(values))
+        return self.mean - self.half_width, self.mean + self.half_width
+
+
+def paired_difference(variant: Sequence[Trial], baseline: Sequence[Trial], key: str) -> Stat | None:
+    """``key`` of ``variant`` minus that of ``baseline``, seed by seed over the seeds both finished with a
+    value (ascending): the mean difference, its 95 % interval and n, the number of pairs; None for no pair.
+    A seed with several finished trials (a space sampled as well) counts once, at their mean."""
+    mine, theirs = _per_seed(variant, key), _per_seed(baseline, key)
+    return Stat.of([mine[seed] - theirs[seed] for seed in sorted(mine.keys() & theirs.keys())])
+
+
+def _per_seed(trials: Sequence[Trial], key: str) -> dict[int, float]:
+    """Each seed's ``key`` over its finished trials (their mean); a seed with no value for it is left out."""
+    values: dict[int, list[float]] = {}
+    for trial in trials:
+        value = trial.metrics.get(key, math.nan)
+        if trial.error is None and value is not None and not math.isnan(value):
+            values.setdefault(trial.seed, []).append(value)
+    return {seed: statistics.fmean(seed_values) for seed, seed_values in values.items()}
+
+
+def verdict(difference: Stat | None, baseline: str) -> str:
+    """What a paired difference says: "better than <baseline>" or "worse than <baseline>" when its 95 %
+    interval excludes 0, else "not resolved" (an interval holding 0, or fewer than two pairs: no interval)."""
+    interval = None if difference is None else difference.interval
+    if interval is None or interval[0] <= 0.0 <= interval[1]:
+        return "not resolved"
+    return f"{'better' if interval[0] > 0.0 else 'worse'} than {baseline}"
 
 
 @dataclass(frozen=True)
 class VariantRow:
-    """One row of the ablation table."""
+    """One row of the ablation table; the differences are to the baseline (None for the baseline itself,
+    without one, or without a pair)."""
 
     variant: str
     cost: VariantCost
@@ -119,10 +227,17 @@ class VariantRow:
     peak_memory_mib: Stat | None
     seeds: tuple[int, ...]
     failed: tuple[int, ...]  # seeds whose trial failed or diverged
+    finished: int  # trials that finished (one per seed unless a space is sampled as well)
+    delta_single: Stat | None = None
+    delta_multi: Stat | None = None
 
 
-def summarise(trials: Sequence[Trial], costs: dict[str, VariantCost]) -> list[VariantRow]:
-    """One row per variant (in ``costs``' order): the mean and spread over its seeds' trials."""
+def summarise(
+    trials: Sequence[Trial], costs: dict[str, VariantCost], baseline: str | None = None
+) -> list[VariantRow]:
+    """One row per variant (in ``costs``' order): the mean and 95 % interval over its finished trials and,
+    with ``baseline`` (a name in ``costs``), every other variant's paired differences to it."""
+    reference = [t for t in trials if t.variant == baseline]
     rows = []
     for variant, cost in costs.items():
         mine = [t for t in trials if t.variant == variant]
@@ -131,10 +246,14 @@ def summarise(trials: Sequence[Trial], costs: dict[str, VariantCost]) -> list[Va
         def stat(key: str, done: list[Trial] = done) -> Stat | None:
             return Stat.of([t.metrics.get(key, math.nan) for t in done])
 
+        paired = baseline is not None and variant != baseline
         rows.append(VariantRow(
             variant, cost, stat(SINGLE), stat(MULTI), stat(IMAGES_PER_SECOND), stat(PEAK_MEMORY),
             seeds=tuple(sorted(t.seed for t in mine)),
             failed=tuple(sorted(t.seed for t in mine if t.error is not None)),
+            finished=len(done),
+            delta_single=paired_difference(mine, reference, SINGLE) if paired else None,
+            delta_multi=paired_difference(mine, reference, MULTI) if paired else None,
         ))
     return rows
 
@@ -142,49 +261,117 @@ def summarise(trials: Sequence[Trial], costs: dict[str, VariantCost]) -> list[Va
 def _pct(stat: Stat | None) -> str:
     if stat is None:
         return "-"
-    if stat.n == 1:  # one seed has no spread to show
+    if stat.half_width is None:  # one seed has no interval to show
         return f"{100 * stat.mean:.2f}"
-    return f"{100 * stat.mean:.2f} ± {100 * stat.spread:.2f}"
+    return f"{100 * stat.mean:.2f} ± {100 * stat.half_width:.2f}"
+
+
+def _delta(stat: Stat | None) -> str:
+    """A difference in percentage points with its interval's bounds: ``+2.00 [+0.76, +3.24]``."""
+    if stat is None:
+        return "-"
+    if stat.interval is None:
+        return f"{100 * stat.mean:+.2f} [one pair]"
+    low, high = stat.interval
+    return f"{100 * stat.mean:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
+
+
+def _paired_cells(row: VariantRow, baseline: str) -> list[str]:
+    """pairs (single/ms+flip where the two differ), Δ single, Δ ms+flip, verdict (one, or one per protocol
+    where they differ)."""
+    if row.variant == baseline:
+        return ["-", "-", "-", "baseline"]
+    single_n, multi_n = (0 if d is None else d.n for d in (row.delta_single, row.delta_multi))
+    pairs = str(single_n) if single_n == multi_n else f"{single_n}/{multi_n}"
+    single, multi = verdict(row.delta_single, baseline), verdict(row.delta_multi, baseline)
+    said = single if single == multi else f"single: {single}; ms+flip: {multi}"
+    return [pairs, _delta(row.delta_single), _delta(row.delta_multi), said]
 
 
 def _num(stat: Stat | None, digits: int) -> str:
     return "-" if stat is None else f"{stat.mean:.{digits}f}"
 
 
-def results_table(rows: Sequence[VariantRow]) -> str:
-    """The table as markdown: mIoU in % as mean ± standard deviation over the seeds (the mean alone for one
-    seed)."""
-    lines = [
-        "| variant | val mIoU single (%) | val mIoU ms+flip (%) | params (M) | GFLOPs | attention GFLOPs "
-        "| train img/s | peak memory (MiB) | seeds |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
+def results_table(rows: Sequence[VariantRow], baseline: str | None = None) -> str:
+    """The table as markdown: n finished trials, mIoU in % as mean ± the half-width of its 95 % interval (the
+    mean alone for one seed) and the costs; with ``baseline``, also each other variant's paired differences
+    in percentage points with the interval's bounds, the number of pairs and the verdict."""
+    header = "| variant | n | val mIoU single (%, ± 95 % CI) | val mIoU ms+flip (%, ± 95 % CI) |"
+    align = "|---|---:|---:|---:|"
+    if baseline is not None:
+        header += (f" pairs | Δ single vs {baseline} (pp, 95 % CI) | Δ ms+flip vs {baseline} (pp, 95 % CI) "
+                   "| verdict |")
+        align += "---:|---:|---:|---|"
+    header += " params (M) | GFLOPs | attention GFLOPs | train img/s | peak memory (MiB) | seeds |"
+    align += "---:|---:|---:|---:|---:|---|"
+    lines = [header, align]
     for row in rows:
         seeds = ",".join(map(str, row.seeds)) or "-"
         if row.failed:
             seeds += f" (failed: {','.join(map(str, row.failed))})"
-        lines.append(
-            f"| {row.variant} | {_pct(row.single)} | {_pct(row.multi)} | {row.cost.params / 1e6:.3f} "
-            f"| {row.cost.gflops:.2f} | {row.cost.attention_gflops:.3f} | {_num(row.images_per_second, 1)} "
-            f"| {_num(row.peak_memory_mib, 0)} | {seeds} |"
-        )
+        cells = [row.variant, str(row.finished), _pct(row.single), _pct(row.multi)]
+        if baseline is not None:
+            cells += _paired_cells(row, baseline)
+        cost = row.cost
+        cells += [f"{cost.params / 1e6:.3f}", f"{cost.gflops:.2f}", f"{cost.attention_gflops:.3f}",
+                  _num(row.images_per_second, 1), _num(row.peak_memory_mib, 0), seeds]
+        lines.append(f"| {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
-def results_csv(rows: Sequence[VariantRow]) -> str:
-    """The table as CSV, unrounded: mIoU as fractions, mean and std columns side by side."""
+def results_csv(rows: Sequence[VariantRow], baseline: str | None = None) -> str:
+    """The table as CSV, unrounded: mIoU and its differences as fractions; each statistic's mean and the
+    half-width of its 95 % interval (empty for one value); with ``baseline``, per protocol the pairs, the
+    mean paired difference, its interval's bounds (empty for one pair) and the verdict."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     stats = ("miou_single", "miou_multi_flip", "images_per_second", "peak_memory_mib")
-    writer.writerow([
-        "variant", *(f"{name}_{part}" for name in stats for part in ("mean", "std")), "params", "gflops",
-        "attention_gflops", "seeds", "failed_seeds",
-    ])
+    header = ["variant", "n", *(f"{name}_{part}" for name in stats for part in ("mean", "ci95")), "params",
+              "gflops", "attention_gflops"]
+    if baseline is not None:
+        parts = ("pairs", "mean", "low", "high", "verdict")
+        header += [f"{name}_{part}" for name in ("delta_single", "delta_multi_flip") for part in parts]
+    writer.writerow([*header, "seeds", "failed_seeds"])
     for row in rows:
-        values: list[Any] = [row.variant]
+        values: list[Any] = [row.variant, row.finished]
         for stat in (row.single, row.multi, row.images_per_second, row.peak_memory_mib):
-            values += ["", ""] if stat is None else [stat.mean, stat.spread]
-        values += [row.cost.params, row.cost.gflops, row.cost.attention_gflops,
-                   " ".join(map(str, row.seeds)), " ".join(map(str, row.failed))]
+            values += ["", ""] if stat is None else [stat.mean, _blank(stat.half_width)]
+        values += [row.cost.params, row.cost.gflops, row.cost.attention_gflops]
+        if baseline is not None:
+            values += [*_delta_fields(row, row.delta_single, baseline),
+                       *_delta_fields(row, row.delta_multi, baseline)]
+        values += [" ".join(map(str, row.seeds)), " ".join(map(str, row.failed))]
         writer.writerow(values)
     return buffer.getvalue()
+
+
+def _blank(value: float | None) -> float | str:
+    return "" if value is None else value
+
+
+def _delta_fields(row: VariantRow, delta: Stat | None, baseline: str) -> list[Any]:
+    """One paired difference as CSV fields: pairs, mean, low, high, verdict ("baseline" on its own row)."""
+    if row.variant == baseline:
+        return ["", "", "", "", "baseline"]
+    if delta is None:
+        return [0, "", "", "", verdict(delta, baseline)]
+    low, high = delta.interval or (None, None)
+    return [delta.n, delta.mean, _blank(low), _blank(high), verdict(delta, baseline)]
+
+
+def results_figure(rows: Sequence[VariantRow], baseline: str | None = None, title: str = "") -> Figure:
+    """The table as a chart (:func:`pipeline.eval.plots.ablation_figure`): mIoU with its 95 % intervals,
+    with ``baseline`` the paired differences to it with theirs, and the attention's cost."""
+
+    def series(stats: Sequence[Stat | None]) -> tuple[list[float], list[float]]:
+        """Means and half-widths, NaN where there is none (no result; one value has no interval)."""
+        means = [math.nan if s is None else s.mean for s in stats]
+        return means, [math.nan if s is None or s.half_width is None else s.half_width for s in stats]
+
+    miou = {"single-scale": series([r.single for r in rows]), "ms+flip": series([r.multi for r in rows])}
+    differences = None
+    if baseline is not None:
+        differences = {"single-scale": series([r.delta_single for r in rows]),
+                       "ms+flip": series([r.delta_multi for r in rows])}
+    return ablation_figure([r.variant for r in rows], miou, [r.cost.attention_gflops for r in rows],
+                           title=title, differences=differences, baseline=baseline)

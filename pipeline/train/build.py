@@ -42,6 +42,8 @@ class Training:
         best_miou: the best val mIoU so far (a resumed run: its checkpoint's).
         meta: what every checkpoint carries beside the training state (model name, classes, config, input
             normalisation, tracking run id).
+        attention_history: ``(iteration, attention diagnostics)`` at each validation so far, rank 0's
+            (:func:`ccnet.diagnostics.attention_diagnostics`; a resumed run: its checkpoint's, then its own).
     """
 
     model: nn.Module
@@ -56,6 +58,7 @@ class Training:
     start: int = 0
     best_miou: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    attention_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
 
     def state(self, iteration: int, rng: list[torch.Tensor], val_result: dict | None) -> dict[str, Any]:
         """The resumable state at ``iteration``; ``rng``: every rank's random state, rank 0's first;
@@ -64,6 +67,7 @@ class Training:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "iteration": iteration, "best_miou": self.best_miou,
             "rng": rng[0], "rng_per_rank": rng, **self.meta, "val_result": val_result,
+            "attention_history": self.attention_history,
         }
 
 
@@ -247,13 +251,14 @@ def build_training(config: Config, session: Session, run_id: str | None = None) 
     optimizer = build_optimizer(config, model)
     scaler = torch.amp.GradScaler(session.device.type, enabled=train.amp == "O1")
     loss_fn = build_loss(config, manifest.ignore_index)
-    start, best_miou = 0, None
+    start, best_miou, attention_history = 0, None, []
     state = session.restore()
     if state is not None:
         load_model_state(model, state, f"checkpoint of iteration {state['iteration']}")
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start, best_miou = state["iteration"], state.get("best_miou")
+        attention_history = state.get("attention_history", [])
         restore_rng(state, session, train.seed)
         log.info("resumed from iteration %d", start)
     else:
@@ -270,5 +275,5 @@ def build_training(config: Config, session: Session, run_id: str | None = None) 
     return Training(
         model, trained, optimizer, scaler, loss_fn,
         build_train_batches(config, session, normalization, manifest.ignore_index, start), val_data,
-        manifest.num_classes, manifest.ignore_index, start, best_miou, meta,
+        manifest.num_classes, manifest.ignore_index, start, best_miou, meta, attention_history,
     )

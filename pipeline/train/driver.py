@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -20,19 +21,26 @@ import torch
 
 from ccnet.attention_maps import ccnet_attention_maps
 from ccnet.backbones import Normalization
+from ccnet.diagnostics import ENGAGED_SHARE, never_engaged_note
 from ccnet.inference import LogitsOnly
 from ccnet.models import CCNet
 from pipeline.config import Config, dump_config
 from pipeline.data.readers import ShardDataset, open_manifest
 from pipeline.data.transforms import build_eval_transform
 from pipeline.eval.evaluation import evaluate_protocols
-from pipeline.eval.plots import attention_maps_figure, confusion_matrix_figure, overlay_figure
+from pipeline.eval.plots import (
+    attention_diagnostics_figure,
+    attention_maps_figure,
+    confusion_matrix_figure,
+    overlay_figure,
+)
 from pipeline.eval.results import EvalResult, protocol_table, summary_metrics
 from pipeline.io import storage
 from pipeline.io.checkpoints import (
     CHECKPOINT_FILE,
     CheckpointStore,
     checkpoint_normalization,
+    from_bytes,
     load,
     load_model_state,
 )
@@ -97,13 +105,19 @@ def log_run_context(tracker: Tracker, config: Config, variant: str | None = None
         tracker.log_dataset(name, digest, config.data.uri, profile, context)
 
 
-def describe_results(config: Config, results: dict[str, Any], best: dict[str, Any], manifest: Any) -> str:
-    """The run's description (``mlflow.note.content``): what it is and its headline results."""
+def describe_results(config: Config, results: dict[str, Any], best: dict[str, Any], manifest: Any,
+                     attention_history: Sequence[tuple[int, dict[str, float]]] = ()) -> str:
+    """The run's description (``mlflow.note.content``): what it is and its headline results, and a sentence
+    when its attention never engaged (``attention_history``: the training's, :mod:`ccnet.diagnostics`)."""
     figures = ", ".join(f"{result.miou * 100:.1f} {protocol}" for protocol, result in results.items())
-    return (f"{config.model.name} ({variant_label(config)}) trained {config.train.iterations} iterations on "
+    note = (f"{config.model.name} ({variant_label(config)}) trained {config.train.iterations} iterations on "
             f"{manifest.dataset} {manifest.version} {config.data.train_split}, crop {config.data.crop_size}. "
             f"Val mIoU ({config.data.val_split}) of the best checkpoint (iteration {best['iteration']}): "
             f"{figures}. Files: checkpoints/best, evaluation/results.md (per class), plots/.")
+    unengaged = never_engaged_note([diagnostics for _, diagnostics in attention_history])
+    if unengaged:
+        note += f" {unengaged[0].upper()}{unengaged[1:]}: see plots/attention_diagnostics.png."
+    return note
 
 
 def _denormalise(image: torch.Tensor, normalization: Normalization) -> np.ndarray:
@@ -220,11 +234,18 @@ def _train_and_record(run: RunContext) -> tuple[dict[str, Any], str, str]:
     made_best = {"ccnet.best.iteration": str(state["iteration"])}
     if state.get("best_miou") is not None:
         made_best["ccnet.best.val_mIoU"] = f"{state['best_miou']:.4f}"
-    note = describe_results(config, results, state, dataset.manifest)
+    # The diagnostics of every validation: the last checkpoint's (the best one's stop at the best iteration).
+    final = state if last == best_bytes else from_bytes(last, "the last checkpoint")
+    history = final.get("attention_history", [])  # none in a checkpoint from before the diagnostics
+    note = describe_results(config, results, state, dataset.manifest, history)
     tracker.set_tags({"mlflow.note.content": note, **made_best})
     if last != best_bytes:  # the same bytes once: often the last checkpoint is the best
         _log_bytes(tracker, last, "checkpoints/last")
     _log_plots(tracker, cast(CCNet, model), dataset, results, config.run.name)  # built by build_ccnet
+    if history:
+        title = f"{config.run.name}: attention on the first val image, per validation"
+        tracker.log_figure(attention_diagnostics_figure(history, ENGAGED_SHARE, title=title),
+                           "plots/attention_diagnostics.png")
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / CHECKPOINT_FILE
         path.write_bytes(best_bytes)

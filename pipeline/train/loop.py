@@ -10,6 +10,8 @@ set every iteration, main + 0.4 x aux cross-entropy (OHEM and the category-consi
 iteration-based, seeded. Mixed precision levels (apex names): O0 float32; O1 float16 autocast with a
 GradScaler; O2 bfloat16 autocast (no scaler: bf16 has float32's range). A non-finite loss skips the step;
 ``max_nonfinite`` in a row stop the run. Every checkpoint, periodic and best, goes through the session.
+Every validation also measures the attention (:mod:`ccnet.diagnostics`), and a run whose attention never
+engaged ends with one WARNING saying so.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ccnet.diagnostics import attention_diagnostics, never_engaged_note
 from ccnet.losses import SegmentationLoss
 from pipeline.config import Config, EvalConfig, TrainConfig
 from pipeline.eval.evaluation import EvalProtocol, evaluate
@@ -50,6 +53,7 @@ class TrainSummary:
     val_miou: float | None
     images_per_second: float
     skipped_steps: int
+    attention: dict[str, float] = field(default_factory=dict)  # the diagnostics of the last validation
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -114,7 +118,8 @@ def train_step(
 
 class _Validation:
     """Validates the model on the val set; the result of an iteration goes into that iteration's checkpoints
-    (the final results reuse the best one's)."""
+    (the final results reuse the best one's). Rank 0 also measures the attention (:mod:`ccnet.diagnostics`)
+    on one fixed image, and keeps the figures in the training's ``attention_history``."""
 
     def __init__(self, training: Training, eval_config: EvalConfig, session: Session,
                  amp_dtype: torch.dtype | None) -> None:
@@ -123,7 +128,8 @@ class _Validation:
         self.latest: tuple[int, EvalResult] | None = None
 
     def __call__(self, iteration: int) -> dict[str, float]:
-        """mIoU, pixel accuracy and per-class IoU; classes absent from the images (NaN) are left out."""
+        """mIoU, pixel accuracy and per-class IoU; classes absent from the images (NaN) are left out. On rank
+        0, the attention diagnostics (``attention/<place>/<figure>``) too, when the model has attention."""
         training, session = self.training, self.session
         result = evaluate(
             training.model, training.val_data, self.protocol, num_classes=training.num_classes,
@@ -131,8 +137,23 @@ class _Validation:
             world_size=session.world_size, progress=False, amp_dtype=self.amp_dtype,
         )
         self.latest = (iteration, result)
+        metrics = {name: value for name, value in result.as_metrics("val").items() if not math.isnan(value)}
+        if session.rank == 0 and len(training.val_data) > 0:
+            diagnostics = attention_diagnostics(training.model, self.probe())
+            if diagnostics:
+                training.attention_history.append((iteration, diagnostics))
+            metrics |= diagnostics
         training.model.train()
-        return {name: value for name, value in result.as_metrics("val").items() if not math.isnan(value)}
+        return metrics
+
+    def probe(self) -> torch.Tensor:
+        """What the attention diagnostics look at, the same at every validation so that their curves compare
+        like with like: the first val image's centre, at most ``eval.crop_size`` square (a sliding window's
+        size, which bounds the cost on large images), (1, 3, h, w) on the session's device."""
+        image = self.training.val_data[0]["image"]  # (3, H, W), normalised
+        crop = self.protocol.crop_size
+        top, left = max(0, (image.shape[1] - crop) // 2), max(0, (image.shape[2] - crop) // 2)
+        return image[None, :, top:top + crop, left:left + crop].to(self.session.device)
 
     def state_at(self, iteration: int) -> dict | None:
         return self.latest[1].state() if self.latest and self.latest[0] == iteration else None
@@ -179,7 +200,8 @@ def _check_finite(step: Step, iteration: int, nonfinite: int, limit: int) -> Non
 def run_loop(training: Training, recipe: TrainConfig, eval_config: EvalConfig, session: Session,
              tracker: Tracker) -> TrainSummary:
     """Train ``training`` to ``recipe.iterations``: log every ``log_every``, validate every ``eval_every``
-    (a better val mIoU saves the best checkpoint), checkpoint every ``checkpoint_every`` and at the end."""
+    (a better val mIoU saves the best checkpoint), checkpoint every ``checkpoint_every`` and at the end; then
+    one WARNING when the attention never engaged (:func:`ccnet.diagnostics.never_engaged`)."""
     amp_dtype = AMP_DTYPES[recipe.amp]
     validate = _Validation(training, eval_config, session, amp_dtype)
     throughput = _Throughput(session.world_size)
@@ -222,7 +244,12 @@ def run_loop(training: Training, recipe: TrainConfig, eval_config: EvalConfig, s
             # The latest val mIoU goes with every report: a search's scheduler reads it at each one.
             latest = {"val/mIoU": val_miou} if val_miou is not None else {}
             _save(session, training, iteration, validate, {"iteration": iteration, **latest, **metrics})
-    return TrainSummary(iteration, loss_value, training.best_miou, val_miou, throughput.latest, skipped)
+    history = training.attention_history
+    unengaged = never_engaged_note([diagnostics for _, diagnostics in history])
+    if session.rank == 0 and unengaged:
+        log.warning(unengaged)
+    return TrainSummary(iteration, loss_value, training.best_miou, val_miou, throughput.latest, skipped,
+                        history[-1][1] if history else {})
 
 
 def train_loop(config: Config, session: Session, run_id: str | None = None,

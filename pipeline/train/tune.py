@@ -27,7 +27,6 @@ from ray.tune.schedulers import ASHAScheduler
 
 from pipeline.config import Config, apply_overrides, config_from_dict, dump_config
 from pipeline.data.readers import open_manifest
-from pipeline.eval.plots import ablation_figure
 from pipeline.io import storage
 from pipeline.io.checkpoints import CheckpointStore
 from pipeline.io.redaction import holds_secret
@@ -140,19 +139,12 @@ def _record_ablation(
         for result in results
         if result.config and VARIANT in result.config
     ]
-    rows = ablation.summarise(trials, costs)
-    table = ablation.results_table(rows)
+    baseline = config.tune.baseline
+    rows = ablation.summarise(trials, costs, baseline)
+    table = ablation.results_table(rows, baseline)
     tracker.log_text(table, "ablation/results.md")
-    tracker.log_text(ablation.results_csv(rows), "ablation/results.csv")
-    nan = float("nan")
-    miou = {
-        label: ([s.mean if s else nan for s in stats], [s.spread if s else nan for s in stats])
-        for label, stats in (("single-scale", [r.single for r in rows]),
-                             ("ms+flip", [r.multi for r in rows]))
-    }
-    figure = ablation_figure([r.variant for r in rows], miou, [r.cost.attention_gflops for r in rows],
-                             title=config.tune.name)
-    tracker.log_figure(figure, "ablation/chart.png")
+    tracker.log_text(ablation.results_csv(rows, baseline), "ablation/results.csv")
+    tracker.log_figure(ablation.results_figure(rows, baseline, config.tune.name), "ablation/chart.png")
     return table
 
 
@@ -160,7 +152,8 @@ def run_search(config: Config) -> SearchReport:
     """Run (or resume) the search ``config.tune`` over ``config``; returns the results and the best values.
 
     With ``tune.variants`` the search is an ablation: a grid of every variant crossed with ``tune.seeds``
-    (and the space's samples), whose parent run also gets the per-variant table and chart.
+    (and the space's samples), whose parent run also gets the per-variant table and chart (with
+    ``tune.baseline``, each variant's paired differences to it).
     """
 
 
@@ -261,6 +254,7 @@ def _search(
         best_overrides = [*config.tune.variants[best_values[VARIANT]], *best_overrides]
     best_config = apply_overrides(config.to_dict(), best_overrides)
     best_config["tune"]["variants"] = {}
+    best_config["tune"]["baseline"] = None  # it names a variant, and the best config is no ablation
     tracker.log_text(dump_config(config_from_dict(best_config)), "search/best_config.yaml")
     ablation_table = _record_ablation(tracker, config, results, costs) if variants else None
     return SearchReport(parent, table, best_values, best_value, ablation_table)

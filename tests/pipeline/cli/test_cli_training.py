@@ -69,7 +69,12 @@ def test_train_records_a_run(trained: dict[str, str]) -> None:
     assert not any("single-scale" in key or "multi-scale" in key for key in final)
     assert run.data.metrics["final/mIoU_ss"] == history[best_iteration]
     names = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert names == {"plots/confusion_matrix.png", "plots/predictions.png", "plots/attention.png"}
+    assert names == {"plots/confusion_matrix.png", "plots/predictions.png", "plots/attention.png",
+                     "plots/attention_diagnostics.png"}
+    # The attention's diagnostics at each validation, and a sentence in the description when it never engaged.
+    shares = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "attention/head/share")}
+    assert list(shares) == [2, 4]
+    assert ("Attention never engaged: head share" in note) == (max(shares.values()) < 0.05)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert artifacts >= {"config.yaml", "checkpoints", "evaluation", "plots"}
     (model,) = client.search_logged_models(experiment_ids=[experiment.experiment_id])

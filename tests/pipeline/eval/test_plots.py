@@ -10,6 +10,7 @@ import torch
 from matplotlib.figure import Figure
 
 from pipeline.eval.plots import (
+    attention_diagnostics_figure,
     attention_maps_figure,
     colorize,
     confusion_matrix_figure,
@@ -117,3 +118,22 @@ def test_attention_maps_figure_one_row_per_pixel_maps_over_the_image() -> None:
 def test_attention_maps_figure_checks_pixel_count() -> None:
     with pytest.raises(ValueError, match="P=2"):
         attention_maps_figure(np.zeros((8, 8, 3), np.uint8), np.ones((2, 3, 2, 2)), [(0, 0), (1, 1)])
+
+
+def test_attention_diagnostics_figure_one_line_per_place_over_the_iterations() -> None:
+    history = [(iteration, {f"attention/{place}/{name}": iteration / 100 + offset
+                            for place, offset in (("head", 0.0), ("stem", 1.0))
+                            for name in ("gamma", "share", "entropy_normalised", "distance")})
+               for iteration in (10, 20, 30)]
+    history[0][1]["val/mIoU"] = 0.5  # not a diagnostic: ignored
+    figure = attention_diagnostics_figure(history, threshold=0.05, title="run")
+    assert len(figure.axes) == 4
+    share = figure.axes[1]
+    lines = {line.get_label(): line for line in share.lines}
+    assert set(lines) == {"head", "stem", "engaged (0.05)"}
+    np.testing.assert_array_equal(lines["head"].get_xdata(), [10, 20, 30])
+    np.testing.assert_allclose(lines["stem"].get_ydata(), [1.1, 1.2, 1.3])
+    assert list(lines["engaged (0.05)"].get_ydata()) == [0.05, 0.05]
+    assert _renders(figure)
+    with pytest.raises(ValueError, match="no attention diagnostics"):
+        attention_diagnostics_figure([(10, {"val/mIoU": 0.5})], threshold=0.05)

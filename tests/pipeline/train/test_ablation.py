@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import math
+import statistics
+from typing import Any
 
 import pytest
 
@@ -63,7 +65,7 @@ def _trial(variant: str, seed: int, single: float, multi: float, error: str | No
     return ablation.Trial(variant, seed, metrics, error)
 
 
-def test_rows_hold_the_mean_and_spread_over_seeds_and_name_failed_seeds() -> None:
+def test_rows_hold_the_mean_and_95_interval_over_seeds_and_name_failed_seeds() -> None:
     cost = ablation.VariantCost(1000, 1.0, 0.1)
     trials = [
         _trial("cc", 0, 0.80, 0.82), _trial("cc", 1, 0.90, 0.92), _trial("cc", 2, 0.0, 0.0, error="diverged"),
@@ -72,21 +74,141 @@ def test_rows_hold_the_mean_and_spread_over_seeds_and_name_failed_seeds() -> Non
     rows = ablation.summarise(trials, {"fcn": cost, "cc": cost, "never_ran": cost})
     assert [r.variant for r in rows] == ["fcn", "cc", "never_ran"]
     fcn, cc, never = rows
-    assert cc.single.mean == pytest.approx(0.85) and cc.single.spread == pytest.approx(math.sqrt(0.005))
-    assert cc.single.n == 2 and cc.seeds == (0, 1, 2) and cc.failed == (2,)
-    assert fcn.single.spread == 0.0 and never.single is None
+    # cc: mean 0.85, sd sqrt(0.005), so sd / sqrt(2) = 0.05 and the half-width t_{0.975,1} * 0.05 = 0.63531.
+    assert cc.single.mean == pytest.approx(0.85) and cc.single.half_width == pytest.approx(12.706205 * 0.05)
+    assert cc.single.n == 2 and cc.finished == 2 and cc.seeds == (0, 1, 2) and cc.failed == (2,)
+    assert fcn.single.half_width is None and fcn.single.interval is None and never.single is None
+    assert all(r.delta_single is None and r.delta_multi is None for r in rows)  # no baseline, no pairs
 
     table = ablation.results_table(rows).splitlines()
     assert len(table) == 2 + 3
-    assert table[2].startswith("| fcn | 60.00 | 61.00 |")  # one seed: no spread to show
-    assert "| cc | 85.00 ± 7.07 | 87.00 ± 7.07 |" in table[3]
-    assert "0,1,2 (failed: 2)" in table[3]
-    assert table[4].startswith("| never_ran | - | - |")
+    assert "verdict" not in table[0] and "Δ" not in table[0]
+    assert table[2].startswith("| fcn | 1 | 60.00 | 61.00 |")  # one seed: no interval to show
+    assert table[3].startswith("| cc | 2 | 85.00 ± 63.53 | 87.00 ± 63.53 |")
+    assert table[3].endswith("| 0,1,2 (failed: 2) |")
+    assert table[4].startswith("| never_ran | 0 | - | - |")
 
     parsed = list(csv.DictReader(io.StringIO(ablation.results_csv(rows))))
     assert [p["variant"] for p in parsed] == ["fcn", "cc", "never_ran"]
     assert float(parsed[1]["miou_single_mean"]) == pytest.approx(0.85)
+    assert float(parsed[1]["miou_single_ci95"]) == pytest.approx(0.635310, abs=1e-6)
+    assert parsed[0]["miou_single_ci95"] == "" and "delta_single_mean" not in parsed[0]
     assert parsed[1]["failed_seeds"] == "2" and parsed[2]["miou_single_mean"] == ""
+
+
+# Two-sided 95 % quantiles t_{0.975, df} as printed in statistics tables.
+@pytest.mark.parametrize(
+    ("df", "expected"), [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (29, 2.0452)]
+)
+def test_the_t_quantile_matches_the_printed_tables(df: int, expected: float) -> None:
+    assert ablation.student_t_quantile(0.975, df) == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("p", [0.6, 0.75, 0.9, 0.975, 0.999, 0.9999])
+def test_the_t_quantile_matches_the_closed_forms_and_the_normal_limit(p: float) -> None:
+    # df = 1 is the Cauchy distribution, df = 2 has a closed form; as df grows, t tends to the normal.
+    assert ablation.student_t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9)
+    two = (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+    assert ablation.student_t_quantile(p, 2) == pytest.approx(two, rel=1e-9)
+    assert ablation.student_t_quantile(p, 1e7) == pytest.approx(statistics.NormalDist().inv_cdf(p), rel=1e-5)
+    assert ablation.student_t_quantile(1 - p, 3) == -ablation.student_t_quantile(p, 3)
+
+
+@pytest.mark.parametrize(("p", "df"), [(0.0, 3), (1.0, 3), (0.975, 0), (0.975, math.inf), (math.nan, 3)])
+def test_the_t_quantile_refuses_impossible_arguments(p: float, df: float) -> None:
+    with pytest.raises(ValueError, match="a t quantile needs"):
+        ablation.student_t_quantile(p, df)
+
+
+def _grid(
+    variant: dict[int, float], baseline: dict[int, float], multi_shift: float = 0.0
+) -> list[ablation.Trial]:
+    """Trials of "cc" and "fcn" with these single-scale mIoU per seed (ms+flip: that + ``multi_shift``)."""
+    return [*(_trial("cc", seed, value, value + multi_shift) for seed, value in variant.items()),
+            *(_trial("fcn", seed, value, value) for seed, value in baseline.items())]
+
+
+def test_a_paired_difference_whose_interval_excludes_zero_is_better_by_hand() -> None:
+    # Differences per seed 0.020, 0.015, 0.025: mean 0.020, sd 0.005; half-width t_{0.975,2} * sd / sqrt(3)
+    # = 4.302653 * 0.005 / 1.7320508 = 0.0124207, so the interval [0.0075793, 0.0324207] excludes 0.
+    # ms+flip: 0.04 lower per seed, differences -0.020, -0.025, -0.015: the interval mirrored, all below 0.
+    trials = _grid({0: 0.620, 1: 0.625, 2: 0.615}, {0: 0.600, 1: 0.610, 2: 0.590}, multi_shift=-0.04)
+    cost = ablation.VariantCost(1000, 1.0, 0.1)
+    fcn, cc = ablation.summarise(trials, {"fcn": cost, "cc": cost}, baseline="fcn")
+    assert fcn.delta_single is None and fcn.delta_multi is None
+    assert (cc.delta_single.mean, cc.delta_single.n) == (pytest.approx(0.020), 3)
+    assert cc.delta_single.interval == pytest.approx((0.0075793, 0.0324207), abs=1e-7)
+    assert cc.delta_multi.interval == pytest.approx((-0.0324207, -0.0075793), abs=1e-7)
+    assert ablation.verdict(cc.delta_single, "fcn") == "better than fcn"
+    assert ablation.verdict(cc.delta_multi, "fcn") == "worse than fcn"
+
+    table = ablation.results_table([fcn, cc], baseline="fcn").splitlines()
+    assert "| pairs | Δ single vs fcn (pp, 95 % CI) | Δ ms+flip vs fcn (pp, 95 % CI) | verdict |" in table[0]
+    assert "| fcn | 3 | 60.00 ± 2.48 | 60.00 ± 2.48 | - | - | - | baseline |" in table[2]
+    assert ("| cc | 3 | 62.00 ± 1.24 | 58.00 ± 1.24 | 3 | +2.00 [+0.76, +3.24] | -2.00 [-3.24, -0.76] "
+            "| single: better than fcn; ms+flip: worse than fcn |") in table[3]
+    assert table[3].endswith("| 0,1,2 |")
+
+    fcn_csv, cc_csv = csv.DictReader(io.StringIO(ablation.results_csv([fcn, cc], baseline="fcn")))
+    assert (fcn_csv["delta_single_mean"], fcn_csv["delta_single_verdict"]) == ("", "baseline")
+    assert cc_csv["delta_single_pairs"] == "3" and float(cc_csv["delta_single_mean"]) == pytest.approx(0.02)
+    assert float(cc_csv["delta_single_low"]) == pytest.approx(0.0075793, abs=1e-7)
+    assert float(cc_csv["delta_single_high"]) == pytest.approx(0.0324207, abs=1e-7)
+    assert (cc_csv["delta_single_verdict"], cc_csv["delta_multi_flip_verdict"]) == ("better than fcn",
+                                                                                    "worse than fcn")
+
+
+def test_an_interval_holding_zero_or_a_single_pair_is_not_resolved() -> None:
+    cost = ablation.VariantCost(1000, 1.0, 0.1)
+    # Differences 0.01, -0.01, 0.02: mean 0.00667, sd 0.01528, half-width 4.3027 * 0.01528 / sqrt(3) = 0.0379:
+    # the interval [-0.0313, 0.0446] holds 0, though the variant's mean is the higher one.
+    trials = _grid({0: 0.61, 1: 0.60, 2: 0.62}, {0: 0.60, 1: 0.61, 2: 0.60})
+    _, cc = ablation.summarise(trials, {"fcn": cost, "cc": cost}, baseline="fcn")
+    assert cc.delta_single.interval == pytest.approx((-0.031279, 0.044612), abs=1e-6)
+    assert ablation.verdict(cc.delta_single, "fcn") == "not resolved"
+    assert "| not resolved |" in ablation.results_table([_, cc], baseline="fcn")
+    # One common seed: a difference of +0.05 but no interval, so no verdict either.
+    rows = ablation.summarise(_grid({0: 0.65}, {0: 0.60}), {"fcn": cost, "cc": cost}, baseline="fcn")
+    assert rows[1].delta_single.n == 1 and rows[1].delta_single.interval is None
+    assert "| cc | 1 | 65.00 | 65.00 | 1 | +5.00 [one pair] | +5.00 [one pair] | not resolved |" in \
+        ablation.results_table(rows, baseline="fcn")
+    parsed = list(csv.DictReader(io.StringIO(ablation.results_csv(rows, baseline="fcn"))))
+    assert (parsed[1]["delta_single_low"], parsed[1]["delta_single_verdict"]) == ("", "not resolved")
+    assert ablation.verdict(None, "fcn") == "not resolved"
+
+
+def test_pairs_are_matched_by_seed_and_only_over_seeds_both_finished() -> None:
+    cost = ablation.VariantCost(1000, 1.0, 0.1)
+    trials = [
+        # cc's seeds listed out of order, seed 3 one the baseline never ran.
+        _trial("cc", 3, 0.99, 0.99), _trial("cc", 1, 0.70, 0.70), _trial("cc", 2, 0.71, 0.71),
+        _trial("cc", 0, 0.64, 0.64),
+        _trial("fcn", 0, 0.60, 0.60), _trial("fcn", 1, 0.66, 0.66),
+        _trial("fcn", 2, 0.0, 0.0, error="diverged"),
+    ]
+    _, cc = ablation.summarise(trials, {"fcn": cost, "cc": cost}, baseline="fcn")
+    # Seeds 0 and 1 pair: differences 0.04 and 0.04 (by list position they would be 0.39, 0.04, ...).
+    assert cc.delta_single.n == 2 and cc.delta_single.mean == pytest.approx(0.04)
+    assert cc.delta_single.half_width == pytest.approx(0.0, abs=1e-12)
+    assert cc.single.n == 4  # the variant's own mean still counts all its finished seeds
+
+
+def test_without_a_baseline_an_fcn_variant_is_not_taken_as_one() -> None:
+    cost = ablation.VariantCost(1000, 1.0, 0.1)
+    trials = _grid({0: 0.620, 1: 0.625, 2: 0.615}, {0: 0.600, 1: 0.610, 2: 0.590})
+    rows = ablation.summarise(trials, {"fcn": cost, "cc": cost})
+    assert all(r.delta_single is None for r in rows)
+    assert "verdict" not in ablation.results_table(rows) and "verdict" not in ablation.results_csv(rows)
+
+
+def test_the_baseline_must_name_a_variant() -> None:
+    with pytest.raises(ConfigError, match=r"tune\.baseline='cc_r9' is not allowed \(expected null or one of "
+                                          r"tune\.variants: fcn, cc_r2, axial_r1, stem_cc_r2\)"):
+        _config("tune.baseline=cc_r9")
+    config = _config("tune.baseline=fcn")
+    assert config.tune.baseline == "fcn"
+    # Each variant's own config is no ablation, so it names no baseline (and is valid without variants).
+    assert all(c.tune.baseline is None for c in ablation.variant_configs(config).values())
 
 
 def test_the_chart_has_a_bar_per_variant_and_protocol_beside_the_attention_cost() -> None:
@@ -98,3 +220,41 @@ def test_the_chart_has_a_bar_per_variant_and_protocol_beside_the_attention_cost(
     assert len(miou_axes.patches) == 4 and len(cost_axes.patches) == 2
     assert [t.get_text() for t in cost_axes.get_xticklabels()] == ["fcn", "cc"]
     assert cost_axes.patches[1].get_height() == pytest.approx(0.3)
+
+
+def _error_bars(container: Any) -> list[tuple[float, float]]:
+    """The (low, high) ends of each error bar of a bar or errorbar container, in data units; NaN for a bar
+    without one."""
+    segments = container.errorbar.lines[2][0] if hasattr(container, "errorbar") else container.lines[2][0]
+    return [(float(s[0][1]), float(s[1][1])) if len(s) else (math.nan, math.nan)
+            for s in segments.get_segments()]
+
+
+def test_the_chart_shows_the_intervals_and_the_paired_differences_with_a_line_at_zero() -> None:
+    cost = ablation.VariantCost(1000, 1.0, 0.1)
+    trials = [*_grid({0: 0.620, 1: 0.625, 2: 0.615}, {0: 0.600, 1: 0.610, 2: 0.590}),
+              _trial("axial", 0, 0.61, 0.61)]
+    rows = ablation.summarise(trials, {"fcn": cost, "cc": cost, "axial": cost}, baseline="fcn")
+    figure = ablation.results_figure(rows, "fcn", title="ablation")
+    figure.savefig(io.BytesIO(), format="png")  # renders headless on the Agg canvas
+    miou_axes, delta_axes, cost_axes = figure.axes
+
+    # cc's single-scale bar: 62.00 ± 1.24 (its seeds 0.620, 0.625, 0.615: sd 0.005, as in the paired case).
+    single_bars = miou_axes.containers[0]
+    assert _error_bars(single_bars)[1] == pytest.approx((62.0 - 1.24207, 62.0 + 1.24207), abs=1e-4)
+    # The differences: one position per variant but the baseline; cc's interval [+0.76, +3.24] pp; axial, one
+    # seed, has a marker and no interval.
+    assert [t.get_text() for t in delta_axes.get_xticklabels()] == ["cc", "axial"]
+    single_deltas = delta_axes.containers[0]
+    assert list(single_deltas.lines[0].get_ydata()) == pytest.approx([2.0, 1.0])
+    ends = _error_bars(single_deltas)
+    assert ends[0] == pytest.approx((0.75793, 3.24207), abs=1e-4) and all(math.isnan(v) for v in ends[1])
+    assert any(list(line.get_ydata()) == [0.0, 0.0] for line in delta_axes.lines)  # the line at 0
+    assert "vs fcn" in delta_axes.get_ylabel()
+    assert [t.get_text() for t in cost_axes.get_xticklabels()] == ["fcn", "cc", "axial"]
+
+
+def test_the_chart_refuses_differences_without_their_baseline() -> None:
+    with pytest.raises(ValueError, match="baseline"):
+        ablation_figure(["fcn", "cc"], {"single-scale": ([0.6, 0.7], [0.0, 0.0])}, [0.0, 0.1],
+                        differences={"single-scale": ([math.nan, 0.1], [math.nan, 0.0])})

@@ -136,6 +136,7 @@ def test_two_workers_on_s3_and_mlflow(
             # Resumed from the orphan, not from Ray's iteration 4: its marker best mIoU carried on.
             final = _latest_registered(run_folder)
             assert final["iteration"] == 7 and final["best_miou"] == 0.999
+            assert [iteration for iteration, _ in final["attention_history"]] == [4, 7]  # 4's carried on
             assert not any(name.startswith(ORPHAN) for name in storage.list_files(config.run.storage))
     finally:
         ray.shutdown()
@@ -147,6 +148,11 @@ def test_two_workers_on_s3_and_mlflow(
     losses = client.get_metric_history(report.run_id, "train/loss")
     assert sorted(m.step for m in losses) == ([1, 2, 3, 4, 5, 6, 7] if loader == "torch" else [1, 2, 3, 4])
     assert "final/mIoU_ms_flip" in run.data.metrics
+    # Rank 0 measured the attention at each validation; the driver drew them from the last checkpoint.
+    shares = client.get_metric_history(report.run_id, "attention/head/share")
+    assert sorted(m.step for m in shares) == ([4, 7] if loader == "torch" else [4])
+    plots = {a.path for a in client.list_artifacts(report.run_id, "plots")}
+    assert "plots/attention_diagnostics.png" in plots
     artifacts = {a.path for a in client.list_artifacts(report.run_id, "checkpoints/best")}
     assert artifacts == {"checkpoints/best/checkpoint.pt"}
     assert {a.path for a in client.list_artifacts(report.run_id, "evaluation")} == {"evaluation/results.md"}

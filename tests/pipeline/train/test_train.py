@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ccnet import build_ccnet
+from ccnet.diagnostics import FIGURES
 from ccnet.losses import SegmentationLoss
 from pipeline.config import Config, load_config
 from pipeline.data.sources import build_source
@@ -118,6 +119,33 @@ def test_resume_continues_exactly(dataset: str, tmp_path: Path) -> None:
     }
     for key, value in final["straight"].items():
         assert torch.equal(value, final["resumed"][key]), key
+
+
+def test_attention_diagnostics_at_each_validation_and_one_warning_when_never_engaged(
+    dataset: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = Recorder()
+    config = make_config(dataset, tmp_path, "train.iterations=4", "train.eval_every=2",
+                         "train.checkpoint_every=2")
+    crashing = CrashAfter(run_uri(config))
+    crashing.crash_at = 2  # after the first validation: the diagnostics so far go on with the checkpoint
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.loop"):
+        with pytest.raises(KeyboardInterrupt):
+            train_loop(config, crashing, tracker=recorder)
+        summary = train_loop(config, LocalSession(run_uri(config)), tracker=recorder)
+
+    names = {f"attention/head/{figure}" for figure in FIGURES}  # ccnet_tiny: criss-cross R=2 in the head
+    assert sorted(step for step, metrics in recorder.metrics.items() if names <= set(metrics)) == [2, 4]
+    assert not any(name.startswith("attention/") for step in (1, 3) for name in recorder.metrics[step])
+    assert summary.attention == {name: recorder.metrics[4][name] for name in names}
+    assert summary.attention["attention/head/share"] < 0.05  # gamma starts at 0 and 4 steps barely move it
+    history = load(CheckpointStore(run_uri(config)).latest())["attention_history"]
+    assert [iteration for iteration, _ in history] == [2, 4]  # the resumed run kept the first validation's
+    assert history[0][1] == {name: recorder.metrics[2][name] for name in names}
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert warnings[0].startswith("attention never engaged: head share ")
+    assert "over 2 measurements" in warnings[0]
 
 
 def test_category_consistent_loss_trains_on_the_generated_set(dataset: str, tmp_path: Path) -> None:

@@ -73,6 +73,7 @@ def test_ablation_grid_of_variants_and_seeds(tiny_run: tuple[list[str], str], tm
         *overrides, "data.crop_size=48", "train.iterations=2", "train.log_every=1", "eval.scales=[1.0, 1.25]",
         "tune.name=tiny-ablation", "tune.space={}", "tune.scheduler=none", "tune.seeds=[0, 1]",
         "tune.variants={fcn: [model.recurrence=0], axial_r1: [model.attention=axial, model.recurrence=1]}",
+        "tune.baseline=fcn",
     ])
     ray.init(num_cpus=2, include_dashboard=False)
     try:
@@ -89,6 +90,9 @@ def test_ablation_grid_of_variants_and_seeds(tiny_run: tuple[list[str], str], tm
     rows = report.ablation.splitlines()
     assert [row.split(" | ")[0] for row in rows[2:]] == ["| fcn", "| axial_r1"]
     assert all(row.endswith("| 0,1 |") for row in rows[2:])
+    # The baseline reached the table: axial_r1 is compared with fcn over both seeds (2 pairs).
+    assert "| Δ single vs fcn (pp, 95 % CI) |" in rows[0] and "| - | - | - | baseline |" in rows[2]
+    assert rows[3].split(" | ")[4] == "2"
     assert again.ablation == report.ablation and again.parent_run_id == report.parent_run_id
 
     client = MlflowClient(tracking)
