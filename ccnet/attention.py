@@ -42,12 +42,15 @@ IMPLEMENTATIONS = ("auto", "triton", "lean", "autograd")
 
 
 class _QKVAttention(nn.Module):
-    """Shared parameterisation: Q/K projections to ``in_channels // reduction``, V at ``in_channels``; and the
-    one dispatch to the implementation ``impl`` (see the module's docstring)."""
+    """Shared parameterisation: Q/K projections to ``in_channels // reduction``, V at ``in_channels``, the
+    residual scale ``gamma`` (``gamma_init``, 0 in the paper); and the one dispatch to the implementation
+    ``impl`` (see the module's docstring)."""
 
     IMPLS: ClassVar[tuple[str, ...]] = ("auto", "autograd")  # what this module can run
 
-    def __init__(self, in_channels: int, reduction: int = 8, impl: str = "auto") -> None:
+    def __init__(
+        self, in_channels: int, reduction: int = 8, impl: str = "auto", gamma_init: float = 0.0
+    ) -> None:
         super().__init__()
         if in_channels < 1 or reduction < 1 or in_channels // reduction < 1:
             raise ValueError(
@@ -62,7 +65,7 @@ class _QKVAttention(nn.Module):
         self.query = nn.Conv2d(in_channels, key_channels, kernel_size=1)
         self.key = nn.Conv2d(in_channels, key_channels, kernel_size=1)
         self.value = nn.Conv2d(in_channels, in_channels, kernel_size=1)
-        self.gamma = nn.Parameter(torch.zeros(1))
+        self.gamma = nn.Parameter(torch.full((1,), float(gamma_init)))
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, reduction={self.reduction}, impl={self.impl}"
@@ -261,11 +264,13 @@ ATTENTION_TYPES: dict[str, type[_QKVAttention]] = {
 }
 
 
-def build_attention(kind: str, in_channels: int, reduction: int = 8, impl: str = "auto") -> nn.Module:
-    """Build an attention module by name (one of :data:`ATTENTION_TYPES`) with implementation ``impl``."""
+def build_attention(kind: str, in_channels: int, reduction: int = 8, impl: str = "auto",
+                    gamma_init: float = 0.0) -> nn.Module:
+    """Build an attention module by name (one of :data:`ATTENTION_TYPES`) with implementation ``impl`` and
+    ``gamma`` starting at ``gamma_init``."""
     if kind not in ATTENTION_TYPES:
         raise ValueError(f"unknown attention {kind!r}; choose one of {sorted(ATTENTION_TYPES)}")
-    return ATTENTION_TYPES[kind](in_channels, reduction, impl=impl)
+    return ATTENTION_TYPES[kind](in_channels, reduction, impl=impl, gamma_init=gamma_init)
 
 
 __all__ = [

@@ -31,7 +31,7 @@ def separate_rng(stream: str) -> Iterator[None]:
 
 def build_recurrent_attention(
     attention: str, in_channels: int, recurrence: int, reduction: int = 8, impl: str = "auto",
-    stream: str = "attention",
+    stream: str = "attention", gamma_init: float = 0.0,
 ) -> nn.Module:
     """Shared-weight attention applied ``recurrence`` times; ``recurrence=0`` builds no module at all.
 
@@ -43,7 +43,7 @@ def build_recurrent_attention(
     if recurrence == 0:
         return nn.Identity()
     with separate_rng(stream):
-        module = build_attention(attention, in_channels, reduction, impl)
+        module = build_attention(attention, in_channels, reduction, impl, gamma_init)
     return RecurrentAttention(module, recurrence)
 
 
@@ -62,6 +62,7 @@ class RCCAHead(nn.Module):
         embedding_channels: when > 0, also return a 1x1 projection of the attended features of this
             width, for the category-consistent loss.
         impl: the attention's implementation: ``auto``, ``triton``, ``lean`` or ``autograd``.
+        gamma_init: the attention's residual scale ``gamma`` at initialisation (0 in the paper).
     """
 
     def __init__(
@@ -77,11 +78,12 @@ class RCCAHead(nn.Module):
         dropout: float = 0.1,
         embedding_channels: int = 0,
         impl: str = "auto",
+        gamma_init: float = 0.0,
     ) -> None:
         super().__init__()
         self.reduce = ConvBNReLU(in_channels, channels)
         self.attention = build_recurrent_attention(attention, channels, recurrence, reduction, impl,
-                                                   stream="head_attention")
+                                                   stream="head_attention", gamma_init=gamma_init)
         self.project = ConvBNReLU(channels, channels)
         self.bottleneck = ConvBNReLU(in_channels + channels, bottleneck_channels)
         self.dropout = nn.Dropout2d(dropout)

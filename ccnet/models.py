@@ -11,6 +11,7 @@ self-describing name (``{method}_{backbone}``), and :func:`build_ccnet` applies 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,12 @@ class CCNetConfig:
         pretrained: local file with ImageNet backbone weights, or None; never downloaded.
         impl: how the attention modules compute (same results): ``auto`` (Triton kernels on CUDA when
             installed, else the lean backward), ``triton``, ``lean`` or ``autograd``; see ``ccnet.attention``.
+        gamma_init: every attention module's residual scale ``gamma`` at initialisation. 0 (the paper's)
+            makes each module the identity at first, which keeps a pretrained network's features intact where
+            attention is inserted into it, but while ``gamma`` is 0 the attention's query/key/value convs get
+            no gradient: only ``gamma`` learns at first, and on short schedules it barely leaves 0. In the
+            head, which is trained from random weights anyway, a non-zero start lets every attention weight
+            learn from the first step.
     """
 
     backbone: str = "resnet101_deepstem"
@@ -68,6 +75,7 @@ class CCNetConfig:
     align_corners: bool = False
     pretrained: str | None = None
     impl: str = "auto"
+    gamma_init: float = 0.0
 
     def __post_init__(self) -> None:
         checks = {
@@ -83,6 +91,7 @@ class CCNetConfig:
             "dropout": 0.0 <= self.dropout < 1.0,
             "embedding_channels": self.embedding_channels >= 0,
             "output_stride": self.output_stride in (8, 16),
+            "gamma_init": math.isfinite(self.gamma_init),
         }
         choices = {"backbone": BACKBONES, "attention": tuple(ATTENTION_TYPES), "placement": PLACEMENTS,
                    "impl": IMPLEMENTATIONS}
@@ -117,7 +126,7 @@ class CCNet(nn.Module):
         self.stem_attention = (
             build_recurrent_attention(
                 config.attention, self.backbone.stem_channels, config.recurrence, config.reduction,
-                config.impl, stream="stem_attention",
+                config.impl, stream="stem_attention", gamma_init=config.gamma_init,
             )
             if use_stem
             else None
@@ -133,6 +142,7 @@ class CCNet(nn.Module):
             dropout=config.dropout,
             embedding_channels=config.embedding_channels,
             impl=config.impl,
+            gamma_init=config.gamma_init,
         )
         self.aux_head = (
             FCNHead(self.backbone.aux_channels, config.num_classes, config.aux_channels, config.dropout)

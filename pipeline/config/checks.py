@@ -62,6 +62,8 @@ def validate(config: Config, source: str = "config") -> None:
         "tracking.settle_timeout": (0 <= c.tracking.settle_timeout < math.inf, non_negative),
         "model.recurrence": (c.model.recurrence is None or c.model.recurrence >= 0, f"null or {zero}"),
         "model.embedding_channels": ((c.model.embedding_channels or 0) >= 0, f"null or {zero}"),
+        "model.gamma_init": (c.model.gamma_init is None or math.isfinite(c.model.gamma_init),
+                             "null or a finite number"),
         "tune.name": (stays_inside(c.tune.name), "a name or relative path without '..'"),
         "tune.num_samples": (c.tune.num_samples >= 1, "an integer >= 1"),
         "tune.max_concurrent": (c.tune.max_concurrent >= 1, "an integer >= 1"),

@@ -44,6 +44,9 @@ class ModelConfig:
     # The authors' code and the 769x769 recipes use true.
     align_corners: bool | None = None
     embedding_channels: int | None = None  # > 0: the projection that train.consistency_weight trains
+    # Every attention module's gamma at initialisation; None keeps the preset's 0 (the paper's). See
+    # CCNetConfig.gamma_init: non-zero lets the attention's own weights learn from the first step.
+    gamma_init: float | None = None
     sync_bn: bool = True  # SyncBatchNorm across GPU workers
 
     def resolved(self) -> Any:

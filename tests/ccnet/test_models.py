@@ -206,3 +206,24 @@ def test_ccnet_imports_no_pipeline_dependencies() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("attention", ["criss_cross", "axial", "nonlocal"])
+def test_gamma_init_sets_every_attention_and_lets_its_weights_learn_at_once(attention: str) -> None:
+    """At gamma 0 (the paper's start) the query/key/value convs get no gradient; at gamma_init != 0 they do."""
+    image = torch.randn(1, 3, 64, 64)
+    gradients = {}
+    for gamma_init in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = build_ccnet("ccnet_tiny", num_classes=3, attention=attention, placement="both",
+                            recurrence=1, gamma_init=gamma_init, impl="autograd")
+        gammas = [module.gamma.item() for module in model.modules() if hasattr(module, "gamma")]
+        assert gammas == [gamma_init, gamma_init]  # stem and head
+        model(image)["out"].square().mean().backward()
+        gradients[gamma_init] = model.head.attention.attention.query.weight.grad.abs().sum().item()
+    assert gradients[0.0] == 0.0 and gradients[0.5] > 0.0
+
+
+def test_gamma_init_must_be_finite() -> None:
+    with pytest.raises(ValueError, match="gamma_init=nan"):
+        model_config("ccnet_tiny", gamma_init=float("nan"))

@@ -24,6 +24,7 @@ NONSENSE: dict[str, list[tuple[str, str]]] = {
     "model.placement": [("tail", "model.placement='tail' is not allowed; choose one of")],
     "model.output_stride": [("4", "model.output_stride=4 is not allowed"), ("0", "output_stride=0")],
     "model.embedding_channels": [("-8", "model.embedding_channels=-8 is not allowed")],
+    "model.gamma_init": [(".nan", "model.gamma_init=nan is not allowed"), (".inf", "model.gamma_init=inf")],
     "model.impl": [("fast", "model.impl='fast' is not allowed; choose one of ['auto', 'triton', 'lean'")],
     "data.train_split": [("''", "data.train_split='' is not allowed"), ("../x", "data.train_split='../x'")],
     "data.val_split": [("''", "data.val_split='' is not allowed")],
