@@ -5,7 +5,9 @@ A config's ``tune.variants`` names sets of overrides (``{"fcn": ["model.recurren
 (``tune.scheduler: none``). This module owns what is specific to that: the variants' configs (checked before
 anything starts), their cost at the input size (parameters, GFLOPs of the model and of its attention alone),
 and the summary of the trials' results, one row per variant with the mean over the seeds and its 95 %
-confidence interval (Student's t), as markdown, CSV and a chart (:func:`pipeline.eval.plots.ablation_figure`).
+confidence interval (Student's t, :mod:`pipeline.eval.intervals`), the attention's ``gamma`` and share at the
+end (:mod:`ccnet.diagnostics`) and the wall time per run, as markdown, CSV and a chart
+(:func:`pipeline.eval.plots.ablation_figure`).
 With ``tune.baseline`` each other variant is also compared with the baseline seed by seed: the paired
 difference, its 95 % interval and a verdict that names a difference only when its interval excludes 0
 ("not resolved" otherwise). Without it nothing is compared, even with a variant named ``fcn``.
@@ -30,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ccnet import build_ccnet
 from pipeline.config import Config, ConfigError, apply_overrides, config_from_dict
+from pipeline.eval.intervals import Stat
 from pipeline.eval.plots import ablation_figure
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -38,7 +41,9 @@ SINGLE = "final/mIoU_ss"
 MULTI = "final/mIoU_ms_flip"
 IMAGES_PER_SECOND = "train/median_images_per_second"
 PEAK_MEMORY = "train/peak_memory_mib"
-CONFIDENCE = 0.95  # of every interval in the table and the chart
+WALL = "time_total_s"  # Ray Tune's: the trial's seconds, evaluation and logging included
+# The attention at the last validation (ccnet.diagnostics), per place: the head's, else the stem's.
+PLACES = ("head", "stem")
 # Modules whose FLOPs count as "attention" (``FlopCounterMode`` names them from the model's class).
 _ATTENTION_MODULES = ("CCNet.head.attention", "CCNet.stem_attention")
 
@@ -97,96 +102,6 @@ class Trial:
     error: str | None = None
 
 
-def student_t_quantile(p: float, df: float) -> float:
-    """The ``p`` quantile of Student's t distribution with ``df`` degrees of freedom (12.706 for p=0.975 and
-    df=1, 1.960 as df grows), to about 1e-12 relative: bisection on the upper tail.
-
-    Raises:
-        ValueError: ``p`` outside (0, 1) or ``df`` not a finite number > 0.
-    """
-    if not (0.0 < p < 1.0 and 0.0 < df < math.inf):
-        raise ValueError(f"a t quantile needs 0 < p < 1 and finite df > 0, got p={p}, df={df}")
-    if p < 0.5:  # the distribution is symmetric about 0
-        return -student_t_quantile(1.0 - p, df)
-    if p == 0.5:  # the median, where the bisection's relative stop cannot be met
-        return 0.0
-    tail = 1.0 - p
-    low, high = 0.0, 1.0
-    while _t_upper_tail(high, df) > tail:
-        low, high = high, 2.0 * high
-    for _ in range(200):  # each step halves the bracket [high / 2, high]: 1e-12 relative within about 40
-        if high - low <= 1e-12 * high:
-            break
-        middle = (low + high) / 2.0
-        low, high = (middle, high) if _t_upper_tail(middle, df) > tail else (low, middle)
-    return (low + high) / 2.0
-
-
-def _t_upper_tail(t: float, df: float) -> float:
-    """P(T > t) for t >= 0: half the regularized incomplete beta I_x(df/2, 1/2) at x = df / (df + t^2),
-    computed directly rather than as 1 - CDF, which would cancel far in the tail."""
-    return 0.5 * _regularized_beta(df / (df + t * t), df / 2.0, 0.5)
-
-
-def _regularized_beta(x: float, a: float, b: float) -> float:
-    """I_x(a, b) for 0 <= x <= 1 and a, b > 0, by its continued fraction (Numerical Recipes' betai)."""
-    if x <= 0.0 or x >= 1.0:
-        return 0.0 if x <= 0.0 else 1.0
-    # The fraction converges quickly only below about Beta(a, b)'s mean; above, I_x(a, b) = 1 - I_1-x(b, a).
-    if x > (a + 1.0) / (a + b + 2.0):
-        return 1.0 - _regularized_beta(1.0 - x, b, a)
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    return math.exp(log_front) * _beta_fraction(x, a, b) / a
-
-
-def _beta_fraction(x: float, a: float, b: float) -> float:
-    """The continued fraction of I_x(a, b), evaluated by the modified Lentz method (to 1e-15 relative)."""
-    tiny = 1e-300  # stands in for a zero denominator, as Lentz's method prescribes
-
-    def step(value: float) -> float:
-        return value if abs(value) > tiny else tiny
-
-    c, d = 1.0, 1.0 / step(1.0 - (a + b) * x / (a + 1.0))
-    result = d
-    for m in range(1, 10_000):  # about sqrt(max(a, b)) terms are needed
-        even = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
-        odd = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
-        for numerator in (even, odd):
-            d = 1.0 / step(1.0 + numerator * d)
-            c = step(1.0 + numerator / c)
-            result *= c * d
-        if abs(c * d - 1.0) < 1e-15:
-            break
-    return result
-
-
-@dataclass(frozen=True)
-class Stat:
-    """The mean of n values and the half-width of its 95 % confidence interval by Student's t with n - 1
-    degrees of freedom, ``t_{0.975, n-1} * sd / sqrt(n)``; None for one value, which has no interval."""
-
-    mean: float
-    half_width: float | None
-    n: int
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> Stat | None:
-        """The statistic of ``values`` with NaN left out; None when none is left."""
-        values = [v for v in values if v is not None and not math.isnan(v)]
-        if len(values) < 2:
-            return cls(values[0], None, 1) if values else None
-        n = len(values)
-        t = student_t_quantile(0.5 + CONFIDENCE / 2.0, n - 1)
-        return cls(statistics.fmean(values), t * statistics.stdev(values) / math.sqrt(n), n)
-
-    @property
-    def interval(self) -> tuple[float, float] | None:
-        """``(mean - half_width, mean + half_width)``; None without a half-width."""
-        if self.half_width is None:
-            return None
-        return self.mean - self.half_width, self.mean + self.half_width
-
-
 def paired_difference(variant: Sequence[Trial], baseline: Sequence[Trial], key: str) -> Stat | None:
     """``key`` of ``variant`` minus that of ``baseline``, seed by seed over the seeds both finished with a
     value (ascending): the mean difference, its 95 % interval and n, the number of pairs; None for no pair.
@@ -230,6 +145,10 @@ class VariantRow:
     finished: int  # trials that finished (one per seed unless a space is sampled as well)
     delta_single: Stat | None = None
     delta_multi: Stat | None = None
+    gamma: Stat | None = None  # the attention's at the end, at its first place in PLACES present
+    share: Stat | None = None
+    place: str | None = None
+    wall_seconds: Stat | None = None
 
 
 def summarise(
@@ -247,6 +166,7 @@ def summarise(
             return Stat.of([t.metrics.get(key, math.nan) for t in done])
 
         paired = baseline is not None and variant != baseline
+        place = next((p for p in PLACES if any(f"attention/{p}/share" in t.metrics for t in done)), None)
         rows.append(VariantRow(
             variant, cost, stat(SINGLE), stat(MULTI), stat(IMAGES_PER_SECOND), stat(PEAK_MEMORY),
             seeds=tuple(sorted(t.seed for t in mine)),
@@ -254,6 +174,9 @@ def summarise(
             finished=len(done),
             delta_single=paired_difference(mine, reference, SINGLE) if paired else None,
             delta_multi=paired_difference(mine, reference, MULTI) if paired else None,
+            gamma=stat(f"attention/{place}/gamma") if place else None,
+            share=stat(f"attention/{place}/share") if place else None,
+            place=place, wall_seconds=stat(WALL),
         ))
     return rows
 
@@ -288,6 +211,13 @@ def _paired_cells(row: VariantRow, baseline: str) -> list[str]:
     return [pairs, _delta(row.delta_single), _delta(row.delta_multi), said]
 
 
+def _attention(row: VariantRow) -> str:
+    """``head 0.123 / 0.081``: the place, then the mean over seeds of gamma and of the share at the end."""
+    if row.place is None or row.gamma is None or row.share is None:
+        return "-"
+    return f"{row.place} {row.gamma.mean:.3f} / {row.share.mean:.3f}"
+
+
 def _num(stat: Stat | None, digits: int) -> str:
     return "-" if stat is None else f"{stat.mean:.{digits}f}"
 
@@ -302,8 +232,9 @@ def results_table(rows: Sequence[VariantRow], baseline: str | None = None) -> st
         header += (f" pairs | Δ single vs {baseline} (pp, 95 % CI) | Δ ms+flip vs {baseline} (pp, 95 % CI) "
                    "| verdict |")
         align += "---:|---:|---:|---|"
-    header += " params (M) | GFLOPs | attention GFLOPs | train img/s | peak memory (MiB) | seeds |"
-    align += "---:|---:|---:|---:|---:|---|"
+    header += (" attention at the end: γ / share | params (M) | GFLOPs | attention GFLOPs | train img/s | "
+               "wall per run (min) | peak memory (MiB) | seeds |")
+    align += "---|---:|---:|---:|---:|---:|---:|---|"
     lines = [header, align]
     for row in rows:
         seeds = ",".join(map(str, row.seeds)) or "-"
@@ -313,8 +244,10 @@ def results_table(rows: Sequence[VariantRow], baseline: str | None = None) -> st
         if baseline is not None:
             cells += _paired_cells(row, baseline)
         cost = row.cost
-        cells += [f"{cost.params / 1e6:.3f}", f"{cost.gflops:.2f}", f"{cost.attention_gflops:.3f}",
-                  _num(row.images_per_second, 1), _num(row.peak_memory_mib, 0), seeds]
+        wall = "-" if row.wall_seconds is None else f"{row.wall_seconds.mean / 60:.1f}"
+        cells += [_attention(row), f"{cost.params / 1e6:.3f}", f"{cost.gflops:.2f}",
+                  f"{cost.attention_gflops:.3f}", _num(row.images_per_second, 1), wall,
+                  _num(row.peak_memory_mib, 0), seeds]
         lines.append(f"| {' | '.join(cells)} |")
     return "\n".join(lines)
 
@@ -325,18 +258,20 @@ def results_csv(rows: Sequence[VariantRow], baseline: str | None = None) -> str:
     mean paired difference, its interval's bounds (empty for one pair) and the verdict."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    stats = ("miou_single", "miou_multi_flip", "images_per_second", "peak_memory_mib")
-    header = ["variant", "n", *(f"{name}_{part}" for name in stats for part in ("mean", "ci95")), "params",
-              "gflops", "attention_gflops"]
+    stats = ("miou_single", "miou_multi_flip", "images_per_second", "peak_memory_mib", "gamma", "share",
+             "wall_seconds")
+    header = ["variant", "n", *(f"{name}_{part}" for name in stats for part in ("mean", "ci95")),
+              "attention_place", "params", "gflops", "attention_gflops"]
     if baseline is not None:
         parts = ("pairs", "mean", "low", "high", "verdict")
         header += [f"{name}_{part}" for name in ("delta_single", "delta_multi_flip") for part in parts]
     writer.writerow([*header, "seeds", "failed_seeds"])
     for row in rows:
         values: list[Any] = [row.variant, row.finished]
-        for stat in (row.single, row.multi, row.images_per_second, row.peak_memory_mib):
+        for stat in (row.single, row.multi, row.images_per_second, row.peak_memory_mib, row.gamma, row.share,
+                     row.wall_seconds):
             values += ["", ""] if stat is None else [stat.mean, _blank(stat.half_width)]
-        values += [row.cost.params, row.cost.gflops, row.cost.attention_gflops]
+        values += [row.place or "", row.cost.params, row.cost.gflops, row.cost.attention_gflops]
         if baseline is not None:
             values += [*_delta_fields(row, row.delta_single, baseline),
                        *_delta_fields(row, row.delta_multi, baseline)]

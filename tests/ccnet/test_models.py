@@ -210,7 +210,7 @@ def test_ccnet_imports_no_pipeline_dependencies() -> None:
 
 @pytest.mark.parametrize("attention", ["criss_cross", "axial", "nonlocal"])
 def test_gamma_init_sets_every_attention_and_lets_its_weights_learn_at_once(attention: str) -> None:
-    """At gamma 0 (the paper's start) the query/key/value convs get no gradient; at gamma_init != 0 they do."""
+    """At gamma 0 (the paper's start) the query/key/value convs get no gradient; at gamma_init 0.5 they do."""
     image = torch.randn(1, 3, 64, 64)
     gradients = {}
     for gamma_init in (0.0, 0.5):

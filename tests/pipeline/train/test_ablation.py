@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from pipeline.config import ConfigError, load_config
+from pipeline.eval import intervals
 from pipeline.eval.plots import ablation_figure
 from pipeline.train import ablation
 
@@ -101,23 +102,23 @@ def test_rows_hold_the_mean_and_95_interval_over_seeds_and_name_failed_seeds() -
     ("df", "expected"), [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (29, 2.0452)]
 )
 def test_the_t_quantile_matches_the_printed_tables(df: int, expected: float) -> None:
-    assert ablation.student_t_quantile(0.975, df) == pytest.approx(expected, abs=1e-4)
+    assert intervals.student_t_quantile(0.975, df) == pytest.approx(expected, abs=1e-4)
 
 
 @pytest.mark.parametrize("p", [0.6, 0.75, 0.9, 0.975, 0.999, 0.9999])
 def test_the_t_quantile_matches_the_closed_forms_and_the_normal_limit(p: float) -> None:
     # df = 1 is the Cauchy distribution, df = 2 has a closed form; as df grows, t tends to the normal.
-    assert ablation.student_t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9)
+    assert intervals.student_t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9)
     two = (2 * p - 1) / math.sqrt(2 * p * (1 - p))
-    assert ablation.student_t_quantile(p, 2) == pytest.approx(two, rel=1e-9)
-    assert ablation.student_t_quantile(p, 1e7) == pytest.approx(statistics.NormalDist().inv_cdf(p), rel=1e-5)
-    assert ablation.student_t_quantile(1 - p, 3) == -ablation.student_t_quantile(p, 3)
+    assert intervals.student_t_quantile(p, 2) == pytest.approx(two, rel=1e-9)
+    assert intervals.student_t_quantile(p, 1e7) == pytest.approx(statistics.NormalDist().inv_cdf(p), rel=1e-5)
+    assert intervals.student_t_quantile(1 - p, 3) == -intervals.student_t_quantile(p, 3)
 
 
 @pytest.mark.parametrize(("p", "df"), [(0.0, 3), (1.0, 3), (0.975, 0), (0.975, math.inf), (math.nan, 3)])
 def test_the_t_quantile_refuses_impossible_arguments(p: float, df: float) -> None:
     with pytest.raises(ValueError, match="a t quantile needs"):
-        ablation.student_t_quantile(p, df)
+        intervals.student_t_quantile(p, df)
 
 
 def _grid(
@@ -258,3 +259,24 @@ def test_the_chart_refuses_differences_without_their_baseline() -> None:
     with pytest.raises(ValueError, match="baseline"):
         ablation_figure(["fcn", "cc"], {"single-scale": ([0.6, 0.7], [0.0, 0.0])}, [0.0, 0.1],
                         differences={"single-scale": ([math.nan, 0.1], [math.nan, 0.0])})
+
+
+def test_rows_show_the_attention_at_the_end_and_the_wall_time_per_run() -> None:
+    cost = ablation.VariantCost(1000, 1.0, 0.1)
+    trials = [_trial("fcn", 0, 0.6, 0.6), _trial("cc", 0, 0.7, 0.7), _trial("cc", 1, 0.7, 0.7),
+              _trial("stem", 0, 0.7, 0.7)]
+    trials[0].metrics[ablation.WALL] = 600.0
+    for trial, gamma, share in zip(trials[1:3], (0.2, 0.4), (0.1, 0.3), strict=True):
+        trial.metrics.update({"attention/head/gamma": gamma, "attention/head/share": share,
+                              ablation.WALL: 1200.0})
+    trials[3].metrics.update({"attention/stem/gamma": 0.05, "attention/stem/share": 0.01})
+    fcn, cc, stem = ablation.summarise(trials, {"fcn": cost, "cc": cost, "stem": cost})
+    assert fcn.place is None and cc.place == "head" and stem.place == "stem"
+    assert cc.gamma.mean == pytest.approx(0.3) and cc.share.mean == pytest.approx(0.2)
+    table = ablation.results_table([fcn, cc, stem]).splitlines()
+    assert "| - | 0.001 | 1.00 | 0.100 | 10.0 | 10.0 | 500 | 0 |" in table[2]  # fcn: no attention; 10 min
+    assert "| head 0.300 / 0.200 | 0.001 |" in table[3] and "| 20.0 |" in table[3]
+    assert "| stem 0.050 / 0.010 |" in table[4] and "| - | 500 |" in table[4]  # no wall time reported
+    parsed = list(csv.DictReader(io.StringIO(ablation.results_csv([fcn, cc, stem]))))
+    assert parsed[1]["attention_place"] == "head" and float(parsed[1]["share_mean"]) == pytest.approx(0.2)
+    assert float(parsed[1]["wall_seconds_mean"]) == 1200.0 and parsed[0]["gamma_mean"] == ""
