@@ -83,10 +83,25 @@ def test_769_recipes_follow_the_authors(path: Path) -> None:
     assert config.train.ohem and config.train.ohem_min_kept == 100_000 // 2  # per image
 
 
+# The paper's recipes (Cityscapes, ADE20K, COCO-Stuff, and the CamVid R50 one that follows them): one SGD
+# group at lr with weight decay on every parameter, gamma from 0.
+PAPER_RECIPES = sorted(CONFIGS.glob("ccnet_r*.yaml"))
+
+
+@pytest.mark.parametrize("path", PAPER_RECIPES, ids=[p.stem for p in PAPER_RECIPES])
+def test_paper_recipes_keep_the_reference_optimiser_and_gamma(path: Path) -> None:
+    from ccnet import model_config
+
+    config = load_config(path)
+    assert config.train.head_lr_mult == 1.0 and config.train.no_decay_1d is False
+    assert model_config(config.model.name, **config.model.overrides()).gamma_init == 0.0
+
+
 def test_paper_defaults() -> None:
     config = load_config(None)
     assert config.eval.fusion == "logits" and config.train.ohem_min_kept == 50_000
     assert config.train.consistency_weight == 0.0 and config.model.overrides() == {}
+    assert config.train.head_lr_mult == 1.0 and config.train.no_decay_1d is False
 
 
 def test_model_options_reach_the_model_config() -> None:
