@@ -93,6 +93,12 @@ def test_ablation_grid_of_variants_and_seeds(tiny_run: tuple[list[str], str], tm
     # The baseline reached the table: axial_r1 is compared with fcn over both seeds (2 pairs).
     assert "| Δ single vs fcn (pp, 95 % CI) |" in rows[0] and "| - | - | - | baseline |" in rows[2]
     assert rows[3].split(" | ")[4] == "2"
+    # The attention at the end (none for the FCN) and each run's wall time, from what the trials reported.
+    header = rows[0].split(" | ")
+    attention, wall = header.index("attention at the end: γ / share"), header.index("wall per run (min)")
+    fcn_cells, axial_cells = rows[2].split(" | "), rows[3].split(" | ")
+    assert fcn_cells[attention] == "-" and axial_cells[attention].startswith("head ")
+    assert float(fcn_cells[wall]) > 0 and float(axial_cells[wall]) > 0
     assert again.ablation == report.ablation and again.parent_run_id == report.parent_run_id
 
     client = MlflowClient(tracking)
