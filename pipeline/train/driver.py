@@ -208,6 +208,16 @@ def _log_bytes(tracker: Tracker, data: bytes, artifact_path: str) -> None:
         tracker.log_artifact(str(path), artifact_path)
 
 
+def log_attention_plot(tracker: Tracker, config: Config,
+                       history: Sequence[tuple[int, dict[str, float]]]) -> None:
+    """``plots/attention_diagnostics.png``: the attention's figures at every validation (``history``, a
+    training's ``attention_history``); nothing for a model without attention."""
+    if history:
+        title = f"{config.run.name}: attention on the first val image, per validation"
+        tracker.log_figure(attention_diagnostics_figure(history, ENGAGED_SHARE, title=title),
+                           "plots/attention_diagnostics.png")
+
+
 def _train_and_record(run: RunContext) -> tuple[dict[str, Any], str, str]:
 
     config, tracker = run.config, run.tracker
@@ -242,10 +252,7 @@ def _train_and_record(run: RunContext) -> tuple[dict[str, Any], str, str]:
     if last != best_bytes:  # the same bytes once: often the last checkpoint is the best
         _log_bytes(tracker, last, "checkpoints/last")
     _log_plots(tracker, cast(CCNet, model), dataset, results, config.run.name)  # built by build_ccnet
-    if history:
-        title = f"{config.run.name}: attention on the first val image, per validation"
-        tracker.log_figure(attention_diagnostics_figure(history, ENGAGED_SHARE, title=title),
-                           "plots/attention_diagnostics.png")
+    log_attention_plot(tracker, config, history)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / CHECKPOINT_FILE
         path.write_bytes(best_bytes)

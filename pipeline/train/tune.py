@@ -28,13 +28,19 @@ from ray.tune.schedulers import ASHAScheduler
 from pipeline.config import Config, apply_overrides, config_from_dict, dump_config
 from pipeline.data.readers import open_manifest
 from pipeline.io import storage
-from pipeline.io.checkpoints import CheckpointStore
+from pipeline.io.checkpoints import CheckpointStore, load
 from pipeline.io.redaction import holds_secret
 from pipeline.tracking import resolve_tracking_uri
 from pipeline.tracking.base import Tracker
 from pipeline.train import ablation
 from pipeline.train.context import ended_with_status, open_run, resolve, start_tracker
-from pipeline.train.driver import evaluate_checkpoint, log_final_results, log_run_context
+from pipeline.train.driver import (
+    describe_results,
+    evaluate_checkpoint,
+    log_attention_plot,
+    log_final_results,
+    log_run_context,
+)
 from pipeline.train.ray_train import fit, project_logging, ray_storage
 from pipeline.train.sessions import run_uri
 
@@ -95,16 +101,22 @@ def _trial(sampled: dict[str, Any]) -> None:
         log_run_context(tracker, config, variant, {f"sampled.{k}": v for k, v in values.items()})
         tracker.flush()
         result = fit(config, tracker.run_id, tracking_uri, callbacks=[TuneReportCallback()])
-        final = _final_evaluation(config, tracker)
+        with result.checkpoint.as_directory() as folder:
+            last = load(folder)
+        final = _final_evaluation(config, tracker, last.get("attention_history", []))
     ray.tune.report({**(result.metrics or {}), **final})
 
 
-def _final_evaluation(config: Config, tracker: Tracker) -> dict[str, float]:
-    """The best checkpoint's single-scale and multi-scale + flip results, logged to the trial's run."""
-
-    _, _, results = evaluate_checkpoint(config, CheckpointStore(run_uri(config)).best_uri(),
-                                        reuse_validation=True)
+def _final_evaluation(config: Config, tracker: Tracker,
+                      attention_history: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """The best checkpoint's single-scale and multi-scale + flip results, logged to the trial's run with
+    its description (which says when the attention never engaged) and the attention's plot."""
+    best = CheckpointStore(run_uri(config)).best_uri()
+    _, dataset, results = evaluate_checkpoint(config, best, reuse_validation=True)
     metrics = log_final_results(tracker, results, config.train.iterations)
+    note = describe_results(config, results, load(best), dataset.manifest, attention_history)
+    tracker.set_tags({"mlflow.note.content": note})
+    log_attention_plot(tracker, config, attention_history)
     return {key: value for key, value in metrics.items() if value == value}  # NaN: a class never seen
 
 

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cli.main import main
+from pipeline.io.checkpoints import load
 
 QUICKSTART = str(Path(__file__).parents[3] / "configs" / "quickstart_ccnet-tiny_generated-192x192_cpu.yaml")
 
@@ -93,7 +94,7 @@ def test_evaluate_prints_and_records_the_table(
     client = MlflowClient(trained["tracking"])
     (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
     recorded = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
-    assert "evaluation/iteration_0000004.md" in recorded
+    assert f"evaluation/iteration_{load(trained['checkpoint'])['iteration']:07d}.md" in recorded
 
 
 def test_predict_writes_masks_and_overlays(trained: dict[str, str], tmp_path: Path) -> None:

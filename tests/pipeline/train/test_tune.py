@@ -114,6 +114,12 @@ def test_ablation_grid_of_variants_and_seeds(tiny_run: tuple[list[str], str], tm
         assert (child.data.params["model.attention"], child.data.params["model.recurrence"]) == (
             ("axial", "1") if axial else ("criss_cross", "0"))
         assert "final/mIoU_ms_flip" in child.data.metrics
+        # Each trial's description and, with attention, its diagnostics plot (2 iterations: never engaged).
+        plots = {a.path for a in client.list_artifacts(child.info.run_id, "plots")}
+        note = child.data.tags["mlflow.note.content"]
+        assert note.startswith(f"{config.model.name} (")
+        assert ("plots/attention_diagnostics.png" in plots) == axial == ("Attention never engaged" in note)
+        assert ("attention/head/share" in child.data.metrics) == axial
     artifacts = {a.path for a in client.list_artifacts(report.parent_run_id, "ablation")}
     assert artifacts == {"ablation/results.md", "ablation/results.csv", "ablation/chart.png"}
     logged = client.download_artifacts(report.parent_run_id, "ablation/results.md", str(tmp_path))
