@@ -191,7 +191,7 @@ def parameter_groups(model: nn.Module, *, head_lr_mult: float = 1.0, weight_deca
     """
     backbone = {id(p) for p in model.backbone.parameters()}  # type: ignore[union-attr]
     groups: dict[str, dict[str, Any]] = {}
-    for _, parameter in model.named_parameters():
+    for parameter in model.parameters():
         if not parameter.requires_grad:
             continue
         part = "backbone" if id(parameter) in backbone else "head"
