@@ -27,6 +27,7 @@ from pipeline.cli.args import at_least
 from pipeline.cli.jobs import add_job_commands
 from pipeline.config import Config
 from pipeline.data.sources import SOURCES
+from pipeline.io import redaction
 from pipeline.io.paths import Location, LocationError, absolute_location, is_relative_path, parse_location
 from pipeline.io.redaction import redact
 
@@ -334,7 +335,7 @@ class _Parser(argparse.ArgumentParser):
     """
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"ERROR {self.prog}: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"ERROR {self.prog}: {redact(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    redaction.remember(argv)  # whatever quotes a credential given here, whole or in part, prints it redacted
     # What follows "--" belongs to the submitted job (argparse cannot mix it with the job's name).
     job_args = argv[argv.index("--") + 1:] if "--" in argv else []
     parser = build_parser()
@@ -373,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     args.job_args = job_args
     level = logging.DEBUG if args.debug else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redaction.RedactingFilter())
     interrupts.install()  # Ctrl-C: the command stops its way, or by force after 30 s
     try:
         return args.run(args)
@@ -383,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, RuntimeError) as error:
         if args.debug:
             raise
-        log.error("%s", error)
+        log.error("%s", redact(str(error)))
         return 2
 
 

@@ -88,18 +88,16 @@ def validate(config: Config, source: str = "config") -> None:
             f"{source}: train.consistency_weight={config.train.consistency_weight!r} needs "
             f"model.embedding_channels > 0, got {config.model.embedding_channels!r}"
         )
+    for key, value in config.flat().items():  # configs are saved with every run: no secret may be in one
+        if isinstance(value, str) and has_userinfo(value):
+            raise ConfigError(f"{source}: {key}={redact(value)} holds credentials; they belong in the "
+                              "environment (AWS_* keys, MLFLOW_TRACKING_USERNAME/_PASSWORD or _TOKEN)")
     for key, value in (("data.uri", config.data.uri), ("run.storage", config.run.storage)):
-        if has_userinfo(value):
-            continue  # refused below, with the other secrets
         try:
             parse_location(value, key)
         except LocationError as error:
             raise ConfigError(f"{source}: {error}") from None
     _check_space(config, source)
-    for key, value in config.flat().items():  # configs are saved with every run: no secret may be in one
-        if isinstance(value, str) and has_userinfo(value):
-            raise ConfigError(f"{source}: {key}={redact(value)} holds credentials; they belong in the "
-                              "environment (AWS_* keys, MLFLOW_TRACKING_USERNAME/_PASSWORD or _TOKEN)")
 
 
 def _check_model(model: ModelConfig, source: str) -> None:

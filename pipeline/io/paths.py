@@ -15,7 +15,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.io.redaction import redact
+from pipeline.io.redaction import has_userinfo, redact
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 _HINT = "use s3://bucket[/prefix], a local path or file:///absolute/path"
@@ -67,6 +67,8 @@ def parse_location(uri: str, name: str | None = None) -> Location:
             what = f"has an unsupported scheme {scheme!r}" if match else "holds '://' but is not a URI"
             raise refuse(f"{what}; {_HINT}")
         return Location(None, uri)
+    if has_userinfo(uri):  # before any split: a secret may hold "/", ":", "?" or "@"
+        raise refuse("holds credentials: keys belong in the environment (AWS_ACCESS_KEY_ID, ...)")
     parsed = urllib.parse.urlsplit(uri)
     if parsed.query or parsed.fragment or uri.endswith(("?", "#")):
         raise refuse("has a query or fragment ('?' or '#')")
@@ -78,8 +80,6 @@ def parse_location(uri: str, name: str | None = None) -> Location:
         return Location(None, urllib.parse.unquote(parsed.path))
     if not parsed.netloc:
         raise refuse("has no bucket: write s3://bucket[/prefix]")
-    if "@" in parsed.netloc:
-        raise refuse("holds credentials: keys belong in the environment (AWS_ACCESS_KEY_ID, ...)")
     if ":" in parsed.netloc:
         raise refuse("has a port in the bucket's place: the endpoint belongs in AWS_ENDPOINT_URL")
     return Location(parsed.netloc, parsed.path.strip("/"))

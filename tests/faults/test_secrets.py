@@ -73,3 +73,51 @@ def test_a_config_holding_credentials_is_refused(key: str) -> None:
     with pytest.raises(ConfigError, match=shown) as error:
         load_config(None, [f"{key}={value}"])
     assert PASSWORD not in str(error.value)
+
+
+# Credentials a careless user puts in a location: a secret holding "/" (real AWS secret keys often do), one
+# holding "@" and ":", a percent-encoded one before a port, and one in a file:// URI.
+CREDENTIAL_URIS = [
+    ("s3://AKIAEXAMPLE:wJalrXUtnFEMI/K7MDENG+bPxRfiCY@bucket/x", ["wJalrXUtnFEMI", "K7MDENG", "AKIAEXAMPLE"]),
+    ("s3://AKIAEXAMPLE:se@cr:et/pa@bucket/x", ["se@cr", "cr:et", "et/pa", "AKIAEXAMPLE"]),
+    ("s3://AKIAEXAMPLE:topsecret%2Fvalue@localhost:8333/bucket", ["topsecret", "value", "AKIAEXAMPLE"]),
+    ("file://alice:hunter22/x@localhost/tmp/data", ["hunter22", "alice"]),
+]
+CONFIG = "configs/quickstart_ccnet-tiny_generated-192x192_cpu.yaml"
+# Every place a location is given: (arguments with {uri}, what the ERROR line names).
+PLACES = [
+    (["train", "-c", CONFIG, "--set", "data.uri={uri}"], "data.uri="),
+    (["tune", "-c", CONFIG, "--set", "run.storage={uri}"], "run.storage="),
+    (["train", "--set", "tracking.uri={uri}"], "tracking.uri="),
+    (["data", "prepare", "--dataset", "generated", "--out", "{uri}"], "--out"),
+    (["evaluate", "-c", CONFIG, "--checkpoint", "{uri}"], "--checkpoint"),
+    (["predict", "--checkpoint", "{uri}", "README.md", "--out", "predicted"], "--checkpoint"),
+    (["data", "inspect", "{uri}"], "uri"),
+]
+
+
+@pytest.mark.parametrize("place", PLACES, ids=[" ".join(p[0][:2]) + f" {p[1]}" for p in PLACES])
+def test_a_location_with_credentials_is_refused_redacted(place: tuple[list[str], str],
+                                                         tmp_path: Path) -> None:
+    """Whatever the secret holds, every message quoting the location redacts it: exit 2, one ERROR line
+    naming the key or flag, no piece of the secret in the output, nothing written (no MLflow database)."""
+    template, named = place
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
+    env |= {"HOME": str(tmp_path.parent / f"{tmp_path.name}-home"), "RAY_USAGE_STATS_ENABLED": "0",
+            "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONPATH": str(ROOT)}
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    (tmp_path / "README.md").write_text("not an image")
+    failures = []
+    for uri, pieces in CREDENTIAL_URIS:
+        command = [sys.executable, "-m", "pipeline.cli", *(a.replace("{uri}", uri) for a in template)]
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env,
+                                check=False)
+        lines = result.stderr.strip().splitlines()
+        shown = result.stdout + result.stderr
+        if result.returncode != 2 or not lines or not lines[-1].startswith("ERROR") or named not in lines[-1]:
+            failures.append(f"{uri}: exit {result.returncode}, {lines[-1:]}")
+        if "Traceback" in shown or "***" not in lines[-1]:
+            failures.append(f"{uri}: not one redacted ERROR line: {shown[-500:]}")
+        failures += [f"{uri}: {piece!r} in the output: {shown[-500:]}" for piece in pieces if piece in shown]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "configs"], "something was written"
+    assert failures == [], "\n".join(failures)

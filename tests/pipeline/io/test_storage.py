@@ -512,3 +512,22 @@ def test_pickled_filesystem_keeps_its_retry_strategy(fake_env: dict[str, str]) -
 def test_pyarrows_attempts_follow_the_retry_budget(budget: float, attempts: int) -> None:
     """pyarrow's strategy counts attempts, not seconds: 7 take about 29 s, each further one about 18 s."""
     assert s3.arrow_attempts(budget) == attempts
+
+
+def test_redact_takes_secrets_holding_slashes_at_signs_and_colons() -> None:
+    assert storage.redact("s3://AKIA:wJal/rXUt+n@bucket/x") == "s3://***@bucket/x"
+    assert storage.redact("'s3://AKIA:se@cr:et/pa@bucket/x'") == "'s3://***@bucket/x'"
+    assert storage.redact("postgresql://u:pa/ss@host:5432/db") == "postgresql://***@host:5432/db"
+    assert storage.redact("s3://bucket/key@v1 and s3://bucket/k") == "s3://bucket/key@v1 and s3://bucket/k"
+
+
+def test_redact_removes_pieces_of_remembered_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.io import redaction
+
+    monkeypatch.setattr(redaction, "_known", set())
+    redaction.remember(["--address", "http://alice:pass/word@head:8265"])
+    # What a URL parser quotes after splitting the URI at its first "/": neither a URI nor a whole secret.
+    assert storage.redact("Failed to parse: 'alice:pass' is not a valid port") == \
+        "Failed to parse: '***' is not a valid port"
+    assert storage.redact("got word, and pass") == "got ***, and ***"
+    assert storage.redact("a class of its own") == "a class of its own"
