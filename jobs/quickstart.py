@@ -35,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     data_uri, _ = write_shards(source, DATA_ROOT)
     rows = []
     for label, overrides in VARIANTS.items():
-        report = run_training(load_config(args.config, [f"data.uri={data_uri}", *args.set, *overrides]))
+        try:
+            report = run_training(load_config(args.config, [f"data.uri={data_uri}", *args.set, *overrides]))
+        except KeyboardInterrupt:
+            logging.getLogger("ccnet").error(
+                "interrupted (%s): the quickstart stopped; run it again to resume", interrupts.received())
+            return interrupts.exit_status()
         single, multi = report.results["single-scale"], report.results["multi-scale+flip"]
         rows.append(f"| {label:<10} | {single.miou:>6.1%} | {multi.miou:>6.1%} | {report.run_id} |")
     sys.stdout.write(

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline import interrupts
 from pipeline.cli.args import at_least
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ def _submit(args: argparse.Namespace) -> int:
         status = follow(jobs_client, job_id)
     except KeyboardInterrupt:
         sys.stdout.write(f"\nstopped following; the job goes on. Stop it: ccnet jobs stop {job_id}\n")
-        return 130
+        return interrupts.exit_status()
     return _finish(jobs_client, job_id, status)
 
 

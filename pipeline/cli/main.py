@@ -382,8 +382,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except KeyboardInterrupt:
         # One line; the run's MLflow record is KILLED, and the same command resumes from its last checkpoint.
-        log.error("interrupted (Ctrl-C): %s stopped; the same command resumes it", args.command)
-        return 130
+        log.error("interrupted (%s): %s stopped; the same command resumes it", interrupts.received(),
+                  args.command)
+        return interrupts.exit_status()
     except (ValueError, TypeError, OSError, RuntimeError) as error:
         if args.debug:
             raise

@@ -63,6 +63,8 @@ class Tracker(Protocol):
 
     def end(self, status: str = "FINISHED") -> None: ...
 
+    def end_children(self, status: str) -> int: ...
+
 
 class NullTracker:
     """Records nothing: ranks other than 0, tracking switched off, a store that was optional and is down."""
@@ -112,3 +114,6 @@ class NullTracker:
 
     def end(self, status: str = "FINISHED") -> None:
         pass
+
+    def end_children(self, status: str) -> int:
+        return 0

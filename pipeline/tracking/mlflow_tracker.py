@@ -385,9 +385,27 @@ class MlflowTracker:
             self._ended = True
             self._unregister()
 
+    def end_children(self, status: str) -> int:
+        """Closes with ``status`` every run nested under this one that is still RUNNING: a search's trials,
+        whose processes were stopped before they could close their own. Returns how many; never raises."""
+        if not self.active:
+            return 0
+        running = (f"tags.`mlflow.parentRunId` = '{self._run_id}' and attributes.status = 'RUNNING'")
+        try:
+            with env(LOG_HTTP):
+                children = self._client.search_runs([self._experiment_id], filter_string=running)
+                for child in children:
+                    self._client.set_terminated(child.info.run_id, status)
+        except Exception as error:
+            log.warning("MLflow runs nested under %s not marked %s: %s", self._run_id, status,
+                        one_line(error))
+            return 0
+        return len(children)
+
     def _mark_killed(self) -> None:
-        """The run marked KILLED as the process is ended by force (no lock, no flush: the main thread may
-        be stuck holding them)."""
+        """The run (and its nested runs still RUNNING) marked KILLED as the process is ended by force (no
+        lock, no flush: the main thread may be stuck holding them)."""
         if self.active:
+            self.end_children("KILLED")
             with contextlib.suppress(Exception), env(LOG_HTTP):
                 self._client.set_terminated(self._run_id, "KILLED")

@@ -23,6 +23,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from pipeline import interrupts
 from pipeline.config import Config, config_from_dict
 from pipeline.data.readers import open_manifest, ray_dataset
 from pipeline.data.transforms import build_train_transform
@@ -133,6 +134,7 @@ def _init_quietly() -> None:
     finally:
         if watcher_off:
             del os.environ[PREEMPTION_WATCHER_ENV]
+        interrupts.reinstall()  # SIGTERM stops the command as Ctrl-C does, not through Ray's abort
     for handler in root.handlers[:]:
         if handler not in handlers:
             root.removeHandler(handler)

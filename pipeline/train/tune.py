@@ -16,6 +16,9 @@ grid of named model variants and seeds (:mod:`pipeline.train.ablation`).
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
+from pipeline import interrupts
 from pipeline.config import Config, apply_overrides, config_from_dict, dump_config
 from pipeline.data.readers import open_manifest
 from pipeline.io import storage
@@ -235,6 +239,27 @@ def _tuner(config: Config, space: dict[str, Any], ablation_grid: bool, fs: Any, 
     return tuner
 
 
+def _fit(tuner: tune.Tuner, tracker: Tracker) -> Any:
+    """``tuner.fit()``; Ctrl-C or SIGTERM stops the search the way Tune resumes it (its state saved, the
+    unfinished trials left to be continued), then the trials' runs still RUNNING are marked KILLED and
+    KeyboardInterrupt goes on (the parent run KILLED, exit 130/143), whatever Tune returned."""
+    # Tune's own SIGINT handler would swallow the signal and return the partial search as a result; its
+    # SIGUSR1 handler stops it the same way but leaves the signal to us. SIGTERM reaches Tune no other way.
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return tuner.fit()
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: None)  # until Tune installs its own
+    try:
+        with interrupts.deferred(lambda: os.kill(os.getpid(), signal.SIGUSR1)):
+            return tuner.fit()
+    except KeyboardInterrupt:
+        killed = tracker.end_children("KILLED")
+        log.info("search stopped: %d trial run(s) marked KILLED; the same command resumes it", killed)
+        raise
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
 def _search(
     config: Config, tracker: Tracker, sampled: dict[str, Any], variants: dict[str, Config],
     costs: dict[str, ablation.VariantCost], tracking_uri: str,
@@ -249,7 +274,7 @@ def _search(
         "_config": config.to_dict(), "_parent_run_id": parent,
         "_tracking_uri": None if holds_secret(tracking_uri) else tracking_uri,
     }
-    grid = _tuner(config, space, bool(variants), fs, path).fit()
+    grid = _fit(_tuner(config, space, bool(variants), fs, path), tracker)
     results = [grid[i] for i in range(len(grid))]
     if all(result.error is not None for result in results):
         first = str(results[0].error).strip().splitlines()[0][:200]
