@@ -28,7 +28,14 @@ from pipeline.cli.jobs import add_job_commands
 from pipeline.config import Config
 from pipeline.data.sources import SOURCES
 from pipeline.io import redaction
-from pipeline.io.paths import Location, LocationError, absolute_location, is_relative_path, parse_location
+from pipeline.io.paths import (
+    Location,
+    LocationError,
+    absolute_location,
+    is_relative_path,
+    overlap,
+    parse_location,
+)
 from pipeline.io.redaction import redact
 
 log = logging.getLogger("ccnet")
@@ -116,6 +123,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
     # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
     from pipeline.data.sources import build_source
     from pipeline.data.writer import write_shards
+    from pipeline.io import storage
 
     out = absolute_location(args.out)
     if is_relative_path(args.out):
@@ -127,6 +135,10 @@ def _data_prepare(args: argparse.Namespace) -> int:
             options["counts"] = args.count
     elif args.root is None:
         raise ValueError(f"--root is required for dataset {args.dataset!r}")
+    version_dir = storage.join(out, args.dataset, args.version)
+    if args.root is not None and overlap(version_dir, args.root):
+        raise ValueError(f"--out: the version {redact(version_dir)} and --root {args.root} overlap: the "
+                         "command reads --root and must not write into it. Choose another --out")
     source = build_source(args.dataset, args.root, **options)
     splits = args.splits.split(",") if args.splits else None
     uri, manifest = write_shards(
@@ -230,7 +242,9 @@ def _config_from_checkpoint(args: argparse.Namespace) -> tuple[Config, dict]:
     is downloaded first (``args.checkpoint`` then names the local copy, removed when the command ends)."""
     # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
     from pipeline.config import apply_overrides, config_from_dict
+    from pipeline.data.readers import open_manifest
     from pipeline.io.checkpoints import load
+    from pipeline.train.identity import check_checkpoint, checkpoint_identity
 
     if args.checkpoint.startswith("models:/"):
         # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
@@ -240,8 +254,15 @@ def _config_from_checkpoint(args: argparse.Namespace) -> tuple[Config, dict]:
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         args.checkpoint = registered_checkpoint(args.checkpoint, resolve_tracking_uri(None), folder)
     state = load(args.checkpoint)
-    values = apply_overrides(state.get("config") or {}, args.set or [])
-    return config_from_dict(values, source=f"{redact(args.checkpoint)} config"), state
+    source = f"{redact(args.checkpoint)} config"
+    saved = config_from_dict(state.get("config") or {}, source=source)
+    config = config_from_dict(apply_overrides(state.get("config") or {}, args.set or []), source=source)
+    try:
+        classes = open_manifest(config.data.uri).classes
+    except (OSError, ValueError):
+        classes = None  # predict on a machine without the dataset; evaluate fails on it next, naming it
+    check_checkpoint(checkpoint_identity(state, saved), config, classes, args.checkpoint)
+    return config, state
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ import copy
 import math
 
 from pipeline.config.schema import Config, ConfigError, ModelConfig, build
-from pipeline.io.paths import LocationError, parse_location, stays_inside
+from pipeline.io.paths import LocationError, inside, parse_location, stays_inside
 from pipeline.io.redaction import has_userinfo, redact
 
 
@@ -97,7 +97,24 @@ def validate(config: Config, source: str = "config") -> None:
             parse_location(value, key)
         except LocationError as error:
             raise ConfigError(f"{source}: {error}") from None
+    _check_outputs_outside_data(config, source)
     _check_space(config, source)
+
+
+def _check_outputs_outside_data(config: Config, source: str) -> None:
+    """What a run writes (its folder under run.storage, a sqlite tracking file) and the dataset it reads
+    never overlap: a published version is immutable, and a checkpoint written into it would change it."""
+    data = config.data.uri
+    storage = config.run.storage.rstrip("/")
+    writes = [("run.storage", config.run.storage, config.run.storage),
+              *(("run.storage", config.run.storage, f"{storage}/{name}")
+                for name in (config.run.name, config.tune.name) if stays_inside(name))]
+    if config.tracking.uri and config.tracking.uri.startswith("sqlite:///"):
+        writes.append(("tracking.uri", config.tracking.uri, config.tracking.uri[len("sqlite:///"):]))
+    for key, value, written in writes:
+        if inside(written, data) or (written != config.run.storage and inside(data, written)):
+            raise ConfigError(f"{source}: {key}={redact(value)} writes where data.uri={redact(data)} is read "
+                              "(a run only reads its dataset). Choose another place")
 
 
 def _check_model(model: ModelConfig, source: str) -> None:

@@ -13,6 +13,7 @@ from pipeline.data.readers import open_manifest, read_shard
 from pipeline.data.schema import Manifest
 from pipeline.eval.plots import colorize
 from pipeline.io import storage
+from pipeline.io.outputs import check_targets, png_bytes
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ def inspect_dataset(
         grid_rows: samples in the grid.
     """
     manifest = open_manifest(uri)
+    if grid:  # before anything is read: no grid inside the (immutable) version, none over a user's file
+        check_targets([grid], [], "--grid", input_folders=[uri])
     splits = [split] if split else list(manifest.counts)
     pixels: dict[str, np.ndarray] = {}
     read: dict[str, int] = {}
@@ -87,7 +90,5 @@ def inspect_dataset(
     if grid and tiles:
         width = max(tile.shape[1] for tile in tiles)
         padded = [np.pad(tile, ((0, 4), (0, width - tile.shape[1]), (0, 0))) for tile in tiles]
-        buffer = io.BytesIO()
-        Image.fromarray(np.concatenate(padded, 0)).save(buffer, format="PNG")
-        storage.write_bytes(grid, buffer.getvalue())
+        storage.write_bytes(grid, png_bytes(np.concatenate(padded, 0), "data inspect"))
     return DatasetReport(manifest, pixels, read)

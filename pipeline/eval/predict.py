@@ -8,19 +8,18 @@ mask)::
     written = predict_images(model, sorted(Path("photos").glob("*.jpg")), palette=source.palette,
                              out_dir=Path("runs/predictions"), mode="slide", crop_size=769, stride=513)
 
-Files are written under a temporary name and renamed into place, so a reader never sees half a PNG.
+Files are written under a temporary name and renamed into place, so a reader never sees half a PNG; no
+output replaces an input or a file ccnet did not write (:mod:`pipeline.io.outputs`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
@@ -28,6 +27,8 @@ from ccnet.inference import predict_multiscale
 from pipeline.data.images import read_rgb
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.eval.plots import colorize
+from pipeline.io import storage
+from pipeline.io.outputs import check_targets, png_bytes
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,8 @@ def _blend(image: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def _write_png(array: np.ndarray, path: Path) -> None:
-    """Write under a temporary name in the same folder, then rename: the PNG appears whole or not at all."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        Image.fromarray(array).save(temporary, format="PNG")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """Written whole or not at all (:func:`pipeline.io.storage.write_bytes`), marked as ccnet's."""
+    storage.write_bytes(str(path), png_bytes(array, "predict"))
 
 
 # Over 60 lines with its docstring, which documents each argument and file written; the code is 54 lines.
@@ -79,7 +75,8 @@ def predict_images(
         model: segmentation model (``model(image)["out"]`` is (B, K, h, w) logits), already on ``device``.
         paths: image files (anything PIL reads); their stems must differ, as they name the outputs.
         palette: RGB colour of each class id.
-        out_dir: output folder, created if missing; existing outputs of the same name are replaced.
+        out_dir: output folder, created if missing; outputs of the same name that ccnet wrote are replaced,
+            and any other file (an input above all) is never: see :mod:`pipeline.io.outputs`.
         mean, std: per-channel normalisation of the [0, 1] image.
         mode, crop_size, stride, scales, flip, fusion: the prediction protocol, as for
             :func:`pipeline.eval.evaluation.evaluate`.
@@ -93,8 +90,9 @@ def predict_images(
         The written files, ``[<stem>_mask.png, <stem>_overlay.png]`` per image, in input order.
 
     Raises:
-        ValueError: two inputs share a stem, or an image cannot be read (the message names the file). The
-            images before it keep their outputs; nothing is written for it or after it.
+        ValueError: two inputs share a stem, an output would replace an input or a file ccnet did not write
+            (nothing is written), or an image cannot be read (the message names the file; the images before
+            it keep their outputs, nothing is written for it or after it).
     """
     paths = [Path(path) for path in paths]
     stems = [path.stem for path in paths]
@@ -104,6 +102,8 @@ def predict_images(
     num_classes = len(palette) if num_classes is None else num_classes
     device = torch.device(device)
     out_dir = Path(out_dir)
+    targets = [str(out_dir / f"{path.stem}_{suffix}.png") for path in paths for suffix in ("mask", "overlay")]
+    check_targets(targets, [str(path) for path in paths], "--out")  # before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)

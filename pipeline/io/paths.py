@@ -107,3 +107,22 @@ def stays_inside(part: str) -> bool:
     pieces = re.split(r"[/\\]", part)
     absolute = not pieces[0] or os.path.isabs(part)
     return bool(part) and not absolute and "://" not in part and ".." not in pieces
+
+
+def normal_location(uri: str) -> str:
+    """``uri`` in one spelling: S3 without a trailing "/", a local path absolute with links resolved."""
+    location = parse_location(uri)
+    if location.is_s3:
+        return uri.rstrip("/")
+    return os.path.realpath(location.path)
+
+
+def inside(uri: str, folder: str) -> bool:
+    """Whether ``uri`` is ``folder`` or lies below it (see :func:`normal_location`)."""
+    path, root = normal_location(uri), normal_location(folder)
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def overlap(a: str, b: str) -> bool:
+    """Whether one of two locations lies inside the other (or they are the same)."""
+    return inside(a, b) or inside(b, a)

@@ -24,6 +24,7 @@ from pipeline.data.readers import ShardDataset, open_manifest
 from pipeline.data.sampling import ShardBatchSampler
 from pipeline.data.transforms import build_eval_transform, build_train_transform
 from pipeline.io.checkpoints import load_model_state
+from pipeline.train.identity import check_continuation, run_identity
 from pipeline.train.sessions import Session, restore_rng
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,10 @@ def build_training(config: Config, session: Session, run_id: str | None = None) 
     loss_fn = build_loss(config, manifest.ignore_index)
     start, best_miou, attention_history = 0, None, []
     state = session.restore()
+    identity = run_identity(config, manifest)
     if state is not None:
+        if "identity" in state:  # a search's trial resumes here without the driver's check (context.py)
+            check_continuation(state["identity"], config, manifest, f"run {config.run.name!r}")
         load_model_state(model, state, f"checkpoint of iteration {state['iteration']}")
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -271,7 +275,7 @@ def build_training(config: Config, session: Session, run_id: str | None = None) 
     val_data = ShardDataset(config.data.uri, config.data.val_split,
                             transform=build_eval_transform(normalization.mean, normalization.std))
     meta = {"mlflow_run_id": run_id, "model_name": config.model.name, "num_classes": manifest.num_classes,
-            "config": config.to_dict(), "normalization": normalization.as_dict()}
+            "config": config.to_dict(), "normalization": normalization.as_dict(), "identity": identity}
     return Training(
         model, trained, optimizer, scaler, loss_fn,
         build_train_batches(config, session, normalization, manifest.ignore_index, start), val_data,

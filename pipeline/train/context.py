@@ -21,11 +21,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pipeline.config import Config
+from pipeline.data.readers import open_manifest
 from pipeline.io import storage
 from pipeline.io.lease import LEASE_FILE, RunLease
 from pipeline.tracking import find_run, open_tracker, resolve_tracking_uri
 from pipeline.tracking.base import Tracker
 from pipeline.train.build import warn_if_not_pretrained
+from pipeline.train.identity import (
+    IDENTITY_FILE,
+    check_continuation,
+    read_identity,
+    run_identity,
+    write_identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +108,21 @@ def open_run(config: Config, name: str, what: str, *, tags: dict[str, str] | Non
         resume: continue the latest tracked run of that name; default: when its storage holds files.
         driver_cpus: CPUs this process's own Ray tasks take beside the workers (a search's trial drivers).
     """
+    run_uri = storage.join(config.run.storage, name)
+    manifest = open_manifest(config.data.uri)
+    saved = read_identity(run_uri)
+    if saved is not None:  # before Ray, the lease and tracking: a refused run leaves nothing behind
+        check_continuation(saved, config, manifest, what)
     if config.run.ray:
         from pipeline.train.ray_train import connect  # Ray starts only for runs that use it
 
         connect(config, driver_cpus=driver_cpus)
-    run_uri = storage.join(config.run.storage, name)
     with RunLease(run_uri, what, ttl=config.run.lease_ttl) as lease:
         tracking_uri = resolve_tracking_uri(config.tracking.uri)
         if resume is None:
-            resume = any(file != LEASE_FILE for file in storage.list_files(run_uri))
+            resume = any(file not in (LEASE_FILE, IDENTITY_FILE) for file in storage.list_files(run_uri))
+        if saved is None:
+            write_identity(run_uri, run_identity(config, manifest))
         tracker = start_tracker(config, tracking_uri, name, resume=resume, tags=tags)
         with ended_with_status(tracker):
             yield RunContext(config, tracking_uri, run_uri, tracker, lease)

@@ -1,0 +1,116 @@
+"""What a run's weights are: the model's architecture and the dataset version they were trained on.
+
+A run writes its identity once, as ``<run.storage>/<name>/run.identity`` when it is first opened, and every
+checkpoint carries it (``identity``). Continuing a run (the same ``run.name`` again) under another
+architecture or on other data is refused before Ray, the lease or tracking start: the rest of the run would
+train, and be evaluated, on something its first part never saw, under the old run's MLflow record. Evaluating
+or predicting with a checkpoint under another architecture (``--set model.name=...``) is refused too: the
+parameter names of two attentions can match, so the strict load alone does not catch it. Evaluating on
+another version of the checkpoint's dataset is allowed when its classes are the same ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+from pipeline.config import Config, ModelConfig
+from pipeline.data.schema import Manifest
+from pipeline.io import storage
+from pipeline.io.redaction import redact
+
+IDENTITY_FILE = "run.identity"  # JSON; not "*.json": Tune's restore copies those (see lease.py)
+# CCNetConfig fields that do not change what the weights mean: how the attention computes (same results),
+# how gamma starts and where the initial backbone weights come from.
+NOT_ARCHITECTURE = ("impl", "gamma_init", "pretrained")
+
+
+class IdentityError(ValueError):
+    """A run or a checkpoint asked to go on under another model or on another dataset."""
+
+
+def architecture(model: ModelConfig) -> dict[str, Any]:
+    """The resolved model's fields that define its weights (the registered preset with the overrides)."""
+    values = dataclasses.asdict(model.resolved())
+    return {key: value for key, value in sorted(values.items()) if key not in NOT_ARCHITECTURE}
+
+
+def dataset_digest(manifest: Manifest) -> str:
+    """The dataset version's content: a sha256 over its shards' checksums (its name and path aside)."""
+    return hashlib.sha256("".join(sorted(shard.sha256 for shard in manifest.shards)).encode()).hexdigest()
+
+
+def run_identity(config: Config, manifest: Manifest) -> dict[str, Any]:
+    """What the run's weights are: ``model`` (name and architecture) and ``dataset`` (name, version, digest,
+    classes and where it was read)."""
+    return {
+        "model": {"name": config.model.name, "architecture": architecture(config.model)},
+        "dataset": {"name": manifest.dataset, "version": manifest.version, "digest": dataset_digest(manifest),
+                    "classes": list(manifest.classes), "uri": config.data.uri},
+    }
+
+
+def _model_change(saved: dict[str, Any], wanted: dict[str, Any]) -> str | None:
+    if saved["model"]["architecture"] == wanted["model"]["architecture"]:
+        return None
+    old, new = saved["model"]["architecture"], wanted["model"]["architecture"]
+    fields = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    changes = ", ".join(f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in fields)
+    return f"model {saved['model']['name']} -> {wanted['model']['name']} ({changes})"
+
+
+def _dataset(identity: dict[str, Any]) -> str:
+    data = identity["dataset"]
+    return f"{data['name']}/{data['version']} at {redact(data['uri'])}"
+
+
+def check_continuation(saved: dict[str, Any], config: Config, manifest: Manifest, what: str) -> None:
+    """Refuses to continue ``what`` (``run 'x'``) whose weights are ``saved`` under another architecture or
+    on another dataset version (another digest: a dataset moved elsewhere unchanged is the same one)."""
+    wanted = run_identity(config, manifest)
+    changes = [change for change in (_model_change(saved, wanted),) if change]
+    if saved["dataset"]["digest"] != wanted["dataset"]["digest"]:
+        changes.append(f"data.uri {_dataset(saved)} -> {_dataset(wanted)} (other images)")
+    if changes:
+        raise IdentityError(
+            f"{what} was trained as {saved['model']['name']} on {_dataset(saved)}; continuing it would "
+            f"change {'; '.join(changes)}. Give this training another run.name, or undo the change"
+        )
+
+
+def checkpoint_identity(state: dict[str, Any], saved_config: Config) -> dict[str, Any]:
+    """A checkpoint's identity; for one older than identities, its model's from its saved config (its
+    dataset then unknown: None)."""
+    return state.get("identity") or {
+        "model": {"name": saved_config.model.name, "architecture": architecture(saved_config.model)},
+        "dataset": None,
+    }
+
+
+def check_checkpoint(saved: dict[str, Any], config: Config, classes: tuple[str, ...] | None,
+                     checkpoint: str) -> None:
+    """Refuses to run ``checkpoint`` (its identity ``saved``) under another architecture than its own, or on
+    a dataset with other classes (``classes``: None when unknown)."""
+    where = redact(checkpoint)
+    change = _model_change(saved, {"model": {"name": config.model.name,
+                                             "architecture": architecture(config.model)}})
+    if change:
+        trained = f" trained on {_dataset(saved)}" if saved["dataset"] else ""
+        raise IdentityError(f"{where} holds a {saved['model']['name']}{trained}; --set would change "
+                            f"{change}. Its weights run only under their own model")
+    if saved["dataset"] and classes is not None and list(classes) != saved["dataset"]["classes"]:
+        count = len(saved["dataset"]["classes"])
+        raise IdentityError(f"{where} was trained on {_dataset(saved)} ({count} classes); "
+                            f"data.uri={redact(config.data.uri)} has other classes ({len(classes)})")
+
+
+def read_identity(run_uri: str) -> dict[str, Any] | None:
+    """The identity a run wrote when first opened; None for a new run (or one older than identities)."""
+    uri = storage.join(run_uri, IDENTITY_FILE)
+    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+
+
+def write_identity(run_uri: str, identity: dict[str, Any]) -> None:
+    storage.write_bytes(storage.join(run_uri, IDENTITY_FILE), json.dumps(identity, indent=2).encode() + b"\n")
