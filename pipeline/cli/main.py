@@ -28,6 +28,7 @@ from pipeline.cli.jobs import add_job_commands
 from pipeline.config import Config
 from pipeline.data.sources import SOURCES
 from pipeline.io import redaction
+from pipeline.io.errors import user_message
 from pipeline.io.paths import (
     Location,
     LocationError,
@@ -409,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, RuntimeError) as error:
         if args.debug:
             raise
-        log.error("%s", redact(str(error)))
+        log.error("%s", user_message(error))
         return 2
 
 

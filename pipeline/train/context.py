@@ -22,11 +22,12 @@ from dataclasses import dataclass
 
 from pipeline.config import Config
 from pipeline.data.readers import open_manifest
+from pipeline.data.schema import Manifest
 from pipeline.io import storage
 from pipeline.io.lease import LEASE_FILE, RunLease
 from pipeline.tracking import find_run, open_tracker, resolve_tracking_uri
 from pipeline.tracking.base import Tracker
-from pipeline.train.build import warn_if_not_pretrained
+from pipeline.train.build import build_model, warn_if_not_pretrained
 from pipeline.train.identity import (
     IDENTITY_FILE,
     check_continuation,
@@ -63,6 +64,27 @@ def resolve(config: Config) -> Config:
     config = config.with_absolute_paths()
     warn_if_not_pretrained(config)
     return config
+
+
+def check_data(config: Config, manifest: Manifest) -> None:
+    """The splits the run reads exist, and each of their shards is there with the manifest's size (a
+    missing or truncated shard otherwise surfaces in a DataLoader worker, mid-run)."""
+    splits = {"data.train_split": config.data.train_split, "data.val_split": config.data.val_split}
+    for key, split in splits.items():
+        try:
+            shards = manifest.shards_of(split)
+        except ValueError as error:
+            raise ValueError(f"{key}: {error}") from None
+        for shard in shards:
+            uri = storage.join(config.data.uri, shard.path)
+            try:
+                found = storage.size(uri)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"data.uri: shard {storage.redact(uri)} of dataset "
+                                        f"{manifest.dataset}/{manifest.version} is missing") from None
+            if found != shard.bytes:
+                raise ValueError(f"data.uri: shard {storage.redact(uri)} has {found} bytes, its manifest "
+                                 f"says {shard.bytes}: the version was changed after it was published")
 
 
 def end_status(error: BaseException) -> str:
@@ -108,11 +130,14 @@ def open_run(config: Config, name: str, what: str, *, tags: dict[str, str] | Non
         resume: continue the latest tracked run of that name; default: when its storage holds files.
         driver_cpus: CPUs this process's own Ray tasks take beside the workers (a search's trial drivers).
     """
+    # Every check that can run here runs before Ray, the lease and tracking: a refused run leaves nothing.
     run_uri = storage.join(config.run.storage, name)
     manifest = open_manifest(config.data.uri)
+    check_data(config, manifest)
     saved = read_identity(run_uri)
-    if saved is not None:  # before Ray, the lease and tracking: a refused run leaves nothing behind
+    if saved is not None:
         check_continuation(saved, config, manifest, what)
+    build_model(config, manifest.num_classes)  # the model and its pretrained weights, as the workers will
     if config.run.ray:
         from pipeline.train.ray_train import connect  # Ray starts only for runs that use it
 

@@ -29,6 +29,7 @@ from pipeline.data.readers import open_manifest, ray_dataset
 from pipeline.data.transforms import build_train_transform
 from pipeline.io import storage
 from pipeline.io.checkpoints import CHECKPOINT_FILE, CheckpointError, load
+from pipeline.io.errors import user_message
 from pipeline.tracking import NullTracker, Tracker
 from pipeline.train.build import input_normalization
 from pipeline.train.context import start_tracker
@@ -243,7 +244,12 @@ def fit(config: Config, run_id: str | None, tracking_uri: str | None, callbacks:
             logging_config=LoggingConfig(log_level=ray_log_level()),  # the controller's notices
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.WorkerGroupError as error:  # one line per failed rank, not Ray's traceback dump
+        failures = "; ".join(f"rank {rank}: {user_message(failure)}"
+                             for rank, failure in sorted(error.worker_failures.items()))
+        raise RuntimeError(f"training failed: {failures}") from None
     # The run went past every checkpoint Ray never registered, and Ray's own are the record now: those found
     # above, and those a worker wrote just before it was lost (Ray Train restarted the group from the last one
     # it had registered, without them).

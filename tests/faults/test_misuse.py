@@ -200,3 +200,63 @@ def test_a_run_never_writes_into_its_dataset(trained: dict[str, str]) -> None:
         args = [a for s in [f"data.uri={data}", "run.ray=false", *settings] for a in ("--set", s)]
         _refused(_ccnet("train", *args), named, f"data.uri={data}")
     assert _tree(Path(data)) == before
+
+
+def _broken_copies(data: str, tmp_path: Path) -> dict[str, str]:
+    """Copies of a dataset version with one fault each, as a careless copy or a half-finished sync leaves."""
+    import shutil
+
+    copies = {}
+    for fault in ("missing shard", "truncated shard", "changed shard"):
+        version = tmp_path / fault.replace(" ", "-") / "generated" / "v1"
+        shutil.copytree(data, version)
+        shard = version / "shards" / "train-00000.parquet"
+        content = shard.read_bytes()
+        if fault == "missing shard":
+            shard.unlink()
+        elif fault == "truncated shard":
+            shard.write_bytes(content[: len(content) // 2])
+        else:  # same size, other bytes: found only when read, by a DataLoader worker
+            shard.write_bytes(content[: len(content) // 2] + b"x" * (len(content) - len(content) // 2))
+        copies[fault] = str(version)
+    return copies
+
+
+def test_mistakes_are_refused_before_tracking_and_ray_start(trained: dict[str, str], tmp_path: Path) -> None:
+    """Data and model problems a run can see before it starts are refused before MLflow, Ray or the run's
+    folder see anything; a mistaken re-run of a finished run leaves it FINISHED."""
+    copies = _broken_copies(trained["data"], tmp_path)
+    cases = {
+        "missing shard": ([f"data.uri={copies['missing shard']}"], "train-00000.parquet of dataset"),
+        "truncated shard": ([f"data.uri={copies['truncated shard']}"], "bytes, its manifest says"),
+        "missing val split": (["data.val_split=test"], "data.val_split: dataset generated/v1 has no split"),
+        "missing train split": (["data.train_split=training"], "data.train_split"),
+        "missing weights": ([f"model.pretrained={tmp_path / 'weights.pt'}"], "weights.pt"),
+    }
+    settings = trained["settings"].splitlines()
+    finished = Path(trained["checkpoint"]).parents[1]
+    assert finished.name == "first"
+    before, files = _runs(trained["tracking"]), _tree(finished)
+    for case, (changes, named) in cases.items():
+        new = [f"run.name=new-{case.replace(' ', '-')}", "run.ray=true", f"run.storage={tmp_path / 'runs'}"]
+        for name, overrides in (("new", new), ("re-run", [])):  # a new run (with Ray); the finished run again
+            ray_dir = tmp_path / "ray" / case.replace(" ", "-") / name
+            args = [*settings, *changes, *overrides]
+            result = subprocess.run(
+                [sys.executable, "-m", "pipeline.cli", "train", *(a for s in args for a in ("--set", s))],
+                cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+                env={**os.environ, "RAY_TMPDIR": str(ray_dir), "RAY_USAGE_STATS_ENABLED": "0"})
+            _refused(result, named)
+            assert not ray_dir.exists(), f"{case}: Ray started"
+            assert not (tmp_path / "runs").exists(), f"{case}: something was written"
+    assert _runs(trained["tracking"]) == before  # no run created; the finished one is still FINISHED
+    assert _tree(finished) == files
+
+
+def test_an_error_in_a_dataloader_worker_is_one_line(trained: dict[str, str], tmp_path: Path) -> None:
+    changed = _broken_copies(trained["data"], tmp_path)["changed shard"]
+    settings = [*trained["settings"].splitlines(), f"data.uri={changed}", "data.loader_workers=1",
+                "run.name=changed", f"run.storage={tmp_path / 'runs'}"]
+    result = _ccnet("train", *(a for s in settings for a in ("--set", s)))
+    line = _refused(result, "train-00000.parquet: sha256")
+    assert "DataLoader worker" not in result.stderr and "Original Traceback" not in line
