@@ -5,11 +5,15 @@ sizes of their files on disk), writes each shard in a worker process (images kep
 mapped to train ids and re-encoded as PNG), and publishes ``manifest.json`` last. Every shard is written
 whole under its final name (storage writes are atomic) and followed by a small receipt, so a re-run skips
 finished shards and resumes after a crash; once the manifest exists a re-run only checks it and returns.
-A version without a manifest is incomplete and readers refuse it.
+A version without a manifest is incomplete and readers refuse it. One preparation writes a version at a time:
+it holds a lease (``<version>/run.lease``, :mod:`pipeline.io.lease`), so a second one into the same place,
+even with other inputs under the same file names, stops with one line naming the first, and never mixes its
+shards into the version.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -37,6 +41,7 @@ from pipeline.data.schema import (
 )
 from pipeline.data.sources.base import BadSampleError, DatasetSource, SampleRef
 from pipeline.io import storage
+from pipeline.io.lease import RunLease
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +70,16 @@ class ShardTask:
     def name(self) -> str:
         return shard_name(self.split, self.index)
 
-    @property
+    @functools.cached_property
     def plan_digest(self) -> str:
-        """Identifies the shard's planned content: its sample ids in order."""
-        return hashlib.sha256("\n".join(ref.sample_id for ref in self.samples).encode()).hexdigest()
+        """Identifies the shard's planned content: the source's settings, and its samples in order, each by
+        id, files and their sizes on disk. Other inputs under the same file names (another download, another
+        generator seed or size) make another plan, so a finished shard or a published version of theirs is
+        never taken for this one's."""
+        settings = json.dumps(self.source.extra(), sort_keys=True, default=str)
+        size = self.source.size_hint
+        samples = (f"{ref.sample_id}|{ref.image}|{ref.label}|{size(ref)}" for ref in self.samples)
+        return hashlib.sha256("\n".join([settings, *samples]).encode()).hexdigest()
 
 
 def version_uri(out: str, dataset: str, version: str) -> str:
@@ -235,17 +246,39 @@ def write_shards(
         raise PreparationError(f"{source.root}: no {source.name} samples found in splits {list(splits)}")
     plan = hashlib.sha256("\n".join(f"{t.name}:{t.plan_digest}" for t in tasks).encode()).hexdigest()
     manifest_uri = storage.join(target, MANIFEST_NAME)
-    if storage.exists(manifest_uri):
-        manifest = Manifest.from_json(storage.read_bytes(manifest_uri).decode(), source=manifest_uri)
-        if manifest.extra.get("plan") != plan:
-            raise PreparationError(
-                f"{target}: version {version!r} is already published with other content; "
-                "choose another --version"
-            )
-        log.info("%s is already prepared", storage.redact(target))
-        return target, manifest
+    # One writer per version: a second preparation into the same place (other inputs under the same names)
+    # stops here, instead of mixing its shards with this one's under checksums that all match.
+    name = f"dataset version {source.name}/{version}"
+    with RunLease(target, name) as lease:
+        published = _published(manifest_uri, plan, target, name)
+        if published is not None:
+            return target, published
+        manifest = _prepare(source, tasks, splits, plan, version, workers, skip_bad, progress)
+        manifest.validate(manifest_uri)
+        lease.check()  # a writer that lost its lease publishes nothing
+        storage.write_bytes(manifest_uri, manifest.to_json().encode())  # published last
+    log.info("prepared %s: %s", storage.redact(target), manifest.counts)
+    return target, manifest
 
-    storage.ensure_bucket(target)
+
+def _published(manifest_uri: str, plan: str, target: str, name: str) -> Manifest | None:
+    """The version's manifest when it is published with this plan; PreparationError when with another."""
+    if not storage.exists(manifest_uri):
+        return None
+    manifest = Manifest.from_json(storage.read_bytes(manifest_uri).decode(), source=manifest_uri)
+    if manifest.extra.get("plan") != plan:
+        raise PreparationError(
+            f"{name} at {storage.redact(target)} is already published with other content (other inputs or "
+            "settings); choose another --version"
+        )
+    log.info("%s is already prepared", storage.redact(target))
+    return manifest
+
+
+def _prepare(source: DatasetSource, tasks: list[ShardTask], splits: tuple[str, ...], plan: str, version: str,
+             workers: int | None, skip_bad: bool, progress: bool) -> Manifest:
+    """Writes the shards of ``tasks`` (those with a receipt of this plan kept); returns the manifest."""
+    storage.ensure_bucket(tasks[0].version_uri)
     workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(tasks)))
     total = sum(len(task.samples) for task in tasks)
     results: dict[str, tuple[ShardInfo, list[SkippedSample]]] = {}
@@ -257,7 +290,7 @@ def write_shards(
         except BadSampleError as error:
             raise PreparationError(f"{error} (use --skip-bad to leave such samples out)") from None
     shards = tuple(results[task.name][0] for task in tasks)
-    manifest = Manifest(
+    return Manifest(
         dataset=source.name,
         version=version,
         classes=source.classes,
@@ -269,7 +302,3 @@ def write_shards(
         skipped=tuple(item for task in tasks for item in results[task.name][1]),
         extra={**source.extra(), "plan": plan},
     )
-    manifest.validate(manifest_uri)
-    storage.write_bytes(manifest_uri, manifest.to_json().encode())  # published last
-    log.info("prepared %s: %s", storage.redact(target), manifest.counts)
-    return target, manifest

@@ -1,6 +1,7 @@
 """Two trainings with the same run.name, as two real processes, on a local folder and on a real S3 server
 (SeaweedFS): the second stops with one line naming the run and the owner and writes nothing; after the
-owner is killed, the same command takes the lease over and resumes the run (one MLflow run, FINISHED)."""
+owner is killed, the same command takes the lease over and resumes the run (one MLflow run, FINISHED). Two
+preparations of one dataset version from different inputs: the second stops, the version is the first's."""
 
 from __future__ import annotations
 
@@ -100,3 +101,53 @@ def test_a_second_writer_is_refused_and_the_run_resumes_after_the_owner_died(run
     (run,) = _runs(tracking)  # the killed run, continued and finished: one MLflow run
     assert run.info.run_name == RUN and run.info.status == "FINISHED"
     assert not storage.exists(storage.join(prefix, LEASE_FILE))  # released at the end
+
+
+def _prepare(out: str, *options: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "pipeline.cli", "data", "prepare", "--dataset", "generated",
+               "--out", out, "--workers", "1", *options]
+    return subprocess.Popen(command, cwd=ROOT, env=os.environ | {"PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+# Two preparations into the same --out and version, from different inputs under the same file names.
+PREPARATIONS = {
+    "other seed": (["--seed", "1"], ["--seed", "2"]),
+    "other image size": (["--image-size", "48"], ["--image-size", "64"]),
+    "other counts": (["--count", "train=300,val=8"], ["--count", "train=8,val=300"]),
+}
+
+
+@pytest.mark.parametrize("case", PREPARATIONS, ids=list(PREPARATIONS))
+def test_two_preparations_of_one_version_never_mix(case: str, run_storage: str, tmp_path: Path) -> None:
+    """The second, started while the first holds the version's lease, stops with one line naming it; the
+    published version is the first one's, shard for shard (each equal to a preparation made alone)."""
+    first, second = PREPARATIONS[case]
+    sizes = ["--count", "train=300,val=8", "--image-size", "48"]
+    out = storage.join(run_storage, "datasets")
+    owner = _prepare(out, *sizes, *first)
+    lease = storage.join(out, "generated", "v1", LEASE_FILE)
+    _wait_for(lambda: storage.exists(lease), owner)
+    intruder = _prepare(out, *sizes, *second)
+    _, intruder_err = intruder.communicate(timeout=300)
+    _, owner_err = owner.communicate(timeout=300)
+    assert owner.returncode == 0, owner_err[-2000:]
+    assert intruder.returncode == 2, intruder_err[-2000:]
+    last = intruder_err.strip().splitlines()[-1]
+    assert last.startswith("ERROR") and "dataset version generated/v1" in last, intruder_err[-2000:]
+    assert "being written by" in last or "already published with other content" in last, last
+
+    alone = write_shards(build_source("generated", None, **_options(*sizes, *first)), str(tmp_path / "alone"),
+                         workers=1, progress=False)[1]
+    published = json.loads(storage.read_bytes(storage.join(out, "generated", "v1", "manifest.json")))
+    assert [shard["sha256"] for shard in published["shards"]] == [shard.sha256 for shard in alone.shards]
+    assert LEASE_FILE not in storage.list_files(storage.join(out, "generated", "v1"))
+
+
+def _options(*args: str) -> dict[str, Any]:
+    """The generated source's options for the command-line flags of ``_prepare``."""
+    flags = dict(zip(args[::2], args[1::2], strict=True))
+    counts = dict(part.split("=") for part in flags["--count"].split(","))
+    size = int(flags["--image-size"])
+    return {"seed": int(flags.get("--seed", 0)), "image_size": (size, size),
+            "counts": {split: int(count) for split, count in counts.items()}}

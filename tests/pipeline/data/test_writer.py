@@ -201,3 +201,23 @@ def test_shard_dataset_reads_from_s3(tmp_path: Path, s3_env: str) -> None:
     assert [dataset[i]["sample_id"] for i in range(len(dataset))] == ["val-000", "val-001"]
     raw = np.array(Image.open(root / "valannot" / "001.png"))
     assert np.array_equal(dataset[1]["label"].numpy(), np.where(raw == 9, 255, raw))
+
+
+def test_other_inputs_under_the_same_names_are_another_plan(tmp_path: Path) -> None:
+    """Another download (files of other sizes under the same names) or another generator seed or size is
+    refused against a published version, and never reuses a finished shard of the other inputs."""
+    from pipeline.data.sources import build_source
+
+    out = str(tmp_path / "out")
+    write_shards(build_source("generated", None, image_size=(32, 32), counts={"train": 2, "val": 1}), out,
+                 workers=1, progress=False)
+    for options in ({"seed": 1}, {"image_size": (40, 40)}):
+        settings = {"image_size": (32, 32), "counts": {"train": 2, "val": 1}, **options}
+        with pytest.raises(PreparationError, match="already published with other content"):
+            write_shards(build_source("generated", None, **settings), out, workers=1, progress=False)
+    root = make_tiny(tmp_path / "src")
+    write_shards(TinySource(root), out, workers=1, progress=False)
+    first = next((root / "train").glob("*"))
+    first.write_bytes(first.read_bytes() + b"\0")  # the same name, other content and size
+    with pytest.raises(PreparationError, match="already published with other content"):
+        write_shards(TinySource(root), out, workers=1, progress=False)
