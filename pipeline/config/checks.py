@@ -98,6 +98,13 @@ def validate(config: Config, source: str = "config") -> None:
         except LocationError as error:
             raise ConfigError(f"{source}: {error}") from None
     _check_outputs_outside_data(config, source)
+    pretrained = config.model.pretrained or ""
+    if "://" in pretrained:
+        try:
+            parse_location(pretrained, "model.pretrained")
+        except LocationError as error:
+            raise ConfigError(f"{source}: {error} (weights: a local file, s3://bucket/key, imagenet, "
+                              "torchvision:<WEIGHTS> or none)") from None
     _check_space(config, source)
 
 

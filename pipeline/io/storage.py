@@ -292,3 +292,24 @@ def size(uri: str) -> int:
         return os.path.getsize(_local_path(uri))
     head = _s3("stat", uri, lambda bucket, key: s3_client().head_object(Bucket=bucket, Key=key))
     return int(head["ContentLength"])
+
+
+CACHE_ENV = "CCNET_CACHE"  # where local copies of objects go; default ~/.cache/ccnet
+
+
+def local_copy(uri: str) -> str:
+    """A local path to the file at ``uri``: the path itself when local; for S3, a copy in the cache
+    (``$CCNET_CACHE`` or ``~/.cache/ccnet``, ``objects/<sha256 of the URI>/<name>``) fetched again only when
+    the object's size changed. FileNotFoundError naming ``uri`` when it does not exist."""
+    if not is_s3(uri):
+        path = _local_path(uri)
+        if not os.path.exists(path):
+            raise FileNotFoundError(errno.ENOENT, "no such file", redact(uri))
+        return path
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "ccnet")
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    path = os.path.join(root, "objects", hashlib.sha256(uri.encode()).hexdigest()[:32], name)
+    expected = size(uri)
+    if not (os.path.exists(path) and os.path.getsize(path) == expected):
+        write_bytes(path, read_bytes(uri))  # atomic: a half-fetched copy never looks whole
+    return path

@@ -23,6 +23,7 @@ from pipeline.config import Config
 from pipeline.data.readers import ShardDataset, open_manifest
 from pipeline.data.sampling import ShardBatchSampler
 from pipeline.data.transforms import build_eval_transform, build_train_transform
+from pipeline.io import storage
 from pipeline.io.checkpoints import load_model_state
 from pipeline.train.identity import check_continuation, run_identity
 from pipeline.train.sessions import Session, restore_rng
@@ -78,6 +79,12 @@ def build_model(config: Config, num_classes: int, *, pretrained: bool = True) ->
     overrides = config.model.overrides()
     if not pretrained:
         overrides.pop("pretrained", None)
+    elif "://" in (overrides.get("pretrained") or ""):  # s3:// (a local copy) or file://
+        try:
+            overrides["pretrained"] = storage.local_copy(overrides["pretrained"])
+        except FileNotFoundError:
+            raise FileNotFoundError(f"model.pretrained: {storage.redact(config.model.pretrained or '')} "
+                                    "does not exist") from None
     return build_ccnet(config.model.name, num_classes, **overrides)
 
 
