@@ -131,29 +131,40 @@ class MlflowTracker:
         from mlflow.entities import RunTag  # lazy: MLflow (2 s to import) loads only where a run is tracked
 
         safe_tags = {key: _safe_value(key, value) for key, value in (tags or {}).items()}
-        try:
-            if not answers(self.uri):
-                raise ConnectionError("no answer from /health")
-            with env(PROBE_HTTP):
-                client = mlflow.MlflowClient(tracking_uri=self.uri)
-                experiment_id = ensure_experiment(client, self.experiment, self.uri)
-                run = self._resumable(client, run_id) if run_id else None
-                if run is None:
-                    run = client.create_run(experiment_id, run_name=run_name,
-                                            tags={**context_tags(), **safe_tags})
-                else:
-                    client.update_run(run.info.run_id, status="RUNNING")
-                    if safe_tags:
-                        client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in safe_tags.items()])
-                    self._buffer.stored_params = dict(run.data.params)
-                    self._buffer.logged_through = last_steps(client, run)
-        except Exception as error:
-            message = f"MLflow tracking at {redact(self.uri)} is unusable: {one_line(error)}"
-            if self.required:
-                raise TrackingError(message) from None  # the chained error may quote credentials
-            log.warning("%s; going on without tracking", message)
-            self._ended = True
-            return None
+        # A run that exists (run_id: the driver created it moments ago) meets an outage, not a wrong URI: the
+        # store gets settle_timeout to answer again, or the run's metrics would be lost for good.
+        deadline = time.monotonic() + (self.settle_timeout if run_id else 0.0)
+        while True:
+            try:
+                if not answers(self.uri):
+                    raise ConnectionError("no answer from /health")
+                with env(PROBE_HTTP):
+                    client = mlflow.MlflowClient(tracking_uri=self.uri)
+                    experiment_id = ensure_experiment(client, self.experiment, self.uri)
+                    run = self._resumable(client, run_id) if run_id else None
+                    if run is None:
+                        run = client.create_run(experiment_id, run_name=run_name,
+                                                tags={**context_tags(), **safe_tags})
+                    else:
+                        client.update_run(run.info.run_id, status="RUNNING")
+                        if safe_tags:
+                            client.log_batch(run.info.run_id,
+                                             tags=[RunTag(k, v) for k, v in safe_tags.items()])
+                        self._buffer.stored_params = dict(run.data.params)
+                        self._buffer.logged_through = last_steps(client, run)
+                break
+            except Exception as error:
+                message = f"MLflow tracking at {redact(self.uri)} is unusable: {one_line(error)}"
+                if time.monotonic() < deadline:
+                    log.warning("%s; waiting for it to answer (up to %.0f s)", message,
+                                deadline - time.monotonic())
+                    time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+                    continue
+                if self.required:
+                    raise TrackingError(message) from None  # the chained error may quote credentials
+                log.warning("%s; going on without tracking", message)
+                self._ended = True
+                return None
         self._client, self._experiment_id, self._run_id = client, experiment_id, run.info.run_id
         self._unregister = on_forced_exit(self._mark_killed)  # a Ctrl-C whose shutdown hangs
         log.log(logging.INFO if announce else logging.DEBUG, "MLflow run %s (%s) in experiment %r at %s",
