@@ -71,22 +71,41 @@ def alive_nodes() -> list[dict[str, float]]:
     return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
 
 
+def ask_autoscaler(request: WorkerRequest | None) -> None:
+    """Show the autoscaler the request (one bundle per worker, plus the driver's CPUs) so that it adds nodes
+    while nothing else asks for them yet; None withdraws it. Without an autoscaler this does nothing."""
+    from ray.autoscaler.sdk import request_resources  # lazy: only a run with run.ray loads Ray
+
+    bundles: list[dict[str, float]] = []
+    if request is not None:
+        worker = {"CPU": request.cpus, **({"GPU": request.gpus} if request.gpus else {})}
+        bundles = [dict(worker) for _ in range(request.workers)]
+        bundles += [{"CPU": request.driver_cpus}] if request.driver_cpus else []
+    request_resources(bundles=bundles)
+
+
 def ensure_placeable(
     request: WorkerRequest,
     wait: float = 0.0,
     nodes: Callable[[], list[dict[str, float]]] = alive_nodes,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Any] = time.sleep,
+    demand: Callable[[WorkerRequest | None], None] = ask_autoscaler,
 ) -> None:
     """Return once the cluster can hold ``request``; raise :class:`ResourceError` when it cannot, after
-    waiting up to ``wait`` seconds for nodes to join (an autoscaler)."""
+    waiting up to ``wait`` seconds for nodes to join. While it waits, ``demand`` shows the request to the
+    autoscaler (nothing else asks for the workers before Ray Train does), and withdraws it at the end."""
     deadline = clock() + wait
     missing = shortfall(request, nodes())
     if missing and wait > 0:
         log.info("waiting up to %.0f s for the cluster to grow: %s", wait, missing)
-    while missing and clock() < deadline:
-        sleep(min(5.0, max(deadline - clock(), 0.0)))
-        missing = shortfall(request, nodes())
+        demand(request)
+        try:
+            while missing and clock() < deadline:
+                sleep(min(5.0, max(deadline - clock(), 0.0)))
+                missing = shortfall(request, nodes())
+        finally:
+            demand(None)  # Ray Train's own placement group holds the nodes from here
     if missing:
         hint = (f"after waiting {wait:g} s (run.resource_wait)" if wait > 0
                 else "lower them, or set run.resource_wait=SECONDS to wait for an autoscaler")

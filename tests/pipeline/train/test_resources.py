@@ -62,10 +62,27 @@ def test_waits_for_nodes_to_join_until_the_deadline() -> None:
     def sleep(seconds: float) -> None:
         now[0] += seconds
 
-    ensure_placeable(WorkerRequest(3, 2.0), wait=30, nodes=nodes, clock=lambda: now[0], sleep=sleep)
+    demands: list[WorkerRequest | None] = []  # what the autoscaler was shown, then the withdrawal
+    ensure_placeable(WorkerRequest(3, 2.0), wait=30, nodes=nodes, clock=lambda: now[0], sleep=sleep,
+                     demand=demands.append)
     assert 12.0 <= now[0] < 20.0  # returned soon after the nodes joined
+    assert demands == [WorkerRequest(3, 2.0), None]
 
     now[0], joined["at"] = 0.0, 100.0
     with pytest.raises(ResourceError, match="after waiting 30 s"):
-        ensure_placeable(WorkerRequest(3, 2.0), wait=30, nodes=nodes, clock=lambda: now[0], sleep=sleep)
+        ensure_placeable(WorkerRequest(3, 2.0), wait=30, nodes=nodes, clock=lambda: now[0], sleep=sleep,
+                         demand=demands.append)
     assert now[0] == pytest.approx(30.0)
+    assert demands[2:] == [WorkerRequest(3, 2.0), None]
+
+
+def test_the_autoscaler_is_shown_one_bundle_per_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray.autoscaler.sdk
+
+    from pipeline.train.resources import ask_autoscaler
+
+    asked: list[list[dict[str, float]]] = []
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda bundles: asked.append(bundles))
+    ask_autoscaler(WorkerRequest(2, 4.0, gpus=1, driver_cpus=0.1))
+    ask_autoscaler(None)
+    assert asked == [[{"CPU": 4.0, "GPU": 1}, {"CPU": 4.0, "GPU": 1}, {"CPU": 0.1}], []]
