@@ -113,8 +113,13 @@ def context_tags() -> dict[str, str]:
     return tags
 
 
+# MLflow 3's UI opens an experiment by its kind; without this tag it shows the GenAI (traces) page.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def ensure_experiment(client: Any, name: str, uri: str) -> str:
-    """The id of experiment ``name``, created if missing (tolerating a concurrent creator)."""
+    """The id of experiment ``name``, created if missing (tolerating a concurrent creator), of the kind
+    "custom model development" (an experiment without a kind is given it; a user's own kind is kept)."""
     # lazy: MLflow (2 s to import) loads only where a run is tracked
     from mlflow.exceptions import MlflowException
 
@@ -122,13 +127,16 @@ def ensure_experiment(client: Any, name: str, uri: str) -> str:
     if experiment is None:
         try:
             return client.create_experiment(name, artifact_location=_sqlite_artifact_location(uri),
-                                            tags={"mlflow.note.content": EXPERIMENT_NOTE})
+                                            tags={"mlflow.note.content": EXPERIMENT_NOTE,
+                                                  EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1]})
         except MlflowException:
             experiment = client.get_experiment_by_name(name)  # another trial created it meanwhile
             if experiment is None:
                 raise
     if experiment.lifecycle_stage != "active":
         raise TrackingError(f"MLflow experiment {name!r} at {redact(uri)} is deleted: restore or rename it")
+    if EXPERIMENT_KIND[0] not in experiment.tags:  # created before the kind existed, or by someone else
+        client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
     return experiment.experiment_id
 
 

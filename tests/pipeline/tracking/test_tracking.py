@@ -334,6 +334,23 @@ def test_server_round_trip_with_model(mlflow_server: Any, monkeypatch: pytest.Mo
     _log_and_load_model(uri, run_id, monkeypatch)
 
 
+def test_experiments_open_as_model_training(mlflow_server: Any) -> None:
+    """MLflow 3's UI opens an experiment without a kind on its GenAI (traces) page: every experiment the
+    project creates, or trains into, is of the kind "custom model development"; a kind set by a user stays."""
+    client = _client(mlflow_server.uri)
+    existing = client.create_experiment("made-by-hand")
+    chosen = client.create_experiment("chosen-kind", tags={"mlflow.experimentKind": "genai_development"})
+    for name in ("created-here", "made-by-hand", "chosen-kind"):
+        tracker = MlflowTracker(mlflow_server.uri, name)
+        tracker.start("kind")
+        tracker.end()
+    kinds = {name: client.get_experiment_by_name(name).tags.get("mlflow.experimentKind")
+             for name in ("created-here", "made-by-hand", "chosen-kind")}
+    assert kinds == {"created-here": "custom_model_development", "made-by-hand": "custom_model_development",
+                     "chosen-kind": "genai_development"}
+    assert existing and chosen
+
+
 def test_unreachable_server_fails_fast_when_required() -> None:
     uri = f"http://alice:hunter2@127.0.0.1:{_closed_port()}"
     began = time.monotonic()
