@@ -165,6 +165,9 @@ class TrackingConfig:
     experiment: str = "ccnet"
     required: bool = True  # False: go on without tracking when the server is unreachable at start
     settle_timeout: float = 120.0  # s to wait at a run's end for a server in an outage before data is lost
+    # The registered model every training and search trial adds a version to; None: ccnet-<dataset>, one
+    # model per task (e.g. ccnet-camvid), so the variants trained on it compete for `champion`.
+    registered_model: str | None = None
 
 
 @dataclass

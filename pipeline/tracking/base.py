@@ -59,7 +59,8 @@ class Tracker(Protocol):
     def log_figure(self, figure: Figure, artifact_file: str) -> None: ...
 
     def log_model(self, model: torch.nn.Module, name: str = "model", registered_name: str | None = None,
-                  metrics: dict[str, float] | None = None, checkpoint: str | None = None) -> str | None: ...
+                  metrics: dict[str, float] | None = None, checkpoint: str | None = None,
+                  version_tags: dict[str, str] | None = None) -> str | None: ...
 
     def end(self, status: str = "FINISHED") -> None: ...
 
@@ -109,7 +110,8 @@ class NullTracker:
         pass
 
     def log_model(self, model: torch.nn.Module, name: str = "model", registered_name: str | None = None,
-                  metrics: dict[str, float] | None = None, checkpoint: str | None = None) -> str | None:
+                  metrics: dict[str, float] | None = None, checkpoint: str | None = None,
+                  version_tags: dict[str, str] | None = None) -> str | None:
         return None
 
     def end(self, status: str = "FINISHED") -> None:

@@ -183,20 +183,32 @@ def register(client: Any, name: str, model_id: str, run_id: str, await_for: int 
     return str(version.version)
 
 
-def promote(client: Any, name: str, version: str, score: float | None) -> None:
-    """``candidate`` -> the new version; ``champion`` -> it too when its score beats the champion's."""
+# A version's dataset version and evaluation protocol, as a tag: scores compare only within one value.
+COMPARABLE = "ccnet.comparable"
+
+
+def promote(client: Any, name: str, version: str, score: float | None, tags: dict[str, str]) -> None:
+    """Tags the new version (``tags``: its variant, dataset version, protocol and :data:`COMPARABLE`), gives
+    it ``candidate``, and ``champion`` when there is none, or when its score beats the champion's on the same
+    dataset version and protocol (a score on other data or another protocol is not compared)."""
     # lazy: MLflow (2 s to import) loads only where a run is tracked
     from mlflow.exceptions import MlflowException
 
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, "candidate", version)
     if score is None:
         return
-    client.set_model_version_tag(name, version, CHAMPION_METRIC, f"{score:.6f}")
+    client.set_model_version_tag(name, version, CHAMPION_METRIC, repr(score))  # exact: compared below
     try:
         champion = client.get_model_version_by_alias(name, "champion")
-        best = float(champion.tags.get(CHAMPION_METRIC, "-inf"))
     except MlflowException:  # no champion yet
-        best = float("-inf")
+        champion = None
+    if champion is not None and champion.tags.get(COMPARABLE) != tags.get(COMPARABLE):
+        log.info("registered model %s version %s not compared with champion version %s: another dataset "
+                 "version or protocol", name, version, champion.version)
+        return
+    best = float(champion.tags.get(CHAMPION_METRIC, "-inf")) if champion is not None else float("-inf")
     if score > best:
         client.set_registered_model_alias(name, "champion", version)
         log.info("registered model %s version %s is the champion (%s %.4f)", name, version, CHAMPION_METRIC,

@@ -329,7 +329,8 @@ class MlflowTracker:
         self._log_file(artifact_file, lambda c: c.log_figure(self._run_id, figure, artifact_file))
 
     def log_model(self, model: torch.nn.Module, name: str = "model", registered_name: str | None = None,
-                  metrics: dict[str, float] | None = None, checkpoint: str | None = None) -> str | None:
+                  metrics: dict[str, float] | None = None, checkpoint: str | None = None,
+                  version_tags: dict[str, str] | None = None) -> str | None:
         """Logs ``model`` as an MLflow PyTorch model linked to this run and, with ``registered_name``,
         registers it; returns the registered version (None without one, or when it could not be logged).
 
@@ -339,8 +340,9 @@ class MlflowTracker:
         code (so it loads where the project is not installed) and ``checkpoint`` (a local file) as an extra
         file: ``ccnet predict`` and ``ccnet evaluate`` read that one with ``weights_only=True`` from a
         ``models:/NAME@alias`` URI, never unpickling the model. It is pickled rather than ``pt2``: see the
-        README's model registry section. The new version gets the alias ``candidate``, and ``champion``
-        when its ``val_mIoU`` tag beats the champion's.
+        README's model registry section. The new version gets ``version_tags``, the alias ``candidate``,
+        and ``champion`` when its ``val_mIoU`` beats the champion's on the same dataset version and protocol
+        (:func:`pipeline.tracking.mlflow_store.promote`).
         """
         run_id = self._run_id
         if run_id is None or not self.active:
@@ -371,7 +373,8 @@ class MlflowTracker:
             for key, value in (metrics or {}).items():
                 client.log_metric(run_id, key, value, model_id=info.model_id)
             if registered_name:
-                promote(client, registered_name, version[0], (metrics or {}).get(CHAMPION_METRIC))
+                promote(client, registered_name, version[0], (metrics or {}).get(CHAMPION_METRIC),
+                        version_tags or {})
 
         self._log_file(f"model {name}", call)
         return version[0] if version else None

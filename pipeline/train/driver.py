@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+from torch import nn
 
 from ccnet.attention_maps import ccnet_attention_maps
 from ccnet.backbones import Normalization
@@ -26,6 +28,7 @@ from ccnet.inference import LogitsOnly
 from ccnet.models import CCNet
 from pipeline.config import Config, dump_config
 from pipeline.data.readers import ShardDataset, open_manifest
+from pipeline.data.schema import Manifest
 from pipeline.data.transforms import build_eval_transform
 from pipeline.eval.evaluation import evaluate_protocols
 from pipeline.eval.plots import (
@@ -45,8 +48,10 @@ from pipeline.io.checkpoints import (
     load_model_state,
 )
 from pipeline.tracking.base import Tracker
+from pipeline.tracking.mlflow_store import COMPARABLE
 from pipeline.train.build import build_model
 from pipeline.train.context import RunContext, open_run, resolve
+from pipeline.train.identity import dataset_digest
 from pipeline.train.loop import train_loop
 from pipeline.train.sessions import LocalSession
 
@@ -196,9 +201,37 @@ def log_final_results(tracker: Tracker, results: dict[str, Any], step: int) -> d
     return metrics
 
 
-def registered_model_name(config: Config) -> str:
-    """The model registry name of a training's best model: ``ccnet-<run.name>`` ("/" as "-")."""
-    return "ccnet-" + config.run.name.replace("/", "-")
+def registered_model_name(config: Config, manifest: Manifest) -> str:
+    """The registered model a training's best model is a version of: ``tracking.registered_model``, else one
+    per task, ``ccnet-<dataset>`` (e.g. ``ccnet-camvid``), so every variant trained on it competes."""
+    return config.tracking.registered_model or f"ccnet-{manifest.dataset}"
+
+
+def record_model(tracker: Tracker, config: Config, model: nn.Module, results: dict[str, Any],
+                 manifest: Manifest, checkpoint: bytes) -> None:
+    """Logs the best model, named after its variant, with its checkpoint and scores, as a new version of
+    :func:`registered_model_name`, tagged with its variant, dataset version and evaluation protocol: the
+    version becomes ``champion`` only by beating it on the same dataset version and protocol."""
+    evaluation = config.eval
+    protocol = (f"{config.data.val_split} {evaluation.mode} scales={list(evaluation.scales)} "
+                f"flip={evaluation.flip} fusion={evaluation.fusion}")
+    if evaluation.mode == "slide":
+        protocol += f" crop={evaluation.crop_size} stride={evaluation.stride}"
+    digest = dataset_digest(manifest)
+    tags = {"ccnet.variant": variant_label(config), "ccnet.dataset": f"{manifest.dataset}/{manifest.version}",
+            "ccnet.dataset.digest": digest, "ccnet.protocol": protocol,
+            COMPARABLE: f"{digest[:16]} {protocol}"}
+    name = registered_model_name(config, manifest)
+    logged = re.sub(r"[^A-Za-z0-9_.-]+", "-", variant_label(config).replace("R=", "R"))
+    scores = {"val_mIoU": results["multi-scale+flip"].miou,
+              "val_mIoU_single_scale": results["single-scale"].miou}
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / CHECKPOINT_FILE
+        path.write_bytes(checkpoint)
+        version = tracker.log_model(LogitsOnly(model).eval(), name=logged, registered_name=name,
+                                    metrics=scores, checkpoint=str(path), version_tags=tags)
+    if version is not None:
+        log.info("registered model %s version %s (models:/%s@candidate)", name, version, name)
 
 
 def _log_bytes(tracker: Tracker, data: bytes, artifact_path: str) -> None:
@@ -253,18 +286,8 @@ def _train_and_record(run: RunContext) -> tuple[dict[str, Any], str, str]:
         _log_bytes(tracker, last, "checkpoints/last")
     _log_plots(tracker, cast(CCNet, model), dataset, results, config.run.name)  # built by build_ccnet
     log_attention_plot(tracker, config, history)
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / CHECKPOINT_FILE
-        path.write_bytes(best_bytes)
-        tracker.log_artifact(str(path), "checkpoints/best")
-        scores = {"val_mIoU": results["multi-scale+flip"].miou, "val_mIoU_single_scale":
-                  results["single-scale"].miou}
-        version = tracker.log_model(LogitsOnly(model).eval(), name="model",
-                                    registered_name=registered_model_name(config),
-                                    metrics=scores, checkpoint=str(path))
-    if version is not None:
-        log.info("registered model %s version %s (models:/%s@candidate)", registered_model_name(config),
-                 version, registered_model_name(config))
+    _log_bytes(tracker, best_bytes, "checkpoints/best")
+    record_model(tracker, config, model, results, dataset.manifest, best_bytes)
     return results, table, best
 
 

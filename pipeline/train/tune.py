@@ -32,7 +32,7 @@ from pipeline import interrupts
 from pipeline.config import Config, apply_overrides, config_from_dict, dump_config
 from pipeline.data.readers import open_manifest
 from pipeline.io import storage
-from pipeline.io.checkpoints import CheckpointStore, load
+from pipeline.io.checkpoints import CheckpointStore, from_bytes, load
 from pipeline.io.redaction import holds_secret
 from pipeline.tracking import resolve_tracking_uri
 from pipeline.tracking.base import Tracker
@@ -44,6 +44,7 @@ from pipeline.train.driver import (
     log_attention_plot,
     log_final_results,
     log_run_context,
+    record_model,
 )
 from pipeline.train.ray_train import fit, project_logging, ray_storage
 from pipeline.train.sessions import run_uri
@@ -114,13 +115,17 @@ def _trial(sampled: dict[str, Any]) -> None:
 def _final_evaluation(config: Config, tracker: Tracker,
                       attention_history: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
     """The best checkpoint's single-scale and multi-scale + flip results, logged to the trial's run with
-    its description (which says when the attention never engaged) and the attention's plot."""
+    its description (which says when the attention never engaged) and the attention's plot; the model is a
+    new version of the task's registered model, as a training's is."""
     best = CheckpointStore(run_uri(config)).best_uri()
-    _, dataset, results = evaluate_checkpoint(config, best, reuse_validation=True)
+    model, dataset, results = evaluate_checkpoint(config, best, reuse_validation=True)
     metrics = log_final_results(tracker, results, config.train.iterations)
-    note = describe_results(config, results, load(best), dataset.manifest, attention_history)
+    best_bytes = storage.read_bytes(best)
+    note = describe_results(config, results, from_bytes(best_bytes, "the best checkpoint"), dataset.manifest,
+                            attention_history)
     tracker.set_tags({"mlflow.note.content": note})
     log_attention_plot(tracker, config, attention_history)
+    record_model(tracker, config, model, results, dataset.manifest, best_bytes)
     return {key: value for key, value in metrics.items() if value == value}  # NaN: a class never seen
 
 

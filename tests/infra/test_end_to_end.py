@@ -146,7 +146,7 @@ def _assert_a_user_can_decide_from(client: Any, experiment: Any, run: Any) -> No
     assert not any("single-scale" in key or "multi-scale" in key for key in metrics)
     assert f"{metrics['final/mIoU_ms_flip'] * 100:.1f} multi-scale+flip" in note
 
-    name = "ccnet-e2e-train"
+    name = "ccnet-generated"  # one registered model per task (the dataset)
     champion = client.get_model_version_by_alias(name, "champion")
     candidate = client.get_model_version_by_alias(name, "candidate")
     assert champion.version == candidate.version and champion.run_id == run.info.run_id

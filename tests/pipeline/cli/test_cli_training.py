@@ -29,7 +29,36 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     ]
     assert main(["train", "-c", QUICKSTART, *[arg for s in settings for arg in ("--set", s)]]) == 0
     checkpoint = root / "runs" / "quickstart_ccnet-tiny-r2" / "best" / "checkpoint.pt"
-    return {"root": str(root), "checkpoint": str(checkpoint), "tracking": tracking, "data": data}
+    return {"root": str(root), "checkpoint": str(checkpoint), "tracking": tracking, "data": data,
+            "settings": "\n".join(settings)}
+
+
+def test_the_registry_compares_like_with_like(trained: dict[str, str]) -> None:
+    """The quickstart's R=2 and R=0 runs are two versions of one model (ccnet-<dataset>), tagged with their
+    variant, dataset version and protocol; champion goes to the better one, and never to a version scored
+    under another protocol (here without the flip), however it scores."""
+    from mlflow.tracking import MlflowClient
+
+    # Their own experiment and registered model name (tracking.registered_model): the other tests' stay as
+    # the fixture left them.
+    settings = [*trained["settings"].splitlines(), "tracking.experiment=registry",
+                "tracking.registered_model=registry-test"]
+    for extra in (["run.name=registry-r2"], ["model.recurrence=0", "run.name=registry-r0"],
+                  ["eval.flip=false", "run.name=registry-r2-noflip"]):
+        assert main(["train", "-c", QUICKSTART, *[a for s in [*settings, *extra] for a in ("--set", s)]]) == 0
+    client = MlflowClient(trained["tracking"])
+    versions = sorted(client.search_model_versions("name = 'registry-test'"), key=lambda v: int(v.version))
+    assert [v.tags["ccnet.variant"] for v in versions] == ["criss_cross R=2 head os8", "fcn os8",
+                                                           "criss_cross R=2 head os8"]
+    assert {v.tags["ccnet.dataset"] for v in versions} == {"generated/v1"}
+    assert versions[0].tags["ccnet.protocol"] == versions[1].tags["ccnet.protocol"] != versions[2].tags[
+        "ccnet.protocol"]
+    scores = [client.get_run(v.run_id).data.metrics["final/mIoU_ms_flip"] for v in versions]  # unrounded
+    champion = client.get_model_version_by_alias("registry-test", "champion")
+    assert str(champion.version) == ("1" if scores[0] >= scores[1] else "2")
+    assert str(client.get_model_version_by_alias("registry-test", "candidate").version) == "3"
+    names = {client.get_logged_model(v.model_id or v.source.removeprefix("models:/")).name for v in versions}
+    assert names == {"criss_cross-R2-head-os8", "fcn-os8"}
 
 
 def test_train_records_a_run(trained: dict[str, str]) -> None:
@@ -79,7 +108,7 @@ def test_train_records_a_run(trained: dict[str, str]) -> None:
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert artifacts >= {"config.yaml", "checkpoints", "evaluation", "plots"}
     (model,) = client.search_logged_models(experiment_ids=[experiment.experiment_id])
-    assert model.source_run_id == run.info.run_id and model.name == "model"
+    assert model.source_run_id == run.info.run_id and model.name == "criss_cross-R2-head-os8"  # its variant
 
 
 def test_evaluate_prints_and_records_the_table(
@@ -114,7 +143,7 @@ def test_predict_and_evaluate_take_the_registered_champion(trained: dict[str, st
     monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["tracking"])
     image = tmp_path / "street.png"
     Image.new("RGB", (40, 30), (90, 90, 90)).save(image)
-    champion = "models:/ccnet-quickstart_ccnet-tiny-r2@champion"
+    champion = "models:/ccnet-generated@champion"
     assert main(["predict", str(image), "--checkpoint", champion, "--out", str(tmp_path / "a")]) == 0
     best = trained["checkpoint"]
     assert main(["predict", str(image), "--checkpoint", best, "--out", str(tmp_path / "b")]) == 0

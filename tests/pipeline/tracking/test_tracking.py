@@ -290,7 +290,7 @@ def test_registered_versions_get_aliases_and_load_without_the_repository(sqlite_
     client = _client(sqlite_uri)
     assert str(client.get_model_version_by_alias("ccnet-test", "candidate").version) == "3"
     champion = client.get_model_version_by_alias("ccnet-test", "champion")
-    assert str(champion.version) == "2" and champion.tags["val_mIoU"] == "0.700000"
+    assert str(champion.version) == "2" and champion.tags["val_mIoU"] == "0.7"
     model_id = champion.model_id or champion.source.removeprefix("models:/")
     logged = client.get_logged_model(model_id)
     assert {m.key: m.value for m in logged.metrics} == {"val_mIoU": 0.7}  # the eval metrics, linked
