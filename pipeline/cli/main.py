@@ -16,32 +16,22 @@ from __future__ import annotations
 import argparse
 import atexit
 import logging
-import re
 import shutil
 import sys
 import tempfile
 from typing import NoReturn
 
 from pipeline import interrupts
-from pipeline.cli.args import at_least
+from pipeline.cli.args import at_least, checkpoint, local_folder
+from pipeline.cli.data import add_data_commands
 from pipeline.cli.jobs import add_job_commands
 from pipeline.config import Config
-from pipeline.data.sources import SOURCES
 from pipeline.io import redaction
 from pipeline.io.errors import user_message
-from pipeline.io.paths import (
-    Location,
-    LocationError,
-    absolute_location,
-    is_relative_path,
-    overlap,
-    parse_location,
-)
 from pipeline.io.redaction import redact
 
 log = logging.getLogger("ccnet")
 
-DATASETS = tuple(SOURCES)  # the dataset registry: a new source module is a new --dataset choice
 
 
 # torch and the model library are imported by the commands that use them: `ccnet data`, `ccnet submit` and
@@ -75,127 +65,6 @@ def _efficiency(args: argparse.Namespace) -> int:
     image = (args.feature_size - 1) * 8 + 1  # output stride 8: 97x97 features come from 769x769 images
     sys.stdout.write(model_summary(args.model, args.num_classes, (image, image)) + "\n")
     return 0
-
-
-def _parse_counts(text: str) -> dict[str, int]:
-    """``train=200,val=50`` -> {"train": 200, "val": 50}."""
-    try:
-        counts = {split: int(count) for split, count in (item.split("=") for item in text.split(","))}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected split=count[,split=count...], got {text!r}") from None
-    if any(count < 1 for count in counts.values()):
-        raise argparse.ArgumentTypeError(f"counts must be positive, got {text!r}")
-    return counts
-
-
-def _parse_location(text: str) -> Location:
-    """An argument's location, or the argparse error (exit 2, one line) that says why it is not one."""
-    try:
-        return parse_location(text)
-    except LocationError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _location(text: str) -> str:
-    """argparse type of a storage location (``s3://bucket/prefix``, a local path, ``file:///abs``)."""
-    _parse_location(text)
-    return text
-
-
-def _checkpoint(text: str) -> str:
-    """argparse type of a checkpoint: a storage location, or a registered model (``models:/NAME@ALIAS``,
-    ``models:/NAME/VERSION``) whose stored checkpoint is used."""
-    if text.startswith("models:/"):
-        if not re.fullmatch(r"models:/[^/@]+(@[\w-]+|/\d+)", text):
-            raise argparse.ArgumentTypeError(f"{text!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-        return text
-    return _location(text)
-
-
-def _local_folder(text: str) -> str:
-    """argparse type of an output folder on this machine: a local path (``file:///abs`` accepted)."""
-    location = _parse_location(text)
-    if location.is_s3:
-        raise argparse.ArgumentTypeError(f"{text!r} is on S3: this command writes to a local folder")
-    return location.path
-
-
-def _data_prepare(args: argparse.Namespace) -> int:
-    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
-    from pipeline.data.sources import build_source
-    from pipeline.data.writer import write_shards
-    from pipeline.io import storage
-
-    out = absolute_location(args.out)
-    if is_relative_path(args.out):
-        log.info("--out: %s resolved to %s", args.out, out)
-    options: dict[str, object] = {}
-    if args.dataset == "generated":
-        options = {"seed": args.seed, "image_size": (args.image_size, args.image_size)}
-        if args.count:
-            options["counts"] = args.count
-    elif args.root is None:
-        raise ValueError(f"--root is required for dataset {args.dataset!r}")
-    version_dir = storage.join(out, args.dataset, args.version)
-    if args.root is not None and overlap(version_dir, args.root):
-        raise ValueError(f"--out: the version {redact(version_dir)} and --root {args.root} overlap: the "
-                         "command reads --root and must not write into it. Choose another --out")
-    source = build_source(args.dataset, args.root, **options)
-    splits = args.splits.split(",") if args.splits else None
-    uri, manifest = write_shards(
-        source,
-        out,
-        version=args.version,
-        splits=splits,
-        max_shard_bytes=int(args.max_shard_mb * 2**20),
-        workers=args.workers,
-        skip_bad=args.skip_bad,
-    )
-    counts = ", ".join(f"{split} {count}" for split, count in manifest.counts.items())
-    skipped = f", {len(manifest.skipped)} skipped" if manifest.skipped else ""
-    sys.stdout.write(f"{uri}: {counts} samples in {len(manifest.shards)} shards{skipped}\n")
-    return 0
-
-
-def _data_inspect(args: argparse.Namespace) -> int:
-    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
-    from pipeline.data.inspect import inspect_dataset
-
-    report = inspect_dataset(args.uri, split=args.split, limit=args.limit, grid=args.grid)
-    sys.stdout.write(report.format() + "\n")
-    if args.grid:
-        sys.stdout.write(f"sample grid: {args.grid}\n")
-    return 0
-
-
-def _add_data_commands(commands: argparse._SubParsersAction) -> None:
-    data = commands.add_parser("data", help="prepare and inspect datasets as Parquet shards")
-    data_commands = data.add_subparsers(dest="data_command", required=True)
-
-    prepare = data_commands.add_parser("prepare", help="turn a downloaded dataset into shards")
-    prepare.add_argument("--dataset", required=True, choices=DATASETS)
-    prepare.add_argument("--root", help="the dataset as downloaded (not needed for 'generated')")
-    prepare.add_argument("--out", required=True, type=_location,
-                         help="root URI: s3://bucket/prefix or a local folder")
-    prepare.add_argument("--version", default="v1", help="version name; a published version is immutable")
-    prepare.add_argument("--splits", help="comma-separated splits (default: the dataset's train and val)")
-    prepare.add_argument("--workers", type=at_least(1), default=None, help="processes (default: all cores)")
-    prepare.add_argument("--max-shard-mb", type=at_least(0.001, float), default=64.0,
-                         help="bound on a shard's size")
-    prepare.add_argument("--skip-bad", action="store_true", help="leave out bad samples, list them")
-    prepare.add_argument("--seed", type=at_least(0), default=0, help="generated: random seed")
-    prepare.add_argument("--image-size", type=at_least(8), default=128,
-                         help="generated: image side in pixels")
-    prepare.add_argument("--count", type=_parse_counts, help="generated: e.g. train=200,val=50")
-    prepare.set_defaults(run=_data_prepare)
-
-    inspect = data_commands.add_parser("inspect", help="counts, class histogram and a sample grid")
-    inspect.add_argument("uri", type=_location, help="a dataset version, e.g. s3://bucket/datasets/camvid/v1")
-    inspect.add_argument("--split", help="one split (default: all)")
-    inspect.add_argument("--limit", type=at_least(1), help="samples read per split for the histogram")
-    inspect.add_argument("--grid", type=_location,
-                         help="save a PNG grid of samples with coloured labels here")
-    inspect.set_defaults(run=_data_inspect)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -333,7 +202,7 @@ def _add_training_commands(commands: argparse._SubParsersAction) -> None:
     tune.set_defaults(run=_tune)
 
     evaluate = commands.add_parser("evaluate", help="single-scale vs multi-scale + flip mIoU of a checkpoint")
-    evaluate.add_argument("--checkpoint", required=True, type=_checkpoint,
+    evaluate.add_argument("--checkpoint", required=True, type=checkpoint,
                           help="checkpoint.pt (local path or s3:// URI)")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="eval.mode=slide")
     evaluate.add_argument("--split", help="the split to evaluate, e.g. test (default: data.val_split)")
@@ -342,9 +211,9 @@ def _add_training_commands(commands: argparse._SubParsersAction) -> None:
 
     predict = commands.add_parser("predict", help="coloured masks and overlays for images")
     predict.add_argument("images", nargs="+", help="image files")
-    predict.add_argument("--checkpoint", required=True, type=_checkpoint,
+    predict.add_argument("--checkpoint", required=True, type=checkpoint,
                          help="local path, s3:// URI or models:/NAME@ALIAS")
-    predict.add_argument("--out", required=True, type=_local_folder, help="output folder")
+    predict.add_argument("--out", required=True, type=local_folder, help="output folder")
     predict.add_argument("--multi-scale", action="store_true", help="use eval.scales and flip")
     predict.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     predict.set_defaults(run=_predict)
@@ -379,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     efficiency.add_argument("--num-classes", type=at_least(1), default=19)
     efficiency.set_defaults(run=_efficiency)
 
-    _add_data_commands(commands)
+    add_data_commands(commands)
     _add_training_commands(commands)
     add_job_commands(commands)
     return parser

@@ -60,6 +60,9 @@ def validate(config: Config, source: str = "config") -> None:
         "run.lease_ttl": (0 < c.run.lease_ttl < math.inf, positive),
         "tracking.experiment": (bool(c.tracking.experiment.strip()), "a non-empty name"),
         "tracking.settle_timeout": (0 <= c.tracking.settle_timeout < math.inf, non_negative),
+        "tracking.registered_model": (c.tracking.registered_model is None or (
+            bool(c.tracking.registered_model.strip()) and not set("/:%") & set(c.tracking.registered_model)),
+            "null or a registered model name without '/', ':' or '%'"),
         "model.recurrence": (c.model.recurrence is None or c.model.recurrence >= 0, f"null or {zero}"),
         "model.embedding_channels": ((c.model.embedding_channels or 0) >= 0, f"null or {zero}"),
         "model.gamma_init": (c.model.gamma_init is None or math.isfinite(c.model.gamma_init),

@@ -13,7 +13,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from pipeline.io.redaction import redact
+from pipeline.io.redaction import REDACTED, is_secret_name, redact
 from pipeline.tracking.base import TrackingError
 from pipeline.tracking.uri import answers, env, one_line
 
@@ -264,3 +264,41 @@ def find_run(uri: str, experiment: str, run_name: str, parent_run_id: str | None
         log.warning("cannot look up run %r at %s: %s", run_name, redact(uri), one_line(error))
         return None
     return runs[0].info.run_id if runs else None
+
+
+def resumable_run(client: Any, run_id: str, uri: str) -> Any:
+    """The run to continue, or None (with a warning) when it is gone: a new run is better than none."""
+    # lazy: MLflow (2 s to import) loads only where a run is tracked
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        log.warning("MLflow run %s not found at %s; starting a new run", run_id, redact(uri))
+        return None
+    if run.info.lifecycle_stage != "active":
+        log.warning("MLflow run %s is deleted; starting a new run", run_id)
+        return None
+    return run
+
+
+def end_nested_runs(client: Any, experiment_id: str | None, parent_run_id: str | None, status: str) -> int:
+    """Marks ``status`` every run of the experiment nested under ``parent_run_id`` that is still RUNNING;
+    returns how many."""
+    running = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    children = client.search_runs([experiment_id], filter_string=running)
+    for child in children:
+        client.set_terminated(child.info.run_id, status)
+    return len(children)
+
+
+_MAX_PARAM_CHARS = 6000  # MLflow's limit (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
+
+def safe_value(key: str, value: object) -> str:
+    """A param or tag value as MLflow will store it: a string, redacted, at most MLflow's length."""
+    if is_secret_name(key):
+        return REDACTED
+    text = redact(str(value))
+    return text if len(text) <= _MAX_PARAM_CHARS else text[: _MAX_PARAM_CHARS - 3] + "..."

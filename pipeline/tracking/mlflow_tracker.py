@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 from pipeline.interrupts import on_forced_exit
-from pipeline.io.redaction import REDACTED, holds_secret, is_secret_name, redact
+from pipeline.io.redaction import holds_secret, redact
 from pipeline.tracking.base import TrackingError
 from pipeline.tracking.buffer import OutageBuffer
 from pipeline.tracking.mlflow_store import (
@@ -43,6 +43,7 @@ from pipeline.tracking.mlflow_store import (
     LOG_HTTP,
     PROBE_HTTP,
     context_tags,
+    end_nested_runs,
     ensure_experiment,
     image_signature,
     import_mlflow,
@@ -50,20 +51,12 @@ from pipeline.tracking.mlflow_store import (
     last_steps,
     promote,
     register,
+    resumable_run,
+    safe_value,
 )
 from pipeline.tracking.uri import answers, env, one_line
 
 log = logging.getLogger(__name__)
-
-_MAX_PARAM_CHARS = 6000  # MLflow's limit (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
-
-def _safe_value(key: str, value: object) -> str:
-    """A param or tag value as MLflow will store it: a string, redacted, at most MLflow's length."""
-    if is_secret_name(key):
-        return REDACTED
-    text = redact(str(value))
-    return text if len(text) <= _MAX_PARAM_CHARS else text[: _MAX_PARAM_CHARS - 3] + "..."
-
 
 class MlflowTracker:
     """One MLflow run, written from rank 0 only.
@@ -130,7 +123,7 @@ class MlflowTracker:
         mlflow = import_mlflow()
         from mlflow.entities import RunTag  # lazy: MLflow (2 s to import) loads only where a run is tracked
 
-        safe_tags = {key: _safe_value(key, value) for key, value in (tags or {}).items()}
+        safe_tags = {key: safe_value(key, value) for key, value in (tags or {}).items()}
         # A run that exists (run_id: the driver created it moments ago) meets an outage, not a wrong URI: the
         # store gets settle_timeout to answer again, or the run's metrics would be lost for good.
         deadline = time.monotonic() + (self.settle_timeout if run_id else 0.0)
@@ -141,7 +134,7 @@ class MlflowTracker:
                 with env(PROBE_HTTP):
                     client = mlflow.MlflowClient(tracking_uri=self.uri)
                     experiment_id = ensure_experiment(client, self.experiment, self.uri)
-                    run = self._resumable(client, run_id) if run_id else None
+                    run = resumable_run(client, run_id, self.uri) if run_id else None
                     if run is None:
                         run = client.create_run(experiment_id, run_name=run_name,
                                                 tags={**context_tags(), **safe_tags})
@@ -171,23 +164,6 @@ class MlflowTracker:
                 self._run_id, run_name, self.experiment, redact(self.uri))
         return self._run_id
 
-    def _resumable(self, client: Any, run_id: str) -> Any:
-        """The run to continue, or None (with a warning) when it is gone: a new run is better than none."""
-        # lazy: MLflow (2 s to import) loads only where a run is tracked
-        from mlflow.exceptions import MlflowException
-
-        try:
-            run = client.get_run(run_id)
-        except MlflowException as error:
-            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            log.warning("MLflow run %s not found at %s; starting a new run", run_id, redact(self.uri))
-            return None
-        if run.info.lifecycle_stage != "active":
-            log.warning("MLflow run %s is deleted; starting a new run", run_id)
-            return None
-        return run
-
     def log_params(self, params: dict[str, object]) -> None:
         """Records params: values as strings (cut to 6000 characters), secrets redacted (see :func:`redact`;
         keys naming a secret get ``***``). A param the run already holds with the same value is skipped; with
@@ -195,7 +171,7 @@ class MlflowTracker:
         if not self.active:
             return
         with self._lock:
-            self._buffer.add_params({key: _safe_value(key, value) for key, value in params.items()})
+            self._buffer.add_params({key: safe_value(key, value) for key, value in params.items()})
             self._flush()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -299,7 +275,7 @@ class MlflowTracker:
         """Sets run tags now (``mlflow.note.content`` is the run's description in the UI)."""
         from mlflow.entities import RunTag  # lazy: MLflow (2 s to import) loads only where a run is tracked
 
-        safe = [RunTag(key, _safe_value(key, value)) for key, value in tags.items()]
+        safe = [RunTag(key, safe_value(key, value)) for key, value in tags.items()]
         self._log_file("tags", lambda client: client.log_batch(self._run_id, tags=safe))
 
     def log_dataset(self, name: str, digest: str, source: str, profile: dict[str, Any], context: str) -> None:
@@ -404,17 +380,13 @@ class MlflowTracker:
         whose processes were stopped before they could close their own. Returns how many; never raises."""
         if not self.active:
             return 0
-        running = (f"tags.`mlflow.parentRunId` = '{self._run_id}' and attributes.status = 'RUNNING'")
         try:
             with env(LOG_HTTP):
-                children = self._client.search_runs([self._experiment_id], filter_string=running)
-                for child in children:
-                    self._client.set_terminated(child.info.run_id, status)
+                return end_nested_runs(self._client, self._experiment_id, self._run_id, status)
         except Exception as error:
             log.warning("MLflow runs nested under %s not marked %s: %s", self._run_id, status,
                         one_line(error))
             return 0
-        return len(children)
 
     def _mark_killed(self) -> None:
         """The run (and its nested runs still RUNNING) marked KILLED as the process is ended by force (no

@@ -146,8 +146,8 @@ def open_run(config: Config, name: str, what: str, *, tags: dict[str, str] | Non
         tracking_uri = resolve_tracking_uri(config.tracking.uri)
         if resume is None:
             resume = any(file not in (LEASE_FILE, IDENTITY_FILE) for file in storage.list_files(run_uri))
-        if saved is None:
-            write_identity(run_uri, run_identity(config, manifest))
         tracker = start_tracker(config, tracking_uri, name, resume=resume, tags=tags)
+        if saved is None:  # once tracking started: a refused start leaves the run's folder as it was
+            write_identity(run_uri, run_identity(config, manifest))
         with ended_with_status(tracker):
             yield RunContext(config, tracking_uri, run_uri, tracker, lease)

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, load_config
+from pipeline.data.sources import build_source
+from pipeline.data.writer import write_shards
 
 ROOT = Path(__file__).parents[2]
 
@@ -78,12 +80,15 @@ def test_workers_that_do_not_fit_the_cluster_are_refused_before_anything_is_writ
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_ADDRESS"))}
     env |= {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
     database = tmp_path / "mlflow.db"
+    source = build_source("generated", None, image_size=(32, 32), counts={"train": 2, "val": 1})
+    data_uri, _ = write_shards(source, str(tmp_path / "data"), workers=1, progress=False)
     # a cluster of 2 CPUs whatever this machine has
     code = "import ray, sys; ray.init(num_cpus=2, include_dashboard=False); " \
            "from pipeline.cli.main import main; sys.exit(main())"
     result = subprocess.run(
         [sys.executable, "-c", code, "train", "--set", "run.num_workers=8", "--set", "run.cpus_per_worker=1",
-         "--set", f"tracking.uri=sqlite:///{database}", "--set", f"run.storage={tmp_path / 'runs'}"],
+         "--set", f"tracking.uri=sqlite:///{database}", "--set", f"run.storage={tmp_path / 'runs'}",
+         "--set", f"data.uri={data_uri}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 2, result.stderr[-2000:]

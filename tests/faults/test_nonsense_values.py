@@ -67,6 +67,8 @@ NONSENSE: dict[str, list[tuple[str, str]]] = {
     "data.uri": [("s3://", "data.uri"), ("hdfs://nn/data", "unsupported scheme 'hdfs'")],
     "tracking.experiment": [("' '", "tracking.experiment=' ' is not allowed")],
     "tracking.settle_timeout": [("-1", "tracking.settle_timeout=-1.0 is not allowed")],
+    "tracking.registered_model": [("' '", "tracking.registered_model=' ' is not allowed"),
+                                  ("a/b", "tracking.registered_model='a/b' is not allowed")],
     "tune.name": [("/abs", "tune.name='/abs' is not allowed")],
     "tune.num_samples": [("0", "tune.num_samples=0 is not allowed")],
     "tune.max_concurrent": [("0", "tune.max_concurrent=0 is not allowed")],
