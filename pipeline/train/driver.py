@@ -8,7 +8,6 @@ start and the end; during training rank 0 logs the metrics.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import tempfile
@@ -103,8 +102,7 @@ def log_run_context(tracker: Tracker, config: Config, variant: str | None = None
     tracker.log_text(dump_config(config), "config.yaml")
     for split in (config.data.train_split, config.data.val_split):
         profile = {"split": split, "samples": manifest.counts.get(split, 0), "classes": len(manifest.classes)}
-        shards = sorted(shard.sha256 for shard in manifest.shards if shard.split == split)
-        digest = hashlib.sha256("".join(shards).encode()).hexdigest()
+        digest = dataset_digest(manifest, split)
         context = "training" if split == config.data.train_split else "validation"
         name = f"{manifest.dataset}/{manifest.version}/{split}"
         tracker.log_dataset(name, digest, config.data.uri, profile, context)

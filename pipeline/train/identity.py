@@ -37,9 +37,11 @@ def architecture(model: ModelConfig) -> dict[str, Any]:
     return {key: value for key, value in sorted(values.items()) if key not in NOT_ARCHITECTURE}
 
 
-def dataset_digest(manifest: Manifest) -> str:
-    """The dataset version's content: a sha256 over its shards' checksums (its name and path aside)."""
-    return hashlib.sha256("".join(sorted(shard.sha256 for shard in manifest.shards)).encode()).hexdigest()
+def dataset_digest(manifest: Manifest, split: str | None = None) -> str:
+    """The dataset version's content (or one split's): a sha256 over its shards' checksums (its name and
+    path aside)."""
+    shards = sorted(shard.sha256 for shard in manifest.shards if split is None or shard.split == split)
+    return hashlib.sha256("".join(shards).encode()).hexdigest()
 
 
 def run_identity(config: Config, manifest: Manifest) -> dict[str, Any]:
