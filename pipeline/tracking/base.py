@@ -64,7 +64,7 @@ class Tracker(Protocol):
 
     def end(self, status: str = "FINISHED") -> None: ...
 
-    def end_children(self, status: str) -> int: ...
+    def end_children(self, status: str, failed_since: float | None = None) -> int: ...
 
 
 class NullTracker:
@@ -117,5 +117,5 @@ class NullTracker:
     def end(self, status: str = "FINISHED") -> None:
         pass
 
-    def end_children(self, status: str) -> int:
+    def end_children(self, status: str, failed_since: float | None = None) -> int:
         return 0

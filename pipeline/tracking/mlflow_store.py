@@ -284,11 +284,18 @@ def resumable_run(client: Any, run_id: str, uri: str) -> Any:
     return run
 
 
-def end_nested_runs(client: Any, experiment_id: str | None, parent_run_id: str | None, status: str) -> int:
-    """Marks ``status`` every run of the experiment nested under ``parent_run_id`` that is still RUNNING;
-    returns how many."""
-    running = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"
-    children = client.search_runs([experiment_id], filter_string=running)
+def end_nested_runs(client: Any, experiment_id: str | None, parent_run_id: str | None, status: str,
+                    failed_since: float | None = None) -> int:
+    """Marks ``status`` every run of the experiment nested under ``parent_run_id`` that is still RUNNING,
+    and with ``failed_since`` (seconds since the epoch) every one that ended FAILED at or after that time
+    (a trial whose process saw the search's stop as an error); returns how many."""
+    def nested(state: str) -> list[Any]:
+        query = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = '{state}'"
+        return list(client.search_runs([experiment_id], filter_string=query))
+
+    children = nested("RUNNING")
+    if failed_since is not None:
+        children += [run for run in nested("FAILED") if (run.info.end_time or 0) >= int(failed_since * 1000)]
     for child in children:
         client.set_terminated(child.info.run_id, status)
     return len(children)

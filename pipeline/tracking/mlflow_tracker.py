@@ -375,14 +375,14 @@ class MlflowTracker:
             self._ended = True
             self._unregister()
 
-    def end_children(self, status: str) -> int:
-        """Closes with ``status`` every run nested under this one that is still RUNNING: a search's trials,
-        whose processes were stopped before they could close their own. Returns how many; never raises."""
+    def end_children(self, status: str, failed_since: float | None = None) -> int:
+        """Closes with ``status`` every run nested under this one still RUNNING (or FAILED after the time
+        ``failed_since``: a trial the stop itself failed). Returns how many; never raises."""
         if not self.active:
             return 0
         try:
             with env(LOG_HTTP):
-                return end_nested_runs(self._client, self._experiment_id, self._run_id, status)
+                return end_nested_runs(self._client, self._experiment_id, self._run_id, status, failed_since)
         except Exception as error:
             log.warning("MLflow runs nested under %s not marked %s: %s", self._run_id, status,
                         one_line(error))

@@ -88,8 +88,10 @@ def check_data(config: Config, manifest: Manifest) -> None:
 
 
 def end_status(error: BaseException) -> str:
-    """The tracking status of a run that ``error`` stopped: KILLED for Ctrl-C, else FAILED."""
-    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    """The tracking status of a run that ``error`` stopped: KILLED for Ctrl-C and for a stop asked from
+    outside (Tune stopping a trial ends its thread with ``sys.exit(0)``), else FAILED."""
+    stopped = isinstance(error, SystemExit) and error.code in (0, None)
+    return "KILLED" if isinstance(error, KeyboardInterrupt) or stopped else "FAILED"
 
 
 def start_tracker(config: Config, tracking_uri: str, name: str, *, run_id: str | None = None,

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,11 +255,17 @@ def _fit(tuner: tune.Tuner, tracker: Tracker) -> Any:
         return tuner.fit()
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     previous = signal.signal(signal.SIGUSR1, lambda signum, frame: None)  # until Tune installs its own
+    stopped: list[float] = []  # when: a trial whose process saw the stop as an error is KILLED too
+
+    def stop() -> None:
+        stopped.append(time.time())
+        os.kill(os.getpid(), signal.SIGUSR1)
+
     try:
-        with interrupts.deferred(lambda: os.kill(os.getpid(), signal.SIGUSR1)):
+        with interrupts.deferred(stop):
             return tuner.fit()
     except KeyboardInterrupt:
-        killed = tracker.end_children("KILLED")
+        killed = tracker.end_children("KILLED", failed_since=stopped[0] if stopped else None)
         log.info("search stopped: %d trial run(s) marked KILLED; the same command resumes it", killed)
         raise
     finally:

@@ -146,6 +146,28 @@ def test_resume_continues_the_same_run(sqlite_uri: str, caplog: pytest.LogCaptur
     assert [r.info.run_id for r in same_name] == [run_id]
 
 
+def test_a_stopped_search_marks_its_trials_killed(sqlite_uri: str) -> None:
+    """end_children: the trials still RUNNING are KILLED, and so is one that ended FAILED after the stop
+    (its process saw the stop as an error); one that failed before the stop stays FAILED."""
+    parent = MlflowTracker(sqlite_uri, EXPERIMENT)
+    parent_id = parent.start("stopped-search")
+    trials = {}
+    for name in ("running", "failed-before", "failed-after", "finished"):
+        trial = MlflowTracker(sqlite_uri, EXPERIMENT)
+        trials[name] = (trial, trial.start(f"stopped-search_{name}", tags={"mlflow.parentRunId": parent_id}))
+    trials["failed-before"][0].end("FAILED")
+    trials["finished"][0].end()
+    time.sleep(0.01)  # end times are in milliseconds
+    stopped_at = time.time()
+    trials["failed-after"][0].end("FAILED")
+    assert parent.end_children("KILLED", failed_since=stopped_at) == 2
+    parent.end("KILLED")
+    client = _client(sqlite_uri)
+    status = {name: client.get_run(run_id).info.status for name, (_, run_id) in trials.items()}
+    assert status == {"running": "KILLED", "failed-before": "FAILED", "failed-after": "KILLED",
+                      "finished": "FINISHED"}
+
+
 def test_a_resumed_run_logs_no_step_twice(sqlite_uri: str) -> None:
     """A resume repeats the steps between its checkpoint and the interruption: the record keeps the first."""
     first = MlflowTracker(sqlite_uri, EXPERIMENT)

@@ -192,3 +192,32 @@ def test_missing_imagenet_weights_warn_once_naming_the_key(
     assert len(warnings) == int(warns)
     if warns:
         assert "model.pretrained" in warnings[0].getMessage() and "\n" not in warnings[0].getMessage()
+
+
+class _Ends:
+    """Records the status a run is ended with."""
+
+    def __init__(self) -> None:
+        self.status: str | None = None
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.status = status
+
+
+@pytest.mark.parametrize(("error", "status"), [
+    (None, "FINISHED"), (KeyboardInterrupt(), "KILLED"), (SystemExit(0), "KILLED"),
+    (SystemExit(None), "KILLED"), (SystemExit(1), "FAILED"), (RuntimeError("boom"), "FAILED"),
+])
+def test_a_run_ends_killed_when_stopped_from_outside(error: BaseException | None, status: str) -> None:
+    """Tune stops a trial by ending its thread with sys.exit(0): the trial's run is KILLED like one stopped by
+    Ctrl-C, not FAILED (an interrupted search must leave no FAILED trial behind)."""
+    from pipeline.train.context import ended_with_status
+
+    tracker = _Ends()
+    try:
+        with ended_with_status(tracker):  # type: ignore[arg-type]
+            if error is not None:
+                raise error
+    except BaseException as raised:
+        assert raised is error
+    assert tracker.status == status
