@@ -7,25 +7,23 @@
     ccnet data prepare --dataset generated --out ./runs/datasets --count train=200,val=50
     ccnet data inspect s3://bucket/datasets/camvid/v1 --grid camvid.png
 
-Training: ``ccnet train|tune|evaluate|predict`` (below); a Ray cluster's Jobs API:
+Training: ``ccnet train|tune`` (below); a trained model: ``ccnet evaluate|predict|export``
+(``pipeline/cli/models.py``); a Ray cluster's Jobs API:
 ``ccnet submit|jobs|schedule`` (``pipeline/cli/jobs.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
 import logging
-import shutil
 import sys
-import tempfile
 from typing import NoReturn
 
 from pipeline import interrupts
-from pipeline.cli.args import at_least, checkpoint, local_folder
+from pipeline.cli.args import at_least
 from pipeline.cli.data import add_data_commands
 from pipeline.cli.jobs import add_job_commands
-from pipeline.config import Config
+from pipeline.cli.models import add_model_commands
 from pipeline.io import redaction
 from pipeline.io.errors import user_message
 from pipeline.io.redaction import redact
@@ -107,89 +105,6 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_from_checkpoint(args: argparse.Namespace) -> tuple[Config, dict]:
-    """The checkpoint's saved config with ``--set`` applied, and its state. A registered model's checkpoint
-    is downloaded first (``args.checkpoint`` then names the local copy, removed when the command ends)."""
-    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
-    from pipeline.config import apply_overrides, config_from_dict
-    from pipeline.data.readers import open_manifest
-    from pipeline.io.checkpoints import load
-    from pipeline.train.identity import check_checkpoint, checkpoint_identity
-
-    if args.checkpoint.startswith("models:/"):
-        # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
-        from pipeline.tracking import registered_checkpoint, resolve_tracking_uri
-
-        folder = tempfile.mkdtemp(prefix="ccnet-model-")
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        args.checkpoint = registered_checkpoint(args.checkpoint, resolve_tracking_uri(None), folder)
-    state = load(args.checkpoint)
-    source = f"{redact(args.checkpoint)} config"
-    saved = config_from_dict(state.get("config") or {}, source=source)
-    config = config_from_dict(apply_overrides(state.get("config") or {}, args.set or []), source=source)
-    try:
-        classes = open_manifest(config.data.uri).classes
-    except (OSError, ValueError):
-        classes = None  # predict on a machine without the dataset; evaluate fails on it next, naming it
-    check_checkpoint(checkpoint_identity(state, saved), config, classes, args.checkpoint)
-    return config, state
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
-    from pipeline.eval.results import protocol_table
-    from pipeline.tracking import resolve_tracking_uri
-    from pipeline.train.context import start_tracker
-    from pipeline.train.driver import evaluate_checkpoint
-
-    config, state = _config_from_checkpoint(args)
-    _, _, results = evaluate_checkpoint(config, args.checkpoint, split=args.split)
-    table = protocol_table(results)
-    sys.stdout.write(table + "\n")
-    if state.get("mlflow_run_id") and not args.no_tracking:
-        tracker = start_tracker(config, resolve_tracking_uri(config.tracking.uri), config.run.name,
-                                run_id=state["mlflow_run_id"], required=False)
-        prefix = "" if args.split in (None, config.data.val_split) else f"{args.split}_"  # val: unprefixed
-        tracker.log_text(table, f"evaluation/{prefix}iteration_{state['iteration']:07d}.md")
-        tracker.end()
-    return 0
-
-
-def _predict(args: argparse.Namespace) -> int:
-    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
-    from pathlib import Path
-
-    from pipeline.eval.predict import predict_images
-    from pipeline.io.checkpoints import checkpoint_normalization, load_model_state
-    from pipeline.train.build import build_model
-
-    config, state = _config_from_checkpoint(args)
-    model = build_model(config, state["num_classes"], pretrained=False)
-    load_model_state(model, state, redact(args.checkpoint))
-    normalization = checkpoint_normalization(state, model)
-    palette = _palette(config, state["num_classes"])
-    written = predict_images(
-        model.eval(), [Path(p) for p in args.images], palette=palette, out_dir=Path(args.out),
-        mean=normalization.mean, std=normalization.std,
-        mode=config.eval.mode, crop_size=config.eval.crop_size, stride=config.eval.stride,
-        scales=tuple(config.eval.scales) if args.multi_scale else (1.0,),
-        flip=args.multi_scale and config.eval.flip, fusion=config.eval.fusion,
-    )
-    sys.stdout.write("\n".join(str(path) for path in written) + "\n")
-    return 0
-
-
-def _palette(config: Config, num_classes: int) -> tuple[tuple[int, int, int], ...]:
-    """The dataset's palette when its manifest is reachable, else a fixed spread of colours."""
-    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
-    from pipeline.data.readers import open_manifest
-
-    try:
-        return open_manifest(config.data.uri).palette
-    except (OSError, ValueError):
-        return tuple(((37 * i) % 256, (101 * i) % 256, (173 * i) % 256) for i in range(num_classes))
-
-
 def _add_training_commands(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="train a model (Ray Train, MLflow) and evaluate it")
     train.add_argument("-c", "--config", help="YAML config (see configs/); defaults otherwise")
@@ -200,23 +115,6 @@ def _add_training_commands(commands: argparse._SubParsersAction) -> None:
     tune.add_argument("-c", "--config", help="YAML config with a tune section")
     tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="tune.num_samples=8")
     tune.set_defaults(run=_tune)
-
-    evaluate = commands.add_parser("evaluate", help="single-scale vs multi-scale + flip mIoU of a checkpoint")
-    evaluate.add_argument("--checkpoint", required=True, type=checkpoint,
-                          help="checkpoint.pt (local path or s3:// URI)")
-    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="eval.mode=slide")
-    evaluate.add_argument("--split", help="the split to evaluate, e.g. test (default: data.val_split)")
-    evaluate.add_argument("--no-tracking", action="store_true", help="do not record the table in MLflow")
-    evaluate.set_defaults(run=_evaluate)
-
-    predict = commands.add_parser("predict", help="coloured masks and overlays for images")
-    predict.add_argument("images", nargs="+", help="image files")
-    predict.add_argument("--checkpoint", required=True, type=checkpoint,
-                         help="local path, s3:// URI or models:/NAME@ALIAS")
-    predict.add_argument("--out", required=True, type=local_folder, help="output folder")
-    predict.add_argument("--multi-scale", action="store_true", help="use eval.scales and flip")
-    predict.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    predict.set_defaults(run=_predict)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -250,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_commands(commands)
     _add_training_commands(commands)
+    add_model_commands(commands)
     add_job_commands(commands)
     return parser
 

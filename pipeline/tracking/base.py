@@ -60,7 +60,7 @@ class Tracker(Protocol):
 
     def log_model(self, model: torch.nn.Module, name: str = "model", registered_name: str | None = None,
                   metrics: dict[str, float] | None = None, checkpoint: str | None = None,
-                  version_tags: dict[str, str] | None = None) -> str | None: ...
+                  version_tags: dict[str, str] | None = None, onnx_file: str | None = None) -> str | None: ...
 
     def end(self, status: str = "FINISHED") -> None: ...
 
@@ -111,7 +111,7 @@ class NullTracker:
 
     def log_model(self, model: torch.nn.Module, name: str = "model", registered_name: str | None = None,
                   metrics: dict[str, float] | None = None, checkpoint: str | None = None,
-                  version_tags: dict[str, str] | None = None) -> str | None:
+                  version_tags: dict[str, str] | None = None, onnx_file: str | None = None) -> str | None:
         return None
 
     def end(self, status: str = "FINISHED") -> None:

@@ -151,13 +151,14 @@ CHAMPION_METRIC = "val_mIoU"  # what makes a registered version the champion (hi
 
 def image_signature(model: Any) -> tuple[Any, Any]:
     """The MLflow signature of a model mapping ``(B, 3, H, W)`` images to ``(B, K, H, W)`` float32 logits, any
-    batch and image size, and an input example (one 64x64 image of zeros)."""
+    batch and image size, and an input example (two 64x96 images of zeros)."""
     import numpy as np
     import torch
     from mlflow.models import ModelSignature  # lazy: MLflow (2 s to import) loads only where a run is tracked
     from mlflow.types import Schema, TensorSpec
 
-    example = np.zeros((1, 3, 64, 64), dtype=np.float32)
+    # Two images, not square: torch.export (pt2) keeps a size-1 batch, and equal sides, as constants.
+    example = np.zeros((2, 3, 64, 96), dtype=np.float32)
     with torch.inference_mode():
         classes = int(model(torch.from_numpy(example)).shape[1])
     floats = np.dtype(np.float32)
@@ -227,14 +228,16 @@ def registered_checkpoint(model_uri: str, tracking_uri: str, folder: str) -> str
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
-    try:
-        with env({"MLFLOW_TRACKING_URI": tracking_uri}):
-            local = download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/extra_files/checkpoint.pt",
-                                       dst_path=folder, tracking_uri=tracking_uri)
-    except (MlflowException, OSError) as error:
-        raise FileNotFoundError(f"{model_uri}: no registered model checkpoint at {redact(tracking_uri)} "
-                                f"({one_line(error)[:200]})") from None
-    return local
+    # The segmenter keeps it as an artifact, a pt2 model (and every version logged before) as an extra file.
+    for path in ("artifacts/checkpoint.pt", "extra_files/checkpoint.pt"):
+        try:
+            with env({"MLFLOW_TRACKING_URI": tracking_uri}):
+                return download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/{path}", dst_path=folder,
+                                          tracking_uri=tracking_uri)
+        except (MlflowException, OSError) as error:
+            missing = error
+    raise FileNotFoundError(f"{model_uri}: no registered model checkpoint at {redact(tracking_uri)} "
+                            f"({one_line(missing)[:200]})") from None
 
 
 def find_run(uri: str, experiment: str, run_name: str, parent_run_id: str | None = None) -> str | None:

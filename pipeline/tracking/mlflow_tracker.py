@@ -26,7 +26,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -37,20 +36,17 @@ from pipeline.interrupts import on_forced_exit
 from pipeline.io.redaction import holds_secret, redact
 from pipeline.tracking.base import TrackingError
 from pipeline.tracking.buffer import OutageBuffer
+from pipeline.tracking.mlflow_models import log_models
 from pipeline.tracking.mlflow_store import (
     ARTIFACT_HTTP,
-    CHAMPION_METRIC,
     LOG_HTTP,
     PROBE_HTTP,
     context_tags,
     end_nested_runs,
     ensure_experiment,
-    image_signature,
     import_mlflow,
     is_permanent,
     last_steps,
-    promote,
-    register,
     resumable_run,
     safe_value,
 )
@@ -306,29 +302,19 @@ class MlflowTracker:
 
     def log_model(self, model: torch.nn.Module, name: str = "model", registered_name: str | None = None,
                   metrics: dict[str, float] | None = None, checkpoint: str | None = None,
-                  version_tags: dict[str, str] | None = None) -> str | None:
-        """Logs ``model`` as an MLflow PyTorch model linked to this run and, with ``registered_name``,
-        registers it; returns the registered version (None without one, or when it could not be logged).
-
-        ``model`` maps an image batch ``(B, 3, H, W)`` to one tensor ``(B, K, H, W)`` (a CCNet goes in as
-        :class:`ccnet.inference.LogitsOnly`). It gets a signature of any batch and image size, an input
-        example, ``metrics`` linked to it, the ``ccnet`` package as
-        code (so it loads where the project is not installed) and ``checkpoint`` (a local file) as an extra
-        file: ``ccnet predict`` and ``ccnet evaluate`` read that one with ``weights_only=True`` from a
-        ``models:/NAME@alias`` URI, never unpickling the model. It is pickled rather than ``pt2``: see the
-        README's model registry section. The new version gets ``version_tags``, the alias ``candidate``,
-        and ``champion`` when its ``val_mIoU`` beats the champion's on the same dataset version and protocol
-        (:func:`pipeline.tracking.mlflow_store.promote`).
-        """
+                  version_tags: dict[str, str] | None = None, onnx_file: str | None = None) -> str | None:
+        """Logs ``model`` (images ``(B, 3, H, W)`` to logits ``(B, K, H, W)``: a CCNet as
+        :class:`ccnet.inference.LogitsOnly`) as a pt2 program and, given its ``onnx_file``, as ONNX and as
+        the image segmenter that is registered (:mod:`pipeline.tracking.mlflow_models`), with ``checkpoint``
+        (a local file) and ``metrics``; returns the registered version of ``registered_name`` (None without
+        one, or when it could not be logged). Aliases: ``candidate``, and ``champion`` when its ``val_mIoU``
+        beats the champion's on the same dataset version and protocol (``version_tags``)."""
         run_id = self._run_id
         if run_id is None or not self.active:
             return None
-        import mlflow.pytorch  # lazy: MLflow (2 s to import) loads only where a run is tracked
+        import mlflow  # lazy: MLflow (2 s to import) loads only where a run is tracked
 
-        import ccnet
-
-        signature, example = image_signature(model)
-        version: list[str] = []
+        version: list[str | None] = []
 
         def call(client: Any) -> None:
             # log_model goes through MLflow's global state: point it at this store and experiment for the
@@ -339,18 +325,9 @@ class MlflowTracker:
             with env(scope):
                 if mlflow.get_tracking_uri() != self.uri:  # someone called mlflow.set_tracking_uri
                     raise RuntimeError("MLflow's global tracking URI was set elsewhere")
-                info = mlflow.pytorch.log_model(
-                    model, name=name, run_id=run_id, serialization_format="pickle",
-                    pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
-                    code_paths=[str(Path(ccnet.__file__).parent)], signature=signature, input_example=example,
-                    extra_files=[checkpoint] if checkpoint else None)
-                if registered_name:  # the store resolves models:/ through the same global state
-                    version.append(register(client, registered_name, info.model_id, run_id))
-            for key, value in (metrics or {}).items():
-                client.log_metric(run_id, key, value, model_id=info.model_id)
-            if registered_name:
-                promote(client, registered_name, version[0], (metrics or {}).get(CHAMPION_METRIC),
-                        version_tags or {})
+                version.append(log_models(client, run_id, model, name, onnx_file=onnx_file,
+                                          checkpoint=checkpoint, metrics=metrics or {},
+                                          registered_name=registered_name, version_tags=version_tags or {}))
 
         self._log_file(f"model {name}", call)
         return version[0] if version else None

@@ -226,10 +226,29 @@ def record_model(tracker: Tracker, config: Config, model: nn.Module, results: di
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / CHECKPOINT_FILE
         path.write_bytes(checkpoint)
+        onnx_file = _export_onnx(config, model, manifest, Path(folder) / "model.onnx")
         version = tracker.log_model(LogitsOnly(model).eval(), name=logged, registered_name=name,
-                                    metrics=scores, checkpoint=str(path), version_tags=tags)
+                                    metrics=scores, checkpoint=str(path), version_tags=tags,
+                                    onnx_file=onnx_file)
     if version is not None:
         log.info("registered model %s version %s (models:/%s@candidate)", name, version, name)
+
+
+def _export_onnx(config: Config, model: nn.Module, manifest: Manifest, path: Path) -> str | None:
+    """The model exported to ``path`` (:mod:`pipeline.eval.onnx`), or None, with a warning, when onnx is
+    not installed or the export fails: the training's models are then logged without it."""
+    try:
+        from pipeline.eval.onnx import export_checkpoint, onnx_metadata
+
+        normalization = cast(Normalization, model.normalization)
+        metadata = onnx_metadata(config, normalization, len(manifest.classes), classes=list(manifest.classes),
+                                 palette=manifest.palette, variant=variant_label(config))
+        log.info("ONNX export: %s", export_checkpoint(model, path, metadata))
+        return str(path)
+    except (ImportError, RuntimeError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        log.warning("model not exported to ONNX (%s): logged as pt2 only", reason)
+        return None
 
 
 def _log_bytes(tracker: Tracker, data: bytes, artifact_path: str) -> None:

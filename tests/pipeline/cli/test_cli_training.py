@@ -107,8 +107,12 @@ def test_train_records_a_run(trained: dict[str, str]) -> None:
     assert ("Attention never engaged: head share" in note) == (max(shares.values()) < 0.05)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert artifacts >= {"config.yaml", "checkpoints", "evaluation", "plots"}
-    (model,) = client.search_logged_models(experiment_ids=[experiment.experiment_id])
-    assert model.source_run_id == run.info.run_id and model.name == "criss_cross-R2-head-os8"  # its variant
+    # The segmenter (registered), the ONNX graph and the pt2 program, named after the variant.
+    models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    assert {model.source_run_id for model in models} == {run.info.run_id}
+    variant = "criss_cross-R2-head-os8"
+    assert sorted(model.name for model in models) == [variant, f"{variant}-onnx", f"{variant}-pt2"]
+    assert {model.metrics[0].key for model in models} <= {"val_mIoU", "val_mIoU_single_scale"}
 
 
 def test_evaluate_prints_and_records_the_table(
@@ -164,3 +168,47 @@ def test_checkpoint_of_another_model_is_one_line(trained: dict[str, str]) -> Non
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("ERROR ") and "--set would change model" in last  # before any weights load
     assert "recurrence 2 -> 0" in last
+
+
+def test_export_and_predict_with_onnxruntime(trained: dict[str, str], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """``ccnet export`` of a checkpoint and of the registered champion; ``predict`` on the .onnx file (and
+    with --backend onnx on the checkpoint) paints the masks PyTorch paints, multi-scale + flip included."""
+    import numpy as np
+    import onnx
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["tracking"])
+    image = tmp_path / "street.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (45, 61, 3), dtype=np.uint8)).save(image)  # not multiples of 8
+    exported = tmp_path / "model.onnx"
+    with caplog.at_level("INFO"):
+        assert main(["export", "--checkpoint", trained["checkpoint"], "--out", str(exported)]) == 0
+    assert "onnxruntime vs PyTorch: max |logit difference|" in caplog.text
+    metadata = {p.key: p.value for p in onnx.load(str(exported)).metadata_props}
+    assert metadata["ccnet.variant"] == "criss_cross R=2 head os8" and metadata["ccnet.num_classes"] == str(
+        load(trained["checkpoint"])["num_classes"])
+    assert main(["export", "--checkpoint", "models:/ccnet-generated@champion", "--out",
+                 str(tmp_path / "champion.onnx")]) == 0
+    for scales in ([], ["--multi-scale"]):
+        outputs = {}
+        backends = {"torch": ["--checkpoint", trained["checkpoint"]],
+                    "onnx-file": ["--checkpoint", str(exported)],
+                    "onnx-backend": ["--checkpoint", trained["checkpoint"], "--backend", "onnx"]}
+        for name, args in backends.items():
+            outputs[name] = tmp_path / f"{name}{len(scales)}"
+            assert main(["predict", str(image), *args, "--out", str(outputs[name]), *scales]) == 0
+        masks = {name: np.asarray(Image.open(folder / "street_mask.png")) for name, folder in outputs.items()}
+        for name in ("onnx-file", "onnx-backend"):
+            assert (masks[name] == masks["torch"]).all(axis=-1).mean() >= 0.999, name
+
+
+def test_export_refuses_to_replace_a_file_it_did_not_write(trained: dict[str, str], tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    notes = tmp_path / "notes.onnx"
+    notes.write_text("mine")
+    assert main(["export", "--checkpoint", trained["checkpoint"], "--out", str(notes)]) == 2
+    assert "is not an ONNX model ccnet exported; not replaced" in caplog.text and notes.read_text() == "mine"
+    assert main(["predict", str(notes), "--checkpoint", str(notes), "--out", str(tmp_path / "o")]) == 2
+    assert f"{notes}: onnxruntime cannot load it" in caplog.text
