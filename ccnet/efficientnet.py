@@ -26,7 +26,9 @@ import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -133,15 +135,24 @@ class SameConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, 0, dilation, groups, bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        pads = []
+        pads: list[tuple[Any, Any]] = []  # ints, or SymInts while torch.export traces
         for size, kernel, stride, dilation in zip(
             x.shape[-2:], self.kernel_size, self.stride, self.dilation, strict=True
         ):
-            total = max((math.ceil(size / stride) - 1) * stride + dilation * (kernel - 1) + 1 - size, 0)
+            reach = dilation * (kernel - 1) + 1
+            # (ceil(in / stride) - 1) * stride + reach - in, as ((-in) mod stride) + reach - stride: integer
+            # arithmetic without a max where reach >= stride (every strided conv here), so torch.export and
+            # the ONNX exporter keep the size symbolic and cheap to reason about.
+            total: Any = reach - 1
+            if stride > 1 and reach >= stride:
+                total = (stride - size % stride) % stride + reach - stride
+            elif stride > 1:
+                total = torch.sym_max((stride - size % stride) % stride + reach - stride, 0)
             pads.append((total // 2, total - total // 2))
         (top, bottom), (left, right) = pads
-        if top or bottom or left or right:
-            x = F.pad(x, [left, right, top, bottom])
+        amounts = [left, right, top, bottom]
+        if not all(isinstance(amount, int) and amount == 0 for amount in amounts):  # no guard on a SymInt
+            x = F.pad(x, amounts)
         return super().forward(x)
 
 

@@ -2,10 +2,11 @@
 
 Each trained model is logged three ways, each named after its variant (e.g. ``criss_cross-R2-head-os8``):
 
-- ``<variant>``: the **segmenter**, an MLflow pyfunc (:mod:`pipeline.serve.segmenter`, logged as code, never
-  pickled) whose artifacts are the ONNX graph and the training checkpoint: an image in, its class map out, by
-  onnxruntime. This is the version registered: ``mlflow models serve -m models:/<name>@champion`` serves it,
-  and ``ccnet predict|evaluate --checkpoint models:/...`` read its checkpoint with ``weights_only=True``.
+- ``<variant>``: the **segmenter**, an MLflow pyfunc (:mod:`pipeline.tracking.segmenter`, logged as code,
+  never pickled) whose artifacts are the ONNX graph and the training checkpoint: an image in, its class map
+  out, by onnxruntime. This is the version registered: ``mlflow models serve -m models:/<name>@champion``
+  serves it, and ``ccnet predict|evaluate --checkpoint models:/...`` read its checkpoint with
+  ``weights_only=True``.
 - ``<variant>-onnx``: the same graph in MLflow's onnx flavour (``mlflow.onnx.load_model``), for deployment
   tools that take ONNX.
 - ``<variant>-pt2``: the PyTorch model as a ``torch.export`` program (dynamic batch, height and width),
@@ -22,7 +23,7 @@ from typing import Any
 
 from pipeline.tracking.mlflow_store import CHAMPION_METRIC, image_signature, promote, register
 
-SEGMENTER_CODE = Path(__file__).parents[1] / "serve" / "segmenter.py"
+SEGMENTER_CODE = Path(__file__).with_name("segmenter.py")
 
 
 def _requirements(*packages: str) -> list[str]:

@@ -157,3 +157,27 @@ def test_normalisation_belongs_to_the_backbone() -> None:
     assert backbone_normalization("resnet101_deepstem") == IMAGENET_NORMALIZATION
     with torch.device("meta"):
         assert build_backbone("efficientnet_lite2").normalization == lite
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_same_padding_is_tensorflows(kernel: int, stride: int, dilation: int) -> None:
+    """The integer form of "SAME" padding (what torch.export keeps symbolic) pads as TensorFlow's formula:
+    total = max((ceil(in / stride) - 1) * stride + dilation * (kernel - 1) + 1 - in, 0), odd pixel last."""
+    import math
+
+    from ccnet.efficientnet import SameConv2d
+
+    torch.manual_seed(0)
+    conv = SameConv2d(2, 3, kernel, stride, dilation)
+    for height, width in ((1, 1), (7, 8), (9, 16), (33, 20)):
+        x = torch.randn(1, 2, height, width)
+        pads = []
+        for size in (height, width):
+            total = max((math.ceil(size / stride) - 1) * stride + dilation * (kernel - 1) + 1 - size, 0)
+            pads.append((total // 2, total - total // 2))
+        (top, bottom), (left, right) = pads
+        expected = F.conv2d(F.pad(x, [left, right, top, bottom]), conv.weight, None, stride, 0, dilation)
+        assert torch.equal(conv(x), expected)
+        assert conv(x).shape[-2:] == (math.ceil(height / stride), math.ceil(width / stride))

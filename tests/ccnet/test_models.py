@@ -200,7 +200,7 @@ def test_config_errors_name_the_key() -> None:
 def test_ccnet_imports_no_pipeline_dependencies() -> None:
     code = (
         "import sys, ccnet, ccnet.attention, ccnet.attention_maps, ccnet.backbones, ccnet.heads, "
-        "ccnet.inference, ccnet.losses, ccnet.metrics, ccnet.models, ccnet.profiling\n"
+        "ccnet.inference, ccnet.losses, ccnet.metrics, ccnet.models, ccnet.profiling, ccnet.export\n"
         "bad = [m for m in ('ray', 'mlflow', 'boto3', 'pyarrow', 'pipeline') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

@@ -1,6 +1,6 @@
 """The registered model served by a real ``mlflow models serve`` process: an image posted over HTTP on
 127.0.0.1 comes back as the class map ``ccnet predict`` paints; bad requests get a 4xx and the server goes on
-serving. The model is the segmenter pyfunc (:mod:`pipeline.serve.segmenter`), which runs onnxruntime."""
+serving. The model is the segmenter pyfunc (:mod:`pipeline.tracking.segmenter`), which runs onnxruntime."""
 
 from __future__ import annotations
 

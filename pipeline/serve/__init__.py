@@ -1,1 +1,0 @@
-"""Serving: the registered model as an MLflow pyfunc that takes an image and returns its class map."""
