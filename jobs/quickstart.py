@@ -16,6 +16,7 @@ from pipeline import interrupts
 from pipeline.config import load_config
 from pipeline.data.sources import build_source
 from pipeline.data.writer import write_shards
+from pipeline.tracking import browse_hint
 from pipeline.train.driver import run_training
 
 CONFIG = "configs/quickstart_ccnet-tiny_generated-192x192_cpu.yaml"
@@ -43,10 +44,11 @@ def main(argv: list[str] | None = None) -> int:
             return interrupts.exit_status()
         single, multi = report.results["single-scale"], report.results["multi-scale+flip"]
         rows.append(f"| {label:<10} | {single.miou:>6.1%} | {multi.miou:>6.1%} | {report.run_id} |")
+    hint = browse_hint(report.tracking_uri, report.run_id, experiment_runs=True)
     sys.stdout.write(
         "\nval mIoU on the generated dataset (32 images, 192x192):\n"
         "| model      | single | ms+flip | MLflow run |\n|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
-        f"browse the runs: .venv/bin/mlflow ui --backend-store-uri {report.tracking_uri}\n"
+        f"browse the runs: {'.venv/bin/' if hint.startswith('mlflow ui') else ''}{hint}\n"
     )
     return 0
 

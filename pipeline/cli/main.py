@@ -72,22 +72,16 @@ def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)  # a bad config is refused before torch loads
 
     # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
+    from pipeline.tracking import browse_hint
     from pipeline.train.driver import run_training
 
     report = run_training(config)
     sys.stdout.write(
         f"\n{report.table}\n\nbest checkpoint: {redact(report.best_checkpoint)}\n"
         f"MLflow run {report.run_id} at {redact(report.tracking_uri)}\n"
-        f"browse it: {_browse_hint(report.tracking_uri)}\n"
+        f"browse it: {browse_hint(report.tracking_uri, report.run_id)}\n"
     )
     return 0
-
-
-def _browse_hint(tracking_uri: str) -> str:
-    """How to open the runs: the server's own UI, or ``mlflow ui`` on a local store."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return redact(tracking_uri)
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
 
 
 def _tune(args: argparse.Namespace) -> int:

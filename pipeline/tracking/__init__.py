@@ -10,12 +10,12 @@ URI and the store's probe. A second backend is one new module implementing ``bas
 from __future__ import annotations
 
 from pipeline.tracking.base import NullTracker, Tracker, TrackingError
-from pipeline.tracking.mlflow_store import context_tags, find_run, registered_checkpoint
+from pipeline.tracking.mlflow_store import browse_hint, context_tags, find_run, registered_checkpoint
 from pipeline.tracking.mlflow_tracker import MlflowTracker
 from pipeline.tracking.uri import resolve_tracking_uri
 
-__all__ = ["MlflowTracker", "NullTracker", "Tracker", "TrackingError", "context_tags", "find_run",
-           "open_tracker", "registered_checkpoint", "resolve_tracking_uri"]
+__all__ = ["MlflowTracker", "NullTracker", "Tracker", "TrackingError", "browse_hint", "context_tags",
+           "find_run", "open_tracker", "registered_checkpoint", "resolve_tracking_uri"]
 
 
 def open_tracker(uri: str | None, experiment: str, *, required: bool = True,

@@ -240,6 +240,26 @@ def registered_checkpoint(model_uri: str, tracking_uri: str, folder: str) -> str
                             f"({one_line(missing)[:200]})") from None
 
 
+def browse_hint(tracking_uri: str, run_id: str | None, experiment_runs: bool = False) -> str:
+    """How to open a run in the UI: its page on the tracking server
+    (``<server>/#/experiments/<id>/runs/<run>``), or ``mlflow ui`` on a local store and that page on it;
+    with ``experiment_runs``, the experiment's runs table. A direct link, because MLflow 3.17 opens an
+    experiment's own page on the GenAI overview whatever its kind while a browser-wide GenAI / Model-training
+    switch says GenAI (its default; mlflow#24498)."""
+    server = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else None
+    page = ""
+    if run_id:
+        try:
+            with env({"MLFLOW_TRACKING_URI": tracking_uri} | PROBE_HTTP):
+                experiment = import_mlflow().MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+            page = f"/#/experiments/{experiment}/runs" + ("" if experiment_runs else f"/{run_id}")
+        except Exception:  # the store went away: the address of the UI alone
+            page = ""
+    if server:
+        return redact(server + page)
+    return f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000{page or '/'}"
+
+
 def find_run(uri: str, experiment: str, run_name: str, parent_run_id: str | None = None) -> str | None:
     """The id of the latest (by start time) active run named ``run_name`` in ``experiment`` (and nested under
     ``parent_run_id`` when given), for resuming by name.

@@ -21,6 +21,7 @@ from pipeline.tracking import (
     NullTracker,
     Tracker,
     TrackingError,
+    browse_hint,
     find_run,
     resolve_tracking_uri,
 )
@@ -371,6 +372,24 @@ def test_experiments_open_as_model_training(mlflow_server: Any) -> None:
     assert kinds == {"created-here": "custom_model_development", "made-by-hand": "custom_model_development",
                      "chosen-kind": "genai_development"}
     assert existing and chosen
+    # The commands link the run's page (which opens "Training runs" whatever the UI's GenAI switch says).
+    tracker = MlflowTracker(mlflow_server.uri, "created-here")
+    run_id = tracker.start("linked")
+    tracker.end()
+    experiment = client.get_experiment_by_name("created-here").experiment_id
+    page = f"{mlflow_server.uri}/#/experiments/{experiment}/runs/{run_id}"
+    assert browse_hint(mlflow_server.uri, run_id) == page
+    assert browse_hint(mlflow_server.uri, run_id, experiment_runs=True).endswith(f"/{experiment}/runs")
+
+
+def test_a_local_store_is_browsed_with_mlflow_ui(sqlite_uri: str) -> None:
+    tracker = MlflowTracker(sqlite_uri, EXPERIMENT)
+    run_id = tracker.start("browsed")
+    tracker.end()
+    experiment = _client(sqlite_uri).get_run(run_id).info.experiment_id
+    assert browse_hint(sqlite_uri, run_id) == (f"mlflow ui --backend-store-uri {sqlite_uri}, then "
+                                               f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}")
+    assert browse_hint(sqlite_uri, None).endswith("then http://127.0.0.1:5000/")
 
 
 def test_unreachable_server_fails_fast_when_required() -> None:
