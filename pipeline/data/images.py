@@ -14,12 +14,17 @@ By PIL mode of the decoded file:
 - ``F`` (32-bit float): refused, since its range is not known.
 
 EXIF orientation is not applied: labels are stored unrotated, and the image must match them pixel for pixel.
+
+Its inverse for labels lives here too: :func:`colorize` paints class ids in a palette's colours (sample
+grids, predicted masks, plots), without matplotlib.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -73,3 +78,29 @@ def read_rgb(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: image file is missing") from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise ValueError(f"{path}: unreadable image ({error})") from None
+
+
+def _array(values: Any) -> np.ndarray:
+    """A numpy array from a numpy array or a torch tensor (on any device), without importing torch."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def colorize(label: Any, palette: Sequence[Sequence[int]], ignore_index: int = 255) -> np.ndarray:
+    """(H, W) class ids -> (H, W, 3) uint8 colours: id ``k`` gets ``palette[k]``, ``ignore_index`` black.
+
+    Raises:
+        ValueError: an id other than ``ignore_index`` has no colour in ``palette`` (a wrong palette or
+            label mapping, which a black pixel would hide).
+    """
+    label = _array(label).astype(np.int64)
+    colours = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    void = label == ignore_index
+    unknown = (~void) & ((label < 0) | (label >= len(colours)))
+    if unknown.any():
+        ids = sorted(int(v) for v in np.unique(label[unknown]))
+        raise ValueError(f"label id {ids[0]} has no colour in a palette of {len(colours)} (ids {ids[:10]})")
+    out = colours[np.where(void, 0, label)]  # (H, W, 3)
+    out[void] = 0
+    return out

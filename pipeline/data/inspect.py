@@ -8,10 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from pipeline.data.images import decode_rgb
+from pipeline.data.images import colorize, decode_rgb
 from pipeline.data.readers import open_manifest, read_shard
 from pipeline.data.schema import Manifest
-from pipeline.eval.plots import colorize
 from pipeline.io import storage
 from pipeline.io.outputs import check_targets, png_bytes
 

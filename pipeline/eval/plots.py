@@ -18,6 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from pipeline.data.images import colorize
+
 _ANNOTATE_UP_TO = 20  # classes; beyond that the numbers no longer fit their cells
 _PANEL_INCHES = 3.0
 
@@ -34,25 +36,6 @@ def _figure(rows: int, cols: int, panel_inches: float = _PANEL_INCHES) -> tuple[
     figure = Figure(figsize=(cols * panel_inches, rows * panel_inches), layout="constrained")
     FigureCanvasAgg(figure)
     return figure, figure.subplots(rows, cols, squeeze=False)
-
-
-def colorize(label: Any, palette: Sequence[Sequence[int]], ignore_index: int = 255) -> np.ndarray:
-    """(H, W) class ids -> (H, W, 3) uint8 colours: id ``k`` gets ``palette[k]``, ``ignore_index`` black.
-
-    Raises:
-        ValueError: an id other than ``ignore_index`` has no colour in ``palette`` (a wrong palette or
-            label mapping, which a black pixel would hide).
-    """
-    label = _array(label).astype(np.int64)
-    colours = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
-    void = label == ignore_index
-    unknown = (~void) & ((label < 0) | (label >= len(colours)))
-    if unknown.any():
-        ids = sorted(int(v) for v in np.unique(label[unknown]))
-        raise ValueError(f"label id {ids[0]} has no colour in a palette of {len(colours)} (ids {ids[:10]})")
-    out = colours[np.where(void, 0, label)]  # (H, W, 3)
-    out[void] = 0
-    return out
 
 
 def overlay(

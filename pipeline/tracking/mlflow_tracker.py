@@ -83,7 +83,7 @@ class MlflowTracker:
         self._ended = False
         self._buffer = OutageBuffer()
         self._outage = False
-        self._lock = threading.Lock()  # a checkpoint thread may log beside the training loop
+        self._lock = threading.Lock()  # the caller's threads, and the forced-exit watchdog's (interrupts)
         self._unregister: Callable[[], None] = lambda: None
 
     @property

@@ -75,12 +75,6 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {f"train/lr/{group['name']}": group["lr"] for group in optimizer.param_groups if "name" in group}
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel (or torch.compile), for saving and evaluation."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
-
-
 @dataclass
 class Step:
     """One optimisation step's components, from :func:`train_step`."""

@@ -54,3 +54,13 @@ def test_no_module_is_over_the_size_limit() -> None:
     sizes = {path.relative_to(ROOT).as_posix(): len(path.read_text().splitlines())
              for path in PIPELINE.rglob("*.py")}
     assert {path: n for path, n in sizes.items() if n > MAX_LINES} == {}
+
+
+def test_data_never_imports_eval() -> None:
+    """Data sits below evaluation: `ccnet data inspect` paints its grids without loading matplotlib."""
+    for path in (PIPELINE / "data").rglob("*.py"):
+        assert not any(name.startswith("pipeline.eval") for name in _imported_roots(path)), path
+    code = "import sys, pipeline.data.inspect\nassert 'matplotlib' not in sys.modules\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
