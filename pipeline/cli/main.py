@@ -24,6 +24,7 @@ from pipeline.cli.args import at_least
 from pipeline.cli.data import add_data_commands
 from pipeline.cli.jobs import add_job_commands
 from pipeline.cli.models import add_model_commands
+from pipeline.config import load_config
 from pipeline.io import redaction
 from pipeline.io.errors import user_message
 from pipeline.io.redaction import redact
@@ -66,9 +67,6 @@ def _efficiency(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
-    from pipeline.config import load_config
-
     config = load_config(args.config, args.set)  # a bad config is refused before torch loads
 
     # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
@@ -86,7 +84,6 @@ def _train(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
-    from pipeline.config import load_config
     from pipeline.train.tune import run_search
 
     report = run_search(load_config(args.config, args.set))

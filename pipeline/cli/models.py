@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cli.args import checkpoint, local_folder
-from pipeline.config import Config
+from pipeline.config import Config, apply_overrides, config_from_dict
 from pipeline.io.redaction import redact
 
 log = logging.getLogger("ccnet")
@@ -32,7 +32,6 @@ def _config_from_checkpoint(args: argparse.Namespace) -> tuple[Config, dict]:
     """The checkpoint's saved config with ``--set`` applied, and its state. A registered model's checkpoint
     is downloaded first (``args.checkpoint`` then names the local copy, removed when the command ends)."""
     # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
-    from pipeline.config import apply_overrides, config_from_dict
     from pipeline.data.readers import open_manifest
     from pipeline.io.checkpoints import load
     from pipeline.train.identity import check_checkpoint, checkpoint_identity
