@@ -64,3 +64,14 @@ def test_data_never_imports_eval() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                             cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_command_line_starts_without_the_heavy_libraries() -> None:
+    """`ccnet --help`, `ccnet data` and `ccnet submit` start fast: the command line's modules import
+    neither torch, Ray, MLflow, pyarrow nor matplotlib until a command needs them."""
+    code = ("import sys, pipeline.cli.main\n"
+            "heavy = [m for m in ('torch', 'ray', 'mlflow', 'pyarrow', 'matplotlib') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
