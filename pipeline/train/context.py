@@ -141,7 +141,7 @@ def open_run(config: Config, name: str, what: str, *, tags: dict[str, str] | Non
         check_continuation(saved, config, manifest, what)
     build_model(config, manifest.num_classes)  # the model and its pretrained weights, as the workers will
     if config.run.ray:
-        from pipeline.train.ray_train import connect  # Ray starts only for runs that use it
+        from pipeline.train.resources import connect  # Ray starts only for runs that use it
 
         connect(config, driver_cpus=driver_cpus)
     with RunLease(run_uri, what, ttl=config.run.lease_ttl) as lease:

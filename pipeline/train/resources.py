@@ -1,4 +1,5 @@
-"""Whether a run's workers fit the Ray cluster, checked before Ray Train is asked to place them.
+"""Connecting to Ray (:func:`connect`, once per process) and whether a run's workers fit the cluster,
+checked before Ray Train is asked to place them.
 
 Ray Train waits for resources it cannot get: a request for 8 workers on a 2-CPU machine retries its worker
 group every 60 s, forever. So the driver compares the request with the cluster's alive nodes first and
@@ -10,12 +11,20 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline import interrupts
+from pipeline.config import Config
+from pipeline.io import storage
+
 log = logging.getLogger(__name__)
+
+DEBUG_ENV = "CCNET_DEBUG"  # set by --debug for the Ray processes: their logging stays verbose
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train's switch, read by its controller
 
 
 class ResourceError(RuntimeError):
@@ -110,3 +119,70 @@ def ensure_placeable(
         hint = (f"after waiting {wait:g} s (run.resource_wait)" if wait > 0
                 else "lower them, or set run.resource_wait=SECONDS to wait for an autoscaler")
         raise ResourceError(f"{missing}; {hint}")
+
+
+def worker_request(config: Config, driver_cpus: float = 0.0) -> WorkerRequest:
+    """What the run's worker group asks Ray for (``driver_cpus``: a search trial's own process)."""
+    run = config.run
+    return WorkerRequest(run.num_workers, run.cpus_per_worker, 1.0 if run.use_gpu else 0.0, driver_cpus)
+
+
+def ray_log_level() -> str:
+    """Ray's own log level: ERROR, or INFO when the command runs with ``--debug``."""
+    return "INFO" if logging.getLogger().isEnabledFor(logging.DEBUG) else "ERROR"
+
+
+def _init_quietly() -> None:
+    """``ray.init`` with Ray's own logs at ERROR in every process (INFO and up with ``--debug``): its
+    controller and placement-group helpers otherwise fill the console with internal notices. The driver's
+    logging is put back as it was (Ray's configuration also applies to the driver's root logger)."""
+
+    import ray  # lazy: only a run with run.ray loads Ray
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    if ray_log_level() == "INFO":
+        os.environ[DEBUG_ENV] = "1"  # workers and trials inherit it
+    # A Ray instance started here runs on this machine alone, which no one preempts while the driver lives:
+    # Ray Train's preemption watcher has nothing to watch there, and starting its actor prints a C++ notice
+    # in every run. Ray's processes take the environment as it is while ray.init starts them; a cluster that
+    # ray.init joins instead keeps its own setting, and so does a user who set the variable.
+    watcher_off = PREEMPTION_WATCHER_ENV not in os.environ
+    if watcher_off:
+        os.environ[PREEMPTION_WATCHER_ENV] = "0"
+    try:
+        ray.init(include_dashboard=False, log_to_driver=True,
+                 logging_config=ray.LoggingConfig(log_level=ray_log_level()))
+    finally:
+        if watcher_off:
+            del os.environ[PREEMPTION_WATCHER_ENV]
+        interrupts.reinstall()  # SIGTERM stops the command as Ctrl-C does, not through Ray's abort
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def connect(config: Config, driver_cpus: float = 0.0) -> None:
+    """Start (or join) Ray and check that the run's workers fit the cluster: call it before anything is
+    written, so a request that cannot be placed is refused with both numbers instead of waiting forever."""
+
+    import ray  # lazy: only a run with run.ray loads Ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        _init_quietly()
+    ensure_placeable(worker_request(config, driver_cpus), wait=config.run.resource_wait)
+    warn_if_node_local(config.run.storage, alive_nodes())
+
+
+def warn_if_node_local(run_storage: str, nodes: list[dict[str, float]]) -> bool:
+    """A local ``run.storage`` on a cluster of several nodes: each worker writes checkpoints to its own node's
+    disk, and a run resumed elsewhere (a lost node) finds none. One WARNING (right only for a folder shared
+    at the same path on every node, NFS for example); returns whether it warned."""
+    if storage.is_s3(run_storage) or len(nodes) < 2:
+        return False
+    log.warning("run.storage=%s is a local folder but the Ray cluster has %d nodes: checkpoints written on "
+                "one node are lost with it; use s3://... (or a folder shared at the same path on every node)",
+                run_storage, len(nodes))
+    return True

@@ -65,7 +65,7 @@ def test_a_lost_node_resumes_from_s3_with_the_same_weights(cluster: tuple[Any, d
     from mlflow.tracking import MlflowClient
 
     from pipeline.train.driver import run_training
-    from pipeline.train.ray_train import connect
+    from pipeline.train.resources import connect
 
     ray_cluster, nodes = cluster
     source = build_source("generated", None, image_size=(48, 48), counts={"train": 16, "val": 2})

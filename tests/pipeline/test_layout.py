@@ -1,6 +1,7 @@
 """The package layout's rules, read from the code itself: the library never imports its entry points
-(``jobs``), one module owns each boundary (MLflow: ``pipeline.tracking``; boto3: ``pipeline.io``),
-and no module under ``pipeline/`` grows past 400 lines."""
+(``jobs``), one module owns each boundary (MLflow: ``pipeline.tracking``; boto3: ``pipeline.io``), data
+never imports evaluation, no module imports itself through others, the command line starts without the heavy
+libraries, and no module under ``pipeline/`` grows past 400 lines."""
 
 from __future__ import annotations
 
@@ -75,3 +76,37 @@ def test_the_command_line_starts_without_the_heavy_libraries() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                             cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, at the top or inside a function (``from a import b`` counts ``a``
+    and ``a.b``)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    """The import graph of ``pipeline`` has no circle (lazy imports inside functions count too)."""
+    paths = {module: ROOT / (module.replace(".", "/") + ".py") for module in _modules()}
+    paths |= {m: ROOT / m.replace(".", "/") / "__init__.py" for m in paths if not paths[m].exists()}
+    graph = {m: {d for d in _imported_modules(p) if d in paths and d != m} for m, p in paths.items()}
+    state: dict[str, int] = {}  # 1: on the path being walked, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        path.append(module)
+        for other in sorted(graph[module]):
+            assert state.get(other) != 1, " -> ".join([*path[path.index(other):], other])
+            if other not in state:
+                visit(other, path)
+        path.pop()
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])

@@ -83,7 +83,7 @@ def test_unregistered_checkpoints_are_found_and_the_newest_whole_one_chosen(tmp_
 
 
 def test_local_storage_on_several_nodes_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
-    from pipeline.train.ray_train import warn_if_node_local
+    from pipeline.train.resources import warn_if_node_local
 
     one, two = [{"CPU": 2.0}], [{"CPU": 0.0}, {"CPU": 1.0}]
     with caplog.at_level(logging.WARNING):
