@@ -49,8 +49,8 @@ def import_mlflow() -> Any:
 
 
 class _PickleNotice(logging.Filter):
-    """Drops MLflow's advice to log PyTorch models as ``pt2`` instead of pickle, printed at every model
-    logged: the project pickles on purpose (README, model registry) and never unpickles what it reads."""
+    """Drops MLflow's advice to log PyTorch models as ``pt2`` instead of pickle: the project logs ``pt2``
+    (:mod:`pipeline.tracking.mlflow_models`); the advice would only repeat on a user's own pickled model."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "serialization_format" not in record.getMessage()
