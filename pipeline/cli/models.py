@@ -148,7 +148,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
-    from pipeline.eval.onnx import open_onnx
+    from pipeline.eval.onnx import eval_protocol, open_onnx
     from pipeline.eval.predict import predict_images
 
     onnx_file = args.checkpoint.endswith(".onnx")
@@ -170,9 +170,7 @@ def _predict(args: argparse.Namespace) -> int:
         config, state = _config_from_checkpoint(args)
         model, normalization = _checkpoint_model(config, state, args.checkpoint)
         palette = _palette(config, state["num_classes"])
-        evaluation = config.eval
-        protocol = {"mode": evaluation.mode, "crop_size": evaluation.crop_size, "stride": evaluation.stride,
-                    "scales": evaluation.scales, "flip": evaluation.flip, "fusion": evaluation.fusion}
+        protocol = eval_protocol(config)
     written = predict_images(
         model, [Path(p) for p in args.images], palette=palette, out_dir=Path(args.out),
         mean=normalization.mean, std=normalization.std, mode=protocol["mode"],

@@ -46,16 +46,20 @@ class Parity:
                 f"argmax agreement {100 * self.argmax_agreement:.3f} %")
 
 
+def eval_protocol(config: Config) -> dict[str, Any]:
+    """How a prediction is made (``config.eval``): what an exported file keeps and ``ccnet predict`` uses."""
+    evaluation = config.eval
+    return {"mode": evaluation.mode, "crop_size": evaluation.crop_size, "stride": evaluation.stride,
+            "scales": list(evaluation.scales), "flip": evaluation.flip, "fusion": evaluation.fusion}
+
+
 def onnx_metadata(config: Config, normalization: Normalization, num_classes: int, *,
                   classes: list[str] | None = None, palette: Any = None, variant: str | None = None
                   ) -> dict[str, str]:
     """The metadata stored in the file: strings, JSON where structured."""
-    evaluation = config.eval
-    protocol = {"mode": evaluation.mode, "crop_size": evaluation.crop_size, "stride": evaluation.stride,
-                "scales": list(evaluation.scales), "flip": evaluation.flip, "fusion": evaluation.fusion}
     metadata = {"ccnet.num_classes": str(num_classes), "ccnet.model": config.model.name,
                 "ccnet.normalization": json.dumps(normalization.as_dict()),
-                "ccnet.eval": json.dumps(protocol)}
+                "ccnet.eval": json.dumps(eval_protocol(config))}
     if classes:
         metadata["ccnet.classes"] = json.dumps(list(classes))
     if palette:
@@ -129,4 +133,5 @@ def open_onnx(path: str | Path) -> OnnxModel:
     return OnnxModel(segmenter, normalization, segmenter.num_classes, protocol, colours)
 
 
-__all__ = ["OnnxModel", "Parity", "export_checkpoint", "onnx_metadata", "open_onnx", "parity"]
+__all__ = ["OnnxModel", "Parity", "eval_protocol", "export_checkpoint", "onnx_metadata", "open_onnx",
+           "parity"]
