@@ -1,5 +1,6 @@
 """Shared fixtures: a real SeaweedFS S3 server (``seaweedfs``) and an environment pointing at it (``s3_env``);
-a real MLflow tracking server (``mlflow_server``).
+a real MLflow tracking server (``mlflow_server``); prepared versions of the generated dataset
+(``generated_dataset``).
 
 The server is one ``weed mini`` process per test session, bound to 127.0.0.1 on free ports, credentials
 enforced, with its data, logs and S3/filer sockets in the session's tmp dir (its gRPC sockets go to /tmp
@@ -14,7 +15,7 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -228,6 +229,31 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     """A running MLflow tracking server for the whole session; stopped (by PID) at the end."""
     server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
     yield from _serving(server)
+
+
+GeneratedDataset = Callable[..., str]
+
+
+@pytest.fixture(scope="session")
+def generated_dataset(tmp_path_factory: pytest.TempPathFactory) -> GeneratedDataset:
+    """``generated_dataset(size=48, train=16, val=2, **other_splits)``: the URI of a prepared version of the
+    generated dataset with ``size`` x ``size`` images and those counts, made once per session for each set of
+    arguments (a version is immutable: tests only read it)."""
+    made: dict[tuple, str] = {}
+
+    def make(size: int = 48, train: int = 16, val: int = 2, **splits: int) -> str:
+        from pipeline.data.sources import build_source  # lazy: the ccnet tests load neither pyarrow nor boto3
+        from pipeline.data.writer import write_shards
+
+        counts = {"train": train, "val": val, **splits}
+        key = (size, *sorted(counts.items()))
+        if key not in made:
+            source = build_source("generated", None, image_size=(size, size), counts=counts)
+            folder = tmp_path_factory.mktemp(f"generated-{size}px")
+            made[key], _ = write_shards(source, str(folder), workers=1, progress=False)
+        return made[key]
+
+    return make
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,4 +1,4 @@
-"""The run configuration's schema: one typed dataclass per section, with visible defaults, and
+"""The run configuration's schema: one typed, frozen dataclass per section, with visible defaults, and
 :func:`build`, which makes them from nested dicts (YAML), checking every key and type."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 _NOT_MODEL_OPTIONS = ("name", "sync_bn")  # every other ModelConfig field overrides a CCNetConfig field
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Which model: a registered name (``ccnet.list_models()``) and the options users vary. Each field but
     ``name`` and ``sync_bn`` overrides the :class:`ccnet.models.CCNetConfig` field of its name (None: the
@@ -80,7 +80,7 @@ def is_explicit_none(pretrained: str | None) -> bool:
     return isinstance(pretrained, str) and pretrained.lower() == NO_PRETRAINED
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Where the shards are and how batches are made."""
 
@@ -95,7 +95,7 @@ class DataConfig:
     loader: str = "torch"  # torch: ShardDataset per worker (exact resume) | ray: Ray Data streaming (run.ray)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """The optimisation recipe (the paper's: SGD 0.01 / 0.9 / 5e-4, poly 0.9, aux 0.4)."""
 
@@ -129,7 +129,7 @@ class TrainConfig:
     compile: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     """How validation predicts: whole image or sliding window, scales and flip for the multi-scale test."""
 
@@ -142,7 +142,7 @@ class EvalConfig:
     max_images: int | None = None  # evaluate on the first N validation images only
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     """Where and how the job runs."""
 
@@ -157,7 +157,7 @@ class RunConfig:
     lease_ttl: float = 60.0  # s a dead writer's lease keeps a second writer out (pipeline/io/lease.py)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrackingConfig:
     """MLflow: the tracking URI (else MLFLOW_TRACKING_URI, else a sqlite file) and the experiment."""
 
@@ -170,7 +170,7 @@ class TrackingConfig:
     registered_model: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class TuneConfig:
     """A Ray Tune search over the training: a space over config keys, ASHA on val mIoU."""
 
@@ -200,7 +200,7 @@ class TuneConfig:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -212,6 +212,16 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def replace(self, **sections: dict[str, Any]) -> Config:
+        """A copy with some values changed, e.g. ``config.replace(train={"iterations": 7})``: a config is
+        frozen once built (detectron2's ``cfg.freeze()``), so no process changes what a run decided. Types
+        are checked as a file's are; the values, by :func:`pipeline.config.validate` when the caller
+        needs it."""
+        values = self.to_dict()
+        for section, changes in sections.items():
+            values[section] = {**values[section], **changes}
+        return build(Config, values, "", "Config.replace")
 
     def flat(self) -> dict[str, Any]:
         """``{"train.lr": 0.01, ...}``: every leaf, for MLflow params."""

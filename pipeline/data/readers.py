@@ -134,9 +134,9 @@ class ShardDataset(Dataset):
     """One split of a prepared dataset version, as a map-style torch Dataset.
 
     Sample ``i`` is row ``i - offset`` of the shard that holds it, in manifest order. Construction reads only
-    the manifest; shards are read (and verified) on first use, keeping the last ``cache_shards`` in memory
-    per process. The object holds no open files and pickles without its cache, so DataLoader workers each
-    build their own.
+    the manifest (none when ``manifest`` is given: the one a run read already); shards are read (and
+    verified) on first use, keeping the last ``cache_shards`` in memory per process. The object holds no open
+    files and pickles without its cache, so DataLoader workers each build their own.
 
     Items are ``{"image": (3, h, w), "label": (h, w) int64, "sample_id": str}``: after ``transform`` when
     given (float32 image), else the decoded uint8 image. ``set_epoch`` reaches DataLoader workers only when
@@ -151,6 +151,7 @@ class ShardDataset(Dataset):
         seed: int = 0,
         verify: bool = True,
         cache_shards: int = 2,
+        manifest: Manifest | None = None,
     ) -> None:
         self.uri = uri
         self.split = split
@@ -159,7 +160,7 @@ class ShardDataset(Dataset):
         self.verify = verify
         self.cache_shards = max(1, cache_shards)
         self.epoch = 0
-        self.manifest = open_manifest(uri)
+        self.manifest = manifest if manifest is not None else open_manifest(uri)
         self.shards = self.manifest.shards_of(split)
         # offsets[k] = index of shard k's first sample; a sample's shard is found by bisection.
         self._offsets = np.cumsum([0] + [shard.rows for shard in self.shards]).tolist()
@@ -265,6 +266,7 @@ def ray_dataset(
     verify: bool = True,
     num_cpus: float = 0.5,
     concurrency: int | None = None,
+    manifest: Manifest | None = None,
 ) -> ray.data.Dataset:
     """One split as a lazy Ray Dataset of decoded, transformed samples.
 
@@ -283,13 +285,14 @@ def ray_dataset(
         num_cpus: CPUs requested per read and per map task; fractional so that reading runs next to
             trainers on a small machine.
         concurrency: at most this many map tasks at once (None: Ray decides).
+        manifest: the version's manifest when the caller read it already.
 
     Returns:
         A dataset of rows ``{"image", "label", "sample_id"}`` shaped as in :func:`_decode_batch`.
     """
     import ray.data  # lazily: the plain-torch path must not need Ray
 
-    shards = open_manifest(uri).shards_of(split)
+    shards = (manifest if manifest is not None else open_manifest(uri)).shards_of(split)
     filesystem, _ = storage.filesystem(uri)
     paths = [storage.filesystem(storage.join(uri, shard.path))[1] for shard in shards]
     # select_columns (read_parquet's columns= is deprecated) is pushed down into the read by Ray's optimizer.

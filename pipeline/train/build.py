@@ -20,13 +20,15 @@ from ccnet import build_ccnet, model_config
 from ccnet.backbones import Normalization, backbone_normalization
 from ccnet.losses import SegmentationLoss
 from pipeline.config import Config
-from pipeline.data.readers import ShardDataset, open_manifest
+from pipeline.data.readers import ShardDataset
 from pipeline.data.sampling import ShardBatchSampler
-from pipeline.data.transforms import build_eval_transform, build_train_transform
+from pipeline.data.schema import Manifest
+from pipeline.data.transforms import JointTransform, build_eval_transform, build_train_transform
 from pipeline.io import storage
 from pipeline.io.checkpoints import load_model_state
 from pipeline.train.identity import check_continuation, run_identity
 from pipeline.train.sessions import Session, restore_rng
+from pipeline.train.spec import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -225,22 +227,26 @@ def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
 
 
-def build_train_batches(config: Config, session: Session, normalization: Normalization, ignore_index: int,
-                        start: int) -> Batches:
+def train_transform(config: Config, manifest: Manifest) -> JointTransform:
+    """The training augmentation (random scale, crop, flip) and normalisation, crop padding labelled with the
+    manifest's ``ignore_index``: one recipe for the shards' loader and for Ray Data."""
+    data = config.data
+    normalization = input_normalization(config)
+    return build_train_transform(data.crop_size, (data.scale_min, data.scale_max),
+                                 ignore_index=manifest.ignore_index, mean=normalization.mean,
+                                 std=normalization.std)
+
+
+def build_train_batches(spec: RunSpec, session: Session, start: int) -> Batches:
     """The training batches from iteration ``start``: from this worker's Ray Data shard when Ray Data feeds
     it (``data.loader: ray``), else read from the shards with the training augmentation, each worker its
     part of every epoch (:class:`ShardBatchSampler`)."""
-    data, train = config.data, config.train
+    data, train = spec.config.data, spec.config.train
     shard = getattr(session, "train_shard", None)
     if shard is not None:
         return _ray_batches(shard, data.batch_size, start, train.iterations, session.device)
-    dataset = ShardDataset(
-        data.uri, data.train_split, seed=train.seed,
-        transform=build_train_transform(
-            data.crop_size, (data.scale_min, data.scale_max), ignore_index=ignore_index,
-            mean=normalization.mean, std=normalization.std,
-        ),
-    )
+    dataset = ShardDataset(data.uri, data.train_split, seed=train.seed,
+                           transform=train_transform(spec.config, spec.manifest), manifest=spec.manifest)
     sampler = ShardBatchSampler(
         [shard.rows for shard in dataset.shards], data.batch_size, rank=session.rank,
         world_size=session.world_size, seed=train.seed, start_iteration=start, end_iteration=train.iterations,
@@ -248,12 +254,12 @@ def build_train_batches(config: Config, session: Session, normalization: Normali
     return _batches(dataset, sampler, data.loader_workers, session.device)
 
 
-def build_training(config: Config, session: Session, run_id: str | None = None) -> Training:
-    """The model, optimiser, scaler, loss, batches and validation set of ``config`` in this worker, restored
+def build_training(spec: RunSpec, session: Session, run_id: str | None = None) -> Training:
+    """The model, optimiser, scaler, loss, batches and validation set of ``spec`` in this worker, restored
     from the session's checkpoint when the run resumes. The random draws happen in the same order on every
     run (the same seed: the same initial weights on every worker), which a bit-equal resume relies on."""
+    config, manifest = spec.config, spec.manifest
     train = config.train
-    manifest = open_manifest(config.data.uri)
     torch.manual_seed(train.seed)  # the same initial weights on every worker
     model = build_model(config, manifest.num_classes).to(session.device)
     optimizer = build_optimizer(config, model)
@@ -264,7 +270,7 @@ def build_training(config: Config, session: Session, run_id: str | None = None) 
     identity = run_identity(config, manifest)
     if state is not None:
         if "identity" in state:  # a search's trial resumes here without the driver's check (context.py)
-            check_continuation(state["identity"], config, manifest, f"run {config.run.name!r}")
+            check_continuation(state["identity"], config, manifest, f"run {spec.name!r}")
         load_model_state(model, state, f"checkpoint of iteration {state['iteration']}")
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -279,12 +285,12 @@ def build_training(config: Config, session: Session, run_id: str | None = None) 
         trained = cast(nn.Module, torch.compile(trained))  # a compiled module is called as the module
     normalization = model.normalization
     assert isinstance(normalization, Normalization), "every model of ccnet carries its normalisation"
-    val_data = ShardDataset(config.data.uri, config.data.val_split,
+    val_data = ShardDataset(config.data.uri, config.data.val_split, manifest=manifest,
                             transform=build_eval_transform(normalization.mean, normalization.std))
     meta = {"mlflow_run_id": run_id, "model_name": config.model.name, "num_classes": manifest.num_classes,
             "config": config.to_dict(), "normalization": normalization.as_dict(), "identity": identity}
     return Training(
         model, trained, optimizer, scaler, loss_fn,
-        build_train_batches(config, session, normalization, manifest.ignore_index, start), val_data,
+        build_train_batches(spec, session, start), val_data,
         manifest.num_classes, manifest.ignore_index, start, best_miou, meta, attention_history,
     )

@@ -4,13 +4,16 @@ A training (``run_training``) and a search (``run_search``) each open one::
 
     config = resolve(config)                  # absolute paths; the not-pretrained warning, once
     with open_run(config, config.run.name, f"run {config.run.name!r}") as run:
-        ...                                   # run.config, run.tracking_uri, run.run_uri, run.tracker
+        ...                                   # run.spec (config, name, run_uri, tracking_uri, manifest)
 
-Opening it connects to Ray when the run uses it (workers that cannot be placed are refused before anything is
-written), takes the run's lease (one writer per run), resolves the tracking URI and starts the tracker (the
-MLflow run of that name continues when the run resumes). Leaving it ends the tracker with the run's status
-(FINISHED, or FAILED / KILLED when an error or Ctrl-C leaves the block). Every other tracker of a run (a
-trial's nested run, the rank-0 worker's, ``ccnet evaluate``'s) comes from :func:`start_tracker`.
+Opening it reads the dataset's manifest and checks the run (splits, shards, a continued run's identity, the
+model and its weights), connects to Ray when the run uses it (workers that cannot be placed are refused
+before anything is written), takes the run's lease (one writer per run), resolves the tracking URI and
+starts the tracker (the MLflow run of that name continues when the run resumes). What it decided is the
+run's :class:`~pipeline.train.spec.RunSpec`, which every process of the run receives instead of deciding
+again. Leaving it ends the tracker with the run's status (FINISHED, or FAILED / KILLED when an error or
+Ctrl-C leaves the block). Every other tracker of a run (a trial's nested run, the rank-0 worker's,
+``ccnet evaluate``'s) comes from :func:`start_tracker`.
 """
 
 from __future__ import annotations
@@ -35,28 +38,29 @@ from pipeline.train.identity import (
     run_identity,
     write_identity,
 )
+from pipeline.train.spec import RunSpec, run_uri_of
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RunContext:
-    """A run's values, decided once.
+    """An open run in its driver.
 
     Attributes:
-        config: the run's config, every location absolute.
-        tracking_uri: where it is tracked (``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else sqlite).
-        run_uri: where its checkpoints live: ``<run.storage>/<name>``.
+        spec: what the run decided (:class:`~pipeline.train.spec.RunSpec`), for every process of it.
         tracker: its started tracker (a :class:`~pipeline.tracking.base.NullTracker` when tracking is optional
             and the store is down).
         lease: the run's lease; :meth:`RunLease.check` before publishing anything as this run's.
     """
 
-    config: Config
-    tracking_uri: str
-    run_uri: str
+    spec: RunSpec
     tracker: Tracker
     lease: RunLease
+
+    @property
+    def config(self) -> Config:
+        return self.spec.config
 
 
 def resolve(config: Config) -> Config:
@@ -133,7 +137,7 @@ def open_run(config: Config, name: str, what: str, *, tags: dict[str, str] | Non
         driver_cpus: CPUs this process's own Ray tasks take beside the workers (a search's trial drivers).
     """
     # Every check that can run here runs before Ray, the lease and tracking: a refused run leaves nothing.
-    run_uri = storage.join(config.run.storage, name)
+    run_uri = run_uri_of(config.run.storage, name)
     manifest = open_manifest(config.data.uri)
     check_data(config, manifest)
     saved = read_identity(run_uri)
@@ -151,5 +155,6 @@ def open_run(config: Config, name: str, what: str, *, tags: dict[str, str] | Non
         tracker = start_tracker(config, tracking_uri, name, resume=resume, tags=tags)
         if saved is None:  # once tracking started: a refused start leaves the run's folder as it was
             write_identity(run_uri, run_identity(config, manifest))
+        spec = RunSpec(config, name, run_uri, tracking_uri, manifest)
         with ended_with_status(tracker):
-            yield RunContext(config, tracking_uri, run_uri, tracker, lease)
+            yield RunContext(spec, tracker, lease)

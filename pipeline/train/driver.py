@@ -53,6 +53,7 @@ from pipeline.train.context import RunContext, open_run, resolve
 from pipeline.train.identity import dataset_digest
 from pipeline.train.loop import train_loop
 from pipeline.train.sessions import LocalSession
+from pipeline.train.spec import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +93,11 @@ def variant_label(config: Config) -> str:
             f"os{params['model.output_stride']}")
 
 
-def log_run_context(tracker: Tracker, config: Config, variant: str | None = None,
+def log_run_context(tracker: Tracker, spec: RunSpec, variant: str | None = None,
                     extra_params: dict[str, Any] | None = None) -> None:
     """Params, the variant tag (``variant``, else :func:`variant_label`), the resolved config and the
     dataset version as the run's inputs."""
-    manifest = open_manifest(config.data.uri)
+    config, manifest = spec.config, spec.manifest
     tracker.log_params({**run_params(config), **(extra_params or {})})
     tracker.set_tags({"ccnet.variant": variant or variant_label(config), "ccnet.model": config.model.name})
     tracker.log_text(dump_config(config), "config.yaml")
@@ -156,23 +157,25 @@ def _log_plots(tracker: Tracker, model: CCNet, dataset: ShardDataset, results: d
 
 
 def evaluate_checkpoint(
-    config: Config, checkpoint_uri: str, split: str | None = None, reuse_validation: bool = False
+    config: Config, checkpoint_uri: str, split: str | None = None, reuse_validation: bool = False,
+    manifest: Manifest | None = None,
 ) -> tuple[torch.nn.Module, ShardDataset, dict]:
     """Load a checkpoint and evaluate it single-scale and multi-scale + flip on ``split`` (default: the
-    config's ``data.val_split``), normalising images as the checkpoint's model expects.
+    config's ``data.val_split``), normalising images as the checkpoint's model expects. ``manifest``: the
+    dataset's, when the caller read it already.
 
     With ``reuse_validation`` (a training's own best checkpoint, evaluated with the training's config), the
     single-scale result is the validation that made the checkpoint best, stored with it, instead of a second
     pass over the same images computing the same figures."""
 
-    manifest = open_manifest(config.data.uri)
+    manifest = manifest if manifest is not None else open_manifest(config.data.uri)
     model = build_model(config, manifest.num_classes, pretrained=False)
     state = load(checkpoint_uri)
     load_model_state(model, state, storage.redact(checkpoint_uri))
     model.eval()
     normalization = checkpoint_normalization(state, model)
     dataset = ShardDataset(
-        config.data.uri, split or config.data.val_split,
+        config.data.uri, split or config.data.val_split, manifest=manifest,
         transform=build_eval_transform(normalization.mean, normalization.std),
     )
     # The training validated in its AMP precision; the final results are in float32.
@@ -270,22 +273,23 @@ def log_attention_plot(tracker: Tracker, config: Config,
 
 def _train_and_record(run: RunContext) -> tuple[dict[str, Any], str, str]:
 
-    config, tracker = run.config, run.tracker
-    log_run_context(tracker, config)
-    store = CheckpointStore(run.run_uri)
+    spec, tracker = run.spec, run.tracker
+    config = spec.config
+    log_run_context(tracker, spec)
+    store = CheckpointStore(spec.run_uri)
     if config.run.ray:
         from pipeline.train.ray_train import fit  # lazy: only a run with run.ray loads Ray
 
-        result = fit(config, tracker.run_id, run.tracking_uri)
+        result = fit(spec, tracker.run_id)
         with result.checkpoint.as_directory() as folder:
             last = (Path(folder) / CHECKPOINT_FILE).read_bytes()
     else:
-        session = LocalSession(run.run_uri, keep=config.train.keep_checkpoints)
-        train_loop(config, session, tracker.run_id, tracker)
+        session = LocalSession(spec.run_uri, keep=config.train.keep_checkpoints)
+        train_loop(spec, session, tracker.run_id, tracker)
         last = storage.read_bytes(store.latest() or store.best_uri())
     run.lease.check()  # another writer took the run over meanwhile: publish nothing as this run's
     best = store.best_uri()
-    model, dataset, results = evaluate_checkpoint(config, best, reuse_validation=True)
+    model, dataset, results = evaluate_checkpoint(config, best, reuse_validation=True, manifest=spec.manifest)
     tracker.settle()  # an outage near the end: wait for the server before the final results and files
     table = protocol_table(results)
     log_final_results(tracker, results, config.train.iterations)
@@ -315,4 +319,4 @@ def run_training(config: Config) -> TrainingReport:
     with open_run(config, config.run.name, f"run {config.run.name!r}",
                   tags={"ccnet.model": config.model.name}) as run:
         results, table, best = _train_and_record(run)
-    return TrainingReport(run.tracker.run_id, run.tracking_uri, results, table, best)
+    return TrainingReport(run.tracker.run_id, run.spec.tracking_uri, results, table, best)

@@ -1,7 +1,7 @@
 """The training loop: plain PyTorch, the same in one process and in every Ray Train worker.
 
-    summary = train_loop(config, LocalSession(run_uri), run_id=None)     # no Ray
-    # Ray: pipeline.train.ray_train runs train_loop(config, RaySession(...), run_id) in each worker
+    summary = train_loop(spec, LocalSession(spec.run_uri), run_id=None)     # no Ray
+    # Ray: pipeline.train.ray_train runs train_loop(spec, RaySession(...), run_id) in each worker
 
 :func:`train_loop` builds the training (:func:`pipeline.train.build.build_training`) and hands the built
 objects to :func:`run_loop`, which reads only the recipe (``train``) and validation (``eval``) sections.
@@ -29,12 +29,13 @@ from torch import nn
 
 from ccnet.diagnostics import attention_diagnostics, never_engaged_note
 from ccnet.losses import SegmentationLoss
-from pipeline.config import Config, EvalConfig, TrainConfig
+from pipeline.config import EvalConfig, TrainConfig
 from pipeline.eval.evaluation import EvalProtocol, evaluate
 from pipeline.eval.results import EvalResult
 from pipeline.tracking.base import NullTracker, Tracker
 from pipeline.train.build import Training, build_training
 from pipeline.train.sessions import Session, rng_states
+from pipeline.train.spec import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -246,9 +247,9 @@ def run_loop(training: Training, recipe: TrainConfig, eval_config: EvalConfig, s
                         history[-1][1] if history else {})
 
 
-def train_loop(config: Config, session: Session, run_id: str | None = None,
+def train_loop(spec: RunSpec, session: Session, run_id: str | None = None,
                tracker: Tracker | None = None) -> TrainSummary:
-    """Train (or resume) ``config`` in this worker; returns a summary. Rank 0 logs to ``tracker``."""
-    training = build_training(config, session, run_id)
+    """Train (or resume) the run ``spec`` in this worker; returns a summary. Rank 0 logs to ``tracker``."""
+    training = build_training(spec, session, run_id)
     tracker = NullTracker() if tracker is None else tracker
-    return run_loop(training, config.train, config.eval, session, tracker)
+    return run_loop(training, spec.config.train, spec.config.eval, session, tracker)

@@ -23,8 +23,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline.config import Config, config_from_dict
-from pipeline.data.readers import open_manifest, ray_dataset
+from pipeline.data.readers import ray_dataset
 from pipeline.data.transforms import build_train_transform
 from pipeline.io import storage
 from pipeline.io.checkpoints import CHECKPOINT_FILE, CheckpointError, load
@@ -34,7 +33,8 @@ from pipeline.train.build import input_normalization
 from pipeline.train.context import start_tracker
 from pipeline.train.loop import train_loop
 from pipeline.train.resources import DEBUG_ENV, connect, ray_log_level
-from pipeline.train.sessions import RaySession, run_uri
+from pipeline.train.sessions import RaySession
+from pipeline.train.spec import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -43,43 +43,44 @@ _SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkp
 
 def _worker(loop_config: dict[str, Any]) -> None:
     project_logging()
-    config = config_from_dict(loop_config["config"])
+    spec: RunSpec = loop_config["spec"]
+    config = spec.config
     # Ray sets OMP_NUM_THREADS to the floor of the worker's CPUs: a trial's worker of 1.9 CPUs (the 0.1 left
     # is its driver's, which only waits) would compute on one thread of two.
     torch.set_num_threads(max(1, math.ceil(config.run.cpus_per_worker)))
     context = ray.train.get_context()
     session = RaySession(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
-                         resume_from=loop_config.get("resume_from"), run_uri=run_uri(config))
+                         resume_from=loop_config.get("resume_from"), run_uri=spec.run_uri)
     if config.data.loader == "ray":
         session.train_shard = ray.train.get_dataset_shard("train")
     tracker: Tracker = NullTracker()
     if session.rank == 0 and loop_config["run_id"]:  # the driver's run, continued; the driver ends it
-        tracker = start_tracker(config, loop_config["tracking_uri"], config.run.name,
-                                run_id=loop_config["run_id"], required=False, announce=False)
+        tracker = start_tracker(config, spec.tracking_uri, spec.name, run_id=loop_config["run_id"],
+                                required=False, announce=False)
     try:
-        summary = train_loop(config, session, loop_config["run_id"], tracker)
+        summary = train_loop(spec, session, loop_config["run_id"], tracker)
     finally:
         tracker.settle()  # what an outage held back; the driver ends the run after its final evaluation
     log.info("worker %d finished: %s", session.rank, summary)
 
 
-def train_datasets(config: Config) -> dict[str, Any]:
+def train_datasets(spec: RunSpec) -> dict[str, Any]:
     """The Ray Datasets the trainer shards over its workers: ``{"train": ...}`` when ``data.loader`` is
     "ray", else none. The augmentation is the plain-PyTorch path's, crop padding labelled with the
     manifest's ``ignore_index``."""
+    config = spec.config
     if config.data.loader != "ray":
         return {}
 
     data = config.data
-    manifest = open_manifest(data.uri)
     normalization = input_normalization(config)
     transform = build_train_transform(
-        data.crop_size, (data.scale_min, data.scale_max), ignore_index=manifest.ignore_index,
+        data.crop_size, (data.scale_min, data.scale_max), ignore_index=spec.manifest.ignore_index,
         mean=normalization.mean, std=normalization.std,
     )
     dataset = ray_dataset(
         data.uri, data.train_split, transform=transform, seed=config.train.seed, epoch=None,
-        batch_size=data.batch_size,
+        batch_size=data.batch_size, manifest=spec.manifest,
     )
     return {"train": dataset.select_columns(["image", "label"])}  # tensors only: sample ids are strings
 
@@ -145,23 +146,23 @@ def ray_storage(run_storage: str) -> tuple[Any, str]:
     return None, path
 
 
-def fit(config: Config, run_id: str | None, tracking_uri: str | None, callbacks: list | None = None) -> Any:
-    """Run the training with Ray Train; returns Ray's ``Result`` (its ``checkpoint`` is the last one).
+def fit(spec: RunSpec, run_id: str | None, callbacks: list | None = None) -> Any:
+    """Run the training ``spec`` with Ray Train, continuing tracked run ``run_id`` in rank 0; returns Ray's
+    ``Result`` (its ``checkpoint`` is the last one).
 
     ``callbacks`` go to the trainer's RunConfig (a search passes Tune's ``TuneReportCallback``).
     """
-
+    config = spec.config
     if not ray.is_initialized():  # a training's open_run connected already, and a search's trial runs in Ray
         connect(config)
     filesystem, path = ray_storage(config.run.storage)
-    datasets = train_datasets(config)
-    run_folder = storage.join(config.run.storage, config.run.name)
+    datasets = train_datasets(spec)
+    run_folder = spec.run_uri
     unregistered = unregistered_checkpoints(run_folder)
     trainer = TorchTrainer(
         _worker,
         datasets=datasets or None,
-        train_loop_config={"config": config.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri,
-                           "resume_from": unregistered.newest},
+        train_loop_config={"spec": spec, "run_id": run_id, "resume_from": unregistered.newest},
         scaling_config=ScalingConfig(
             num_workers=config.run.num_workers,
             use_gpu=config.run.use_gpu,
@@ -170,7 +171,7 @@ def fit(config: Config, run_id: str | None, tracking_uri: str | None, callbacks:
         # Ray Train V2's RunConfig (what ray.train exports at run time) takes logging_config; the static
         # annotation is V1's.
         run_config=RunConfig(  # type: ignore[call-arg]
-            name=config.run.name,
+            name=spec.name,
             storage_path=path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=config.run.max_failures),

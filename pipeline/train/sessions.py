@@ -16,7 +16,6 @@ from typing import Any, Protocol
 
 import torch
 
-from pipeline.config import Config
 from pipeline.io import storage
 from pipeline.io.checkpoints import CHECKPOINT_FILE, CheckpointStore, load, save_file
 
@@ -48,11 +47,6 @@ def restore_rng(state: dict[str, Any], session: Session, seed: int) -> None:
         torch.set_rng_state(per_rank[0])
     else:
         torch.manual_seed(seed * 1000 + session.rank + 1 + state["iteration"] * 7919)
-
-
-def run_uri(config: Config) -> str:
-    """Where a run keeps its checkpoints: ``<run.storage>/<run.name>``."""
-    return storage.join(config.run.storage, config.run.name)
 
 
 class Session(Protocol):

@@ -31,11 +31,8 @@ from ray.tune.schedulers import ASHAScheduler
 
 from pipeline import interrupts
 from pipeline.config import Config, apply_overrides, config_from_dict, dump_config
-from pipeline.data.readers import open_manifest
 from pipeline.io import storage
 from pipeline.io.checkpoints import CheckpointStore, from_bytes, load
-from pipeline.io.redaction import holds_secret
-from pipeline.tracking import resolve_tracking_uri
 from pipeline.tracking.base import Tracker
 from pipeline.train import ablation
 from pipeline.train.context import ended_with_status, open_run, resolve, start_tracker
@@ -48,7 +45,7 @@ from pipeline.train.driver import (
     record_model,
 )
 from pipeline.train.ray_train import fit, project_logging, ray_storage
-from pipeline.train.sessions import run_uri
+from pipeline.train.spec import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -74,52 +71,59 @@ VARIANT = "variant"  # the grid's axis over tune.variants (an ablation)
 TRIAL_CPUS = 0.1  # a trial's own process only drives its TorchTrainer
 
 
-def _trial(sampled: dict[str, Any]) -> None:
-    """One trial: the config with its variant's overrides and the sampled values, a nested MLflow run, a
-    TorchTrainer, then the best checkpoint evaluated single-scale and multi-scale + flip (reported to Tune
-    as the trial's last result)."""
+# What the search space of a search started before the run spec carried; a resumed one still holds them.
+_LEGACY_KEYS = ("_config", "_parent_run_id", "_tracking_uri")
+
+
+def trial_name(search: Config, variant: str | None, values: dict[str, Any], trial_id: str) -> str:
+    """A trial's run name: ``<tune.name>_<variant>_seed<seed>`` in an ablation (one trial per variant and
+    seed, unless a space is sampled as well: then the trial id follows), else ``<tune.name>_<trial id>``."""
+    if variant is None:
+        return f"{search.tune.name}_{trial_id}"
+    seed = values.get("train.seed", search.train.seed)
+    return f"{search.tune.name}_{variant}_seed{seed}" + (f"_{trial_id}" if search.tune.space else "")
+
+
+def _trial(sampled: dict[str, Any], search: RunSpec, search_run_id: str | None) -> None:
+    """One trial of the search ``search`` (whose tracked run is ``search_run_id``): the config with its
+    variant's overrides and the sampled values, a nested run, a TorchTrainer, then the best checkpoint
+    evaluated single-scale and multi-scale + flip (reported to Tune as the trial's last result)."""
 
     project_logging()
-    context = ray.tune.get_context()
-    values = dict(sampled)
-    base, parent = values.pop("_config"), values.pop("_parent_run_id")
-    tracking_uri = values.pop("_tracking_uri")
+    trial_id = ray.tune.get_context().get_trial_id()
+    values = {key: value for key, value in sampled.items() if key not in _LEGACY_KEYS}
     variant = values.pop(VARIANT, None)
-    overrides = [*(base["tune"]["variants"][variant] if variant else []),
+    overrides = [*(search.config.tune.variants[variant] if variant else []),
                  *(f"{key}={value}" for key, value in values.items())]
-    config = config_from_dict(apply_overrides(base, overrides), source=f"trial {context.get_trial_id()}")
-    if variant is None:
-        config.run.name = f"{config.tune.name}_{context.get_trial_id()}"
-    else:  # one trial per variant and seed, unless a space is sampled as well
-        config.run.name = f"{config.tune.name}_{variant}_seed{config.train.seed}"
-        if config.tune.space:
-            config.run.name += f"_{context.get_trial_id()}"
-    tracking_uri = tracking_uri or resolve_tracking_uri(config.tracking.uri)  # one with credentials: from env
-    tags = {"mlflow.parentRunId": parent} if parent else {}
+    spec = search.derive(overrides, trial_name(search.config, variant, values, trial_id), search_run_id,
+                         source=f"trial {trial_id}")
+    config = spec.config
+    tags = {"mlflow.parentRunId": search_run_id} if search_run_id else {}
     if variant is not None:
         tags.update({"ccnet.variant": variant, "ccnet.seed": str(config.train.seed)})
     # A trial's run is optional: a tracking outage must not fail one trial of a search. A trial started again
     # (Tune's restart after its process was lost with its node, or a resumed search) continues its nested
     # run, as its TorchTrainer continues the run's checkpoints.
-    tracker = start_tracker(config, tracking_uri, config.run.name, resume=parent is not None,
-                            parent_run_id=parent, tags=tags, required=False)
+    tracker = start_tracker(config, spec.tracking_uri, spec.name, resume=search_run_id is not None,
+                            parent_run_id=search_run_id, tags=tags, required=False)
     with ended_with_status(tracker):
-        log_run_context(tracker, config, variant, {f"sampled.{k}": v for k, v in values.items()})
+        log_run_context(tracker, spec, variant, {f"sampled.{k}": v for k, v in values.items()})
         tracker.flush()
-        result = fit(config, tracker.run_id, tracking_uri, callbacks=[TuneReportCallback()])
+        result = fit(spec, tracker.run_id, callbacks=[TuneReportCallback()])
         with result.checkpoint.as_directory() as folder:
             last = load(folder)
-        final = _final_evaluation(config, tracker, last.get("attention_history", []))
+        final = _final_evaluation(spec, tracker, last.get("attention_history", []))
     ray.tune.report({**(result.metrics or {}), **final})
 
 
-def _final_evaluation(config: Config, tracker: Tracker,
+def _final_evaluation(spec: RunSpec, tracker: Tracker,
                       attention_history: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
     """The best checkpoint's single-scale and multi-scale + flip results, logged to the trial's run with
     its description (which says when the attention never engaged) and the attention's plot; the model is a
     new version of the task's registered model, as a training's is."""
-    best = CheckpointStore(run_uri(config)).best_uri()
-    model, dataset, results = evaluate_checkpoint(config, best, reuse_validation=True)
+    config = spec.config
+    best = CheckpointStore(spec.run_uri).best_uri()
+    model, dataset, results = evaluate_checkpoint(config, best, reuse_validation=True, manifest=spec.manifest)
     metrics = log_final_results(tracker, results, config.train.iterations)
     best_bytes = storage.read_bytes(best)
     note = describe_results(config, results, from_bytes(best_bytes, "the best checkpoint"), dataset.manifest,
@@ -185,29 +189,32 @@ def run_search(config: Config) -> SearchReport:
     # Everything that can be refused is checked before the parent run and Ray start.
     sampled = param_space(config.tune.space)
     variants = ablation.variant_configs(config)
-    costs: dict[str, ablation.VariantCost] = {}
     if variants:
-        num_classes = open_manifest(config.data.uri).num_classes
-        size = (config.data.crop_size, config.data.crop_size)
-        costs = {name: ablation.variant_cost(c, num_classes, size) for name, c in variants.items()}
         grid = {VARIANT: tune.grid_search(list(variants)), "train.seed": tune.grid_search(config.tune.seeds)}
         sampled = {**grid, **sampled}
     tags = {"ccnet.search": "true", **({"ccnet.ablation": "true"} if variants else {})}
     # One writer per search: a second command with this tune.name stops in open_run, before MLflow or Tune.
     with open_run(config, config.tune.name, f"search {config.tune.name!r}", tags=tags, resume=True,
                   driver_cpus=TRIAL_CPUS) as run:
+        size = (config.data.crop_size, config.data.crop_size)
+        num_classes = run.spec.manifest.num_classes
+        costs = {name: ablation.variant_cost(c, num_classes, size) for name, c in variants.items()}
         run.tracker.log_text(dump_config(config), "search_config.yaml")
         run.tracker.flush()
-        report = _search(config, run.tracker, sampled, variants, costs, run.tracking_uri)
+        report = _search(run.spec, run.tracker, sampled, variants, costs)
     return report
 
 
-def _tuner(config: Config, space: dict[str, Any], ablation_grid: bool, fs: Any, path: str) -> tune.Tuner:
+def _tuner(spec: RunSpec, search_run_id: str | None, space: dict[str, Any], ablation_grid: bool, fs: Any,
+           path: str) -> tune.Tuner:
     """The search's Tuner: restored from ``<path>/<tune.name>`` when an earlier run of it is there (its
-    finished trials are not run again), else a new one."""
+    finished trials are not run again), else a new one. Each trial receives the search's spec and run id
+    through ``tune.with_parameters`` (Ray's object store), never through the space, which Tune saves."""
+    config = spec.config
     # The trial function only drives its TorchTrainer, whose workers hold the CPUs/GPUs; Tune refuses an
     # empty request, hence a sliver.
-    trainable = tune.with_resources(_trial, {"CPU": TRIAL_CPUS})
+    trainable = tune.with_resources(tune.with_parameters(_trial, search=spec, search_run_id=search_run_id),
+                                    {"CPU": TRIAL_CPUS})
     search_path = storage.join(path, config.tune.name) if fs else str(Path(path) / config.tune.name)
     if tune.Tuner.can_restore(search_path, storage_filesystem=fs):
         log.info("resuming search %s", config.tune.name)
@@ -273,20 +280,13 @@ def _fit(tuner: tune.Tuner, tracker: Tracker) -> Any:
 
 
 def _search(
-    config: Config, tracker: Tracker, sampled: dict[str, Any], variants: dict[str, Config],
-    costs: dict[str, ablation.VariantCost], tracking_uri: str,
+    spec: RunSpec, tracker: Tracker, space: dict[str, Any], variants: dict[str, Config],
+    costs: dict[str, ablation.VariantCost],
 ) -> SearchReport:
     """The search itself, under the parent run that ``tracker`` holds open."""
-    parent = tracker.run_id
+    config, parent = spec.config, tracker.run_id
     fs, path = ray_storage(config.run.storage)
-    space = {
-        **sampled,
-        # Tune saves the space with the search: a tracking URI with credentials (from MLFLOW_TRACKING_URI)
-        # stays out of it, and each trial resolves it from its own environment.
-        "_config": config.to_dict(), "_parent_run_id": parent,
-        "_tracking_uri": None if holds_secret(tracking_uri) else tracking_uri,
-    }
-    grid = _fit(_tuner(config, space, bool(variants), fs, path), tracker)
+    grid = _fit(_tuner(spec, parent, space, bool(variants), fs, path), tracker)
     results = [grid[i] for i in range(len(grid))]
     if all(result.error is not None for result in results):
         first = str(results[0].error).strip().splitlines()[0][:200]

@@ -125,6 +125,7 @@ def test_outage_during_checkpoint_uploads(s3_env: str, seaweedfs: Any, tmp_path:
     from pipeline.config import load_config
     from pipeline.io.checkpoints import CHECKPOINT_FILE, load
     from pipeline.train.ray_train import fit
+    from pipeline.train.spec import RunSpec
 
     source = build_source("generated", None, image_size=(48, 48), counts={"train": 16, "val": 2})
     data, _ = write_shards(source, str(tmp_path / "data"), workers=1, progress=False)
@@ -153,7 +154,7 @@ def test_outage_during_checkpoint_uploads(s3_env: str, seaweedfs: Any, tmp_path:
     thread = threading.Thread(target=outage)
     try:
         thread.start()
-        result = fit(config, None, None)
+        result = fit(RunSpec.of(config), None)
     finally:
         thread.join()
         ray.shutdown()

@@ -94,6 +94,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def _fit(dataset: str, storage: Path, name: str) -> tuple[object, dict[str, torch.Tensor]]:
     from pipeline.train.ray_train import fit
+    from pipeline.train.spec import RunSpec
 
     config = load_config(None, [
         f"data.uri={dataset}", "data.crop_size=48", "data.batch_size=2", f"train.iterations={ITERATIONS}",
@@ -101,7 +102,7 @@ def _fit(dataset: str, storage: Path, name: str) -> tuple[object, dict[str, torc
         f"run.storage={storage}", f"run.name={name}", "run.num_workers=1", "run.cpus_per_worker=1",
         "run.max_failures=2", f"train.keep_checkpoints={ITERATIONS // EVERY + 2}",
     ])
-    result = fit(config.with_absolute_paths(), None, None)
+    result = fit(RunSpec.of(config.with_absolute_paths()), None)
     with result.checkpoint.as_directory() as folder:
         final = load(str(Path(folder) / CHECKPOINT_FILE))
     return result, final

@@ -21,7 +21,8 @@ from pipeline.io.checkpoints import CheckpointStore, load, save_file
 from pipeline.train.build import input_normalization
 from pipeline.train.driver import evaluate_checkpoint
 from pipeline.train.loop import train_loop
-from pipeline.train.sessions import LocalSession, run_uri
+from pipeline.train.sessions import LocalSession
+from pipeline.train.spec import RunSpec
 
 LITE = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -57,8 +58,9 @@ def lite_run(dataset: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[ob
     ])
     with pytest.MonkeyPatch.context() as patch:
         seen = spy_on_normalisation(patch, pipeline.train.build, "build_train_transform")
-        train_loop(config, LocalSession(run_uri(config)))
-    return config, CheckpointStore(run_uri(config)).best_uri(), seen
+        spec = RunSpec.of(config)
+        train_loop(spec, LocalSession(spec.run_uri))
+    return config, CheckpointStore(spec.run_uri).best_uri(), seen
 
 
 def test_the_backbone_decides_the_normalisation(dataset: str) -> None:

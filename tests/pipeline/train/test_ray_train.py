@@ -16,6 +16,7 @@ from pipeline.data.sources import build_source
 from pipeline.data.writer import write_shards
 from pipeline.io import checkpoints, storage
 from pipeline.train.ray_train import Unregistered, train_datasets, unregistered_checkpoints
+from pipeline.train.spec import RunSpec
 
 
 class CapturedDataset:
@@ -40,13 +41,14 @@ def test_ray_data_pads_crops_with_the_manifests_ignore_index(
     monkeypatch.setattr(pipeline.train.ray_train, "ray_dataset", CapturedDataset)
     config = load_config(None, [f"data.uri={data_uri}", "data.loader=ray", "data.crop_size=64",
                                 "data.scale_min=1.0", "data.scale_max=1.0"])
-    dataset = train_datasets(config)["train"]
+    dataset = train_datasets(RunSpec.of(config))["train"]
     assert dataset.args == (data_uri, "train") and dataset.columns == ["image", "label"]
     # The Ray path's transform on a real sample: a 64 crop of a 48 image always holds padding.
     label = ShardDataset(data_uri, "train", transform=dataset.kwargs["transform"])[0]["label"]
     assert label.shape == (64, 64)
     assert (label == 250).sum() >= 64 * 64 - 48 * 48
-    assert train_datasets(load_config(None, [f"data.uri={data_uri}"])) == {}  # the torch loader: none
+    torch_loader = load_config(None, [f"data.uri={data_uri}"])
+    assert train_datasets(RunSpec.of(torch_loader)) == {}  # the torch loader: none
 
 
 ORPHAN = "checkpoint_2099-01-01_00-00-00.000000"
@@ -128,7 +130,7 @@ def test_two_workers_on_s3_and_mlflow(
             _orphan_checkpoint(run_folder, iteration=5, best_miou=0.999)
             MlflowClient(mlflow_server.uri).log_batch(report.run_id, metrics=[
                 Metric("train/loss", 9.0, 0, step) for step in (5, 6)])
-            config.train.iterations = 7
+            config = config.replace(train={"iterations": 7})
             with caplog.at_level(logging.INFO):
                 resumed = run_training(config)
             assert resumed.run_id == report.run_id

@@ -19,7 +19,18 @@ from pipeline.data.writer import write_shards
 from pipeline.io.checkpoints import CheckpointStore, load
 from pipeline.train.build import build_loss, warn_if_not_pretrained
 from pipeline.train.loop import NonFiniteLossError, poly_lr, train_loop, train_step
-from pipeline.train.sessions import LocalSession, run_uri
+from pipeline.train.sessions import LocalSession
+from pipeline.train.spec import RunSpec
+
+
+def _run_uri(config: Config) -> str:
+    return RunSpec.of(config).run_uri
+
+
+def _train(config: Config, session: type = LocalSession, **kwargs: Any) -> Any:
+    """The loop in this process, as a run without Ray runs it."""
+    spec = RunSpec.of(config)
+    return train_loop(spec, session(spec.run_uri), **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +89,7 @@ def test_step_learns_and_skips_non_finite() -> None:
 def test_mixed_precision_levels_train(dataset: str, tmp_path: Path, amp: str) -> None:
     recorder = Recorder()
     config = make_config(dataset, tmp_path, f"train.amp={amp}", "train.iterations=3")
-    summary = train_loop(config, LocalSession(run_uri(config)), tracker=recorder)
+    summary = _train(config, LocalSession, tracker=recorder)
     assert summary.iterations == 3 and summary.skipped_steps == 0
     assert all(torch.isfinite(torch.tensor(loss)) for loss in recorder.losses().values())
 
@@ -86,7 +97,7 @@ def test_mixed_precision_levels_train(dataset: str, tmp_path: Path, amp: str) ->
 def test_repeated_non_finite_losses_stop_the_run(dataset: str, tmp_path: Path) -> None:
     config = make_config(dataset, tmp_path, "train.lr=1e12", "train.max_nonfinite=2", "train.iterations=40")
     with pytest.raises(NonFiniteLossError, match="non-finite for 2 iterations in a row"):
-        train_loop(config, LocalSession(run_uri(config)))
+        _train(config, LocalSession)
 
 
 class CrashAfter(LocalSession):
@@ -103,14 +114,14 @@ class CrashAfter(LocalSession):
 def test_resume_continues_exactly(dataset: str, tmp_path: Path) -> None:
     straight = Recorder()
     config = make_config(dataset, tmp_path, "run.name=straight")
-    train_loop(config, LocalSession(run_uri(config)), tracker=straight)
+    _train(config, LocalSession, tracker=straight)
 
     resumed = Recorder()
     config = make_config(dataset, tmp_path, "run.name=resumed")
     with pytest.raises(KeyboardInterrupt):
-        train_loop(config, CrashAfter(run_uri(config)), tracker=resumed)
+        _train(config, CrashAfter, tracker=resumed)
     assert sorted(resumed.losses()) == [1, 2, 3, 4]
-    train_loop(config, LocalSession(run_uri(config)), tracker=resumed)
+    _train(config, LocalSession, tracker=resumed)
 
     assert resumed.losses() == straight.losses()  # the same losses at every iteration, 5..8 included
     final = {
@@ -127,19 +138,19 @@ def test_attention_diagnostics_at_each_validation_and_one_warning_when_never_eng
     recorder = Recorder()
     config = make_config(dataset, tmp_path, "train.iterations=4", "train.eval_every=2",
                          "train.checkpoint_every=2")
-    crashing = CrashAfter(run_uri(config))
+    crashing = CrashAfter(_run_uri(config))
     crashing.crash_at = 2  # after the first validation: the diagnostics so far go on with the checkpoint
     with caplog.at_level(logging.WARNING, logger="pipeline.train.loop"):
         with pytest.raises(KeyboardInterrupt):
-            train_loop(config, crashing, tracker=recorder)
-        summary = train_loop(config, LocalSession(run_uri(config)), tracker=recorder)
+            train_loop(RunSpec.of(config), crashing, tracker=recorder)
+        summary = _train(config, LocalSession, tracker=recorder)
 
     names = {f"attention/head/{figure}" for figure in FIGURES}  # ccnet_tiny: criss-cross R=2 in the head
     assert sorted(step for step, metrics in recorder.metrics.items() if names <= set(metrics)) == [2, 4]
     assert not any(name.startswith("attention/") for step in (1, 3) for name in recorder.metrics[step])
     assert summary.attention == {name: recorder.metrics[4][name] for name in names}
     assert summary.attention["attention/head/share"] < 0.05  # gamma starts at 0 and 4 steps barely move it
-    history = load(CheckpointStore(run_uri(config)).latest())["attention_history"]
+    history = load(CheckpointStore(_run_uri(config)).latest())["attention_history"]
     assert [iteration for iteration, _ in history] == [2, 4]  # the resumed run kept the first validation's
     assert history[0][1] == {name: recorder.metrics[2][name] for name in names}
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
@@ -152,7 +163,7 @@ def test_category_consistent_loss_trains_on_the_generated_set(dataset: str, tmp_
     recorder = Recorder()
     config = make_config(dataset, tmp_path, "model.embedding_channels=8", "train.consistency_weight=1.0",
                          "train.iterations=2")
-    summary = train_loop(config, LocalSession(run_uri(config)), tracker=recorder)
+    summary = _train(config, LocalSession, tracker=recorder)
     assert summary.skipped_steps == 0
     for metrics in recorder.metrics.values():
         parts = {name: metrics[f"train/loss_{name}"] for name in ("main", "aux", "var", "dis", "reg")}
