@@ -165,7 +165,6 @@ def _sliding_scores(
 
 
 @torch.inference_mode()
-# Over 60 lines with its docstring, which documents each argument; the code is 52 lines.
 def predict_multiscale(
     model: nn.Module,
     image: Tensor,

@@ -109,7 +109,6 @@ def _variance_term(distance: Tensor, delta_v: float, delta_d: float) -> Tensor:
     return torch.where(distance > delta_d, linear, torch.where(distance > delta_v, quadratic, zero))
 
 
-# Over 60 lines with its docstring, which gives the paper's three terms; the code is 47 lines.
 def category_consistent_loss(
     embedding: Tensor,
     target: Tensor,

@@ -16,7 +16,7 @@ from pipeline import interrupts
 from pipeline.config import load_config
 from pipeline.data.sources import build_source
 from pipeline.data.writer import write_shards
-from pipeline.tracking import browse_hint
+from pipeline.eval.results import MULTI_SCALE, SINGLE_SCALE
 from pipeline.train.driver import run_training
 
 CONFIG = "configs/quickstart_ccnet-tiny_generated-192x192_cpu.yaml"
@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("ccnet").error(
                 "interrupted (%s): the quickstart stopped; run it again to resume", interrupts.received())
             return interrupts.exit_status()
-        single, multi = report.results["single-scale"], report.results["multi-scale+flip"]
+        single, multi = report.results[SINGLE_SCALE], report.results[MULTI_SCALE]
         rows.append(f"| {label:<10} | {single.miou:>6.1%} | {multi.miou:>6.1%} | {report.run_id} |")
-    hint = browse_hint(report.tracking_uri, report.run_id, experiment_runs=True)
+    hint = report.tracker.browse_hint(experiment_runs=True)
     sys.stdout.write(
         "\nval mIoU on the generated dataset (32 images, 192x192):\n"
         "| model      | single | ms+flip | MLflow run |\n|---|---|---|---|\n" + "\n".join(rows) + "\n\n"

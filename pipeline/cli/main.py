@@ -70,14 +70,13 @@ def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)  # a bad config is refused before torch loads
 
     # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
-    from pipeline.tracking import browse_hint
     from pipeline.train.driver import run_training
 
     report = run_training(config)
     sys.stdout.write(
         f"\n{report.table}\n\nbest checkpoint: {redact(report.best_checkpoint)}\n"
-        f"MLflow run {report.run_id} at {redact(report.tracking_uri)}\n"
-        f"browse it: {browse_hint(report.tracking_uri, report.run_id)}\n"
+        f"tracked run {report.run_id} at {redact(report.tracking_uri)}\n"
+        f"browse it: {report.tracker.browse_hint()}\n"
     )
     return 0
 

@@ -37,11 +37,12 @@ def _config_from_checkpoint(args: argparse.Namespace) -> tuple[Config, dict]:
     from pipeline.train.identity import check_checkpoint, checkpoint_identity
 
     if args.checkpoint.startswith("models:/"):
-        from pipeline.tracking import registered_checkpoint, resolve_tracking_uri
+        from pipeline.tracking import open_tracker, resolve_tracking_uri
 
         folder = tempfile.mkdtemp(prefix="ccnet-model-")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        args.checkpoint = registered_checkpoint(args.checkpoint, resolve_tracking_uri(None), folder)
+        registry = open_tracker(resolve_tracking_uri(None), experiment="")
+        args.checkpoint = registry.registered_checkpoint(args.checkpoint, folder)
     state = load(args.checkpoint)
     source = f"{redact(args.checkpoint)} config"
     saved = config_from_dict(state.get("config") or {}, source=source)
@@ -56,18 +57,19 @@ def _config_from_checkpoint(args: argparse.Namespace) -> tuple[Config, dict]:
 
 def _evaluate(args: argparse.Namespace) -> int:
     # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
+    from pipeline.eval.checkpoint import evaluate_checkpoint
     from pipeline.eval.results import protocol_table
+    from pipeline.io.checkpoints import tracking_run_id
     from pipeline.tracking import resolve_tracking_uri
     from pipeline.train.context import start_tracker
-    from pipeline.train.driver import evaluate_checkpoint
 
     config, state = _config_from_checkpoint(args)
     _, _, results = evaluate_checkpoint(config, args.checkpoint, split=args.split)
     table = protocol_table(results)
     sys.stdout.write(table + "\n")
-    if state.get("mlflow_run_id") and not args.no_tracking:
+    if (run_id := tracking_run_id(state)) and not args.no_tracking:
         tracker = start_tracker(config, resolve_tracking_uri(config.tracking.uri), config.run.name,
-                                run_id=state["mlflow_run_id"], required=False)
+                                run_id=run_id, required=False)
         prefix = "" if args.split in (None, config.data.val_split) else f"{args.split}_"  # val: unprefixed
         tracker.log_text(table, f"evaluation/{prefix}iteration_{state['iteration']:07d}.md")
         tracker.end()
@@ -98,8 +100,8 @@ def default_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
 def _checkpoint_model(config: Config, state: dict, source: str) -> tuple[Any, Any]:
     """The checkpoint's model in eval mode, and the input normalisation it was trained with."""
     # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
+    from pipeline.config.model import build_model
     from pipeline.io.checkpoints import checkpoint_normalization, load_model_state
-    from pipeline.train.build import build_model
 
     model = build_model(config, state["num_classes"], pretrained=False)
     load_model_state(model, state, redact(source))
@@ -110,7 +112,7 @@ def _export_to(config: Config, state: dict, source: str, out: str) -> Any:
     """Exports the checkpoint to ``out``; returns the parity report."""
     # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
     from pipeline.eval.onnx import export_checkpoint, onnx_metadata
-    from pipeline.train.driver import variant_label
+    from pipeline.train.record import variant_label
 
     model, normalization = _checkpoint_model(config, state, source)
     manifest = _manifest(config)
@@ -148,7 +150,8 @@ def _export(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
-    from pipeline.eval.onnx import eval_protocol, open_onnx
+    from pipeline.eval.evaluation import EvalProtocol
+    from pipeline.eval.onnx import open_onnx
     from pipeline.eval.predict import predict_images
 
     onnx_file = args.checkpoint.endswith(".onnx")
@@ -164,19 +167,18 @@ def _predict(args: argparse.Namespace) -> int:
             log.info("%s", _export_to(config, state, args.checkpoint, str(Path(folder) / "model.onnx")))
             args.checkpoint = str(Path(folder) / "model.onnx")
         exported = open_onnx(args.checkpoint)
-        model, normalization, protocol = exported.segmenter, exported.normalization, exported.protocol
+        model, normalization = exported.segmenter, exported.normalization
+        protocol = EvalProtocol.from_dict(exported.protocol)
         palette = exported.palette or default_palette(exported.num_classes)
     else:
         config, state = _config_from_checkpoint(args)
         model, normalization = _checkpoint_model(config, state, args.checkpoint)
         palette = _palette(config, state["num_classes"])
-        protocol = eval_protocol(config)
+        protocol = EvalProtocol.multi_scale(config.eval)
     written = predict_images(
         model, [Path(p) for p in args.images], palette=palette, out_dir=Path(args.out),
-        mean=normalization.mean, std=normalization.std, mode=protocol["mode"],
-        crop_size=protocol["crop_size"], stride=protocol["stride"],
-        scales=tuple(protocol["scales"]) if args.multi_scale else (1.0,),
-        flip=args.multi_scale and protocol["flip"], fusion=protocol["fusion"], num_classes=len(palette),
+        normalization=normalization, protocol=protocol if args.multi_scale else protocol.at_single_scale(),
+        num_classes=len(palette),
     )
     sys.stdout.write("\n".join(str(path) for path in written) + "\n")
     return 0

@@ -9,7 +9,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pipeline.io.paths import absolute_location, is_relative_path
 
@@ -92,7 +92,8 @@ class DataConfig:
     scale_max: float = 2.0
     batch_size: int = 8  # per worker
     loader_workers: int = 0  # DataLoader processes per worker on the plain-PyTorch path
-    loader: str = "torch"  # torch: ShardDataset per worker (exact resume) | ray: Ray Data streaming (run.ray)
+    # torch: a ShardDataset per worker (exact resume); ray: Ray Data streaming (needs run.ray)
+    loader: Literal["torch", "ray"] = "torch"
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ class TrainConfig:
     # Category-consistent loss (TPAMI): weight x (var + dis + 0.001 reg), the paper's at 1.0; 0 is off.
     # Needs model.embedding_channels > 0.
     consistency_weight: float = 0.0
-    amp: str = "O0"  # O0 fp32, O1 fp16 autocast + GradScaler, O2 bf16 autocast
+    amp: Literal["O0", "O1", "O2"] = "O0"  # O0 fp32, O1 fp16 autocast + GradScaler, O2 bf16 autocast
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
     seed: int = 0
     log_every: int = 10
@@ -133,12 +134,12 @@ class TrainConfig:
 class EvalConfig:
     """How validation predicts: whole image or sliding window, scales and flip for the multi-scale test."""
 
-    mode: str = "whole"  # whole | slide
+    mode: Literal["whole", "slide"] = "whole"
     crop_size: int = 769
     stride: int = 513
     scales: list[float] = field(default_factory=lambda: [0.75, 1.0, 1.25, 1.5, 1.75])
     flip: bool = True
-    fusion: str = "logits"  # what windows, scales and flips average: logits (the authors') | probs
+    fusion: Literal["logits", "probs"] = "logits"  # what windows, scales, flips average (authors': logits)
     max_images: int | None = None  # evaluate on the first N validation images only
 
 
@@ -178,8 +179,9 @@ class TuneConfig:
     num_samples: int = 4
     max_concurrent: int = 1  # trials at once (each is a whole TorchTrainer)
     metric: str = "val/mIoU"
-    mode: str = "max"
-    scheduler: str = "asha"  # asha: stop weak trials early | none: every trial runs to its end (ablations)
+    mode: Literal["min", "max"] = "max"
+    # asha: stop weak trials early; none: every trial runs to its end (ablations)
+    scheduler: Literal["asha", "none"] = "asha"
     grace_period: int = 100  # iterations before ASHA may stop a trial
     reduction_factor: int = 2
     # An ablation: named model variants, each a list of section.key=value overrides ({"fcn":
@@ -269,6 +271,12 @@ def _check_type(value: Any, annotation: Any, key: str, source: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{source}: {key} must be {annotation}, got {value!r}")
+    if origin is Literal:  # an enum-like field: its values are the schema's, checked here once
+        options = typing.get_args(annotation)
+        if value not in options or not isinstance(value, str):
+            raise ConfigError(f"{source}: {key}={value!r} is not allowed (expected one of "
+                              f"{', '.join(map(str, options))})")
+        return value
     if origin is dict:
         _, item = typing.get_args(annotation)
         if not isinstance(value, dict):

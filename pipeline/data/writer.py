@@ -206,7 +206,6 @@ def _run(tasks: list[ShardTask], workers: int) -> Iterator[tuple[ShardTask, tupl
                 pending.cancel()
 
 
-# Over 60 lines with its docstring; the code (57 lines) is one pass: plan, write shards, publish the manifest.
 def write_shards(
     source: DatasetSource,
     out: str,

@@ -14,6 +14,7 @@ pixels that agree are returned (:class:`Parity`); an export outside fp32 toleran
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from torch import nn
 from ccnet.backbone_base import Normalization
 from ccnet.export import OnnxSegmenter, export_onnx
 from pipeline.config import Config
+from pipeline.eval.evaluation import EvalProtocol
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +50,9 @@ class Parity:
 
 def eval_protocol(config: Config) -> dict[str, Any]:
     """How a prediction is made (``config.eval``): what an exported file keeps and ``ccnet predict`` uses."""
-    evaluation = config.eval
-    return {"mode": evaluation.mode, "crop_size": evaluation.crop_size, "stride": evaluation.stride,
-            "scales": list(evaluation.scales), "flip": evaluation.flip, "fusion": evaluation.fusion}
+    protocol = dataclasses.asdict(EvalProtocol.multi_scale(config.eval))
+    del protocol["max_images"]  # an evaluation's subset, not how an image is predicted
+    return protocol | {"scales": list(protocol["scales"])}
 
 
 def onnx_metadata(config: Config, normalization: Normalization, num_classes: int, *,

@@ -6,7 +6,8 @@ mask)::
 
     model = build_ccnet("ccnet_tiny", num_classes=len(source.classes))
     written = predict_images(model, sorted(Path("photos").glob("*.jpg")), palette=source.palette,
-                             out_dir=Path("runs/predictions"), mode="slide", crop_size=769, stride=513)
+                             out_dir=Path("runs/predictions"),
+                             protocol=EvalProtocol(mode="slide", crop_size=769, stride=513))
 
 Files are written under a temporary name and renamed into place, so a reader never sees half a PNG; no
 output replaces an input or a file ccnet did not write (:mod:`pipeline.io.outputs`).
@@ -23,14 +24,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ccnet.backbones import Normalization
 from ccnet.inference import predict_multiscale
 from pipeline.data.images import read_rgb
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.eval.evaluation import EvalProtocol
 from pipeline.eval.plots import colorize
 from pipeline.io import storage
 from pipeline.io.outputs import check_targets, png_bytes
 
 log = logging.getLogger(__name__)
+
+IMAGENET = Normalization(IMAGENET_MEAN, IMAGENET_STD)
+WHOLE_IMAGE = EvalProtocol()  # the whole image at scale 1.0, no flip
 
 def _blend(image: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
     """``(1 - alpha) * image + alpha * mask``, rounded, both (H, W, 3) uint8."""
@@ -43,21 +49,14 @@ def _write_png(array: np.ndarray, path: Path) -> None:
     storage.write_bytes(str(path), png_bytes(array, "predict"))
 
 
-# Over 60 lines with its docstring, which documents each argument and file written; the code is 54 lines.
 def predict_images(
     model: nn.Module,
     paths: Sequence[Path],
     *,
     palette: Sequence[Sequence[int]],
     out_dir: Path,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    mode: str = "whole",
-    crop_size: int = 769,
-    stride: int = 513,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    fusion: str = "logits",
+    normalization: Normalization = IMAGENET,
+    protocol: EvalProtocol = WHOLE_IMAGE,
     num_classes: int | None = None,
     device: torch.device | str = "cpu",
     ignore_index: int = 255,
@@ -68,7 +67,7 @@ def predict_images(
 
     The model runs in eval mode (its previous mode is restored afterwards); images are read as 8-bit RGB the
     way training reads them (:mod:`pipeline.data.images`: 16-bit, gray, RGBA and palette files too), scaled
-    to [0, 1] and normalised with ``mean``/``std`` as in training, then predicted with
+    to [0, 1] and normalised as in training, then predicted with
     :func:`ccnet.inference.predict_multiscale`.
 
     Args:
@@ -77,10 +76,10 @@ def predict_images(
         palette: RGB colour of each class id.
         out_dir: output folder, created if missing; outputs of the same name that ccnet wrote are replaced,
             and any other file (an input above all) is never: see :mod:`pipeline.io.outputs`.
-        mean, std: per-channel normalisation of the [0, 1] image.
-        mode, crop_size, stride, scales, flip, fusion: the prediction protocol, as for
-            :func:`pipeline.eval.evaluation.evaluate`.
-        num_classes: K, for ``mode="slide"``; default ``len(palette)``.
+        normalization: per-channel mean and std of the [0, 1] image (the model's training's).
+        protocol: how each image is predicted (whole or sliding window, scales, flip, fusion), as for
+            :func:`pipeline.eval.evaluation.evaluate`; its ``max_images`` does not apply.
+        num_classes: K, for sliding windows; default ``len(palette)``.
         device: where images are predicted.
         ignore_index: id painted black by :func:`colorize` (predictions never take it).
         alpha: weight of the mask in the overlay.
@@ -105,8 +104,8 @@ def predict_images(
     targets = [str(out_dir / f"{path.stem}_{suffix}.png") for path in paths for suffix in ("mask", "overlay")]
     check_targets(targets, [str(path) for path in paths], "--out")  # before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    mean_t = torch.tensor(normalization.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(normalization.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
     written: list[Path] = []
     was_training = model.training
@@ -117,8 +116,9 @@ def predict_images(
             image = torch.from_numpy(rgb).to(device).permute(2, 0, 1)[None]  # (H, W, 3) -> (1, 3, H, W)
             image = (image.float() / 255 - mean_t) / std_t
             probs = predict_multiscale(
-                model, image, scales=tuple(scales), flip=flip, mode=mode, crop_size=crop_size,
-                stride=stride, num_classes=num_classes, fusion=fusion,
+                model, image, scales=protocol.scales, flip=protocol.flip, mode=protocol.mode,
+                crop_size=protocol.crop_size, stride=protocol.stride, num_classes=num_classes,
+                fusion=protocol.fusion,
             )  # (1, K, H, W)
             ids = probs.argmax(dim=1)[0].cpu().numpy()  # (H, W)
             mask = colorize(ids, palette, ignore_index)

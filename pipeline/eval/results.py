@@ -19,6 +19,9 @@ SINGLE_SCALE = "single-scale"
 MULTI_SCALE = "multi-scale+flip"
 # The protocols' suffixes in metric names: final/mIoU_ss, final/mIoU_ms_flip, final/IoU_ss/<class>, ...
 PROTOCOL_SUFFIX = {SINGLE_SCALE: "ss", MULTI_SCALE: "ms_flip"}
+VAL_MIOU = "val/mIoU"  # a training's validation (single-scale) at every eval_every; tune.metric's default
+FINAL_MIOU_SS = f"final/mIoU_{PROTOCOL_SUFFIX[SINGLE_SCALE]}"  # the best checkpoint's, at the run's end
+FINAL_MIOU_MS = f"final/mIoU_{PROTOCOL_SUFFIX[MULTI_SCALE]}"
 
 
 def metric_name(name: str) -> str:

@@ -1,7 +1,7 @@
 """Training checkpoints: one file per checkpoint, in the run's storage (local folder or S3).
 
 A checkpoint holds the model, optimizer and scaler states, the iteration, the best validation mIoU so far,
-the RNG states, the MLflow run id and the input normalisation the model was trained with, all loadable
+the RNG states, the tracked run's id and the input normalisation the model was trained with, all loadable
 with ``torch.load(weights_only=True)``. Files are written whole under their final name (storage writes are
 atomic), so a reader never sees a partial checkpoint.
 
@@ -75,6 +75,12 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Any], source: str)
             f"{source}: checkpoint does not fit this model: {len(missing)} missing keys "
             f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}"
         )
+
+
+def tracking_run_id(state: dict[str, Any]) -> str | None:
+    """The tracked run a checkpoint was written by (``mlflow_run_id`` in checkpoints from before the key
+    named no tracker)."""
+    return state.get("tracking_run_id") or state.get("mlflow_run_id")
 
 
 def checkpoint_normalization(state: dict[str, Any], model: torch.nn.Module) -> Normalization:

@@ -2,7 +2,9 @@
 
 Everything that records a run (the driver, the loop's rank 0, searches, ``ccnet evaluate``) takes a
 :class:`Tracker` and calls it unconditionally; where tracking is off it gets a :class:`NullTracker`. A second
-backend is one new module implementing this protocol (see ``mlflow_tracker.py``).
+backend is one new module implementing this protocol (see ``mlflow_tracker.py``), chosen by its URI's scheme
+in :func:`pipeline.tracking.open_tracker`: run lookup, the model registry, nesting and descriptions are verbs
+of the protocol, so nothing outside ``pipeline/tracking/`` knows which store it talks to.
 """
 
 from __future__ import annotations
@@ -32,10 +34,23 @@ class Tracker(Protocol):
     def active(self) -> bool:
         """True between a successful :meth:`start` and :meth:`end`."""
 
-    def start(self, run_name: str, run_id: str | None = None,
-              tags: dict[str, str] | None = None, announce: bool = True) -> str | None:
-        """Opens the run (continues ``run_id`` when it exists); returns its id, or None when not recording.
-        ``announce``: say which run it is on the console (not again where another process continues it)."""
+    def start(self, run_name: str, run_id: str | None = None, tags: dict[str, str] | None = None,
+              announce: bool = True, *, resume: bool = False, parent_run_id: str | None = None) -> str | None:
+        """Opens the run: continues ``run_id`` when it exists, or with ``resume`` the latest run named
+        ``run_name`` (under ``parent_run_id`` when given), else creates one, nested under ``parent_run_id``.
+        Returns its id, or None when not recording. ``announce``: say which run it is on the console (not
+        again where another process continues it)."""
+
+    def describe(self, text: str) -> None:
+        """The run's description: what it is and its headline results, as the store's UI shows it."""
+
+    def registered_checkpoint(self, model_uri: str, folder: str) -> str:
+        """Downloads the training checkpoint of a registered model version (``models:/NAME@alias`` or
+        ``models:/NAME/VERSION``) into ``folder``; returns its path. FileNotFoundError when there is none."""
+
+    def browse_hint(self, run_id: str | None = None, experiment_runs: bool = False) -> str:
+        """One line telling a user where to look at run ``run_id`` (default: this tracker's), or at its
+        experiment's runs."""
 
     def log_params(self, params: dict[str, object]) -> None: ...
 
@@ -75,9 +90,18 @@ class NullTracker:
     run_id = None
     active = False
 
-    def start(self, run_name: str, run_id: str | None = None,
-              tags: dict[str, str] | None = None, announce: bool = True) -> str | None:
+    def start(self, run_name: str, run_id: str | None = None, tags: dict[str, str] | None = None,
+              announce: bool = True, *, resume: bool = False, parent_run_id: str | None = None) -> str | None:
         return None
+
+    def describe(self, text: str) -> None:
+        pass
+
+    def registered_checkpoint(self, model_uri: str, folder: str) -> str:
+        raise FileNotFoundError(f"{model_uri}: no tracking store to look the registered model up in")
+
+    def browse_hint(self, run_id: str | None = None, experiment_runs: bool = False) -> str:
+        return "not tracked"
 
     def log_params(self, params: dict[str, object]) -> None:
         pass

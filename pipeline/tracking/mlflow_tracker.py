@@ -41,16 +41,22 @@ from pipeline.tracking.mlflow_store import (
     ARTIFACT_HTTP,
     LOG_HTTP,
     PROBE_HTTP,
+    browse_hint,
     context_tags,
     end_nested_runs,
     ensure_experiment,
+    find_run,
     import_mlflow,
     is_permanent,
     last_steps,
+    registered_checkpoint,
     resumable_run,
     safe_value,
 )
 from pipeline.tracking.uri import answers, env, one_line
+
+PARENT_TAG = "mlflow.parentRunId"  # a nested run's parent (the MLflow UI nests it under that run)
+NOTE_TAG = "mlflow.note.content"  # a run's description in the MLflow UI
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +104,11 @@ class MlflowTracker:
 
     def start(
         self, run_name: str, run_id: str | None = None, tags: dict[str, str] | None = None,
-        announce: bool = True,
+        announce: bool = True, *, resume: bool = False, parent_run_id: str | None = None,
     ) -> str | None:
-        """Opens the run: continues ``run_id`` when given and it exists (resume), else creates one.
+        """Opens the run: continues ``run_id`` when given and it exists, or with ``resume`` the latest run
+        named ``run_name`` (nested under ``parent_run_id`` when given: :func:`find_run`), else creates one,
+        nested under ``parent_run_id`` (MLflow's ``mlflow.parentRunId`` tag).
 
         The store is checked first (an HTTP server's ``/health`` within a second, then the experiment with
         a 5 s timeout and no retries), so a dead server fails before any training work. ``announce``
@@ -119,6 +127,10 @@ class MlflowTracker:
         mlflow = import_mlflow()
         from mlflow.entities import RunTag  # lazy: MLflow (2 s to import) loads only where a run is tracked
 
+        if run_id is None and resume:
+            run_id = find_run(self.uri, self.experiment, run_name, parent_run_id)
+        if parent_run_id is not None:
+            tags = {PARENT_TAG: parent_run_id, **(tags or {})}
         safe_tags = {key: safe_value(key, value) for key, value in (tags or {}).items()}
         # A run that exists (run_id: the driver created it moments ago) meets an outage, not a wrong URI: the
         # store gets settle_timeout to answer again, or the run's metrics would be lost for good.
@@ -267,8 +279,20 @@ class MlflowTracker:
             except Exception as error:
                 log.warning("artifact %s not logged to run %s: %s", what, self._run_id, one_line(error))
 
+    def describe(self, text: str) -> None:
+        """The run's description in the MLflow UI (the ``mlflow.note.content`` tag)."""
+        self.set_tags({NOTE_TAG: text})
+
+    def registered_checkpoint(self, model_uri: str, folder: str) -> str:
+        """The checkpoint logged with a registered model version (:func:`registered_checkpoint`)."""
+        return registered_checkpoint(model_uri, self.uri, folder)
+
+    def browse_hint(self, run_id: str | None = None, experiment_runs: bool = False) -> str:
+        """``mlflow ui ...`` and the run's page, or the server's page of it (:func:`browse_hint`)."""
+        return browse_hint(self.uri, run_id or self._run_id, experiment_runs)
+
     def set_tags(self, tags: dict[str, str]) -> None:
-        """Sets run tags now (``mlflow.note.content`` is the run's description in the UI)."""
+        """Sets run tags now."""
         from mlflow.entities import RunTag  # lazy: MLflow (2 s to import) loads only where a run is tracked
 
         safe = [RunTag(key, safe_value(key, value)) for key, value in tags.items()]

@@ -34,11 +34,12 @@ from ccnet import build_ccnet
 from pipeline.config import Config, ConfigError, apply_overrides, config_from_dict
 from pipeline.eval.intervals import Stat
 from pipeline.eval.plots import ablation_figure
+from pipeline.eval.results import FINAL_MIOU_MS, FINAL_MIOU_SS
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # The metrics a trial reports at its end (pipeline.train.tune) that the table summarises.
-SINGLE = "final/mIoU_ss"
-MULTI = "final/mIoU_ms_flip"
+SINGLE = FINAL_MIOU_SS
+MULTI = FINAL_MIOU_MS
 IMAGES_PER_SECOND = "train/median_images_per_second"
 PEAK_MEMORY = "train/peak_memory_mib"
 WALL = "time_total_s"  # Ray Tune's: the trial's seconds, evaluation and logging included

@@ -16,15 +16,13 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ccnet import build_ccnet, model_config
-from ccnet.backbones import Normalization, backbone_normalization
 from ccnet.losses import SegmentationLoss
 from pipeline.config import Config
+from pipeline.config.model import build_model, input_normalization
 from pipeline.data.readers import ShardDataset
 from pipeline.data.sampling import ShardBatchSampler
 from pipeline.data.schema import Manifest
 from pipeline.data.transforms import JointTransform, build_eval_transform, build_train_transform
-from pipeline.io import storage
 from pipeline.io.checkpoints import load_model_state
 from pipeline.train.identity import check_continuation, run_identity
 from pipeline.train.sessions import Session, restore_rng
@@ -73,53 +71,6 @@ class Training:
             "rng": rng[0], "rng_per_rank": rng, **self.meta, "val_result": val_result,
             "attention_history": self.attention_history,
         }
-
-
-def build_model(config: Config, num_classes: int, *, pretrained: bool = True) -> nn.Module:
-    """The configured model; ``pretrained=False`` skips the backbone's ImageNet weights (a checkpoint is
-    about to replace every weight, so evaluation and prediction need neither the file nor its package)."""
-    overrides = config.model.overrides()
-    if not pretrained:
-        overrides.pop("pretrained", None)
-    elif "://" in (overrides.get("pretrained") or ""):  # s3:// (a local copy) or file://
-        try:
-            overrides["pretrained"] = storage.local_copy(overrides["pretrained"])
-        except FileNotFoundError:
-            raise FileNotFoundError(f"model.pretrained: {storage.redact(config.model.pretrained or '')} "
-                                    "does not exist") from None
-    return build_ccnet(config.model.name, num_classes, **overrides)
-
-
-def input_normalization(config: Config) -> Normalization:
-    """The ``(image - mean) / std`` that the configured model's backbone weights expect (the backbone's
-    description owns it): training transforms, evaluation, prediction and checkpoints all use this."""
-    return backbone_normalization(model_config(config.model.name, **config.model.overrides()).backbone)
-
-
-# Backbones that train from scratch by design; every other one is started from ImageNet by its recipes.
-_FROM_SCRATCH_BACKBONES = ("tiny",)
-
-
-def warn_if_not_pretrained(config: Config) -> bool:
-    """Log one WARNING when ``config`` trains a backbone without the ImageNet weights its recipe expects.
-
-    That is ``model.pretrained`` left null for any backbone but the tiny one; ``pretrained: none`` says no
-    weights on purpose and stays silent. Call it once, on the driver.
-
-    Returns:
-        Whether it warned.
-    """
-    if config.model.pretrained is not None:
-        return False
-    backbone = model_config(config.model.name).backbone
-    if backbone in _FROM_SCRATCH_BACKBONES:
-        return False
-    log.warning(
-        "model.pretrained is null: %s (backbone %s) trains from random weights, far from the paper's "
-        "accuracy; set model.pretrained to ImageNet weights, or to none to train from scratch on purpose",
-        config.model.name, backbone,
-    )
-    return True
 
 
 def build_loss(config: Config, ignore_index: int) -> SegmentationLoss:
@@ -283,11 +234,10 @@ def build_training(spec: RunSpec, session: Session, run_id: str | None = None) -
     trained = _distribute(model, session, config.model.sync_bn)
     if train.compile:
         trained = cast(nn.Module, torch.compile(trained))  # a compiled module is called as the module
-    normalization = model.normalization
-    assert isinstance(normalization, Normalization), "every model of ccnet carries its normalisation"
+    normalization = input_normalization(config)
     val_data = ShardDataset(config.data.uri, config.data.val_split, manifest=manifest,
                             transform=build_eval_transform(normalization.mean, normalization.std))
-    meta = {"mlflow_run_id": run_id, "model_name": config.model.name, "num_classes": manifest.num_classes,
+    meta = {"tracking_run_id": run_id, "model_name": config.model.name, "num_classes": manifest.num_classes,
             "config": config.to_dict(), "normalization": normalization.as_dict(), "identity": identity}
     return Training(
         model, trained, optimizer, scaler, loss_fn,

@@ -24,13 +24,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pipeline.config import Config
+from pipeline.config.model import build_model, warn_if_not_pretrained
 from pipeline.data.readers import open_manifest
 from pipeline.data.schema import Manifest
 from pipeline.io import storage
 from pipeline.io.lease import LEASE_FILE, RunLease
-from pipeline.tracking import find_run, open_tracker, resolve_tracking_uri
+from pipeline.tracking import open_tracker, resolve_tracking_uri
 from pipeline.tracking.base import Tracker
-from pipeline.train.build import build_model, warn_if_not_pretrained
 from pipeline.train.identity import (
     IDENTITY_FILE,
     check_continuation,
@@ -102,15 +102,14 @@ def start_tracker(config: Config, tracking_uri: str, name: str, *, run_id: str |
                   resume: bool = False, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
                   required: bool | None = None, announce: bool = True) -> Tracker:
     """A started tracker for run ``name``: continues ``run_id``, or with ``resume`` the latest run of that
-    name (nested under ``parent_run_id`` when given); ``required`` (default ``tracking.required``) decides
+    name, nested under ``parent_run_id`` when given; ``required`` (default ``tracking.required``) decides
     whether an unusable store is fatal; ``announce`` False keeps the run's line off the console (a process
     that continues a run the driver announced)."""
     tracker = open_tracker(tracking_uri, config.tracking.experiment,
                            required=config.tracking.required if required is None else required,
                            settle_timeout=config.tracking.settle_timeout)
-    if run_id is None and resume:
-        run_id = find_run(tracking_uri, config.tracking.experiment, name, parent_run_id)
-    tracker.start(name, run_id=run_id, tags=tags, announce=announce)
+    tracker.start(name, run_id=run_id, tags=tags, announce=announce, resume=resume,
+                  parent_run_id=parent_run_id)
     return tracker
 
 

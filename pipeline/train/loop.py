@@ -31,7 +31,7 @@ from ccnet.diagnostics import attention_diagnostics, never_engaged_note
 from ccnet.losses import SegmentationLoss
 from pipeline.config import EvalConfig, TrainConfig
 from pipeline.eval.evaluation import EvalProtocol, evaluate
-from pipeline.eval.results import EvalResult
+from pipeline.eval.results import VAL_MIOU, EvalResult
 from pipeline.tracking.base import NullTracker, Tracker
 from pipeline.train.build import Training, build_training
 from pipeline.train.sessions import Session, rng_states
@@ -226,7 +226,7 @@ def run_loop(training: Training, recipe: TrainConfig, eval_config: EvalConfig, s
                          step.loss, lr, throughput.latest)
         if iteration % recipe.eval_every == 0 or last:
             metrics.update(validate(iteration))
-            val_miou = metrics.get("val/mIoU")  # absent when no validation pixel is labelled
+            val_miou = metrics.get(VAL_MIOU)  # absent when no validation pixel is labelled
             if val_miou is not None and (training.best_miou is None or val_miou > training.best_miou):
                 training.best_miou = val_miou  # every rank takes this branch: val mIoU is the global one
                 _save(session, training, iteration, validate)
@@ -237,7 +237,7 @@ def run_loop(training: Training, recipe: TrainConfig, eval_config: EvalConfig, s
             tracker.log_metrics(metrics, step=iteration)
         if iteration % recipe.checkpoint_every == 0 or last:
             # The latest val mIoU goes with every report: a search's scheduler reads it at each one.
-            latest = {"val/mIoU": val_miou} if val_miou is not None else {}
+            latest = {VAL_MIOU: val_miou} if val_miou is not None else {}
             _save(session, training, iteration, validate, {"iteration": iteration, **latest, **metrics})
     history = training.attention_history
     unengaged = never_engaged_note([diagnostics for _, diagnostics in history])

@@ -24,12 +24,11 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from pipeline.data.readers import ray_dataset
-from pipeline.data.transforms import build_train_transform
 from pipeline.io import storage
 from pipeline.io.checkpoints import CHECKPOINT_FILE, CheckpointError, load
 from pipeline.io.errors import user_message
 from pipeline.tracking import NullTracker, Tracker
-from pipeline.train.build import input_normalization
+from pipeline.train.build import train_transform
 from pipeline.train.context import start_tracker
 from pipeline.train.loop import train_loop
 from pipeline.train.resources import DEBUG_ENV, connect, ray_log_level
@@ -73,14 +72,9 @@ def train_datasets(spec: RunSpec) -> dict[str, Any]:
         return {}
 
     data = config.data
-    normalization = input_normalization(config)
-    transform = build_train_transform(
-        data.crop_size, (data.scale_min, data.scale_max), ignore_index=spec.manifest.ignore_index,
-        mean=normalization.mean, std=normalization.std,
-    )
     dataset = ray_dataset(
-        data.uri, data.train_split, transform=transform, seed=config.train.seed, epoch=None,
-        batch_size=data.batch_size, manifest=spec.manifest,
+        data.uri, data.train_split, transform=train_transform(config, spec.manifest), seed=config.train.seed,
+        epoch=None, batch_size=data.batch_size, manifest=spec.manifest,
     )
     return {"train": dataset.select_columns(["image", "label"])}  # tensors only: sample ids are strings
 

@@ -31,20 +31,20 @@ from ray.tune.schedulers import ASHAScheduler
 
 from pipeline import interrupts
 from pipeline.config import Config, apply_overrides, config_from_dict, dump_config
+from pipeline.eval.checkpoint import evaluate_checkpoint
 from pipeline.io import storage
 from pipeline.io.checkpoints import CheckpointStore, from_bytes, load
 from pipeline.tracking.base import Tracker
 from pipeline.train import ablation
 from pipeline.train.context import ended_with_status, open_run, resolve, start_tracker
-from pipeline.train.driver import (
+from pipeline.train.ray_train import fit, project_logging, ray_storage
+from pipeline.train.record import (
     describe_results,
-    evaluate_checkpoint,
     log_attention_plot,
     log_final_results,
     log_run_context,
     record_model,
 )
-from pipeline.train.ray_train import fit, project_logging, ray_storage
 from pipeline.train.spec import RunSpec
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,7 @@ def _trial(sampled: dict[str, Any], search: RunSpec, search_run_id: str | None) 
     spec = search.derive(overrides, trial_name(search.config, variant, values, trial_id), search_run_id,
                          source=f"trial {trial_id}")
     config = spec.config
-    tags = {"mlflow.parentRunId": search_run_id} if search_run_id else {}
-    if variant is not None:
-        tags.update({"ccnet.variant": variant, "ccnet.seed": str(config.train.seed)})
+    tags = {"ccnet.variant": variant, "ccnet.seed": str(config.train.seed)} if variant is not None else {}
     # A trial's run is optional: a tracking outage must not fail one trial of a search. A trial started again
     # (Tune's restart after its process was lost with its node, or a resumed search) continues its nested
     # run, as its TorchTrainer continues the run's checkpoints.
@@ -128,7 +126,7 @@ def _final_evaluation(spec: RunSpec, tracker: Tracker,
     best_bytes = storage.read_bytes(best)
     note = describe_results(config, results, from_bytes(best_bytes, "the best checkpoint"), dataset.manifest,
                             attention_history)
-    tracker.set_tags({"mlflow.note.content": note})
+    tracker.describe(note)
     log_attention_plot(tracker, config, attention_history)
     record_model(tracker, config, model, results, dataset.manifest, best_bytes)
     return {key: value for key, value in metrics.items() if value == value}  # NaN: a class never seen

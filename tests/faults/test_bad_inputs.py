@@ -31,8 +31,8 @@ from PIL import Image
 
 from pipeline.cli.main import main
 from pipeline.config import load_config
+from pipeline.config.model import build_model
 from pipeline.io.checkpoints import save_file
-from pipeline.train.build import build_model
 
 pytestmark = [pytest.mark.slow]
 

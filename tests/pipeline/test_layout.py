@@ -1,7 +1,7 @@
 """The package layout's rules, read from the code itself: the library never imports its entry points
 (``jobs``), one module owns each boundary (MLflow: ``pipeline.tracking``; boto3: ``pipeline.io``), data
-never imports evaluation, no module imports itself through others, the command line starts without the heavy
-libraries, and no module under ``pipeline/`` grows past 400 lines."""
+never imports evaluation, every import points down the package order, no module imports itself through
+others, and the command line starts without the heavy libraries."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINE = ROOT / "pipeline"
-MAX_LINES = 400
 
 
 def _modules() -> list[str]:
@@ -51,10 +52,45 @@ def test_each_boundary_has_one_owner() -> None:
                 assert relative.startswith(owner), f"{relative} imports {name}, owned by {owner}"
 
 
-def test_no_module_is_over_the_size_limit() -> None:
-    sizes = {path.relative_to(ROOT).as_posix(): len(path.read_text().splitlines())
-             for path in PIPELINE.rglob("*.py")}
-    assert {path: n for path, n in sizes.items() if n > MAX_LINES} == {}
+# The packages of pipeline/, lowest first: a module imports only from its own package and from lower layers.
+LAYERS = [{"io", "interrupts"}, {"config", "data", "tracking"}, {"eval"}, {"train"}, {"cli"}]
+
+
+def _layer(module: str) -> int:
+    package = module.split(".")[1]
+    return next(index for index, names in enumerate(LAYERS) if package in names)
+
+
+def _points_up(module: str, imported: str) -> bool:
+    """Whether ``module`` importing ``imported`` breaks the package order (its own package aside)."""
+    if not imported.startswith("pipeline.") or imported.split(".")[1] == module.split(".")[1]:
+        return False
+    return _layer(imported) >= _layer(module)
+
+
+def test_every_import_points_down_the_package_order() -> None:
+    """``io`` < ``config`` / ``data`` / ``tracking`` < ``eval`` < ``train`` < ``cli``: no package imports one
+    beside or above it (lazy imports count). Evaluation never needs training, and the command line is the
+    only place that sees everything."""
+    upward = []
+    for module in _modules():
+        if module == "pipeline":
+            continue
+        path = ROOT / (module.replace(".", "/") + ".py")
+        path = path if path.exists() else ROOT / module.replace(".", "/") / "__init__.py"
+        upward += [f"{module} imports {name}" for name in _imported_modules(path) if _points_up(module, name)]
+    assert upward == []
+
+
+def test_the_package_order_is_checked_both_ways() -> None:
+    assert _points_up("pipeline.data.inspect", "pipeline.eval.plots")  # up
+    assert _points_up("pipeline.data.readers", "pipeline.tracking.base")  # beside
+    assert _points_up("pipeline.eval.checkpoint", "pipeline.train.build")
+    assert not _points_up("pipeline.train.driver", "pipeline.eval.checkpoint")  # down
+    assert not _points_up("pipeline.data.readers", "pipeline.data.schema")  # its own package
+    assert not _points_up("pipeline.tracking.mlflow_tracker", "pipeline.interrupts")
+    with pytest.raises(StopIteration):  # a new package must be given its place in LAYERS
+        _points_up("pipeline.newpackage.module", "pipeline.io.storage")
 
 
 def test_data_never_imports_eval() -> None:

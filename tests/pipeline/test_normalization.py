@@ -14,12 +14,12 @@ import pipeline.eval.predict
 import pipeline.train.build
 from pipeline.cli.main import main
 from pipeline.config import load_config
+from pipeline.config.model import input_normalization
 from pipeline.data.readers import ShardDataset
 from pipeline.data.sources import build_source
 from pipeline.data.writer import write_shards
+from pipeline.eval.checkpoint import evaluate_checkpoint
 from pipeline.io.checkpoints import CheckpointStore, load, save_file
-from pipeline.train.build import input_normalization
-from pipeline.train.driver import evaluate_checkpoint
 from pipeline.train.loop import train_loop
 from pipeline.train.sessions import LocalSession
 from pipeline.train.spec import RunSpec

@@ -15,11 +15,13 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from ccnet.backbones import Normalization
 from ccnet.models import build_ccnet
+from pipeline.eval.evaluation import EvalProtocol
 from pipeline.eval.predict import colorize, predict_images
 
 PALETTE = ((10, 20, 30), (40, 50, 60), (70, 80, 90))
-UNIT = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+UNIT = {"normalization": Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
 
 
 class StrongestChannel(nn.Module):
@@ -83,7 +85,7 @@ def test_writes_mask_and_overlay_in_palette_colours(tmp_path: Path) -> None:
 def test_sliding_multiscale_flip_predicts_the_same_per_pixel(tmp_path: Path) -> None:
     write_image(tmp_path / "street.png")
     predict_images(StrongestChannel(), [tmp_path / "street.png"], palette=PALETTE, out_dir=tmp_path / "out",
-                   mode="slide", crop_size=3, stride=2, scales=(1.0, 2.0), flip=True, progress=False, **UNIT)
+                   protocol=EvalProtocol("slide", 3, 2, (1.0, 2.0), True), progress=False, **UNIT)
     mask = read(tmp_path / "out" / "street_mask.png")
     assert (mask == np.asarray(PALETTE, dtype=np.uint8)[expected_ids()]).all()
 
@@ -92,13 +94,13 @@ def test_fusion_reaches_the_inference(tmp_path: Path) -> None:
     write_image(tmp_path / "street.png")
     for fusion in ("logits", "probs"):
         predict_images(StrongestChannel(), [tmp_path / "street.png"], palette=PALETTE,
-                       out_dir=tmp_path / fusion, scales=(1.0, 2.0), flip=True, fusion=fusion, progress=False,
-                       **UNIT)
+                       out_dir=tmp_path / fusion, progress=False, **UNIT,
+                       protocol=EvalProtocol(scales=(1.0, 2.0), flip=True, fusion=fusion))
         mask = read(tmp_path / fusion / "street_mask.png")
         assert (mask == np.asarray(PALETTE, dtype=np.uint8)[expected_ids()]).all()
     with pytest.raises(ValueError, match="fusion"):  # passed on, not dropped
         predict_images(StrongestChannel(), [tmp_path / "street.png"], palette=PALETTE, out_dir=tmp_path / "x",
-                       fusion="votes", progress=False, **UNIT)
+                       protocol=EvalProtocol(fusion="votes"), progress=False, **UNIT)
 
 
 def test_unreadable_image_raises_naming_it_and_writes_nothing_for_it(tmp_path: Path) -> None:

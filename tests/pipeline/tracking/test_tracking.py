@@ -21,11 +21,9 @@ from pipeline.tracking import (
     NullTracker,
     Tracker,
     TrackingError,
-    browse_hint,
-    find_run,
     resolve_tracking_uri,
 )
-from pipeline.tracking.mlflow_store import source_name
+from pipeline.tracking.mlflow_store import browse_hint, find_run, source_name
 
 EXPERIMENT = "ccnet-tests"
 
@@ -155,7 +153,7 @@ def test_a_stopped_search_marks_its_trials_killed(sqlite_uri: str) -> None:
     trials = {}
     for name in ("running", "failed-before", "failed-after", "finished"):
         trial = MlflowTracker(sqlite_uri, EXPERIMENT)
-        trials[name] = (trial, trial.start(f"stopped-search_{name}", tags={"mlflow.parentRunId": parent_id}))
+        trials[name] = (trial, trial.start(f"stopped-search_{name}", parent_run_id=parent_id))
     trials["failed-before"][0].end("FAILED")
     trials["finished"][0].end()
     time.sleep(0.01)  # end times are in milliseconds
@@ -237,12 +235,25 @@ def test_find_run_under_a_parent_returns_that_parents_nested_run(sqlite_uri: str
         parent = MlflowTracker(sqlite_uri, EXPERIMENT)
         parents.append(parent.start("search"))
         child = MlflowTracker(sqlite_uri, EXPERIMENT)
-        children.append(child.start("search_trial", tags={"mlflow.parentRunId": parents[-1]}))
+        children.append(child.start("search_trial", parent_run_id=parents[-1]))
         child.end()
         parent.end()
     assert find_run(sqlite_uri, EXPERIMENT, "search_trial", parent_run_id=parents[0]) == children[0]
     assert find_run(sqlite_uri, EXPERIMENT, "search_trial", parent_run_id=parents[1]) == children[1]
     assert find_run(sqlite_uri, EXPERIMENT, "search_trial", parent_run_id="0" * 32) is None
+    # The tracker's own verb: resume the run of that name under that parent, or start a new nested one.
+    resumed = MlflowTracker(sqlite_uri, EXPERIMENT)
+    assert resumed.start("search_trial", resume=True, parent_run_id=parents[0]) == children[0]
+    resumed.describe("a trial, resumed")
+    resumed.end()
+    run = _client(sqlite_uri).get_run(children[0])
+    assert run.data.tags["mlflow.parentRunId"] == parents[0]
+    assert run.data.tags["mlflow.note.content"] == "a trial, resumed"
+    fresh = MlflowTracker(sqlite_uri, EXPERIMENT)
+    new_id = fresh.start("search_trial", resume=True, parent_run_id="0" * 32)
+    fresh.end()
+    assert new_id not in children
+    assert _client(sqlite_uri).get_run(new_id).data.tags["mlflow.parentRunId"] == "0" * 32
 
 
 def test_null_tracker_records_nothing(tmp_path: Path) -> None:

@@ -14,8 +14,8 @@ import torch
 from ccnet.backbone_base import PretrainedWeightsError
 from ccnet.backbones import build_backbone
 from pipeline.config import load_config
+from pipeline.config.model import build_model
 from pipeline.io import storage
-from pipeline.train.build import build_model
 
 
 def _tiny_weights() -> dict[str, torch.Tensor]:

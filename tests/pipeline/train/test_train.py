@@ -14,10 +14,11 @@ from ccnet import build_ccnet
 from ccnet.diagnostics import FIGURES
 from ccnet.losses import SegmentationLoss
 from pipeline.config import Config, load_config
+from pipeline.config.model import warn_if_not_pretrained
 from pipeline.data.sources import build_source
 from pipeline.data.writer import write_shards
 from pipeline.io.checkpoints import CheckpointStore, load
-from pipeline.train.build import build_loss, warn_if_not_pretrained
+from pipeline.train.build import build_loss
 from pipeline.train.loop import NonFiniteLossError, poly_lr, train_loop, train_step
 from pipeline.train.sessions import LocalSession
 from pipeline.train.spec import RunSpec
@@ -197,7 +198,7 @@ def test_missing_imagenet_weights_warn_once_naming_the_key(
     caplog: pytest.LogCaptureFixture, overrides: list[str], warns: bool
 ) -> None:
     config = load_config(None, overrides)
-    with caplog.at_level(logging.WARNING, logger="pipeline.train.build"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.config"):
         assert warn_if_not_pretrained(config) is warns
     warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == int(warns)
