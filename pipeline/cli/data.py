@@ -7,7 +7,7 @@ import logging
 import sys
 
 from pipeline.cli.args import at_least, location
-from pipeline.data.sources import SOURCES
+from pipeline.data.sources import SOURCES, build_source
 from pipeline.io.paths import absolute_location, is_relative_path, overlap
 from pipeline.io.redaction import redact
 
@@ -28,8 +28,7 @@ def _parse_counts(text: str) -> dict[str, int]:
 
 
 def _data_prepare(args: argparse.Namespace) -> int:
-    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
-    from pipeline.data.sources import build_source
+    # lazy: loaded only by this command (`ccnet --help` imports neither pyarrow nor torch)
     from pipeline.data.writer import write_shards
     from pipeline.io import storage
 

@@ -15,13 +15,23 @@ import datetime as dt
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from zoneinfo import ZoneInfo
 
 from pipeline import interrupts
 from pipeline.cli.args import at_least
-
-if TYPE_CHECKING:
-    from pipeline.cli.submit import Submission
+from pipeline.cli.schedule import parse_cron, run_schedule
+from pipeline.cli.submit import (
+    Submission,
+    build_submission,
+    client,
+    follow,
+    is_running,
+    job_error,
+    job_names,
+    jobs_table,
+    submit,
+    wait,
+)
 
 log = logging.getLogger("ccnet")
 
@@ -30,8 +40,6 @@ _SCHEDULED_NAME = {"tune": "tune.name", "train": "run.name"}
 
 
 def _submission(args: argparse.Namespace, extra_sets: tuple[str, ...] = ()) -> Submission:
-    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
-    from pipeline.cli.submit import build_submission
 
     return build_submission(
         args.job, args.job_args, config_path=args.config, overrides=[*args.set, *extra_sets],
@@ -41,8 +49,6 @@ def _submission(args: argparse.Namespace, extra_sets: tuple[str, ...] = ()) -> S
 
 
 def _finish(jobs_client: object, job_id: str, status: str) -> int:
-    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
-    from pipeline.cli.submit import job_error
 
     if status == "SUCCEEDED":
         sys.stdout.write(f"job {job_id} SUCCEEDED\n")
@@ -52,8 +58,6 @@ def _finish(jobs_client: object, job_id: str, status: str) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
-    from pipeline.cli.submit import client, follow, submit
 
     submission = _submission(args)
     jobs_client = client(args.address)
@@ -71,8 +75,6 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
-    from pipeline.cli.submit import client, follow, jobs_table, wait
 
     jobs_client = client(args.address)
     if args.jobs_command == "list":
@@ -91,11 +93,6 @@ def _jobs(args: argparse.Namespace) -> int:
 
 
 def _schedule(args: argparse.Namespace) -> int:
-    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
-    from zoneinfo import ZoneInfo
-
-    from pipeline.cli.schedule import parse_cron, run_schedule
-    from pipeline.cli.submit import client, is_running, submit
 
     schedule = parse_cron(args.cron)
     name_key = _SCHEDULED_NAME.get(args.job)
@@ -126,8 +123,6 @@ def _add_submission_arguments(parser: argparse.ArgumentParser, job_names: list[s
 
 
 def add_job_commands(commands: argparse._SubParsersAction) -> None:
-    # lazy: loaded only by this command (`ccnet --help` imports neither torch nor Ray)
-    from pipeline.cli.submit import job_names
 
     names = job_names()
     submit = commands.add_parser("submit", help="submit a job to a Ray cluster (Jobs API) and follow it")

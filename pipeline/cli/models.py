@@ -24,6 +24,7 @@ from typing import Any
 from pipeline.cli.args import checkpoint, local_folder
 from pipeline.config import Config, apply_overrides, config_from_dict
 from pipeline.io.redaction import redact
+from pipeline.tracking import open_tracker, resolve_tracking_uri
 
 log = logging.getLogger("ccnet")
 
@@ -37,8 +38,6 @@ def _config_from_checkpoint(args: argparse.Namespace) -> tuple[Config, dict]:
     from pipeline.train.identity import check_checkpoint, checkpoint_identity
 
     if args.checkpoint.startswith("models:/"):
-        from pipeline.tracking import open_tracker, resolve_tracking_uri
-
         folder = tempfile.mkdtemp(prefix="ccnet-model-")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         registry = open_tracker(resolve_tracking_uri(None), experiment="")
@@ -60,7 +59,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pipeline.eval.checkpoint import evaluate_checkpoint
     from pipeline.eval.results import protocol_table
     from pipeline.io.checkpoints import tracking_run_id
-    from pipeline.tracking import resolve_tracking_uri
     from pipeline.train.context import start_tracker
 
     config, state = _config_from_checkpoint(args)

@@ -18,6 +18,7 @@ checkpoint an extra file.
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,6 @@ SEGMENTER_CODE = Path(__file__).with_name("segmenter.py")
 
 def _requirements(*packages: str) -> list[str]:
     """``package==installed version`` of each package."""
-    from importlib.metadata import version
-
     return [f"{package}=={version(package)}" for package in packages]
 
 

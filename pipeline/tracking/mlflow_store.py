@@ -13,6 +13,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.io.redaction import REDACTED, is_secret_name, redact
 from pipeline.tracking.base import TrackingError
 from pipeline.tracking.uri import answers, env, one_line
@@ -152,9 +154,9 @@ CHAMPION_METRIC = "val_mIoU"  # what makes a registered version the champion (hi
 def image_signature(model: Any) -> tuple[Any, Any]:
     """The MLflow signature of a model mapping ``(B, 3, H, W)`` images to ``(B, K, H, W)`` float32 logits, any
     batch and image size, and an input example (two 64x96 images of zeros)."""
-    import numpy as np
+    # lazy: torch and MLflow (2 s to import) load only where a model is logged
     import torch
-    from mlflow.models import ModelSignature  # lazy: MLflow (2 s to import) loads only where a run is tracked
+    from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
     # Two images, not square: torch.export (pt2) keeps a size-1 batch, and equal sides, as constants.

@@ -30,6 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
+from PIL import Image, UnidentifiedImageError
 
 MAX_PIXELS = 4096 * 4096  # per image: 16 Mpx (a 4K frame is 8.3 Mpx)
 MIN_SIDE = 8
@@ -41,8 +42,6 @@ def _refuse(message: str) -> MlflowException:
 
 def _decode(value: Any, index: int) -> np.ndarray:
     """An encoded image file (bytes or base64 text) as (H, W, 3) uint8 RGB."""
-    from PIL import Image, UnidentifiedImageError
-
     if isinstance(value, str):
         try:
             value = base64.b64decode(value, validate=True)
