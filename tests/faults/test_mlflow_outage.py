@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,6 @@ import pytest
 
 from infra.local.servers import free_ports
 from pipeline.config import load_config
-from pipeline.data.sources import build_source
-from pipeline.data.writer import write_shards
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -24,10 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
-    source = build_source("generated", None, image_size=(32, 32), counts={"train": 8, "val": 2})
-    uri, _ = write_shards(source, str(tmp_path_factory.mktemp("data")), workers=1, progress=False)
-    return uri
+def dataset(generated_dataset: Callable[..., str]) -> str:
+    return generated_dataset(size=32, train=8, val=2)
 
 
 def _settings(dataset: str, storage: Path, tracking: str, iterations: int) -> list[str]:

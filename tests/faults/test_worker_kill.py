@@ -16,14 +16,13 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.data.sources import build_source
-from pipeline.data.writer import write_shards
 from pipeline.io.checkpoints import CHECKPOINT_FILE, load
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -86,10 +85,8 @@ def _killer(run_dir: Path, after: int, delay: float, record: dict[str, list[int]
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
-    source = build_source("generated", None, image_size=(48, 48), counts={"train": 16, "val": 2})
-    uri, _ = write_shards(source, str(tmp_path_factory.mktemp("data")), workers=1, progress=False)
-    return uri
+def dataset(generated_dataset: Callable[..., str]) -> str:
+    return generated_dataset(size=48, train=16, val=2)
 
 
 def _fit(dataset: str, storage: Path, name: str) -> tuple[object, dict[str, torch.Tensor]]:

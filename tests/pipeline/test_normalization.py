@@ -4,7 +4,9 @@ mean/std)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,8 +18,6 @@ from pipeline.cli.main import main
 from pipeline.config import load_config
 from pipeline.config.model import input_normalization
 from pipeline.data.readers import ShardDataset
-from pipeline.data.sources import build_source
-from pipeline.data.writer import write_shards
 from pipeline.eval.checkpoint import evaluate_checkpoint
 from pipeline.io.checkpoints import CheckpointStore, load, save_file
 from pipeline.train.loop import train_loop
@@ -32,8 +32,10 @@ def spy_on_normalisation(patch: pytest.MonkeyPatch, module: object, name: str) -
     seen: list[tuple] = []
     real = getattr(module, name)
 
-    def spy(*args: object, **kwargs: object) -> object:
-        seen.append((tuple(kwargs["mean"]), tuple(kwargs["std"])))
+    def spy(*args: object, **kwargs: Any) -> object:
+        given = kwargs.get("normalization")  # predict_images takes a Normalization
+        mean, std = (given.mean, given.std) if given else (kwargs["mean"], kwargs["std"])
+        seen.append((tuple(mean), tuple(std)))
         return real(*args, **kwargs)
 
     patch.setattr(module, name, spy)
@@ -41,10 +43,8 @@ def spy_on_normalisation(patch: pytest.MonkeyPatch, module: object, name: str) -
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
-    source = build_source("generated", None, image_size=(32, 32), counts={"train": 4, "val": 2, "test": 1})
-    uri, _ = write_shards(source, str(tmp_path_factory.mktemp("data")), workers=1, progress=False)
-    return uri
+def dataset(generated_dataset: Callable[..., str]) -> str:
+    return generated_dataset(size=32, train=4, val=2, test=1)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,6 @@ from ccnet.diagnostics import FIGURES
 from ccnet.losses import SegmentationLoss
 from pipeline.config import Config, load_config
 from pipeline.config.model import warn_if_not_pretrained
-from pipeline.data.sources import build_source
-from pipeline.data.writer import write_shards
 from pipeline.io.checkpoints import CheckpointStore, load
 from pipeline.train.build import build_loss
 from pipeline.train.loop import NonFiniteLossError, poly_lr, train_loop, train_step
@@ -35,10 +34,8 @@ def _train(config: Config, session: type = LocalSession, **kwargs: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
-    source = build_source("generated", None, image_size=(48, 48), counts={"train": 12, "val": 4})
-    uri, _ = write_shards(source, str(tmp_path_factory.mktemp("data")), workers=1, progress=False)
-    return uri
+def dataset(generated_dataset: Callable[..., str]) -> str:
+    return generated_dataset(size=48, train=12, val=4)
 
 
 def make_config(dataset: str, tmp_path: Path, *overrides: str) -> Config:

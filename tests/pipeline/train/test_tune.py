@@ -3,23 +3,22 @@ grid of 2 variants x 2 seeds."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import load_config
-from pipeline.data.sources import build_source
-from pipeline.data.writer import write_shards
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture
-def tiny_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], str]:
+def tiny_run(generated_dataset: Callable[..., str], tmp_path: Path,
+             monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], str]:
     """Overrides for a tiny generated dataset, storage under tmp_path and a sqlite MLflow; and its URI."""
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    source = build_source("generated", None, image_size=(48, 48), counts={"train": 8, "val": 2})
-    data_uri, _ = write_shards(source, str(tmp_path / "data"), workers=1, progress=False)
+    data_uri = generated_dataset(size=48, train=8, val=2)
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [f"data.uri={data_uri}", "data.batch_size=4", f"run.storage={tmp_path / 'runs'}",
                  f"tracking.uri={tracking}", "run.cpus_per_worker=0.5", "train.checkpoint_every=2",
