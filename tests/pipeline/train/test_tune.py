@@ -71,7 +71,8 @@ def test_ablation_grid_of_variants_and_seeds(tiny_run: tuple[list[str], str], tm
     config = load_config(None, [
         *overrides, "data.crop_size=48", "train.iterations=2", "train.log_every=1", "eval.scales=[1.0, 1.25]",
         "tune.name=tiny-ablation", "tune.space={}", "tune.scheduler=none", "tune.seeds=[0, 1]",
-        "tune.variants={fcn: [model.recurrence=0], axial_r1: [model.attention=axial, model.recurrence=1]}",
+        "tune.variants={fcn: [model.recurrence=0],"
+        " axial_r1: [model.attention=axial, model.recurrence=1]}",
         "tune.baseline=fcn",
     ])
     ray.init(num_cpus=2, include_dashboard=False)
