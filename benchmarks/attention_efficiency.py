@@ -71,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
     for dtype in dtypes:
         rows = compare_attention(
-            size, args.channels, args.batch, device=device, dtype=dtype, repeats=args.repeats,
+            size,
+            args.channels,
+            args.batch,
+            device=device,
+            dtype=dtype,
+            repeats=args.repeats,
             include_autograd=True,
         )
         out.write(

@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     shape = (args.batch, args.channels, args.feature_size, args.feature_size)
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    )
     results = {}
     for name, build in variants(args.channels, device.type == "cuda").items():
         torch.manual_seed(0)
@@ -73,20 +74,26 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
 
     base_ms, base_mib = results["criss-cross einsum (reference)"]
-    lines = [f"attention forward + backward, batch {args.batch}, {args.channels}x{args.feature_size}x"
-             f"{args.feature_size}, {args.dtype} on {device.type} "
-             f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}):",
-             "| module | ms | x faster than einsum | peak MiB | x less memory than einsum |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"attention forward + backward, batch {args.batch}, {args.channels}x{args.feature_size}x"
+        f"{args.feature_size}, {args.dtype} on {device.type} "
+        f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}):",
+        "| module | ms | x faster than einsum | peak MiB | x less memory than einsum |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, (milliseconds, peak) in results.items():
-        lines.append(f"| {name} | {milliseconds:.2f} | {base_ms / milliseconds:.2f} | {peak:.0f} | "
-                     f"{base_mib / peak:.2f} |")
+        lines.append(
+            f"| {name} | {milliseconds:.2f} | {base_ms / milliseconds:.2f} | {peak:.0f} | "
+            f"{base_mib / peak:.2f} |"
+        )
     if "criss-cross fused (Triton)" in results:
         fused_ms, fused_mib = results["criss-cross fused (Triton)"]
         nonlocal_ms = results["non-local"][0]
-        lines.append(f"\ntargets: fused >= 2x faster than einsum: {base_ms / fused_ms:.2f}x; "
-                     f"<= 0.5 of its memory: {fused_mib / base_mib:.2f}; "
-                     f"faster than non-local: {nonlocal_ms / fused_ms:.2f}x")
+        lines.append(
+            f"\ntargets: fused >= 2x faster than einsum: {base_ms / fused_ms:.2f}x; "
+            f"<= 0.5 of its memory: {fused_mib / base_mib:.2f}; "
+            f"faster than non-local: {nonlocal_ms / fused_ms:.2f}x"
+        )
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 

@@ -53,10 +53,14 @@ def main() -> None:
                         run(image)
                         times[name].append(time.perf_counter() - start)
             torch_ms, ort_ms = (1000 * statistics.median(times[k]) for k in ("torch", "onnxruntime"))
-            rows.append(f"| {width}x{height} | {torch_ms:.0f} | {ort_ms:.0f} | {torch_ms / ort_ms:.2f} | "
-                        f"{report.max_logit_difference:.1e} | {100 * report.argmax_agreement:.3f} |")
-    print(f"{args.model}, {args.num_classes} classes, batch 1, {threads} threads, median of {args.repeats}; "
-          f"export {exported:.0f} s")
+            rows.append(
+                f"| {width}x{height} | {torch_ms:.0f} | {ort_ms:.0f} | {torch_ms / ort_ms:.2f} | "
+                f"{report.max_logit_difference:.1e} | {100 * report.argmax_agreement:.3f} |"
+            )
+    print(
+        f"{args.model}, {args.num_classes} classes, batch 1, {threads} threads, median of {args.repeats}; "
+        f"export {exported:.0f} s"
+    )
     print("| input | PyTorch ms | onnxruntime ms | PyTorch/ORT | max abs logit diff | argmax agree % |")
     print("|---|---:|---:|---:|---:|---:|")
     print("\n".join(rows))

@@ -35,16 +35,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _loader(uri: str, crop: int, batch: int, workers: int,
-            device: torch.device) -> torch.utils.data.DataLoader:
+def _loader(
+    uri: str, crop: int, batch: int, workers: int, device: torch.device
+) -> torch.utils.data.DataLoader:
     dataset = ShardDataset(uri, "train", transform=build_train_transform(crop, (0.75, 2.0)))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
-                                       num_workers=workers, pin_memory=device.type == "cuda",
-                                       persistent_workers=workers > 0)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
 
 
-def measure(args: argparse.Namespace, level: str, loader: torch.utils.data.DataLoader | None,
-            device: torch.device, num_classes: int) -> tuple[float, float]:
+def measure(
+    args: argparse.Namespace,
+    level: str,
+    loader: torch.utils.data.DataLoader | None,
+    device: torch.device,
+    num_classes: int,
+) -> tuple[float, float]:
     """(images per second, peak GiB) of ``args.steps`` steps after ``args.warmup``."""
     torch.manual_seed(0)
     model = build_ccnet(args.model, num_classes).to(device).train()
@@ -56,11 +68,18 @@ def measure(args: argparse.Namespace, level: str, loader: torch.utils.data.DataL
     scaler = torch.amp.GradScaler(device.type, enabled=level == "O1")
     loss_fn = SegmentationLoss(aux_weight=0.4)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    fixed = (torch.randn(args.batch, 3, args.crop, args.crop, device=device).to(memory_format=memory_format),
-             torch.randint(0, num_classes, (args.batch, args.crop, args.crop), device=device))
-    batches = (itertools.repeat(fixed) if loader is None else
-               ((b["image"].to(device, non_blocking=True), b["label"].to(device, non_blocking=True))
-                for b in itertools.cycle(loader)))
+    fixed = (
+        torch.randn(args.batch, 3, args.crop, args.crop, device=device).to(memory_format=memory_format),
+        torch.randint(0, num_classes, (args.batch, args.crop, args.crop), device=device),
+    )
+    batches = (
+        itertools.repeat(fixed)
+        if loader is None
+        else (
+            (b["image"].to(device, non_blocking=True), b["label"].to(device, non_blocking=True))
+            for b in itertools.cycle(loader)
+        )
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for step, (images, labels) in enumerate(batches):
@@ -126,10 +145,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((level, on_device, fed, peak))
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    lines = [f"{args.model}, {args.crop}x{args.crop}, batch {args.batch}, {args.steps} steps on {name}"
-             f"{' (compiled)' if args.compile else ''}{' (channels-last)' if args.channels_last else ''}:",
-             "| AMP | img/s, tensors on device | img/s, data pipeline | pipeline cost | peak GiB |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"{args.model}, {args.crop}x{args.crop}, batch {args.batch}, {args.steps} steps on {name}"
+        f"{' (compiled)' if args.compile else ''}{' (channels-last)' if args.channels_last else ''}:",
+        "| AMP | img/s, tensors on device | img/s, data pipeline | pipeline cost | peak GiB |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for level, on_device, fed, peak in rows:
         lines.append(f"| {level} | {on_device:.2f} | {fed:.2f} | {1 - fed / on_device:.1%} | {peak:.1f} |")
     by_level = {level: on_device for level, on_device, _, _ in rows}

@@ -82,8 +82,10 @@ class _QKVAttention(nn.Module):
             return "autograd"
         if self.impl == "triton":
             if not _triton_runs_on(x.device):
-                raise RuntimeError("impl='triton': the Triton kernels need a CUDA device or "
-                                   f"TRITON_INTERPRET=1, got {x.device}")
+                raise RuntimeError(
+                    "impl='triton': the Triton kernels need a CUDA device or "
+                    f"TRITON_INTERPRET=1, got {x.device}"
+                )
             return "triton"
         if self.impl != "auto":
             return self.impl
@@ -264,8 +266,9 @@ ATTENTION_TYPES: dict[str, type[_QKVAttention]] = {
 }
 
 
-def build_attention(kind: str, in_channels: int, reduction: int = 8, impl: str = "auto",
-                    gamma_init: float = 0.0) -> nn.Module:
+def build_attention(
+    kind: str, in_channels: int, reduction: int = 8, impl: str = "auto", gamma_init: float = 0.0
+) -> nn.Module:
     """Build an attention module by name (one of :data:`ATTENTION_TYPES`) with implementation ``impl`` and
     ``gamma`` starting at ``gamma_init``."""
     if kind not in ATTENTION_TYPES:

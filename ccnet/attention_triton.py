@@ -69,8 +69,12 @@ def _geometry(q: Tensor, axis: _Axis) -> tuple[int, int]:
 
 def _blocks(length: int, channels: int, key_channels: int) -> dict[str, int]:
     block = 16 if length <= 16 else 32 if length <= 32 else 64
-    return {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_C": min(64, max(16, triton.next_power_of_2(channels))),
-            "BLOCK_CK": max(16, triton.next_power_of_2(key_channels))}
+    return {
+        "BLOCK_M": block,
+        "BLOCK_N": block,
+        "BLOCK_C": min(64, max(16, triton.next_power_of_2(channels))),
+        "BLOCK_CK": max(16, triton.next_power_of_2(key_channels)),
+    }
 
 
 def _precision(t: Tensor) -> str:
@@ -83,8 +87,11 @@ def _precision(t: Tensor) -> str:
 
 def _common(q: Tensor, axis: _Axis) -> tuple[int, int, dict[str, Any]]:
     others, length = _geometry(q, axis)
-    meta = {"SKIP_CENTRE": axis.skip_centre, "PRECISION": _precision(q),
-            "UPCAST": q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"}
+    meta = {
+        "SKIP_CENTRE": axis.skip_centre,
+        "PRECISION": _precision(q),
+        "UPCAST": q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+    }
     return others, length, meta
 
 
@@ -96,8 +103,19 @@ def axis_lse(q: Tensor, k: Tensor, axis: _Axis) -> Tensor:
     blocks = _blocks(length, 16, key_channels)
     grid = (batch * others, triton.cdiv(length, blocks["BLOCK_M"]))
     blocks.pop("BLOCK_C")
-    lse_kernel[grid](q, k, lse, *_strides(q, axis), *_strides(k, axis), *_map_strides(lse, axis),
-                      others, length, key_channels, **meta, **blocks)
+    lse_kernel[grid](
+        q,
+        k,
+        lse,
+        *_strides(q, axis),
+        *_strides(k, axis),
+        *_map_strides(lse, axis),
+        others,
+        length,
+        key_channels,
+        **meta,
+        **blocks,
+    )
     return lse
 
 
@@ -108,13 +126,38 @@ def axis_aggregate(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, axis: _Axis, ou
     others, length, meta = _common(q, axis)
     blocks = _blocks(length, channels, key_channels)
     grid = (batch * others, triton.cdiv(length, blocks["BLOCK_M"]), triton.cdiv(channels, blocks["BLOCK_C"]))
-    out_kernel[grid](q, k, v, lse, out, *_strides(q, axis), *_strides(k, axis), *_strides(v, axis),
-                      *_map_strides(lse, axis), *_strides(out, axis), others, length, key_channels, channels,
-                      **meta, **blocks)
+    out_kernel[grid](
+        q,
+        k,
+        v,
+        lse,
+        out,
+        *_strides(q, axis),
+        *_strides(k, axis),
+        *_strides(v, axis),
+        *_map_strides(lse, axis),
+        *_strides(out, axis),
+        others,
+        length,
+        key_channels,
+        channels,
+        **meta,
+        **blocks,
+    )
 
 
-def axis_backward(q: Tensor, k: Tensor, v: Tensor, grad: Tensor, lse: Tensor, delta: Tensor, axis: _Axis,
-                  dq: Tensor, dk: Tensor, dv: Tensor) -> None:
+def axis_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    grad: Tensor,
+    lse: Tensor,
+    delta: Tensor,
+    axis: _Axis,
+    dq: Tensor,
+    dk: Tensor,
+    dv: Tensor,
+) -> None:
     """Adds this pass's gradients into the float32 ``dq``, ``dk``, ``dv``.
 
     Args:
@@ -129,14 +172,56 @@ def axis_backward(q: Tensor, k: Tensor, v: Tensor, grad: Tensor, lse: Tensor, de
     common = (*_strides(q, axis), *_strides(k, axis))
     gq_args = (*common, *_strides(v, axis), *_strides(grad, axis), *_map_strides(lse, axis))
     dq_kernel[(sequences, triton.cdiv(length, blocks["BLOCK_M"]))](
-        q, k, v, grad, lse, delta, dq, *gq_args, *_strides(dq, axis), others, length, key_channels, channels,
-        **meta, **blocks)
+        q,
+        k,
+        v,
+        grad,
+        lse,
+        delta,
+        dq,
+        *gq_args,
+        *_strides(dq, axis),
+        others,
+        length,
+        key_channels,
+        channels,
+        **meta,
+        **blocks,
+    )
     dk_kernel[(sequences, triton.cdiv(length, blocks["BLOCK_N"]))](
-        q, k, v, grad, lse, delta, dk, *gq_args, *_strides(dk, axis), others, length, key_channels, channels,
-        **meta, **blocks)
+        q,
+        k,
+        v,
+        grad,
+        lse,
+        delta,
+        dk,
+        *gq_args,
+        *_strides(dk, axis),
+        others,
+        length,
+        key_channels,
+        channels,
+        **meta,
+        **blocks,
+    )
     dv_kernel[(sequences, triton.cdiv(length, blocks["BLOCK_N"]), triton.cdiv(channels, blocks["BLOCK_C"]))](
-        q, k, grad, lse, dv, *common, *_strides(grad, axis), *_map_strides(lse, axis), *_strides(dv, axis),
-        others, length, key_channels, channels, **meta, **blocks)
+        q,
+        k,
+        grad,
+        lse,
+        dv,
+        *common,
+        *_strides(grad, axis),
+        *_map_strides(lse, axis),
+        *_strides(dv, axis),
+        others,
+        length,
+        key_channels,
+        channels,
+        **meta,
+        **blocks,
+    )
 
 
 # ------------------------------------------------------------------------------------------- autograd
@@ -204,14 +289,19 @@ class _Axial(torch.autograd.Function):
 
 def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.dim() != 4 or q.shape != k.shape or q.shape[0] != v.shape[0] or q.shape[2:] != v.shape[2:]:
-        raise ValueError(f"expected q, k (B, C', H, W) and v (B, C, H, W), got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"expected q, k (B, C', H, W) and v (B, C, H, W), got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if q.shape[1] > MAX_KEY_CHANNELS:
-        raise ValueError(f"the fused kernels hold at most {MAX_KEY_CHANNELS} query/key channels, "
-                         f"got {q.shape[1]}")
+        raise ValueError(
+            f"the fused kernels hold at most {MAX_KEY_CHANNELS} query/key channels, got {q.shape[1]}"
+        )
     if not q.dtype == k.dtype == v.dtype or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError("the fused kernels take one of float32/float16/bfloat16 for q, k and v alike, got "
-                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(
+            "the fused kernels take one of float32/float16/bfloat16 for q, k and v alike, got "
+            f"{q.dtype}, {k.dtype}, {v.dtype}"
+        )
 
 
 @torch.compiler.disable  # torch.compile leaves the kernels alone (they are fused already)

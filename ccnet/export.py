@@ -59,8 +59,14 @@ def _logits_only(model: nn.Module) -> nn.Module:
     return model if isinstance(model, LogitsOnly) else LogitsOnly(model)
 
 
-def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, str] | None = None,
-                opset: int = OPSET, example_size: tuple[int, int] = (64, 64)) -> Path:
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    metadata: dict[str, str] | None = None,
+    opset: int = OPSET,
+    example_size: tuple[int, int] = (64, 64),
+) -> Path:
     """Writes ``model`` (in eval mode; its mode is restored) as an ONNX file at ``path``, whole or not at all.
 
     Args:
@@ -76,24 +82,35 @@ def export_onnx(model: nn.Module, path: str | Path, *, metadata: dict[str, str] 
         import onnx
         import onnxscript  # noqa: F401  (the dynamo exporter's dependency: fail here, with the fix named)
     except ImportError as error:
-        raise ImportError(f"ONNX export needs onnx and onnxscript: pip install 'ccnet[onnx]' ({error})"
-                          ) from None
+        raise ImportError(
+            f"ONNX export needs onnx and onnxscript: pip install 'ccnet[onnx]' ({error})"
+        ) from None
     path = Path(path)
     wrapped = _logits_only(model)
     was_training = model.training  # the caller's model: a new wrapper starts in training mode
     wrapped.eval()
     image = torch.zeros(1, 3, *example_size)
     side = {"min": MIN_SIDE, "max": MAX_SIDE}
-    dims = {0: torch.export.Dim("batch", min=1, max=1024), 2: torch.export.Dim("height", **side),
-            3: torch.export.Dim("width", **side)}
+    dims = {
+        0: torch.export.Dim("batch", min=1, max=1024),
+        2: torch.export.Dim("height", **side),
+        3: torch.export.Dim("width", **side),
+    }
     try:
         # The exporter prints its progress to stdout, logs each graph pass and warns about its own internals:
         # kept off the console.
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _quiet(_EXPORTER_LOGGERS):
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(wrapped, (image,), dynamo=True, opset_version=opset,
-                                        input_names=["image"], output_names=["logits"],
-                                        dynamic_shapes={"image": dims}, verbose=False)
+            program = torch.onnx.export(
+                wrapped,
+                (image,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_shapes={"image": dims},
+                verbose=False,
+            )
     finally:
         model.train(was_training)
     assert program is not None, "torch.onnx.export(dynamo=True) returns the exported program"
@@ -125,16 +142,18 @@ class OnnxSegmenter(nn.Module):
         try:
             import onnxruntime
         except ImportError as error:
-            raise ImportError(f"the onnx backend needs onnxruntime: pip install 'ccnet[onnx]' ({error})"
-                              ) from None
+            raise ImportError(
+                f"the onnx backend needs onnxruntime: pip install 'ccnet[onnx]' ({error})"
+            ) from None
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise
         self.path = str(path)
         try:
-            self.session = onnxruntime.InferenceSession(self.path, options,
-                                                        providers=["CPUExecutionProvider"])
+            self.session = onnxruntime.InferenceSession(
+                self.path, options, providers=["CPUExecutionProvider"]
+            )
         except Exception as error:  # onnxruntime's own exception types (InvalidProtobuf, NoSuchFile, Fail)
             message = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             raise ValueError(f"{self.path}: onnxruntime cannot load it ({message})") from None

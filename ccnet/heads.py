@@ -30,8 +30,13 @@ def separate_rng(stream: str) -> Iterator[None]:
 
 
 def build_recurrent_attention(
-    attention: str, in_channels: int, recurrence: int, reduction: int = 8, impl: str = "auto",
-    stream: str = "attention", gamma_init: float = 0.0,
+    attention: str,
+    in_channels: int,
+    recurrence: int,
+    reduction: int = 8,
+    impl: str = "auto",
+    stream: str = "attention",
+    gamma_init: float = 0.0,
 ) -> nn.Module:
     """Shared-weight attention applied ``recurrence`` times; ``recurrence=0`` builds no module at all.
 
@@ -82,8 +87,9 @@ class RCCAHead(nn.Module):
     ) -> None:
         super().__init__()
         self.reduce = ConvBNReLU(in_channels, channels)
-        self.attention = build_recurrent_attention(attention, channels, recurrence, reduction, impl,
-                                                   stream="head_attention", gamma_init=gamma_init)
+        self.attention = build_recurrent_attention(
+            attention, channels, recurrence, reduction, impl, stream="head_attention", gamma_init=gamma_init
+        )
         self.project = ConvBNReLU(channels, channels)
         self.bottleneck = ConvBNReLU(in_channels + channels, bottleneck_channels)
         self.dropout = nn.Dropout2d(dropout)

@@ -14,7 +14,12 @@ class ConvBNReLU(nn.Sequential):
         padding = dilation * (kernel_size - 1) // 2
         super().__init__(
             nn.Conv2d(
-                in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
                 bias=False,
             ),
             nn.BatchNorm2d(out_channels),

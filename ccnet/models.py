@@ -93,8 +93,12 @@ class CCNetConfig:
             "output_stride": self.output_stride in (8, 16),
             "gamma_init": math.isfinite(self.gamma_init),
         }
-        choices = {"backbone": BACKBONES, "attention": tuple(ATTENTION_TYPES), "placement": PLACEMENTS,
-                   "impl": IMPLEMENTATIONS}
+        choices = {
+            "backbone": BACKBONES,
+            "attention": tuple(ATTENTION_TYPES),
+            "placement": PLACEMENTS,
+            "impl": IMPLEMENTATIONS,
+        }
         checks["impl"] = self.impl in IMPLEMENTATIONS
         for key, ok in checks.items():
             if not ok:
@@ -102,8 +106,10 @@ class CCNetConfig:
                 raise ValueError(f"invalid model config: {key}={getattr(self, key)!r}{hint}")
         implementations = ATTENTION_TYPES[self.attention].IMPLS
         if self.impl not in implementations:
-            raise ValueError(f"invalid model config: impl={self.impl!r} with attention={self.attention!r}; "
-                             f"choose one of {list(implementations)}")
+            raise ValueError(
+                f"invalid model config: impl={self.impl!r} with attention={self.attention!r}; "
+                f"choose one of {list(implementations)}"
+            )
 
 
 class CCNet(nn.Module):
@@ -125,8 +131,13 @@ class CCNet(nn.Module):
         use_head = config.placement in ("head", "both")
         self.stem_attention = (
             build_recurrent_attention(
-                config.attention, self.backbone.stem_channels, config.recurrence, config.reduction,
-                config.impl, stream="stem_attention", gamma_init=config.gamma_init,
+                config.attention,
+                self.backbone.stem_channels,
+                config.recurrence,
+                config.reduction,
+                config.impl,
+                stream="stem_attention",
+                gamma_init=config.gamma_init,
             )
             if use_stem
             else None
@@ -176,8 +187,13 @@ _BACKBONE_SUFFIXES: dict[str, dict[str, Any]] = {
     # EfficientNet-Lite ends in 320 (lite0/1) or 352 (lite2) channels: a head of 256 is about its width.
     # d16 is the one that trains on a CPU: its dilated depthwise convs at stride 8 cost ~4-7x more there.
     **{
-        f"lite{n}_d{stride}": dict(backbone=f"efficientnet_lite{n}", output_stride=stride, head_channels=256,
-                                   bottleneck_channels=256, aux_channels=128)
+        f"lite{n}_d{stride}": dict(
+            backbone=f"efficientnet_lite{n}",
+            output_stride=stride,
+            head_channels=256,
+            bottleneck_channels=256,
+            aux_channels=128,
+        )
         for n in (0, 1, 2)
         for stride in (8, 16)
     },

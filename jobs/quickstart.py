@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
             report = run_training(load_config(args.config, [f"data.uri={data_uri}", *args.set, *overrides]))
         except KeyboardInterrupt:
             logging.getLogger("ccnet").error(
-                "interrupted (%s): the quickstart stopped; run it again to resume", interrupts.received())
+                "interrupted (%s): the quickstart stopped; run it again to resume", interrupts.received()
+            )
             return interrupts.exit_status()
         single, multi = report.results[SINGLE_SCALE], report.results[MULTI_SCALE]
         rows.append(f"| {label:<10} | {single.miou:>6.1%} | {multi.miou:>6.1%} | {report.run_id} |")

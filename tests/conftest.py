@@ -70,7 +70,8 @@ class SeaweedFS:
         self.ports = dict(zip(flags, free_ports(len(flags)), strict=True))
         # Its maintenance worker dials the admin's HTTP port + 10000 whatever -admin.port.grpc says.
         self.ports["admin.port"], self.ports["admin.port.grpc"] = free_port_pair(
-            10000, set(self.ports.values()))
+            10000, set(self.ports.values())
+        )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -108,8 +109,13 @@ class SeaweedFS:
         self.pid = self._process.pid
         process = self._process
         try:
-            wait_until(lambda: s3_answers(self.endpoint, self.access_key, self.secret_key, _PROBE_BUCKET),
-                       lambda: process.poll() is None, timeout, "SeaweedFS", self.log_dir / "weed.out")
+            wait_until(
+                lambda: s3_answers(self.endpoint, self.access_key, self.secret_key, _PROBE_BUCKET),
+                lambda: process.poll() is None,
+                timeout,
+                "SeaweedFS",
+                self.log_dir / "weed.out",
+            )
         except RuntimeError:
             self.stop()
             raise
@@ -187,8 +193,12 @@ class MlflowServer:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        return mlflow_command([sys.executable, "-m", "mlflow"], self.port, f"sqlite:///{self.root}/mlflow.db",
-                              str(self.root / "artifacts"))
+        return mlflow_command(
+            [sys.executable, "-m", "mlflow"],
+            self.port,
+            f"sqlite:///{self.root}/mlflow.db",
+            str(self.root / "artifacts"),
+        )
 
     def log_tail(self, lines: int = 30) -> str:
         return log_tail(self.root / "server.out", lines)
@@ -209,8 +219,13 @@ class MlflowServer:
         self.pid = self._process.pid
         process = self._process
         try:
-            wait_until(lambda: http_ok(f"{self.uri}/health"), lambda: process.poll() is None, timeout,
-                       "MLflow server", self.root / "server.out")
+            wait_until(
+                lambda: http_ok(f"{self.uri}/health"),
+                lambda: process.poll() is None,
+                timeout,
+                "MLflow server",
+                self.root / "server.out",
+            )
         except RuntimeError:
             self.stop()
             raise

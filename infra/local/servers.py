@@ -77,19 +77,38 @@ def find_weed() -> str | None:
     return shutil.which("weed", path=sysconfig.get_path("scripts")) or shutil.which("weed")
 
 
-def weed_command(binary: str, root: Path, ports: dict[str, int], *, log_dir: Path, data_dir: Path,
-                 bucket: str | None = None) -> list[str]:
+def weed_command(
+    binary: str,
+    root: Path,
+    ports: dict[str, int],
+    *,
+    log_dir: Path,
+    data_dir: Path,
+    bucket: str | None = None,
+) -> list[str]:
     """``weed mini`` on 127.0.0.1 with every listener on the given port (``ports`` by flag name:
     ``s3.port``, ``master.port.grpc``, ``admin.port``, ...), its unix sockets in ``root``."""
-    return [binary, f"-logdir={log_dir}", "mini", f"-dir={data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
-            "-master.telemetry=false", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
-            "-s3.port.lance=0", *([f"-bucket={bucket}"] if bucket else []),
-            *(f"-{flag}={port}" for flag, port in ports.items()),
-            # Resuming the master's raft state makes restarts race: the volume server's first heartbeat can
-            # beat the leader election, and its retry comes 5 s later, so every S3 read and write fails with
-            # 500 for those 5 s. A single master rebuilds its topology from heartbeats anyway.
-            "-master.resumeState=false",
-            f"-s3.localSocket={root / 's3.sock'}", f"-filer.localSocket={root / 'filer.sock'}"]
+    return [
+        binary,
+        f"-logdir={log_dir}",
+        "mini",
+        f"-dir={data_dir}",
+        f"-ip={HOST}",
+        f"-ip.bind={HOST}",
+        "-master.telemetry=false",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        *([f"-bucket={bucket}"] if bucket else []),
+        *(f"-{flag}={port}" for flag, port in ports.items()),
+        # Resuming the master's raft state makes restarts race: the volume server's first heartbeat can
+        # beat the leader election, and its retry comes 5 s later, so every S3 read and write fails with
+        # 500 for those 5 s. A single master rebuilds its topology from heartbeats anyway.
+        "-master.resumeState=false",
+        f"-s3.localSocket={root / 's3.sock'}",
+        f"-filer.localSocket={root / 'filer.sock'}",
+    ]
 
 
 def remove_weed_sockets(ports: dict[str, int]) -> None:
@@ -102,8 +121,20 @@ def remove_weed_sockets(ports: dict[str, int]) -> None:
 def mlflow_command(executable: list[str], port: int, store: str, artifacts: str) -> list[str]:
     """``mlflow server`` on 127.0.0.1:``port`` with a ``store`` (sqlite URI) and proxied ``artifacts``.
     ``--workers 1``: ~0.5 GB and one uvicorn process instead of ~3 GB and 15."""
-    return [*executable, "server", "--backend-store-uri", store, "--artifacts-destination", artifacts,
-            "--host", HOST, "--port", str(port), "--workers", "1"]
+    return [
+        *executable,
+        "server",
+        "--backend-store-uri",
+        store,
+        "--artifacts-destination",
+        artifacts,
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
 
 
 MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -113,8 +144,15 @@ def start_detached(command: list[str], env: dict[str, str], cwd: Path, log: Path
     """Starts ``command`` in a session and process group of its own (its PID is the group's id), output
     appended to ``log``."""
     with open(log, "ab") as out:
-        return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                env=env, cwd=cwd, start_new_session=True)
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
 
 
 def log_tail(log: Path, lines: int = 30) -> str:
@@ -131,9 +169,13 @@ def s3_answers(endpoint: str, access_key: str, secret_key: str, bucket: str) -> 
     import botocore.config
 
     client = boto3.session.Session().client(
-        "s3", endpoint_url=endpoint, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
         region_name="us-east-1",
-        config=botocore.config.Config(connect_timeout=1, read_timeout=3, retries={"max_attempts": 1}))
+        config=botocore.config.Config(connect_timeout=1, read_timeout=3, retries={"max_attempts": 1}),
+    )
     try:
         client.list_buckets()
         try:
@@ -157,8 +199,9 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def wait_until(ready: Callable[[], bool], alive: Callable[[], bool], timeout: float, name: str,
-               log: Path) -> None:
+def wait_until(
+    ready: Callable[[], bool], alive: Callable[[], bool], timeout: float, name: str, log: Path
+) -> None:
     """Returns once ``ready()``; RuntimeError naming ``name`` and the log's tail when the process stops
     being ``alive()`` or ``timeout`` s pass first."""
     deadline = time.monotonic() + timeout

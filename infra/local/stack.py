@@ -41,13 +41,25 @@ BUCKET = "ccnet"
 REGION = "us-east-1"
 SERVICES = ("seaweedfs", "mlflow", "ray")
 DEFAULT_PORTS = {
-    "s3": 8333, "s3.grpc": 18333, "master": 9333, "master.grpc": 19333, "volume": 8080, "volume.grpc": 18080,
-    "filer": 8888, "filer.grpc": 18888,
+    "s3": 8333,
+    "s3.grpc": 18333,
+    "master": 9333,
+    "master.grpc": 19333,
+    "volume": 8080,
+    "volume.grpc": 18080,
+    "filer": 8888,
+    "filer.grpc": 18888,
     # weed's maintenance worker dials the admin HTTP port + 10000 whatever -admin.port.grpc says.
-    "admin": 23646, "admin.grpc": 33646,
+    "admin": 23646,
+    "admin.grpc": 33646,
     "mlflow": 5000,
-    "ray.gcs": 6379, "ray.dashboard": 8265, "ray.client": 10001, "ray.agent": 52365, "ray.metrics": 8266,
-    "ray.autoscaler_metrics": 44217, "ray.dashboard_metrics": 44227,
+    "ray.gcs": 6379,
+    "ray.dashboard": 8265,
+    "ray.client": 10001,
+    "ray.agent": 52365,
+    "ray.metrics": 8266,
+    "ray.autoscaler_metrics": 44217,
+    "ray.dashboard_metrics": 44227,
 }
 _MAX_RAY_TEMP_DIR = 45  # Ray's unix socket paths (< 108 bytes) are this dir + ~60 characters
 
@@ -88,8 +100,10 @@ class Stack:
     def credentials(self) -> dict[str, str]:
         """The S3 keys, generated once (random) and kept in ``credentials.env`` (mode 0600)."""
         if not self.credentials_file.exists():
-            keys = {"AWS_ACCESS_KEY_ID": "ccnet" + secrets.token_hex(8),
-                    "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20)}
+            keys = {
+                "AWS_ACCESS_KEY_ID": "ccnet" + secrets.token_hex(8),
+                "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20),
+            }
             fd = os.open(self.credentials_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as out:
                 out.writelines(f"export {key}={value}\n" for key, value in keys.items())
@@ -104,17 +118,24 @@ class Stack:
             f"export AWS_DEFAULT_REGION={REGION}\n"
             f"export MLFLOW_TRACKING_URI={self.urls['mlflow']}\n"
             f"export RAY_ADDRESS={self.urls['ray']}\n"
-            "export RAY_AUTH_MODE=disabled\n")
+            "export RAY_AUTH_MODE=disabled\n"
+        )
 
     @property
     def urls(self) -> dict[str, str]:
-        return {"seaweedfs": f"http://{HOST}:{self.ports['s3']}", "mlflow": f"http://{HOST}:{self.ports['mlflow']}",
-                "ray": f"http://{HOST}:{self.ports['ray.dashboard']}"}
+        return {
+            "seaweedfs": f"http://{HOST}:{self.ports['s3']}",
+            "mlflow": f"http://{HOST}:{self.ports['mlflow']}",
+            "ray": f"http://{HOST}:{self.ports['ray.dashboard']}",
+        }
 
     def service_ports_by_name(self, service: str) -> dict[str, int]:
         """The ports ``service`` listens on that the stack chose (Ray adds random internal ones)."""
-        prefix = {"seaweedfs": ("s3", "master", "volume", "filer", "admin"), "mlflow": ("mlflow",),
-                  "ray": ("ray",)}[service]
+        prefix = {
+            "seaweedfs": ("s3", "master", "volume", "filer", "admin"),
+            "mlflow": ("mlflow",),
+            "ray": ("ray",),
+        }[service]
         return {name: port for name, port in self.ports.items() if name.split(".")[0] in prefix}
 
     def service_ports(self, service: str) -> list[int]:
@@ -123,20 +144,41 @@ class Stack:
     # -- commands ------------------------------------------------------------------------------------------
     def command(self, service: str) -> list[str]:
         if service == "seaweedfs":
-            ports = {self._weed_flag(name): port
-                     for name, port in self.service_ports_by_name(service).items()}
-            return weed_command(_scripts("weed"), self.root, ports, log_dir=self.logs,
-                                data_dir=self.root / "s3", bucket=BUCKET)
+            ports = {
+                self._weed_flag(name): port for name, port in self.service_ports_by_name(service).items()
+            }
+            return weed_command(
+                _scripts("weed"),
+                self.root,
+                ports,
+                log_dir=self.logs,
+                data_dir=self.root / "s3",
+                bucket=BUCKET,
+            )
         if service == "mlflow":
-            return mlflow_command([_scripts("mlflow")], self.ports["mlflow"],
-                                  f"sqlite:///{self.root / 'mlflow.db'}", f"s3://{BUCKET}/mlflow")
-        return [_scripts("ray"), "start", "--head", "--block", f"--node-ip-address={HOST}",
-                f"--port={self.ports['ray.gcs']}", f"--dashboard-host={HOST}",
-                f"--dashboard-port={self.ports['ray.dashboard']}", "--include-dashboard=true",
-                f"--ray-client-server-port={self.ports['ray.client']}",
-                f"--dashboard-agent-listen-port={self.ports['ray.agent']}",
-                f"--metrics-export-port={self.ports['ray.metrics']}",
-                f"--temp-dir={self.ray_temp_dir}", "--num-cpus=2", "--disable-usage-stats"]
+            return mlflow_command(
+                [_scripts("mlflow")],
+                self.ports["mlflow"],
+                f"sqlite:///{self.root / 'mlflow.db'}",
+                f"s3://{BUCKET}/mlflow",
+            )
+        return [
+            _scripts("ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--node-ip-address={HOST}",
+            f"--port={self.ports['ray.gcs']}",
+            f"--dashboard-host={HOST}",
+            f"--dashboard-port={self.ports['ray.dashboard']}",
+            "--include-dashboard=true",
+            f"--ray-client-server-port={self.ports['ray.client']}",
+            f"--dashboard-agent-listen-port={self.ports['ray.agent']}",
+            f"--metrics-export-port={self.ports['ray.metrics']}",
+            f"--temp-dir={self.ray_temp_dir}",
+            "--num-cpus=2",
+            "--disable-usage-stats",
+        ]
 
     @staticmethod
     def _weed_flag(name: str) -> str:
@@ -152,23 +194,30 @@ class Stack:
         if service == "ray":  # the venv "activated", so Ray's workers run this interpreter
             scripts = sysconfig.get_path("scripts")
             # The cluster's nodes hold the credentials: submitted jobs carry none (pipeline/cli/submit.py).
-            env |= self.credentials() | {"AWS_DEFAULT_REGION": REGION,
-                                         "AWS_ENDPOINT_URL": self.urls["seaweedfs"],
-                                         "MLFLOW_TRACKING_URI": self.urls["mlflow"]}
-            env |= {"PATH": f"{scripts}:{env.get('PATH', '')}", "VIRTUAL_ENV": str(Path(scripts).parent),
-                    "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-                    # Off, Ray keeps 127.0.0.1 as the node IP (on, it swaps in the host's address), and then
-                    # its gRPC servers (GCS, raylet, workers) and metrics servers bind 127.0.0.1, not 0.0.0.0.
-                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-                    "AUTOSCALER_METRIC_PORT": str(self.ports["ray.autoscaler_metrics"]),
-                    "DASHBOARD_METRIC_PORT": str(self.ports["ray.dashboard_metrics"])}
+            env |= self.credentials() | {
+                "AWS_DEFAULT_REGION": REGION,
+                "AWS_ENDPOINT_URL": self.urls["seaweedfs"],
+                "MLFLOW_TRACKING_URI": self.urls["mlflow"],
+            }
+            env |= {
+                "PATH": f"{scripts}:{env.get('PATH', '')}",
+                "VIRTUAL_ENV": str(Path(scripts).parent),
+                "RAY_AUTH_MODE": "disabled",
+                "RAY_USAGE_STATS_ENABLED": "0",
+                # Off, Ray keeps 127.0.0.1 as the node IP (on, it swaps in the host's address), and then
+                # its gRPC servers (GCS, raylet, workers) and metrics servers bind 127.0.0.1, not 0.0.0.0.
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                "AUTOSCALER_METRIC_PORT": str(self.ports["ray.autoscaler_metrics"]),
+                "DASHBOARD_METRIC_PORT": str(self.ports["ray.dashboard_metrics"]),
+            }
         return env
 
     def start(self, service: str) -> None:
         """Starts ``service`` detached (its own session and process group), output to ``logs/<service>.log``;
         records its PID (also its process group id) in ``pids.json``."""
-        process = start_detached(self.command(service), self.environment(service), self.root,
-                                 self.log_file(service))
+        process = start_detached(
+            self.command(service), self.environment(service), self.root, self.log_file(service)
+        )
         self._record(service, process.pid)
 
     def log_file(self, service: str) -> Path:
@@ -197,8 +246,9 @@ class Stack:
 
     def _s3_healthy(self) -> bool:
         keys = self.credentials()
-        return s3_answers(self.urls["seaweedfs"], keys["AWS_ACCESS_KEY_ID"], keys["AWS_SECRET_ACCESS_KEY"],
-                          BUCKET)
+        return s3_answers(
+            self.urls["seaweedfs"], keys["AWS_ACCESS_KEY_ID"], keys["AWS_SECRET_ACCESS_KEY"], BUCKET
+        )
 
     def _mlflow_healthy(self) -> bool:
         return http_ok(f"{self.urls['mlflow']}/health", timeout=2)
@@ -211,11 +261,14 @@ class Stack:
         deadline = time.monotonic() + timeout
         while not self.healthy(service):
             if not self.alive(service):
-                raise RuntimeError(f"{service} exited during start-up ({self.last_log_line(service)}); "
-                                   f"see {self.log_file(service)}")
+                raise RuntimeError(
+                    f"{service} exited during start-up ({self.last_log_line(service)}); "
+                    f"see {self.log_file(service)}"
+                )
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{service} not healthy after {timeout:.0f} s; "
-                                   f"see {self.log_file(service)}")
+                raise RuntimeError(
+                    f"{service} not healthy after {timeout:.0f} s; see {self.log_file(service)}"
+                )
             time.sleep(0.5)
 
     # -- stop ----------------------------------------------------------------------------------------------
@@ -229,8 +282,9 @@ class Stack:
         also = (lambda: _pids_of(self.ray_temp_dir)) if service == "ray" else list
         stop_group(pgid, grace, also)
         if service == "seaweedfs":  # a killed weed leaves its gRPC sockets behind
-            remove_weed_sockets({self._weed_flag(name): port
-                                 for name, port in self.service_ports_by_name(service).items()})
+            remove_weed_sockets(
+                {self._weed_flag(name): port for name, port in self.service_ports_by_name(service).items()}
+            )
 
 
 def _start_time(pid: int) -> int | None:
@@ -280,8 +334,9 @@ def _listening(ports: list[int]) -> dict[int, list[str]]:
                 with contextlib.suppress(OSError):
                     target = os.readlink(fd)
                     if target.startswith("socket:[") and target[8:-1] in inodes:
-                        command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(
-                            errors="replace")
+                        command = (
+                            (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                        )
                         found[inodes[target[8:-1]]].append(f"{entry.name} {command[:120].strip()}")
     return found
 
@@ -295,8 +350,9 @@ def _port_open(port: int) -> bool:
 def up(stack: Stack, ports: dict[str, int], timeout: float) -> int:
     stack.logs.mkdir(parents=True, exist_ok=True)
     if len(str(stack.ray_temp_dir)) > _MAX_RAY_TEMP_DIR:
-        raise SystemExit(f"error: {stack.ray_temp_dir} is too long for Ray's socket paths: "
-                         "use a shorter --dir")
+        raise SystemExit(
+            f"error: {stack.ray_temp_dir} is too long for Ray's socket paths: use a shorter --dir"
+        )
     running = [service for service in SERVICES if stack.alive(service)]
     if ports and running:
         _log(f"note: {', '.join(running)} already running; keeping the ports in {stack.config_file}")
@@ -311,8 +367,9 @@ def up(stack: Stack, ports: dict[str, int], timeout: float) -> int:
             continue
         busy = [port for port in stack.service_ports(service) if _port_open(port)]
         if busy:
-            raise SystemExit(f"error: {service}: port(s) {busy} already in use on {HOST}: "
-                             "pass --port NAME=PORT")
+            raise SystemExit(
+                f"error: {service}: port(s) {busy} already in use on {HOST}: pass --port NAME=PORT"
+            )
         stack.start(service)
         _log(f"{service}: started (pid {stack.pids()[service]['pid']}, log {stack.log_file(service)})")
     try:
@@ -332,8 +389,10 @@ def status(stack: Stack) -> int:
         alive, healthy = stack.alive(service), stack.healthy(service)
         all_ok &= alive and healthy
         pid = entry["pid"] if entry else "-"
-        _log(f"{service:10} pid {pid!s:>8} {'alive' if alive else 'dead':5} "
-             f"{'healthy' if healthy else 'unhealthy':9} {stack.urls[service]}")
+        _log(
+            f"{service:10} pid {pid!s:>8} {'alive' if alive else 'dead':5} "
+            f"{'healthy' if healthy else 'unhealthy':9} {stack.urls[service]}"
+        )
     return 0 if all_ok else 1
 
 
@@ -362,16 +421,25 @@ def _parse_port(text: str) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("action", choices=("up", "status", "down"))
-    parser.add_argument("--dir", type=Path, default=Path("runs/stack"),
-                        help="state dir (default: runs/stack)")
-    parser.add_argument("--port", type=_parse_port, action="append", default=[], metavar="NAME=PORT",
-                        help=f"override a port at `up` (defaults: {DEFAULT_PORTS})")
+    parser.add_argument(
+        "--dir", type=Path, default=Path("runs/stack"), help="state dir (default: runs/stack)"
+    )
+    parser.add_argument(
+        "--port",
+        type=_parse_port,
+        action="append",
+        default=[],
+        metavar="NAME=PORT",
+        help=f"override a port at `up` (defaults: {DEFAULT_PORTS})",
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="`up`: seconds to wait for health")
-    parser.add_argument("--grace", type=float, default=10.0,
-                        help="`down`: seconds between SIGTERM and SIGKILL")
+    parser.add_argument(
+        "--grace", type=float, default=10.0, help="`down`: seconds between SIGTERM and SIGKILL"
+    )
     args = parser.parse_args(argv)
     stack = Stack(args.dir)
     if args.action == "up":

@@ -44,8 +44,10 @@ def _data_prepare(args: argparse.Namespace) -> int:
         raise ValueError(f"--root is required for dataset {args.dataset!r}")
     version_dir = storage.join(out, args.dataset, args.version)
     if args.root is not None and overlap(version_dir, args.root):
-        raise ValueError(f"--out: the version {redact(version_dir)} and --root {args.root} overlap: the "
-                         "command reads --root and must not write into it. Choose another --out")
+        raise ValueError(
+            f"--out: the version {redact(version_dir)} and --root {args.root} overlap: the "
+            "command reads --root and must not write into it. Choose another --out"
+        )
     source = build_source(args.dataset, args.root, **options)
     splits = args.splits.split(",") if args.splits else None
     uri, manifest = write_shards(
@@ -81,17 +83,20 @@ def add_data_commands(commands: argparse._SubParsersAction) -> None:
     prepare = data_commands.add_parser("prepare", help="turn a downloaded dataset into shards")
     prepare.add_argument("--dataset", required=True, choices=DATASETS)
     prepare.add_argument("--root", help="the dataset as downloaded (not needed for 'generated')")
-    prepare.add_argument("--out", required=True, type=location,
-                         help="root URI: s3://bucket/prefix or a local folder")
+    prepare.add_argument(
+        "--out", required=True, type=location, help="root URI: s3://bucket/prefix or a local folder"
+    )
     prepare.add_argument("--version", default="v1", help="version name; a published version is immutable")
     prepare.add_argument("--splits", help="comma-separated splits (default: the dataset's train and val)")
     prepare.add_argument("--workers", type=at_least(1), default=None, help="processes (default: all cores)")
-    prepare.add_argument("--max-shard-mb", type=at_least(0.001, float), default=64.0,
-                         help="bound on a shard's size")
+    prepare.add_argument(
+        "--max-shard-mb", type=at_least(0.001, float), default=64.0, help="bound on a shard's size"
+    )
     prepare.add_argument("--skip-bad", action="store_true", help="leave out bad samples, list them")
     prepare.add_argument("--seed", type=at_least(0), default=0, help="generated: random seed")
-    prepare.add_argument("--image-size", type=at_least(8), default=128,
-                         help="generated: image side in pixels")
+    prepare.add_argument(
+        "--image-size", type=at_least(8), default=128, help="generated: image side in pixels"
+    )
     prepare.add_argument("--count", type=_parse_counts, help="generated: e.g. train=200,val=50")
     prepare.set_defaults(run=_data_prepare)
 
@@ -99,6 +104,5 @@ def add_data_commands(commands: argparse._SubParsersAction) -> None:
     inspect.add_argument("uri", type=location, help="a dataset version, e.g. s3://bucket/datasets/camvid/v1")
     inspect.add_argument("--split", help="one split (default: all)")
     inspect.add_argument("--limit", type=at_least(1), help="samples read per split for the histogram")
-    inspect.add_argument("--grid", type=location,
-                         help="save a PNG grid of samples with coloured labels here")
+    inspect.add_argument("--grid", type=location, help="save a PNG grid of samples with coloured labels here")
     inspect.set_defaults(run=_data_inspect)

@@ -1,11 +1,11 @@
 """The ``ccnet`` commands that work with a Ray cluster's Jobs API: ``submit``, ``jobs`` and ``schedule``.
 
-    ccnet submit train -c configs/ccnet_r50-d8_camvid-360x360_20k.yaml --address http://127.0.0.1:8265
-    ccnet submit prepare_data --address http://127.0.0.1:8265 -- --dataset generated --out s3://ccnet/datasets
-    ccnet jobs list
-    ccnet jobs logs ccnet-train-20261201-101500-a1b2c3 --follow
-    ccnet jobs stop ccnet-train-20261201-101500-a1b2c3
-    ccnet schedule "0 2 * * 6" tune -c configs/ccnet_r50-d8_camvid-360x360_20k.yaml --address http://HEAD:8265
+ccnet submit train -c configs/ccnet_r50-d8_camvid-360x360_20k.yaml --address http://127.0.0.1:8265
+ccnet submit prepare_data --address http://127.0.0.1:8265 -- --dataset generated --out s3://ccnet/datasets
+ccnet jobs list
+ccnet jobs logs ccnet-train-20261201-101500-a1b2c3 --follow
+ccnet jobs stop ccnet-train-20261201-101500-a1b2c3
+ccnet schedule "0 2 * * 6" tune -c configs/ccnet_r50-d8_camvid-360x360_20k.yaml --address http://HEAD:8265
 """
 
 from __future__ import annotations
@@ -42,8 +42,13 @@ _SCHEDULED_NAME = {"tune": "tune.name", "train": "run.name"}
 def _submission(args: argparse.Namespace, extra_sets: tuple[str, ...] = ()) -> Submission:
 
     return build_submission(
-        args.job, args.job_args, config_path=args.config, overrides=[*args.set, *extra_sets],
-        working_dir=Path(args.working_dir) if args.working_dir else None, env_names=args.env, pip=args.pip,
+        args.job,
+        args.job_args,
+        config_path=args.config,
+        overrides=[*args.set, *extra_sets],
+        working_dir=Path(args.working_dir) if args.working_dir else None,
+        env_names=args.env,
+        pip=args.pip,
         submission_id=getattr(args, "submission_id", None),
     )
 
@@ -86,8 +91,11 @@ def _jobs(args: argparse.Namespace) -> int:
         sys.stdout.write(jobs_client.get_job_logs(args.job_id))
         return 0
     was_running = jobs_client.stop_job(args.job_id)
-    status = wait(jobs_client, args.job_id, timeout=args.timeout) if was_running else (
-        jobs_client.get_job_status(args.job_id).value)
+    status = (
+        wait(jobs_client, args.job_id, timeout=args.timeout)
+        if was_running
+        else (jobs_client.get_job_status(args.job_id).value)
+    )
     sys.stdout.write(f"job {args.job_id} {status}\n")
     return 0
 
@@ -104,8 +112,13 @@ def _schedule(args: argparse.Namespace) -> int:
         return submit(jobs_client, _submission(args, extra))
 
     timezone = ZoneInfo(args.timezone) if args.timezone != "UTC" else dt.UTC
-    submitted = run_schedule(schedule, submit_run, lambda job_id: is_running(jobs_client, job_id),
-                             timezone=timezone, max_runs=args.max_runs)
+    submitted = run_schedule(
+        schedule,
+        submit_run,
+        lambda job_id: is_running(jobs_client, job_id),
+        timezone=timezone,
+        max_runs=args.max_runs,
+    )
     sys.stdout.write("".join(f"submitted {job_id}\n" for job_id in submitted))
     return 0
 
@@ -116,10 +129,18 @@ def _add_submission_arguments(parser: argparse.ArgumentParser, job_names: list[s
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--address", help="the job server, http://HEAD:8265 (default: RAY_ADDRESS)")
     parser.add_argument("--working-dir", help="uploaded as the job's working dir (default: the current one)")
-    parser.add_argument("--env", action="append", default=[], metavar="NAME",
-                        help="forward this environment variable's value too (secrets are refused)")
-    parser.add_argument("--pip", action="store_true",
-                        help="have the cluster install the pinned requirements (for images without them)")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="forward this environment variable's value too (secrets are refused)",
+    )
+    parser.add_argument(
+        "--pip",
+        action="store_true",
+        help="have the cluster install the pinned requirements (for images without them)",
+    )
 
 
 def add_job_commands(commands: argparse._SubParsersAction) -> None:
@@ -129,8 +150,9 @@ def add_job_commands(commands: argparse._SubParsersAction) -> None:
     _add_submission_arguments(submit, names)
     submit.add_argument("--no-follow", action="store_true", help="return once submitted")
     submit.add_argument("--submission-id", help="default: ccnet-JOB-UTCTIME-RANDOM")
-    submit.add_argument("--entrypoint-num-cpus", type=at_least(0, float),
-                        help="CPUs reserved for the job's driver")
+    submit.add_argument(
+        "--entrypoint-num-cpus", type=at_least(0, float), help="CPUs reserved for the job's driver"
+    )
     submit.set_defaults(run=_submit)
 
     jobs = commands.add_parser("jobs", help="list, read and stop submitted jobs")
@@ -141,8 +163,9 @@ def add_job_commands(commands: argparse._SubParsersAction) -> None:
     logs.add_argument("--follow", action="store_true", help="until it ends; exit 1 unless it succeeded")
     stop = jobs_commands.add_parser("stop", help="stop a job and wait until it has stopped")
     stop.add_argument("job_id")
-    stop.add_argument("--timeout", type=at_least(0, float), default=60.0,
-                      help="seconds to wait for it to stop")
+    stop.add_argument(
+        "--timeout", type=at_least(0, float), default=60.0, help="seconds to wait for it to stop"
+    )
     for parser in (listing, logs, stop):
         parser.add_argument("--address", help="the job server, http://HEAD:8265 (default: RAY_ADDRESS)")
     jobs.set_defaults(run=_jobs)
@@ -151,6 +174,7 @@ def add_job_commands(commands: argparse._SubParsersAction) -> None:
     schedule.add_argument("cron", help='five fields, e.g. "0 2 * * 6" (Saturdays 02:00)')
     _add_submission_arguments(schedule, names)
     schedule.add_argument("--timezone", default="UTC", help="of the cron line, e.g. Europe/Berlin")
-    schedule.add_argument("--max-runs", type=at_least(1),
-                          help="stop after this many fire times (default: never)")
+    schedule.add_argument(
+        "--max-runs", type=at_least(1), help="stop after this many fire times (default: never)"
+    )
     schedule.set_defaults(run=_schedule)

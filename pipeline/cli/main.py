@@ -32,7 +32,6 @@ from pipeline.io.redaction import redact
 log = logging.getLogger("ccnet")
 
 
-
 # torch and the model library are imported by the commands that use them: `ccnet data`, `ccnet submit` and
 # `ccnet jobs` start in a fraction of the time.
 
@@ -126,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(run=_models)
 
     efficiency = commands.add_parser("efficiency", help="FLOPs / memory / time of the attention modules")
-    efficiency.add_argument("--feature-size", type=at_least(1), default=97,
-                            help="feature map side (97 = 769 / 8)")
+    efficiency.add_argument(
+        "--feature-size", type=at_least(1), default=97, help="feature map side (97 = 769 / 8)"
+    )
     efficiency.add_argument("--channels", type=at_least(8), default=512)
     efficiency.add_argument("--batch", type=at_least(1), default=1)
     efficiency.add_argument("--repeats", type=at_least(1), default=2, help="timed forward+backward passes")
@@ -147,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     redaction.remember(argv)  # whatever quotes a credential given here, whole or in part, prints it redacted
     # What follows "--" belongs to the submitted job (argparse cannot mix it with the job's name).
-    job_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    job_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     parser = build_parser()
-    args = parser.parse_args(argv[:len(argv) - len(job_args) - 1] if "--" in argv else argv)
+    args = parser.parse_args(argv[: len(argv) - len(job_args) - 1] if "--" in argv else argv)
     if job_args and args.command not in ("submit", "schedule"):
         parser.error("arguments after -- are for `ccnet submit` and `ccnet schedule` only")
     args.job_args = job_args
@@ -162,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except KeyboardInterrupt:
         # One line; the run's MLflow record is KILLED, and the same command resumes from its last checkpoint.
-        log.error("interrupted (%s): %s stopped; the same command resumes it", interrupts.received(),
-                  args.command)
+        log.error(
+            "interrupted (%s): %s stopped; the same command resumes it", interrupts.received(), args.command
+        )
         return interrupts.exit_status()
     except (ValueError, TypeError, OSError, RuntimeError) as error:
         if args.debug:

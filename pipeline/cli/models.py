@@ -66,8 +66,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     table = protocol_table(results)
     sys.stdout.write(table + "\n")
     if (run_id := tracking_run_id(state)) and not args.no_tracking:
-        tracker = start_tracker(config, resolve_tracking_uri(config.tracking.uri), config.run.name,
-                                run_id=run_id, required=False)
+        tracker = start_tracker(
+            config, resolve_tracking_uri(config.tracking.uri), config.run.name, run_id=run_id, required=False
+        )
         prefix = "" if args.split in (None, config.data.val_split) else f"{args.split}_"  # val: unprefixed
         tracker.log_text(table, f"evaluation/{prefix}iteration_{state['iteration']:07d}.md")
         tracker.end()
@@ -114,9 +115,14 @@ def _export_to(config: Config, state: dict, source: str, out: str) -> Any:
 
     model, normalization = _checkpoint_model(config, state, source)
     manifest = _manifest(config)
-    metadata = onnx_metadata(config, normalization, state["num_classes"], variant=variant_label(config),
-                             classes=manifest.classes if manifest else None,
-                             palette=manifest.palette if manifest else None)
+    metadata = onnx_metadata(
+        config,
+        normalization,
+        state["num_classes"],
+        variant=variant_label(config),
+        classes=manifest.classes if manifest else None,
+        palette=manifest.palette if manifest else None,
+    )
     return export_checkpoint(model, out, metadata)
 
 
@@ -129,8 +135,9 @@ def _check_onnx_target(out: str) -> None:
         try:
             import onnx
 
-            written_by_ccnet = any(p.key == "ccnet.model" for p in onnx.load(out, load_external_data=False)
-                                   .metadata_props)
+            written_by_ccnet = any(
+                p.key == "ccnet.model" for p in onnx.load(out, load_external_data=False).metadata_props
+            )
         except Exception:
             written_by_ccnet = False
         if not written_by_ccnet:
@@ -174,8 +181,12 @@ def _predict(args: argparse.Namespace) -> int:
         palette = _palette(config, state["num_classes"])
         protocol = EvalProtocol.multi_scale(config.eval)
     written = predict_images(
-        model, [Path(p) for p in args.images], palette=palette, out_dir=Path(args.out),
-        normalization=normalization, protocol=protocol if args.multi_scale else protocol.at_single_scale(),
+        model,
+        [Path(p) for p in args.images],
+        palette=palette,
+        out_dir=Path(args.out),
+        normalization=normalization,
+        protocol=protocol if args.multi_scale else protocol.at_single_scale(),
         num_classes=len(palette),
     )
     sys.stdout.write("\n".join(str(path) for path in written) + "\n")
@@ -184,8 +195,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 def add_model_commands(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser("evaluate", help="single-scale vs multi-scale + flip mIoU of a checkpoint")
-    evaluate.add_argument("--checkpoint", required=True, type=checkpoint,
-                          help="checkpoint.pt (local path or s3:// URI)")
+    evaluate.add_argument(
+        "--checkpoint", required=True, type=checkpoint, help="checkpoint.pt (local path or s3:// URI)"
+    )
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="eval.mode=slide")
     evaluate.add_argument("--split", help="the split to evaluate, e.g. test (default: data.val_split)")
     evaluate.add_argument("--no-tracking", action="store_true", help="do not record the table in MLflow")
@@ -193,18 +205,27 @@ def add_model_commands(commands: argparse._SubParsersAction) -> None:
 
     predict = commands.add_parser("predict", help="coloured masks and overlays for images")
     predict.add_argument("images", nargs="+", help="image files")
-    predict.add_argument("--checkpoint", required=True, type=checkpoint,
-                         help="local path, s3:// URI, models:/NAME@ALIAS, or an exported .onnx file")
+    predict.add_argument(
+        "--checkpoint",
+        required=True,
+        type=checkpoint,
+        help="local path, s3:// URI, models:/NAME@ALIAS, or an exported .onnx file",
+    )
     predict.add_argument("--out", required=True, type=local_folder, help="output folder")
-    predict.add_argument("--backend", choices=("torch", "onnx"), default=None,
-                         help="PyTorch (default) or onnxruntime (default for a .onnx file)")
+    predict.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        default=None,
+        help="PyTorch (default) or onnxruntime (default for a .onnx file)",
+    )
     predict.add_argument("--multi-scale", action="store_true", help="use eval.scales and flip")
     predict.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     predict.set_defaults(run=_predict)
 
     export = commands.add_parser("export", help="an ONNX model (dynamic batch and size) of a checkpoint")
-    export.add_argument("--checkpoint", required=True, type=checkpoint,
-                        help="local path, s3:// URI or models:/NAME@ALIAS")
+    export.add_argument(
+        "--checkpoint", required=True, type=checkpoint, help="local path, s3:// URI or models:/NAME@ALIAS"
+    )
     export.add_argument("--out", required=True, type=local_folder, help="the .onnx file to write")
     export.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="eval.mode=slide")
     export.set_defaults(run=_export)

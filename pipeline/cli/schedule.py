@@ -107,13 +107,20 @@ def parse_cron(line: str) -> CronSchedule:
     """
     fields = str(line).split()
     if len(fields) != 5:
-        raise ValueError(f"cron line {line!r}: {len(fields)} fields, expected 5 "
-                         "(minute hour day-of-month month day-of-week)")
+        raise ValueError(
+            f"cron line {line!r}: {len(fields)} fields, expected 5 "
+            "(minute hour day-of-month month day-of-week)"
+        )
     minutes, hours, days, months, weekdays = (_parse_field(f, i, line) for i, f in enumerate(fields))
     return CronSchedule(
-        line=line, minutes=minutes, hours=hours, days=days, months=months,
+        line=line,
+        minutes=minutes,
+        hours=hours,
+        days=days,
+        months=months,
         weekdays=frozenset(day % 7 for day in weekdays),
-        days_restricted=fields[2] != "*", weekdays_restricted=fields[4] != "*",
+        days_restricted=fields[2] != "*",
+        weekdays_restricted=fields[4] != "*",
     )
 
 

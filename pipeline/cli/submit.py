@@ -42,11 +42,26 @@ log = logging.getLogger(__name__)
 
 # Settings a job needs from the submitter's environment, forwarded when set. None of them is a secret.
 FORWARDED_ENV = (
-    "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_DISABLE_TELEMETRY", "AWS_ENDPOINT_URL",
-    "AWS_DEFAULT_REGION", "RAY_USAGE_STATS_ENABLED",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_DISABLE_TELEMETRY",
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "RAY_USAGE_STATS_ENABLED",
 )
-EXCLUDES = [".git", ".venv", "runs", "mlruns", "*.db", "__pycache__", ".pytest_cache", ".ruff_cache",
-            "*.egg-info", "build", "dist"]
+EXCLUDES = [
+    ".git",
+    ".venv",
+    "runs",
+    "mlruns",
+    "*.db",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    "*.egg-info",
+    "build",
+    "dist",
+]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -71,8 +86,9 @@ def pinned_requirements() -> list[str]:
 
 def _check_secret_free(what: str, value: str) -> None:
     if holds_secret(value):
-        raise SubmitError(f"{what} holds credentials ({redact(value)}): give them to the cluster's nodes, "
-                          "not to the job")
+        raise SubmitError(
+            f"{what} holds credentials ({redact(value)}): give them to the cluster's nodes, not to the job"
+        )
 
 
 def job_env(names: list[str], environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -85,8 +101,10 @@ def job_env(names: list[str], environ: dict[str, str] | None = None) -> dict[str
     environ = dict(os.environ if environ is None else environ)
     for name in names:
         if is_secret_name(name):
-            raise SubmitError(f"--env {name}: secrets do not travel with a job; give them to the cluster's "
-                              "nodes (a Kubernetes secret, an instance profile, the stack's environment)")
+            raise SubmitError(
+                f"--env {name}: secrets do not travel with a job; give them to the cluster's "
+                "nodes (a Kubernetes secret, an instance profile, the stack's environment)"
+            )
         if name not in environ:
             raise SubmitError(f"--env {name}: not set in this environment")
     values = {name: environ[name] for name in (*FORWARDED_ENV, *names) if name in environ}
@@ -107,8 +125,10 @@ def _check_remote_paths(config: Any) -> None:
     """Local relative paths would land in the job's temporary working directory on the cluster."""
     for key, value in (("data.uri", config.data.uri), ("run.storage", config.run.storage)):
         if is_relative_path(value):
-            raise SubmitError(f"{key}={value} is a relative path: on the cluster it would land in the "
-                              "job's temporary working directory; use s3://... or an absolute shared path")
+            raise SubmitError(
+                f"{key}={value} is a relative path: on the cluster it would land in the "
+                "job's temporary working directory; use s3://... or an absolute shared path"
+            )
 
 
 @dataclass
@@ -123,8 +143,14 @@ class Submission:
 
 
 def build_submission(
-    job: str, args: list[str], *, config_path: str | None = None, overrides: list[str] | None = None,
-    working_dir: Path | None = None, env_names: list[str] | None = None, pip: bool = False,
+    job: str,
+    args: list[str],
+    *,
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+    working_dir: Path | None = None,
+    env_names: list[str] | None = None,
+    pip: bool = False,
     submission_id: str | None = None,
 ) -> Submission:
     """Check a job and its config here, before anything reaches the cluster, and describe its submission.
@@ -151,8 +177,10 @@ def build_submission(
     if config_path is not None:
         path = Path(config_path).resolve()
         if not path.is_relative_to(working_dir):
-            raise SubmitError(f"config {config_path} is outside the working dir {working_dir}, so it would "
-                              "not reach the cluster: put it under it or pass --working-dir")
+            raise SubmitError(
+                f"config {config_path} is outside the working dir {working_dir}, so it would "
+                "not reach the cluster: put it under it or pass --working-dir"
+            )
         command += ["-c", path.relative_to(working_dir).as_posix()]
     for item in overrides:
         _check_secret_free(f"--set {item.split('=', 1)[0]}", item)
@@ -209,8 +237,11 @@ def client(address: str | None) -> Any:
 def submit(jobs_client: Any, submission: Submission, *, entrypoint_num_cpus: float | None = None) -> str:
     """Submit; returns the job's submission id."""
     return jobs_client.submit_job(
-        entrypoint=submission.entrypoint, runtime_env=submission.runtime_env, metadata=submission.metadata,
-        submission_id=submission.submission_id, entrypoint_num_cpus=entrypoint_num_cpus,
+        entrypoint=submission.entrypoint,
+        runtime_env=submission.runtime_env,
+        metadata=submission.metadata,
+        submission_id=submission.submission_id,
+        entrypoint_num_cpus=entrypoint_num_cpus,
     )
 
 
@@ -247,8 +278,11 @@ def jobs_table(jobs_client: Any) -> str:
     rows = ["| submission id | status | started (UTC) | entrypoint |", "|---|---|---|---|"]
     details = sorted(jobs_client.list_jobs(), key=lambda job: job.start_time or 0, reverse=True)
     for job in details:
-        started = (dt.datetime.fromtimestamp(job.start_time / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-                   if job.start_time else "-")
+        started = (
+            dt.datetime.fromtimestamp(job.start_time / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+            if job.start_time
+            else "-"
+        )
         entrypoint = job.entrypoint if len(job.entrypoint) <= 80 else job.entrypoint[:77] + "..."
         rows.append(f"| {job.submission_id or job.job_id} | {job.status.value} | {started} | {entrypoint} |")
     return "\n".join(rows)

@@ -34,9 +34,25 @@ from pipeline.config.schema import (
     is_explicit_none,
 )
 
-__all__ = ["IMAGENET", "NO_PRETRAINED", "Config", "ConfigError", "DataConfig", "EvalConfig", "ModelConfig",
-           "RunConfig", "TrackingConfig", "TrainConfig", "TuneConfig", "apply_overrides", "config_from_dict",
-           "dump_config", "is_explicit_none", "load_config", "validate"]
+__all__ = [
+    "IMAGENET",
+    "NO_PRETRAINED",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "TuneConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "dump_config",
+    "is_explicit_none",
+    "load_config",
+    "validate",
+]
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:

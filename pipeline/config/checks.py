@@ -45,8 +45,10 @@ def validate(config: Config, source: str = "config") -> None:
         "data.loader": (c.data.loader == "torch" or c.run.ray, "torch, or ray with run.ray=true"),
         "eval.crop_size": (c.eval.crop_size >= 8, "an integer >= 8"),
         "eval.stride": (1 <= c.eval.stride <= c.eval.crop_size, "an integer in [1, eval.crop_size]"),
-        "eval.scales": (len(c.eval.scales) > 0 and all(0 < x < math.inf for x in c.eval.scales),
-                        "a non-empty list of numbers > 0"),
+        "eval.scales": (
+            len(c.eval.scales) > 0 and all(0 < x < math.inf for x in c.eval.scales),
+            "a non-empty list of numbers > 0",
+        ),
         "eval.max_images": (c.eval.max_images is None or c.eval.max_images >= 1, f"null or {one}"),
         "run.name": (stays_inside(c.run.name), "a name or relative path without '..'"),
         "run.num_workers": (c.run.num_workers >= 1, "an integer >= 1"),
@@ -56,23 +58,36 @@ def validate(config: Config, source: str = "config") -> None:
         "run.lease_ttl": (0 < c.run.lease_ttl < math.inf, positive),
         "tracking.experiment": (bool(c.tracking.experiment.strip()), "a non-empty name"),
         "tracking.settle_timeout": (0 <= c.tracking.settle_timeout < math.inf, non_negative),
-        "tracking.registered_model": (c.tracking.registered_model is None or (
-            bool(c.tracking.registered_model.strip()) and not set("/:%") & set(c.tracking.registered_model)),
-            "null or a registered model name without '/', ':' or '%'"),
+        "tracking.registered_model": (
+            c.tracking.registered_model is None
+            or (
+                bool(c.tracking.registered_model.strip())
+                and not set("/:%") & set(c.tracking.registered_model)
+            ),
+            "null or a registered model name without '/', ':' or '%'",
+        ),
         "model.recurrence": (c.model.recurrence is None or c.model.recurrence >= 0, f"null or {zero}"),
         "model.embedding_channels": ((c.model.embedding_channels or 0) >= 0, f"null or {zero}"),
-        "model.gamma_init": (c.model.gamma_init is None or math.isfinite(c.model.gamma_init),
-                             "null or a finite number"),
+        "model.gamma_init": (
+            c.model.gamma_init is None or math.isfinite(c.model.gamma_init),
+            "null or a finite number",
+        ),
         "tune.name": (stays_inside(c.tune.name), "a name or relative path without '..'"),
         "tune.num_samples": (c.tune.num_samples >= 1, "an integer >= 1"),
         "tune.max_concurrent": (c.tune.max_concurrent >= 1, "an integer >= 1"),
         "tune.metric": (bool(c.tune.metric.strip()), "a metric name such as val/mIoU"),
-        "tune.seeds": (len(c.tune.seeds) > 0 and len(set(c.tune.seeds)) == len(c.tune.seeds)
-                       and all(0 <= x < 2**32 for x in c.tune.seeds), "distinct integers >= 0"),
+        "tune.seeds": (
+            len(c.tune.seeds) > 0
+            and len(set(c.tune.seeds)) == len(c.tune.seeds)
+            and all(0 <= x < 2**32 for x in c.tune.seeds),
+            "distinct integers >= 0",
+        ),
         "tune.grace_period": (c.tune.grace_period >= 1, "an integer >= 1"),
         "tune.reduction_factor": (c.tune.reduction_factor >= 2, "an integer >= 2"),
-        "tune.baseline": (c.tune.baseline is None or c.tune.baseline in c.tune.variants,
-                          f"null or one of tune.variants: {', '.join(c.tune.variants) or 'none set'}"),
+        "tune.baseline": (
+            c.tune.baseline is None or c.tune.baseline in c.tune.variants,
+            f"null or one of tune.variants: {', '.join(c.tune.variants) or 'none set'}",
+        ),
     }
     for key, (ok, expected) in rules.items():
         if not ok:
@@ -87,8 +102,10 @@ def validate(config: Config, source: str = "config") -> None:
         )
     for key, value in config.flat().items():  # configs are saved with every run: no secret may be in one
         if isinstance(value, str) and has_userinfo(value):
-            raise ConfigError(f"{source}: {key}={redact(value)} holds credentials; they belong in the "
-                              "environment (AWS_* keys, MLFLOW_TRACKING_USERNAME/_PASSWORD or _TOKEN)")
+            raise ConfigError(
+                f"{source}: {key}={redact(value)} holds credentials; they belong in the "
+                "environment (AWS_* keys, MLFLOW_TRACKING_USERNAME/_PASSWORD or _TOKEN)"
+            )
     for key, value in (("data.uri", config.data.uri), ("run.storage", config.run.storage)):
         try:
             parse_location(value, key)
@@ -100,8 +117,10 @@ def validate(config: Config, source: str = "config") -> None:
         try:
             parse_location(pretrained, "model.pretrained")
         except LocationError as error:
-            raise ConfigError(f"{source}: {error} (weights: a local file, s3://bucket/key, imagenet, "
-                              "torchvision:<WEIGHTS> or none)") from None
+            raise ConfigError(
+                f"{source}: {error} (weights: a local file, s3://bucket/key, imagenet, "
+                "torchvision:<WEIGHTS> or none)"
+            ) from None
     _check_space(config, source)
 
 
@@ -110,15 +129,22 @@ def _check_outputs_outside_data(config: Config, source: str) -> None:
     never overlap: a published version is immutable, and a checkpoint written into it would change it."""
     data = config.data.uri
     storage = config.run.storage.rstrip("/")
-    writes = [("run.storage", config.run.storage, config.run.storage),
-              *(("run.storage", config.run.storage, f"{storage}/{name}")
-                for name in (config.run.name, config.tune.name) if stays_inside(name))]
+    writes = [
+        ("run.storage", config.run.storage, config.run.storage),
+        *(
+            ("run.storage", config.run.storage, f"{storage}/{name}")
+            for name in (config.run.name, config.tune.name)
+            if stays_inside(name)
+        ),
+    ]
     if config.tracking.uri and config.tracking.uri.startswith("sqlite:///"):
-        writes.append(("tracking.uri", config.tracking.uri, config.tracking.uri[len("sqlite:///"):]))
+        writes.append(("tracking.uri", config.tracking.uri, config.tracking.uri[len("sqlite:///") :]))
     for key, value, written in writes:
         if inside(written, data) or (written != config.run.storage and inside(data, written)):
-            raise ConfigError(f"{source}: {key}={redact(value)} writes where data.uri={redact(data)} is read "
-                              "(a run only reads its dataset). Choose another place")
+            raise ConfigError(
+                f"{source}: {key}={redact(value)} writes where data.uri={redact(data)} is read "
+                "(a run only reads its dataset). Choose another place"
+            )
 
 
 def _check_model(model: ModelConfig, source: str) -> None:
@@ -152,7 +178,7 @@ def _check_space(config: Config, source: str) -> None:
             raise ConfigError(f"{where}: not a key a search can vary (e.g. {', '.join(valid[:4])}, ...)")
         if len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
             raise ConfigError(f"{where}: expected one of {list(SPACE_KINDS)} with its values, got {spec}")
-        (kind, values), = spec.items()
+        ((kind, values),) = spec.items()
         if kind == "choice" and not values:
             raise ConfigError(f"{where}: choice needs at least one value")
         if kind != "choice":

@@ -26,8 +26,9 @@ def build_model(config: Config, num_classes: int, *, pretrained: bool = True) ->
         try:
             overrides["pretrained"] = storage.local_copy(overrides["pretrained"])
         except FileNotFoundError:
-            raise FileNotFoundError(f"model.pretrained: {storage.redact(config.model.pretrained or '')} "
-                                    "does not exist") from None
+            raise FileNotFoundError(
+                f"model.pretrained: {storage.redact(config.model.pretrained or '')} does not exist"
+            ) from None
     return build_ccnet(config.model.name, num_classes, **overrides)
 
 
@@ -58,6 +59,7 @@ def warn_if_not_pretrained(config: Config) -> bool:
     log.warning(
         "model.pretrained is null: %s (backbone %s) trains from random weights, far from the paper's "
         "accuracy; set model.pretrained to ImageNet weights, or to none to train from scratch on purpose",
-        config.model.name, backbone,
+        config.model.name,
+        backbone,
     )
     return True

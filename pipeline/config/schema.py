@@ -241,8 +241,13 @@ class Config:
         """
 
         def absolute(path: str | None) -> str | None:
-            if path is None or "://" in path or is_explicit_none(path) or path == IMAGENET or \
-                    path.startswith(TORCHVISION):
+            if (
+                path is None
+                or "://" in path
+                or is_explicit_none(path)
+                or path == IMAGENET
+                or path.startswith(TORCHVISION)
+            ):
                 return path
             return str(Path(path).resolve())
 
@@ -274,8 +279,9 @@ def _check_type(value: Any, annotation: Any, key: str, source: str) -> Any:
     if origin is Literal:  # an enum-like field: its values are the schema's, checked here once
         options = typing.get_args(annotation)
         if value not in options or not isinstance(value, str):
-            raise ConfigError(f"{source}: {key}={value!r} is not allowed (expected one of "
-                              f"{', '.join(map(str, options))})")
+            raise ConfigError(
+                f"{source}: {key}={value!r} is not allowed (expected one of {', '.join(map(str, options))})"
+            )
         return value
     if origin is dict:
         _, item = typing.get_args(annotation)

@@ -274,8 +274,16 @@ def _published(manifest_uri: str, plan: str, target: str, name: str) -> Manifest
     return manifest
 
 
-def _prepare(source: DatasetSource, tasks: list[ShardTask], splits: tuple[str, ...], plan: str, version: str,
-             workers: int | None, skip_bad: bool, progress: bool) -> Manifest:
+def _prepare(
+    source: DatasetSource,
+    tasks: list[ShardTask],
+    splits: tuple[str, ...],
+    plan: str,
+    version: str,
+    workers: int | None,
+    skip_bad: bool,
+    progress: bool,
+) -> Manifest:
     """Writes the shards of ``tasks`` (those with a receipt of this plan kept); returns the manifest."""
     storage.ensure_bucket(tasks[0].version_uri)
     workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(tasks)))

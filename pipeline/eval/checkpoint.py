@@ -17,7 +17,10 @@ from pipeline.io.checkpoints import checkpoint_normalization, load, load_model_s
 
 
 def evaluate_checkpoint(
-    config: Config, checkpoint_uri: str, split: str | None = None, reuse_validation: bool = False,
+    config: Config,
+    checkpoint_uri: str,
+    split: str | None = None,
+    reuse_validation: bool = False,
     manifest: Manifest | None = None,
 ) -> tuple[torch.nn.Module, ShardDataset, dict]:
     """Load a checkpoint and evaluate it single-scale and multi-scale + flip on ``split`` (default: the
@@ -35,7 +38,9 @@ def evaluate_checkpoint(
     model.eval()
     normalization = checkpoint_normalization(state, model)
     dataset = ShardDataset(
-        config.data.uri, split or config.data.val_split, manifest=manifest,
+        config.data.uri,
+        split or config.data.val_split,
+        manifest=manifest,
         transform=build_eval_transform(normalization.mean, normalization.std),
     )
     # The training validated in its AMP precision; the final results are in float32.
@@ -45,7 +50,11 @@ def evaluate_checkpoint(
     if single_scale and (single_scale.mode, single_scale.fusion) != (config.eval.mode, config.eval.fusion):
         single_scale = None
     results = evaluate_protocols(
-        model, dataset, eval_config=config.eval, num_classes=manifest.num_classes,
-        ignore_index=manifest.ignore_index, single_scale=single_scale,
+        model,
+        dataset,
+        eval_config=config.eval,
+        num_classes=manifest.num_classes,
+        ignore_index=manifest.ignore_index,
+        single_scale=single_scale,
     )
     return model, dataset, results

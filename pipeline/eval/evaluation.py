@@ -36,6 +36,7 @@ from pipeline.eval.results import MULTI_SCALE, SINGLE_SCALE, EvalResult, percent
 
 log = logging.getLogger(__name__)
 
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel: its forward may run collectives (buffer broadcast), which
     would hang when ranks predict different numbers of images or windows."""
@@ -105,14 +106,22 @@ class EvalProtocol:
     @classmethod
     def single_scale(cls, config: EvalConfig) -> EvalProtocol:
         """``config``'s mode and geometry at scale 1.0 without flip (validation during training)."""
-        return cls(config.mode, config.crop_size, config.stride, (1.0,), False, config.fusion,
-                   config.max_images)
+        return cls(
+            config.mode, config.crop_size, config.stride, (1.0,), False, config.fusion, config.max_images
+        )
 
     @classmethod
     def multi_scale(cls, config: EvalConfig) -> EvalProtocol:
         """``config``'s mode and geometry with its scales and flip (the paper's multi-scale test)."""
-        return cls(config.mode, config.crop_size, config.stride, tuple(config.scales), config.flip,
-                   config.fusion, config.max_images)
+        return cls(
+            config.mode,
+            config.crop_size,
+            config.stride,
+            tuple(config.scales),
+            config.flip,
+            config.fusion,
+            config.max_images,
+        )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> EvalProtocol:
@@ -147,8 +156,16 @@ def _check_arguments(protocol: EvalProtocol, batch_size: int, rank: int, world_s
     return distributed
 
 
-def _count(model: nn.Module, dataset: Samples, indices: range, protocol: EvalProtocol,
-           metric: SegmentationMetric, batch_size: int, device: torch.device, bar: tqdm) -> None:
+def _count(
+    model: nn.Module,
+    dataset: Samples,
+    indices: range,
+    protocol: EvalProtocol,
+    metric: SegmentationMetric,
+    batch_size: int,
+    device: torch.device,
+    bar: tqdm,
+) -> None:
     """Predicts the images at ``indices`` in batches of consecutive images of one size, counting them."""
     for start in range(0, len(indices), batch_size):
         chunk = [dataset[i] for i in indices[start : start + batch_size]]
@@ -156,8 +173,14 @@ def _count(model: nn.Module, dataset: Samples, indices: range, protocol: EvalPro
             images = torch.stack([torch.as_tensor(item["image"]) for item in run]).to(device)
             labels = torch.stack([torch.as_tensor(item["label"]) for item in run]).to(device)
             probs = predict_multiscale(
-                model, images, scales=protocol.scales, flip=protocol.flip, mode=protocol.mode,
-                crop_size=protocol.crop_size, stride=protocol.stride, num_classes=metric.num_classes,
+                model,
+                images,
+                scales=protocol.scales,
+                flip=protocol.flip,
+                mode=protocol.mode,
+                crop_size=protocol.crop_size,
+                stride=protocol.stride,
+                num_classes=metric.num_classes,
                 fusion=protocol.fusion,
             )  # (B, K, H, W)
             metric.update(probs.argmax(dim=1), labels.long())
@@ -219,8 +242,13 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), autocast, tqdm(total=len(indices), unit="img", desc=protocol.describe(),
-                                                    disable=not progress or rank != 0) as bar:
+        with (
+            torch.inference_mode(),
+            autocast,
+            tqdm(
+                total=len(indices), unit="img", desc=protocol.describe(), disable=not progress or rank != 0
+            ) as bar,
+        ):
             _count(inner, dataset, indices, protocol, metric, batch_size, device, bar)
     finally:
         model.train(was_training)
@@ -228,12 +256,22 @@ def evaluate(
     if distributed:
         confusion, num_images = _all_reduce_counts(confusion, num_images)
     result = EvalResult(
-        confusion, tuple(class_names), ignore_index, mode=protocol.mode, scales=protocol.scales,
-        flip=protocol.flip, num_images=num_images, fusion=protocol.fusion,
+        confusion,
+        tuple(class_names),
+        ignore_index,
+        mode=protocol.mode,
+        scales=protocol.scales,
+        flip=protocol.flip,
+        num_images=num_images,
+        fusion=protocol.fusion,
     )
     log.info(
         "evaluated %d images (%s, scales %s, flip %s): mIoU %s %%, pixel accuracy %s %%",
-        num_images, protocol.mode, result.scales, protocol.flip, percent(result.miou),
+        num_images,
+        protocol.mode,
+        result.scales,
+        protocol.flip,
+        percent(result.miou),
         percent(result.pixel_accuracy),
     )
     return result
@@ -261,10 +299,13 @@ def evaluate_protocols(
         ``{"single-scale": scales (1.0,) without flip, "multi-scale+flip": eval_config.scales and flip}``.
     """
     return {
-        SINGLE_SCALE: single_scale or evaluate(model, dataset, EvalProtocol.single_scale(eval_config),
-                                               num_classes=num_classes, **kwargs),
-        MULTI_SCALE: evaluate(model, dataset, EvalProtocol.multi_scale(eval_config), num_classes=num_classes,
-                              **kwargs),
+        SINGLE_SCALE: single_scale
+        or evaluate(
+            model, dataset, EvalProtocol.single_scale(eval_config), num_classes=num_classes, **kwargs
+        ),
+        MULTI_SCALE: evaluate(
+            model, dataset, EvalProtocol.multi_scale(eval_config), num_classes=num_classes, **kwargs
+        ),
     }
 
 

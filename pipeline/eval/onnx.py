@@ -44,8 +44,10 @@ class Parity:
     argmax_agreement: float  # share of pixels whose class is the same
 
     def __str__(self) -> str:
-        return (f"onnxruntime vs PyTorch: max |logit difference| {self.max_logit_difference:.1e}, "
-                f"argmax agreement {100 * self.argmax_agreement:.3f} %")
+        return (
+            f"onnxruntime vs PyTorch: max |logit difference| {self.max_logit_difference:.1e}, "
+            f"argmax agreement {100 * self.argmax_agreement:.3f} %"
+        )
 
 
 def eval_protocol(config: Config) -> dict[str, Any]:
@@ -55,13 +57,22 @@ def eval_protocol(config: Config) -> dict[str, Any]:
     return protocol | {"scales": list(protocol["scales"])}
 
 
-def onnx_metadata(config: Config, normalization: Normalization, num_classes: int, *,
-                  classes: list[str] | None = None, palette: Any = None, variant: str | None = None
-                  ) -> dict[str, str]:
+def onnx_metadata(
+    config: Config,
+    normalization: Normalization,
+    num_classes: int,
+    *,
+    classes: list[str] | None = None,
+    palette: Any = None,
+    variant: str | None = None,
+) -> dict[str, str]:
     """The metadata stored in the file: strings, JSON where structured."""
-    metadata = {"ccnet.num_classes": str(num_classes), "ccnet.model": config.model.name,
-                "ccnet.normalization": json.dumps(normalization.as_dict()),
-                "ccnet.eval": json.dumps(eval_protocol(config))}
+    metadata = {
+        "ccnet.num_classes": str(num_classes),
+        "ccnet.model": config.model.name,
+        "ccnet.normalization": json.dumps(normalization.as_dict()),
+        "ccnet.eval": json.dumps(eval_protocol(config)),
+    }
     if classes:
         metadata["ccnet.classes"] = json.dumps(list(classes))
     if palette:
@@ -71,8 +82,13 @@ def onnx_metadata(config: Config, normalization: Normalization, num_classes: int
     return metadata
 
 
-def parity(model: nn.Module, segmenter: OnnxSegmenter, sizes: tuple[tuple[int, int], ...] = PARITY_SIZES,
-           images: list[torch.Tensor] | None = None, seed: int = 0) -> Parity:
+def parity(
+    model: nn.Module,
+    segmenter: OnnxSegmenter,
+    sizes: tuple[tuple[int, int], ...] = PARITY_SIZES,
+    images: list[torch.Tensor] | None = None,
+    seed: int = 0,
+) -> Parity:
     """``model`` (eval mode) and ``segmenter`` on ``images`` (normalised (1, 3, H, W)), by default random
     ones of ``sizes``."""
     if images is None:
@@ -100,8 +116,10 @@ def export_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, st
     report = parity(model, OnnxSegmenter(path))
     if report.max_logit_difference > MAX_LOGIT_DIFFERENCE or report.argmax_agreement < MIN_AGREEMENT:
         Path(path).unlink(missing_ok=True)
-        raise RuntimeError(f"the ONNX export of {metadata.get('ccnet.model')} does not predict like PyTorch "
-                           f"({report}); nothing written")
+        raise RuntimeError(
+            f"the ONNX export of {metadata.get('ccnet.model')} does not predict like PyTorch "
+            f"({report}); nothing written"
+        )
     return report
 
 
@@ -135,5 +153,12 @@ def open_onnx(path: str | Path) -> OnnxModel:
     return OnnxModel(segmenter, normalization, segmenter.num_classes, protocol, colours)
 
 
-__all__ = ["OnnxModel", "Parity", "eval_protocol", "export_checkpoint", "onnx_metadata", "open_onnx",
-           "parity"]
+__all__ = [
+    "OnnxModel",
+    "Parity",
+    "eval_protocol",
+    "export_checkpoint",
+    "onnx_metadata",
+    "open_onnx",
+    "parity",
+]

@@ -81,8 +81,9 @@ def confusion_matrix_figure(confusion: Any, class_names: Sequence[str], title: s
         for row in range(size):
             for col in range(size):
                 colour = "white" if rates[row, col] > 0.5 else "black"  # readable on dark and light cells
-                axes.text(col, row, f"{rates[row, col]:.2f}", ha="center", va="center", color=colour,
-                          fontsize=7)
+                axes.text(
+                    col, row, f"{rates[row, col]:.2f}", ha="center", va="center", color=colour, fontsize=7
+                )
     return figure
 
 
@@ -114,17 +115,21 @@ def overlay_figure(
             if row == 0:
                 axes[row, col].set_title(titles[col])
     if class_names:
-        handles = [Patch(facecolor=(colour[0] / 255, colour[1] / 255, colour[2] / 255), label=name)
-                   for name, colour in zip(class_names, palette, strict=False)]
-        figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=8,
-                      frameon=False)
+        handles = [
+            Patch(facecolor=(colour[0] / 255, colour[1] / 255, colour[2] / 255), label=name)
+            for name, colour in zip(class_names, palette, strict=False)
+        ]
+        figure.legend(
+            handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=8, frameon=False
+        )
     if title:
         figure.suptitle(title)
     return figure
 
 
-def attention_maps_figure(image: Any, maps: Any, pixels: Sequence[tuple[int, int]],
-                          title: str = "") -> Figure:
+def attention_maps_figure(
+    image: Any, maps: Any, pixels: Sequence[tuple[int, int]], title: str = ""
+) -> Figure:
     """Where chosen pixels look after each recurrence, as in the CCNet paper's attention figure.
 
     Args:
@@ -153,8 +158,15 @@ def attention_maps_figure(image: Any, maps: Any, pixels: Sequence[tuple[int, int
             attention = maps[step, row]
             peak = float(attention.max())
             panel.imshow(image)
-            panel.imshow(attention / peak if peak > 0 else attention, cmap="jet", alpha=0.55, vmin=0.0,
-                         vmax=1.0, extent=extent, interpolation="bilinear")
+            panel.imshow(
+                attention / peak if peak > 0 else attention,
+                cmap="jet",
+                alpha=0.55,
+                vmin=0.0,
+                vmax=1.0,
+                extent=extent,
+                interpolation="bilinear",
+            )
             panel.set_title(f"R={step + 1}")
         for panel in axes[row]:
             panel.plot([x], [y], marker="x", color="white", markersize=9, markeredgewidth=2.5)
@@ -172,8 +184,9 @@ _DIAGNOSTICS_PANELS = {  # figure -> (panel title, the y-axis's bounds: None whe
 }
 
 
-def attention_diagnostics_figure(history: Sequence[tuple[int, Mapping[str, float]]], threshold: float,
-                                 title: str = "") -> Figure:
+def attention_diagnostics_figure(
+    history: Sequence[tuple[int, Mapping[str, float]]], threshold: float, title: str = ""
+) -> Figure:
     """The attention diagnostics over a run: gamma, share, normalised entropy and distance against the
     iteration, one line per place of the model (``head``, ``stem``).
 
@@ -186,13 +199,15 @@ def attention_diagnostics_figure(history: Sequence[tuple[int, Mapping[str, float
     Returns:
         Four axes in a row, in the order above.
     """
-    places = sorted({name.split("/")[1] for _, metrics in history for name in metrics
-                     if name.startswith("attention/")})
+    places = sorted(
+        {name.split("/")[1] for _, metrics in history for name in metrics if name.startswith("attention/")}
+    )
     if not places:
         raise ValueError("no attention diagnostics to plot")
     figure, axes = _figure(1, len(_DIAGNOSTICS_PANELS), panel_inches=3.5)
-    axes[0, 1].axhline(threshold, color="black", linestyle="--", linewidth=0.8,
-                       label=f"engaged ({threshold:g})")
+    axes[0, 1].axhline(
+        threshold, color="black", linestyle="--", linewidth=0.8, label=f"engaged ({threshold:g})"
+    )
     for panel, (name, (label, bounds)) in zip(axes[0], _DIAGNOSTICS_PANELS.items(), strict=True):
         for place in places:
             key = f"attention/{place}/{name}"
@@ -244,8 +259,14 @@ def ablation_figure(
     width = 0.8 / max(len(miou), 1)
     for index, (protocol, (means, half_widths)) in enumerate(miou.items()):
         offset = (index - (len(miou) - 1) / 2) * width
-        axes[0, 0].bar(positions + offset, 100 * np.asarray(means, dtype=float), width,
-                       yerr=100 * np.asarray(half_widths, dtype=float), capsize=3, label=protocol)
+        axes[0, 0].bar(
+            positions + offset,
+            100 * np.asarray(means, dtype=float),
+            width,
+            yerr=100 * np.asarray(half_widths, dtype=float),
+            capsize=3,
+            label=protocol,
+        )
     axes[0, 0].set_ylabel("val mIoU (%), mean and 95 % CI over seeds")
     axes[0, 0].legend(loc="lower right")
     axes[0, 0].set_xticks(positions, labels=list(variants), rotation=45, ha="right")
@@ -262,8 +283,11 @@ def ablation_figure(
 
 
 def _differences_panel(
-    axes: Any, variants: Sequence[str], differences: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-    baseline: str, width: float,
+    axes: Any,
+    variants: Sequence[str],
+    differences: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    baseline: str,
+    width: float,
 ) -> None:
     """Each variant's paired differences to ``baseline`` in percentage points, a marker per protocol with
     error bars of its 95 % interval; a line at 0, where an interval that crosses it resolves nothing."""
@@ -271,9 +295,14 @@ def _differences_panel(
     positions = np.arange(len(compared))
     for index, (protocol, (means, half_widths)) in enumerate(differences.items()):
         offset = (index - (len(differences) - 1) / 2) * width
-        axes.errorbar(positions + offset, 100 * np.asarray(means, dtype=float)[compared],
-                      yerr=100 * np.asarray(half_widths, dtype=float)[compared], fmt="o", capsize=3,
-                      label=protocol)
+        axes.errorbar(
+            positions + offset,
+            100 * np.asarray(means, dtype=float)[compared],
+            yerr=100 * np.asarray(half_widths, dtype=float)[compared],
+            fmt="o",
+            capsize=3,
+            label=protocol,
+        )
     axes.axhline(0.0, color="black", linewidth=0.8)
     axes.set_ylabel(f"Δ val mIoU vs {baseline} (pp), paired, 95 % CI")
     axes.legend(loc="best")

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 IMAGENET = Normalization(IMAGENET_MEAN, IMAGENET_STD)
 WHOLE_IMAGE = EvalProtocol()  # the whole image at scale 1.0, no flip
 
+
 def _blend(image: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
     """``(1 - alpha) * image + alpha * mask``, rounded, both (H, W, 3) uint8."""
     mixed = (1.0 - alpha) * image.astype(np.float64) + alpha * mask.astype(np.float64)
@@ -116,8 +117,14 @@ def predict_images(
             image = torch.from_numpy(rgb).to(device).permute(2, 0, 1)[None]  # (H, W, 3) -> (1, 3, H, W)
             image = (image.float() / 255 - mean_t) / std_t
             probs = predict_multiscale(
-                model, image, scales=protocol.scales, flip=protocol.flip, mode=protocol.mode,
-                crop_size=protocol.crop_size, stride=protocol.stride, num_classes=num_classes,
+                model,
+                image,
+                scales=protocol.scales,
+                flip=protocol.flip,
+                mode=protocol.mode,
+                crop_size=protocol.crop_size,
+                stride=protocol.stride,
+                num_classes=num_classes,
                 fusion=protocol.fusion,
             )  # (1, K, H, W)
             ids = probs.argmax(dim=1)[0].cpu().numpy()  # (H, W)

@@ -116,9 +116,16 @@ class EvalResult:
 
     def state(self) -> dict[str, Any]:
         """The result as plain values and one tensor, for a checkpoint (loads with ``weights_only=True``)."""
-        return {"confusion": self.confusion.clone(), "class_names": list(self.class_names),
-                "ignore_index": self.ignore_index, "mode": self.mode, "scales": list(self.scales),
-                "flip": self.flip, "num_images": self.num_images, "fusion": self.fusion}
+        return {
+            "confusion": self.confusion.clone(),
+            "class_names": list(self.class_names),
+            "ignore_index": self.ignore_index,
+            "mode": self.mode,
+            "scales": list(self.scales),
+            "flip": self.flip,
+            "num_images": self.num_images,
+            "fusion": self.fusion,
+        }
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> EvalResult:

@@ -55,14 +55,17 @@ class Owner:
     def me(cls, ttl: float) -> Owner:
         subcommand = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), "")
         now = time.time()
-        return cls(uuid.uuid4().hex, socket.gethostname(), os.getpid(), f"ccnet {subcommand}".strip(), now,
-                   now + ttl)
+        return cls(
+            uuid.uuid4().hex, socket.gethostname(), os.getpid(), f"ccnet {subcommand}".strip(), now, now + ttl
+        )
 
     def describe(self) -> str:
         since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
         left = max(self.expires - time.time(), 0)
-        return (f"{self.command} (pid {self.pid} on {self.host} since {since}; "
-                f"lease valid {left:.0f} s more unless renewed)")
+        return (
+            f"{self.command} (pid {self.pid} on {self.host} since {since}; "
+            f"lease valid {left:.0f} s more unless renewed)"
+        )
 
     def is_dead(self, now: float) -> bool:
         """Expired, or its process on this host is gone (a pid check is only meaningful here)."""
@@ -85,8 +88,14 @@ def _decode(data: bytes, uri: str) -> Owner | None:
     """The owner recorded in a lease file; None for a file that is not a lease (taken over as dead)."""
     try:
         fields = json.loads(data)
-        return Owner(str(fields["id"]), str(fields["host"]), int(fields["pid"]), str(fields["command"]),
-                     float(fields["started"]), float(fields["expires"]))
+        return Owner(
+            str(fields["id"]),
+            str(fields["host"]),
+            int(fields["pid"]),
+            str(fields["command"]),
+            float(fields["started"]),
+            float(fields["expires"]),
+        )
     except (ValueError, KeyError, TypeError):
         log.warning("%s is not a lease file: taking it over", storage.redact(uri))
         return None
@@ -131,8 +140,10 @@ class RunLease:
         if current is not None:
             holder = _decode(current[0], self.uri)
             if holder is not None and not holder.is_dead(time.time()):
-                raise LeaseHeld(f"{self.name} is being written by {holder.describe()}: "
-                                f"wait for it to end, or use another name ({storage.redact(self.uri)})")
+                raise LeaseHeld(
+                    f"{self.name} is being written by {holder.describe()}: "
+                    f"wait for it to end, or use another name ({storage.redact(self.uri)})"
+                )
             if holder is not None:
                 log.info("%s: taking over the lease of %s, which is gone", self.name, holder.describe())
         payload = self._payload()
@@ -144,8 +155,10 @@ class RunLease:
             holder = _decode(current[0], self.uri) if current else None
             if current is None or holder is None or holder.id != self.owner.id:
                 named = holder.describe() if holder else "another writer"
-                raise LeaseHeld(f"{self.name} is being written by {named}: wait for it to end, or use "
-                                f"another name ({storage.redact(self.uri)})") from None
+                raise LeaseHeld(
+                    f"{self.name} is being written by {named}: wait for it to end, or use "
+                    f"another name ({storage.redact(self.uri)})"
+                ) from None
             self._version = current[1]
         self._thread = threading.Thread(target=self._renew_loop, name="lease-renewal", daemon=True)
         self._thread.start()
@@ -158,8 +171,11 @@ class RunLease:
             except PreconditionFailed:
                 current = storage.read_versioned(self.uri)
                 holder = _decode(current[0], self.uri) if current else None
-                log.error("%s: lost its lease to %s; stop this process, its writes may mix with theirs",
-                          self.name, holder.describe() if holder else "nobody (the lease file was removed)")
+                log.error(
+                    "%s: lost its lease to %s; stop this process, its writes may mix with theirs",
+                    self.name,
+                    holder.describe() if holder else "nobody (the lease file was removed)",
+                )
                 self.lost.set()
                 return
             except Exception as error:  # noqa: BLE001 - an outage: try again at the next tick
@@ -168,8 +184,10 @@ class RunLease:
     def check(self) -> None:
         """Raises LeaseHeld when the lease was lost (call it before publishing results)."""
         if self.lost.is_set():
-            raise LeaseHeld(f"{self.name}: another writer took the lease over during the run; "
-                            f"its results were not published")
+            raise LeaseHeld(
+                f"{self.name}: another writer took the lease over during the run; "
+                f"its results were not published"
+            )
 
     def release(self) -> None:
         """Stops renewing and removes the lease if it is still ours (idempotent)."""
@@ -181,8 +199,9 @@ class RunLease:
             try:
                 storage.delete_if(self.uri, self._version)
             except Exception as error:  # noqa: BLE001 - it expires on its own
-                log.warning("%s: could not remove the lease (it expires in %.0f s): %s", self.name, self.ttl,
-                            error)
+                log.warning(
+                    "%s: could not remove the lease (it expires in %.0f s): %s", self.name, self.ttl, error
+                )
         self._version = None
         for folder in self._created:  # deepest first; a folder that holds anything stays
             with contextlib.suppress(OSError):
@@ -192,6 +211,7 @@ class RunLease:
     def __enter__(self) -> RunLease:
         return self.acquire()
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         self.release()

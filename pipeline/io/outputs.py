@@ -44,21 +44,28 @@ def written_by_ccnet(data: bytes) -> bool:
         return False
 
 
-def check_targets(targets: Sequence[str], inputs: Sequence[str], flag: str,
-                  input_folders: Sequence[str] = ()) -> None:
+def check_targets(
+    targets: Sequence[str], inputs: Sequence[str], flag: str, input_folders: Sequence[str] = ()
+) -> None:
     """Refuses (OutputError naming ``flag`` and the file) a target that is one of ``inputs`` (paths or
     URIs; links resolved) or lies in one of ``input_folders``, is a folder, or exists and was not written
     by a ccnet command."""
     for target in targets:
         shown = redact(target)
         if any(normal_location(target) == normal_location(source) for source in inputs):
-            raise OutputError(f"{flag}: {shown} is also an input; it would be replaced by an output. "
-                              "Choose another output folder")
+            raise OutputError(
+                f"{flag}: {shown} is also an input; it would be replaced by an output. "
+                "Choose another output folder"
+            )
         if any(inside(target, folder) for folder in input_folders):
-            raise OutputError(f"{flag}: {shown} lies inside an input ({redact(input_folders[0])}), which "
-                              "the command only reads. Choose another output")
+            raise OutputError(
+                f"{flag}: {shown} lies inside an input ({redact(input_folders[0])}), which "
+                "the command only reads. Choose another output"
+            )
         if not storage.is_s3(target) and os.path.isdir(target):
             raise OutputError(f"{flag}: {shown} is a folder; it would be replaced by a file")
         if storage.exists(target) and not written_by_ccnet(storage.read_bytes(target)):
-            raise OutputError(f"{flag}: {shown} exists and was not written by ccnet; it would be replaced. "
-                              "Choose another output, or move that file")
+            raise OutputError(
+                f"{flag}: {shown} exists and was not written by ccnet; it would be replaced. "
+                "Choose another output, or move that file"
+            )

@@ -60,7 +60,7 @@ def parse_location(uri: str, name: str | None = None) -> Location:
         raise refuse(f"is empty; {_HINT}")
     match = _SCHEME.match(uri)
     scheme = match.group(1).lower() if match else None
-    if scheme in ("s3", "file") and not uri[len(scheme) + 1:].startswith("//"):
+    if scheme in ("s3", "file") and not uri[len(scheme) + 1 :].startswith("//"):
         raise refuse(f"is not a URI ({scheme}: needs //); {_HINT}")
     if scheme not in ("s3", "file"):
         if "://" in uri:

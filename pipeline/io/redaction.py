@@ -12,12 +12,25 @@ import re
 # white space or a quote). ``s3://bucket/key@v1`` (no ":" before a "/") is a location, not credentials.
 _TOKEN = "[^\\s'\"<>]"
 USERINFO = re.compile(rf"([a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^\s'\"<>/@:]*:{_TOKEN}*|[^\s'\"<>/@]*)@")
-SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD",
-              "MLFLOW_TRACKING_TOKEN")
+SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_ACCESS_KEY_ID",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
 REDACTED = "***"
 # Parts of a name (a config key, an environment variable) that say its value is a secret.
-SECRET_NAME_PARTS = ("secret", "password", "passwd", "token", "key_id", "access_key", "api_key", "credential",
-                     "private")
+SECRET_NAME_PARTS = (
+    "secret",
+    "password",
+    "passwd",
+    "token",
+    "key_id",
+    "access_key",
+    "api_key",
+    "credential",
+    "private",
+)
 _MIN_SECRET_CHARS = 6  # shorter values are placeholders ("test"); replacing them everywhere garbles text
 _MIN_PIECE_CHARS = 4  # a piece of a known secret this long is replaced wherever it appears
 _known: set[str] = set()  # credentials seen in the command line (see :func:`remember`)
@@ -42,7 +55,7 @@ def remember(texts: list[str]) -> None:
     "/", "@", "?" and "#", and the parts of those between ":" from 4 characters."""
     for text in texts:
         for match in USERINFO.finditer(text):
-            userinfo = match.group(0)[len(match.group(1)):-1]
+            userinfo = match.group(0)[len(match.group(1)) : -1]
             pieces = [userinfo, *re.split(r"[/@?#]", userinfo)]
             pieces += [part for piece in pieces for part in piece.split(":") if len(part) >= _MIN_PIECE_CHARS]
             _known.update(piece for piece in pieces if ":" in piece or len(piece) >= _MIN_PIECE_CHARS)

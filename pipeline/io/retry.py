@@ -26,13 +26,31 @@ T = TypeVar("T")
 
 MISSING = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
 CONFLICT = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
-_AUTH = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden", "InvalidToken",
-         "ExpiredToken"}
-_TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestTimeout",
-              "TooManyRequestsException", "InternalError", "ServiceUnavailable"}
+_AUTH = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "403",
+    "Forbidden",
+    "InvalidToken",
+    "ExpiredToken",
+}
+_TRANSIENT = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "RequestTimeout",
+    "TooManyRequestsException",
+    "InternalError",
+    "ServiceUnavailable",
+}
 # pyarrow reports S3 failures as OSError text ("AWS Error NETWORK_CONNECTION ...", "HTTP status 503").
-_TRANSIENT_TEXT = re.compile(r"connect|timed? ?out|timeout|slow.?down|throttl|service.?unavailable|internal"
-                             r".?(failure|error)|reset by peer|broken pipe|curlcode|\b50[0234]\b", re.I)
+_TRANSIENT_TEXT = re.compile(
+    r"connect|timed? ?out|timeout|slow.?down|throttl|service.?unavailable|internal"
+    r".?(failure|error)|reset by peer|broken pipe|curlcode|\b50[0234]\b",
+    re.I,
+)
 _sleep = time.sleep  # tests replace this to retry without waiting
 
 
@@ -44,8 +62,10 @@ def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, bce.ClientError):
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         return error_code(exc) in _TRANSIENT or status >= 500 or status == 429
-    if isinstance(exc, (bce.ConnectionError, bce.HTTPClientError, bce.IncompleteReadError, ConnectionError,
-                        TimeoutError)):
+    if isinstance(
+        exc,
+        (bce.ConnectionError, bce.HTTPClientError, bce.IncompleteReadError, ConnectionError, TimeoutError),
+    ):
         return True
     return type(exc) is OSError and bool(_TRANSIENT_TEXT.search(str(exc)))  # not FileNotFoundError & co
 
@@ -108,8 +128,14 @@ def backoff_schedule(budget: float, base_delay: float = 0.5, max_delay: float = 
     return delays
 
 
-def retry(fn: Callable[[], T], *, what: str, attempts: int | None = None, base_delay: float = 0.5,
-          max_delay: float = 8.0) -> T:
+def retry(
+    fn: Callable[[], T],
+    *,
+    what: str,
+    attempts: int | None = None,
+    base_delay: float = 0.5,
+    max_delay: float = 8.0,
+) -> T:
     """Calls ``fn`` until it succeeds, retrying transient storage errors with exponential backoff + jitter.
 
     Args:
@@ -131,7 +157,7 @@ def retry(fn: Callable[[], T], *, what: str, attempts: int | None = None, base_d
     elif attempts < 1:
         raise ValueError(f"attempts must be at least 1, got {attempts}")
     else:
-        delays = [min(max_delay, base_delay * 2 ** i) for i in range(attempts - 1)]
+        delays = [min(max_delay, base_delay * 2**i) for i in range(attempts - 1)]
     total = len(delays) + 1
     for attempt in range(1, total + 1):
         try:

@@ -34,8 +34,10 @@ def _s3_env() -> tuple[str | None, str, str | None, str | None, str]:
     names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
     missing = [name for name in names if not os.environ.get(name)]
     if len(missing) == 1:
-        raise StorageError(f"S3 credentials incomplete: {missing[0]} is not set but "
-                           f"{next(n for n in names if n not in missing)} is")
+        raise StorageError(
+            f"S3 credentials incomplete: {missing[0]} is not set but "
+            f"{next(n for n in names if n not in missing)} is"
+        )
     endpoint, scheme = None, "https"
     if url := os.environ.get("AWS_ENDPOINT_URL"):
         parsed = urllib.parse.urlsplit(url)
@@ -87,24 +89,38 @@ def _arrow_retry_strategy() -> pyarrow.fs.S3RetryStrategy:
     return pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=arrow_attempts(retry_budget()))
 
 
-def _build_filesystem(endpoint: str | None, scheme: str, key_id: str | None, secret: str | None,
-                      region: str) -> Any:
+def _build_filesystem(
+    endpoint: str | None, scheme: str, key_id: str | None, secret: str | None, region: str
+) -> Any:
     return _S3FileSystem(
-        access_key=key_id, secret_key=secret, region=region, scheme=scheme, endpoint_override=endpoint,
-        connect_timeout=3, request_timeout=30, retry_strategy=_arrow_retry_strategy(),
+        access_key=key_id,
+        secret_key=secret,
+        region=region,
+        scheme=scheme,
+        endpoint_override=endpoint,
+        connect_timeout=3,
+        request_timeout=30,
+        retry_strategy=_arrow_retry_strategy(),
     )
 
 
-def _build_client(endpoint: str | None, scheme: str, key_id: str | None, secret: str | None,
-                  region: str) -> Any:
+def _build_client(
+    endpoint: str | None, scheme: str, key_id: str | None, secret: str | None, region: str
+) -> Any:
     config = botocore.config.Config(
-        retries={"mode": "standard", "max_attempts": 2}, connect_timeout=2, read_timeout=10,
+        retries={"mode": "standard", "max_attempts": 2},
+        connect_timeout=2,
+        read_timeout=10,
         s3={"addressing_style": "path"} if endpoint else None,  # virtual hosts need DNS a local server lacks
     )
     # A session of its own: boto3's default session is not thread-safe.
     return boto3.session.Session().client(
-        "s3", endpoint_url=f"{scheme}://{endpoint}" if endpoint else None, aws_access_key_id=key_id,
-        aws_secret_access_key=secret, region_name=region, config=config,
+        "s3",
+        endpoint_url=f"{scheme}://{endpoint}" if endpoint else None,
+        aws_access_key_id=key_id,
+        aws_secret_access_key=secret,
+        region_name=region,
+        config=config,
     )
 
 

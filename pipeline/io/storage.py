@@ -38,7 +38,6 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once: temp files are created 0600, renamed files get the mode open() would give
 
 
-
 def is_s3(uri: str) -> bool:
     """True for ``s3://`` locations, False for local paths and ``file://`` URIs; LocationError for neither."""
     return parse_location(uri).is_s3
@@ -208,8 +207,11 @@ def write_if(uri: str, data: bytes, version: str | None) -> str:
     what = f"write {redact(uri)}"
     if is_s3(uri):
         condition = {"IfMatch": version} if version is not None else {"IfNoneMatch": "*"}
-        response = _s3("write", uri, lambda bucket, key: s3_client().put_object(
-            Bucket=bucket, Key=key, Body=data, **condition))
+        response = _s3(
+            "write",
+            uri,
+            lambda bucket, key: s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition),
+        )
         return response["ETag"]
     os.makedirs(os.path.dirname(os.path.abspath(_local_path(uri))), exist_ok=True)
     with _folder_lock(uri):
@@ -229,8 +231,11 @@ def delete_if(uri: str, version: str) -> bool:
         return False
     if is_s3(uri):
         try:
-            _s3("delete", uri, lambda bucket, key: s3_client().delete_object(Bucket=bucket, Key=key,
-                                                                              IfMatch=version))
+            _s3(
+                "delete",
+                uri,
+                lambda bucket, key: s3_client().delete_object(Bucket=bucket, Key=key, IfMatch=version),
+            )
         except (PreconditionFailed, FileNotFoundError):
             return False
         return True
@@ -248,14 +253,17 @@ def list_files(uri: str) -> list[str]:
     if not is_s3(uri):
         root = _local_path(uri)
         paths = (os.path.join(folder, file) for folder, _, files in os.walk(root) for file in files)
-        return sorted(os.path.relpath(path, root).replace(os.sep, "/") for path in paths
-                      if not os.path.basename(path).startswith(_TMP_MARK))
+        return sorted(
+            os.path.relpath(path, root).replace(os.sep, "/")
+            for path in paths
+            if not os.path.basename(path).startswith(_TMP_MARK)
+        )
 
     def listing(bucket: str, key: str) -> list[str]:
         prefix = f"{key}/" if key else ""
         pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         keys = [item["Key"] for page in pages for item in page.get("Contents", [])]
-        return sorted(k[len(prefix):] for k in keys if not k.endswith("/"))  # "/"-ended keys: folder markers
+        return sorted(k[len(prefix) :] for k in keys if not k.endswith("/"))  # "/"-ended keys: folder markers
 
     try:
         return _s3("list", uri, listing)

@@ -16,16 +16,24 @@ from pipeline.tracking.base import NullTracker, Tracker, TrackingError
 from pipeline.tracking.mlflow_tracker import MlflowTracker
 from pipeline.tracking.uri import resolve_tracking_uri
 
-__all__ = ["BACKENDS", "MlflowTracker", "NullTracker", "Tracker", "TrackingError", "open_tracker",
-           "resolve_tracking_uri"]
+__all__ = [
+    "BACKENDS",
+    "MlflowTracker",
+    "NullTracker",
+    "Tracker",
+    "TrackingError",
+    "open_tracker",
+    "resolve_tracking_uri",
+]
 
 # The URI schemes of trackers other than MLflow's, which takes every other URI (http(s), sqlite, databricks,
 # ...). Each is called as ``Backend(uri, experiment, required=..., settle_timeout=...)``.
 BACKENDS: dict[str, Callable[..., Tracker]] = {}
 
 
-def open_tracker(uri: str | None, experiment: str, *, required: bool = True,
-                 settle_timeout: float = 120.0) -> Tracker:
+def open_tracker(
+    uri: str | None, experiment: str, *, required: bool = True, settle_timeout: float = 120.0
+) -> Tracker:
     """The tracker for ``uri``: the backend of its scheme (:data:`BACKENDS`, else MLflow), or a
     :class:`NullTracker` when there is no URI."""
     if not uri:

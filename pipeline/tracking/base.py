@@ -34,8 +34,16 @@ class Tracker(Protocol):
     def active(self) -> bool:
         """True between a successful :meth:`start` and :meth:`end`."""
 
-    def start(self, run_name: str, run_id: str | None = None, tags: dict[str, str] | None = None,
-              announce: bool = True, *, resume: bool = False, parent_run_id: str | None = None) -> str | None:
+    def start(
+        self,
+        run_name: str,
+        run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+        announce: bool = True,
+        *,
+        resume: bool = False,
+        parent_run_id: str | None = None,
+    ) -> str | None:
         """Opens the run: continues ``run_id`` when it exists, or with ``resume`` the latest run named
         ``run_name`` (under ``parent_run_id`` when given), else creates one, nested under ``parent_run_id``.
         Returns its id, or None when not recording. ``announce``: say which run it is on the console (not
@@ -62,8 +70,9 @@ class Tracker(Protocol):
 
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
-    def log_dataset(self, name: str, digest: str, source: str, profile: dict[str, Any], context: str) -> None:
-        ...
+    def log_dataset(
+        self, name: str, digest: str, source: str, profile: dict[str, Any], context: str
+    ) -> None: ...
 
     def log_dict(self, data: dict, artifact_file: str) -> None: ...
 
@@ -73,9 +82,16 @@ class Tracker(Protocol):
 
     def log_figure(self, figure: Figure, artifact_file: str) -> None: ...
 
-    def log_model(self, model: torch.nn.Module, name: str = "model", registered_name: str | None = None,
-                  metrics: dict[str, float] | None = None, checkpoint: str | None = None,
-                  version_tags: dict[str, str] | None = None, onnx_file: str | None = None) -> str | None: ...
+    def log_model(
+        self,
+        model: torch.nn.Module,
+        name: str = "model",
+        registered_name: str | None = None,
+        metrics: dict[str, float] | None = None,
+        checkpoint: str | None = None,
+        version_tags: dict[str, str] | None = None,
+        onnx_file: str | None = None,
+    ) -> str | None: ...
 
     def end(self, status: str = "FINISHED") -> None: ...
 
@@ -90,8 +106,16 @@ class NullTracker:
     run_id = None
     active = False
 
-    def start(self, run_name: str, run_id: str | None = None, tags: dict[str, str] | None = None,
-              announce: bool = True, *, resume: bool = False, parent_run_id: str | None = None) -> str | None:
+    def start(
+        self,
+        run_name: str,
+        run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+        announce: bool = True,
+        *,
+        resume: bool = False,
+        parent_run_id: str | None = None,
+    ) -> str | None:
         return None
 
     def describe(self, text: str) -> None:
@@ -133,9 +157,16 @@ class NullTracker:
     def log_figure(self, figure: Figure, artifact_file: str) -> None:
         pass
 
-    def log_model(self, model: torch.nn.Module, name: str = "model", registered_name: str | None = None,
-                  metrics: dict[str, float] | None = None, checkpoint: str | None = None,
-                  version_tags: dict[str, str] | None = None, onnx_file: str | None = None) -> str | None:
+    def log_model(
+        self,
+        model: torch.nn.Module,
+        name: str = "model",
+        registered_name: str | None = None,
+        metrics: dict[str, float] | None = None,
+        checkpoint: str | None = None,
+        version_tags: dict[str, str] | None = None,
+        onnx_file: str | None = None,
+    ) -> str | None:
         return None
 
     def end(self, status: str = "FINISHED") -> None:

@@ -54,8 +54,12 @@ class OutageBuffer:
             if known is None:
                 self.pending_params[key] = text
             elif known != text:
-                log.warning("param %s keeps its first value %r (MLflow never changes a param; new: %r)",
-                            key, known, text)
+                log.warning(
+                    "param %s keeps its first value %r (MLflow never changes a param; new: %r)",
+                    key,
+                    known,
+                    text,
+                )
 
     def add_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int) -> None:
         """Queues metric points; steps the run already holds are skipped (a resumed run repeats the steps
@@ -68,8 +72,9 @@ class OutageBuffer:
             self.points.popleft()
             self.dropped += 1
 
-    def drain(self, send_params: Callable[[dict[str, str]], None],
-              send_metrics: Callable[[list[Point]], None]) -> None:
+    def drain(
+        self, send_params: Callable[[dict[str, str]], None], send_metrics: Callable[[list[Point]], None]
+    ) -> None:
         """Sends pending params, then points in order, batch by batch; raises what a sender raises, keeping
         everything from the failed batch on."""
         while self.pending_params:

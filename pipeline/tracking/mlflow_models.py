@@ -32,9 +32,18 @@ def _requirements(*packages: str) -> list[str]:
     return [f"{package}=={version(package)}" for package in packages]
 
 
-def log_models(client: Any, run_id: str, model: Any, name: str, *, onnx_file: str | None,
-               checkpoint: str | None, metrics: dict[str, float], registered_name: str | None,
-               version_tags: dict[str, str]) -> str | None:
+def log_models(
+    client: Any,
+    run_id: str,
+    model: Any,
+    name: str,
+    *,
+    onnx_file: str | None,
+    checkpoint: str | None,
+    metrics: dict[str, float],
+    registered_name: str | None,
+    version_tags: dict[str, str],
+) -> str | None:
     """Logs the model's forms (see the module's docstring) to run ``run_id`` through MLflow's global state,
     which the caller points at the run's store; links ``metrics`` to each; registers the segmenter (or the
     pt2 model) as a new version of ``registered_name`` and lets :func:`promote` decide its aliases. Returns
@@ -46,19 +55,40 @@ def log_models(client: Any, run_id: str, model: Any, name: str, *, onnx_file: st
     from mlflow.models import Model
 
     signature, example = image_signature(model)
-    logged = [mlflow.pytorch.log_model(
-        model, name=f"{name}-pt2" if onnx_file else name, run_id=run_id, serialization_format="pt2",
-        pip_requirements=_requirements("torch"), signature=signature, input_example=example,
-        extra_files=[checkpoint] if checkpoint and not onnx_file else None)]
+    logged = [
+        mlflow.pytorch.log_model(
+            model,
+            name=f"{name}-pt2" if onnx_file else name,
+            run_id=run_id,
+            serialization_format="pt2",
+            pip_requirements=_requirements("torch"),
+            signature=signature,
+            input_example=example,
+            extra_files=[checkpoint] if checkpoint and not onnx_file else None,
+        )
+    ]
     if onnx_file:
-        logged.append(mlflow.onnx.log_model(
-            onnx.load(onnx_file), name=f"{name}-onnx", run_id=run_id, signature=signature,
-            pip_requirements=_requirements("onnx", "onnxruntime")))
+        logged.append(
+            mlflow.onnx.log_model(
+                onnx.load(onnx_file),
+                name=f"{name}-onnx",
+                run_id=run_id,
+                signature=signature,
+                pip_requirements=_requirements("onnx", "onnxruntime"),
+            )
+        )
         artifacts = {"onnx_model": onnx_file, **({"checkpoint": checkpoint} if checkpoint else {})}
-        logged.append(Model.log(  # mlflow.pyfunc.log_model, which takes no run_id
-            artifact_path=None, name=name, run_id=run_id, flavor=mlflow.pyfunc,
-            python_model=str(SEGMENTER_CODE), artifacts=artifacts,
-            pip_requirements=_requirements("mlflow", "numpy", "pillow", "onnxruntime", "pandas")))
+        logged.append(
+            Model.log(  # mlflow.pyfunc.log_model, which takes no run_id
+                artifact_path=None,
+                name=name,
+                run_id=run_id,
+                flavor=mlflow.pyfunc,
+                python_model=str(SEGMENTER_CODE),
+                artifacts=artifacts,
+                pip_requirements=_requirements("mlflow", "numpy", "pillow", "onnxruntime", "pandas"),
+            )
+        )
     for info in logged:
         for key, value in metrics.items():
             client.log_metric(run_id, key, value, model_id=info.model_id)

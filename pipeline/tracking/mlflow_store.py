@@ -58,13 +58,12 @@ class _PickleNotice(logging.Filter):
         return "serialization_format" not in record.getMessage()
 
 
-
 def _sqlite_artifact_location(uri: str) -> str | None:
     """``file:`` URI of an ``artifacts`` folder beside a sqlite store; None for other stores (a server
     decides itself). Without it MLflow would put artifacts under ``./mlruns`` of whatever the cwd is."""
     if not uri.startswith("sqlite:///"):
         return None
-    database = Path(urllib.parse.unquote(uri[len("sqlite:///"):]))
+    database = Path(urllib.parse.unquote(uri[len("sqlite:///") :]))
     return (database.resolve().parent / "artifacts").as_uri()
 
 
@@ -106,8 +105,14 @@ def context_tags() -> dict[str, str]:
     except (KeyError, OSError):  # no passwd entry for this uid (containers)
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5, check=False).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     if re.fullmatch(r"[0-9a-f]{40}", commit):
@@ -128,9 +133,11 @@ def ensure_experiment(client: Any, name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=_sqlite_artifact_location(uri),
-                                            tags={"mlflow.note.content": EXPERIMENT_NOTE,
-                                                  EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1]})
+            return client.create_experiment(
+                name,
+                artifact_location=_sqlite_artifact_location(uri),
+                tags={"mlflow.note.content": EXPERIMENT_NOTE, EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1]},
+            )
         except MlflowException:
             experiment = client.get_experiment_by_name(name)  # another trial created it meanwhile
             if experiment is None:
@@ -144,8 +151,10 @@ def ensure_experiment(client: Any, name: str, uri: str) -> str:
 
 def last_steps(client: Any, run: Any) -> dict[str, int]:
     """The last step the run holds of each of its metrics (one request per metric)."""
-    return {key: max((m.step for m in client.get_metric_history(run.info.run_id, key)), default=-1)
-            for key in run.data.metrics}
+    return {
+        key: max((m.step for m in client.get_metric_history(run.info.run_id, key)), default=-1)
+        for key in run.data.metrics
+    }
 
 
 CHAMPION_METRIC = "val_mIoU"  # what makes a registered version the champion (higher is better)
@@ -164,8 +173,10 @@ def image_signature(model: Any) -> tuple[Any, Any]:
     with torch.inference_mode():
         classes = int(model(torch.from_numpy(example)).shape[1])
     floats = np.dtype(np.float32)
-    signature = ModelSignature(inputs=Schema([TensorSpec(floats, (-1, 3, -1, -1))]),
-                               outputs=Schema([TensorSpec(floats, (-1, classes, -1, -1))]))
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(floats, (-1, 3, -1, -1))]),
+        outputs=Schema([TensorSpec(floats, (-1, classes, -1, -1))]),
+    )
     return signature, example
 
 
@@ -181,8 +192,9 @@ def register(client: Any, name: str, model_id: str, run_id: str, await_for: int 
     except MlflowException as error:
         if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
-    version = client.create_model_version(name, f"models:/{model_id}", run_id=run_id, model_id=model_id,
-                                          await_creation_for=await_for)
+    version = client.create_model_version(
+        name, f"models:/{model_id}", run_id=run_id, model_id=model_id, await_creation_for=await_for
+    )
     return str(version.version)
 
 
@@ -208,14 +220,20 @@ def promote(client: Any, name: str, version: str, score: float | None, tags: dic
     except MlflowException:  # no champion yet
         champion = None
     if champion is not None and champion.tags.get(COMPARABLE) != tags.get(COMPARABLE):
-        log.info("registered model %s version %s not compared with champion version %s: another dataset "
-                 "version or protocol", name, version, champion.version)
+        log.info(
+            "registered model %s version %s not compared with champion version %s: another dataset "
+            "version or protocol",
+            name,
+            version,
+            champion.version,
+        )
         return
     best = float(champion.tags.get(CHAMPION_METRIC, "-inf")) if champion is not None else float("-inf")
     if score > best:
         client.set_registered_model_alias(name, "champion", version)
-        log.info("registered model %s version %s is the champion (%s %.4f)", name, version, CHAMPION_METRIC,
-                 score)
+        log.info(
+            "registered model %s version %s is the champion (%s %.4f)", name, version, CHAMPION_METRIC, score
+        )
 
 
 def registered_checkpoint(model_uri: str, tracking_uri: str, folder: str) -> str:
@@ -234,12 +252,14 @@ def registered_checkpoint(model_uri: str, tracking_uri: str, folder: str) -> str
     for path in ("artifacts/checkpoint.pt", "extra_files/checkpoint.pt"):
         try:
             with env({"MLFLOW_TRACKING_URI": tracking_uri}):
-                return download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/{path}", dst_path=folder,
-                                          tracking_uri=tracking_uri)
+                return download_artifacts(
+                    artifact_uri=f"{model_uri.rstrip('/')}/{path}", dst_path=folder, tracking_uri=tracking_uri
+                )
         except (MlflowException, OSError) as error:
             missing = error
-    raise FileNotFoundError(f"{model_uri}: no registered model checkpoint at {redact(tracking_uri)} "
-                            f"({one_line(missing)[:200]})") from None
+    raise FileNotFoundError(
+        f"{model_uri}: no registered model checkpoint at {redact(tracking_uri)} ({one_line(missing)[:200]})"
+    ) from None
 
 
 def browse_hint(tracking_uri: str, run_id: str | None, experiment_runs: bool = False) -> str:
@@ -283,8 +303,12 @@ def find_run(uri: str, experiment: str, run_name: str, parent_run_id: str | None
             query = f"attributes.run_name = '{quoted}'"
             if parent_run_id is not None:
                 query += f" and tags.mlflow.parentRunId = '{parent_run_id}'"
-            runs = client.search_runs([found.experiment_id], filter_string=query,
-                                      order_by=["attributes.start_time DESC"], max_results=1)
+            runs = client.search_runs(
+                [found.experiment_id],
+                filter_string=query,
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
     except Exception as error:
         log.warning("cannot look up run %r at %s: %s", run_name, redact(uri), one_line(error))
         return None
@@ -309,11 +333,17 @@ def resumable_run(client: Any, run_id: str, uri: str) -> Any:
     return run
 
 
-def end_nested_runs(client: Any, experiment_id: str | None, parent_run_id: str | None, status: str,
-                    failed_since: float | None = None) -> int:
+def end_nested_runs(
+    client: Any,
+    experiment_id: str | None,
+    parent_run_id: str | None,
+    status: str,
+    failed_since: float | None = None,
+) -> int:
     """Marks ``status`` every run of the experiment nested under ``parent_run_id`` that is still RUNNING,
     and with ``failed_since`` (seconds since the epoch) every one that ended FAILED at or after that time
     (a trial whose process saw the search's stop as an error); returns how many."""
+
     def nested(state: str) -> list[Any]:
         query = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = '{state}'"
         return list(client.search_runs([experiment_id], filter_string=query))
@@ -327,6 +357,7 @@ def end_nested_runs(client: Any, experiment_id: str | None, parent_run_id: str |
 
 
 _MAX_PARAM_CHARS = 6000  # MLflow's limit (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
+
 
 def safe_value(key: str, value: object) -> str:
     """A param or tag value as MLflow will store it: a string, redacted, at most MLflow's length."""

@@ -60,6 +60,7 @@ NOTE_TAG = "mlflow.note.content"  # a run's description in the MLflow UI
 
 log = logging.getLogger(__name__)
 
+
 class MlflowTracker:
     """One MLflow run, written from rank 0 only.
 
@@ -77,8 +78,9 @@ class MlflowTracker:
         required: see above.
     """
 
-    def __init__(self, uri: str, experiment: str, required: bool = True,
-                 settle_timeout: float = 120.0) -> None:
+    def __init__(
+        self, uri: str, experiment: str, required: bool = True, settle_timeout: float = 120.0
+    ) -> None:
         self.uri = uri
         self.experiment = experiment
         self.required = required
@@ -103,8 +105,14 @@ class MlflowTracker:
         return self._run_id is not None and not self._ended
 
     def start(
-        self, run_name: str, run_id: str | None = None, tags: dict[str, str] | None = None,
-        announce: bool = True, *, resume: bool = False, parent_run_id: str | None = None,
+        self,
+        run_name: str,
+        run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+        announce: bool = True,
+        *,
+        resume: bool = False,
+        parent_run_id: str | None = None,
     ) -> str | None:
         """Opens the run: continues ``run_id`` when given and it exists, or with ``resume`` the latest run
         named ``run_name`` (nested under ``parent_run_id`` when given: :func:`find_run`), else creates one,
@@ -144,21 +152,24 @@ class MlflowTracker:
                     experiment_id = ensure_experiment(client, self.experiment, self.uri)
                     run = resumable_run(client, run_id, self.uri) if run_id else None
                     if run is None:
-                        run = client.create_run(experiment_id, run_name=run_name,
-                                                tags={**context_tags(), **safe_tags})
+                        run = client.create_run(
+                            experiment_id, run_name=run_name, tags={**context_tags(), **safe_tags}
+                        )
                     else:
                         client.update_run(run.info.run_id, status="RUNNING")
                         if safe_tags:
-                            client.log_batch(run.info.run_id,
-                                             tags=[RunTag(k, v) for k, v in safe_tags.items()])
+                            client.log_batch(
+                                run.info.run_id, tags=[RunTag(k, v) for k, v in safe_tags.items()]
+                            )
                         self._buffer.stored_params = dict(run.data.params)
                         self._buffer.logged_through = last_steps(client, run)
                 break
             except Exception as error:
                 message = f"MLflow tracking at {redact(self.uri)} is unusable: {one_line(error)}"
                 if time.monotonic() < deadline:
-                    log.warning("%s; waiting for it to answer (up to %.0f s)", message,
-                                deadline - time.monotonic())
+                    log.warning(
+                        "%s; waiting for it to answer (up to %.0f s)", message, deadline - time.monotonic()
+                    )
                     time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
                     continue
                 if self.required:
@@ -168,8 +179,14 @@ class MlflowTracker:
                 return None
         self._client, self._experiment_id, self._run_id = client, experiment_id, run.info.run_id
         self._unregister = on_forced_exit(self._mark_killed)  # a Ctrl-C whose shutdown hangs
-        log.log(logging.INFO if announce else logging.DEBUG, "MLflow run %s (%s) in experiment %r at %s",
-                self._run_id, run_name, self.experiment, redact(self.uri))
+        log.log(
+            logging.INFO if announce else logging.DEBUG,
+            "MLflow run %s (%s) in experiment %r at %s",
+            self._run_id,
+            run_name,
+            self.experiment,
+            redact(self.uri),
+        )
         return self._run_id
 
     def log_params(self, params: dict[str, object]) -> None:
@@ -213,7 +230,8 @@ class MlflowTracker:
             with env(LOG_HTTP):
                 self._buffer.drain(
                     lambda params: self._send("params", params=[Param(k, v) for k, v in params.items()]),
-                    lambda points: self._send("metrics", metrics=[Metric(*point) for point in points]))
+                    lambda points: self._send("metrics", metrics=[Metric(*point) for point in points]),
+                )
         except Exception as error:
             self._note_outage(error)
             return False
@@ -244,8 +262,11 @@ class MlflowTracker:
                 return False
             if not waited:
                 waited = True
-                log.warning("waiting up to %.0f s for MLflow at %s to answer again",
-                            deadline - time.monotonic(), redact(self.uri))
+                log.warning(
+                    "waiting up to %.0f s for MLflow at %s to answer again",
+                    deadline - time.monotonic(),
+                    redact(self.uri),
+                )
             time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
     def _send(self, what: str, **batch: list) -> None:
@@ -261,8 +282,11 @@ class MlflowTracker:
     def _note_outage(self, error: BaseException) -> None:
         if not self._outage:
             self._outage = True
-            log.warning("MLflow at %s is unreachable (%s); buffering metrics until it answers",
-                        redact(self.uri), one_line(error))
+            log.warning(
+                "MLflow at %s is unreachable (%s); buffering metrics until it answers",
+                redact(self.uri),
+                one_line(error),
+            )
 
     def _log_file(self, what: str, call: Callable[[Any], Any]) -> None:
         """Runs an artifact upload; during an outage, or when it fails, the artifact is dropped with a
@@ -303,8 +327,13 @@ class MlflowTracker:
         # lazy: MLflow (2 s to import) loads only where a run is tracked
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        dataset = Dataset(name=name, digest=digest[:36], source_type="ccnet-shards", source=json.dumps(
-            {"uri": redact(source)}), profile=json.dumps(profile))
+        dataset = Dataset(
+            name=name,
+            digest=digest[:36],
+            source_type="ccnet-shards",
+            source=json.dumps({"uri": redact(source)}),
+            profile=json.dumps(profile),
+        )
         inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])]
         self._log_file("dataset", lambda client: client.log_inputs(self._run_id, datasets=inputs))
 
@@ -324,9 +353,16 @@ class MlflowTracker:
         """Stores a matplotlib figure as an image (format from the extension, e.g. ``plots/x.png``)."""
         self._log_file(artifact_file, lambda c: c.log_figure(self._run_id, figure, artifact_file))
 
-    def log_model(self, model: torch.nn.Module, name: str = "model", registered_name: str | None = None,
-                  metrics: dict[str, float] | None = None, checkpoint: str | None = None,
-                  version_tags: dict[str, str] | None = None, onnx_file: str | None = None) -> str | None:
+    def log_model(
+        self,
+        model: torch.nn.Module,
+        name: str = "model",
+        registered_name: str | None = None,
+        metrics: dict[str, float] | None = None,
+        checkpoint: str | None = None,
+        version_tags: dict[str, str] | None = None,
+        onnx_file: str | None = None,
+    ) -> str | None:
         """Logs ``model`` (images ``(B, 3, H, W)`` to logits ``(B, K, H, W)``: a CCNet as
         :class:`ccnet.inference.LogitsOnly`) as a pt2 program and, given its ``onnx_file``, as ONNX and as
         the image segmenter that is registered (:mod:`pipeline.tracking.mlflow_models`), with ``checkpoint``
@@ -344,14 +380,28 @@ class MlflowTracker:
             # log_model goes through MLflow's global state: point it at this store and experiment for the
             # call (MLFLOW_TRACKING_URI is only read while set_tracking_uri was never called, i.e. here). Its
             # check of the input example downloads the model back: without a progress bar on the console.
-            scope = {"MLFLOW_TRACKING_URI": self.uri, "MLFLOW_EXPERIMENT_ID": self._experiment_id,
-                     "MLFLOW_EXPERIMENT_NAME": None, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+            scope = {
+                "MLFLOW_TRACKING_URI": self.uri,
+                "MLFLOW_EXPERIMENT_ID": self._experiment_id,
+                "MLFLOW_EXPERIMENT_NAME": None,
+                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+            }
             with env(scope):
                 if mlflow.get_tracking_uri() != self.uri:  # someone called mlflow.set_tracking_uri
                     raise RuntimeError("MLflow's global tracking URI was set elsewhere")
-                version.append(log_models(client, run_id, model, name, onnx_file=onnx_file,
-                                          checkpoint=checkpoint, metrics=metrics or {},
-                                          registered_name=registered_name, version_tags=version_tags or {}))
+                version.append(
+                    log_models(
+                        client,
+                        run_id,
+                        model,
+                        name,
+                        onnx_file=onnx_file,
+                        checkpoint=checkpoint,
+                        metrics=metrics or {},
+                        registered_name=registered_name,
+                        version_tags=version_tags or {},
+                    )
+                )
 
         self._log_file(f"model {name}", call)
         return version[0] if version else None
@@ -364,8 +414,12 @@ class MlflowTracker:
         self.settle()
         with self._lock:
             if not self._flush():
-                log.warning("MLflow unreachable at the end of run %s: %d metric points and %d params lost",
-                            self._run_id, len(self._buffer.points), len(self._buffer.pending_params))
+                log.warning(
+                    "MLflow unreachable at the end of run %s: %d metric points and %d params lost",
+                    self._run_id,
+                    len(self._buffer.points),
+                    len(self._buffer.pending_params),
+                )
             # MLflow prints the run's URL on termination, credentials and all, when the URI holds them.
             quiet = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"} if holds_secret(self.uri) else {}
             try:
@@ -385,8 +439,9 @@ class MlflowTracker:
             with env(LOG_HTTP):
                 return end_nested_runs(self._client, self._experiment_id, self._run_id, status, failed_since)
         except Exception as error:
-            log.warning("MLflow runs nested under %s not marked %s: %s", self._run_id, status,
-                        one_line(error))
+            log.warning(
+                "MLflow runs nested under %s not marked %s: %s", self._run_id, status, one_line(error)
+            )
             return 0
 
     def _mark_killed(self) -> None:

@@ -48,8 +48,9 @@ def _decode(value: Any, index: int) -> np.ndarray:
         except (binascii.Error, ValueError):
             raise _refuse(f"image {index}: text that is not base64 (send the file as base64)") from None
     if not isinstance(value, bytes | bytearray):
-        raise _refuse(f"image {index}: expected an encoded image file (bytes or base64), got "
-                      f"{type(value).__name__}")
+        raise _refuse(
+            f"image {index}: expected an encoded image file (bytes or base64), got {type(value).__name__}"
+        )
     try:
         with Image.open(io.BytesIO(value)) as image:
             if image.width * image.height > MAX_PIXELS:
@@ -76,8 +77,10 @@ def _images(model_input: Any) -> list[np.ndarray]:
     if array.ndim == 3:
         array = array[None]
     if array.ndim != 4 or array.shape[-1] != 3 or array.dtype.kind not in "iuf":
-        raise _refuse(f"expected RGB pixel arrays of shape (H, W, 3) or (N, H, W, 3), got shape "
-                      f"{array.shape} of {array.dtype}")
+        raise _refuse(
+            f"expected RGB pixel arrays of shape (H, W, 3) or (N, H, W, 3), got shape "
+            f"{array.shape} of {array.dtype}"
+        )
     if array.shape[1] * array.shape[2] > MAX_PIXELS:
         raise _refuse(f"images of {array.shape[2]}x{array.shape[1]} are over {MAX_PIXELS} pixels")
     if array.size and (array.min() < 0 or array.max() > 255):

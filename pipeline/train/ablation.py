@@ -168,17 +168,25 @@ def summarise(
 
         paired = baseline is not None and variant != baseline
         place = next((p for p in PLACES if any(f"attention/{p}/share" in t.metrics for t in done)), None)
-        rows.append(VariantRow(
-            variant, cost, stat(SINGLE), stat(MULTI), stat(IMAGES_PER_SECOND), stat(PEAK_MEMORY),
-            seeds=tuple(sorted(t.seed for t in mine)),
-            failed=tuple(sorted(t.seed for t in mine if t.error is not None)),
-            finished=len(done),
-            delta_single=paired_difference(mine, reference, SINGLE) if paired else None,
-            delta_multi=paired_difference(mine, reference, MULTI) if paired else None,
-            gamma=stat(f"attention/{place}/gamma") if place else None,
-            share=stat(f"attention/{place}/share") if place else None,
-            place=place, wall_seconds=stat(WALL),
-        ))
+        rows.append(
+            VariantRow(
+                variant,
+                cost,
+                stat(SINGLE),
+                stat(MULTI),
+                stat(IMAGES_PER_SECOND),
+                stat(PEAK_MEMORY),
+                seeds=tuple(sorted(t.seed for t in mine)),
+                failed=tuple(sorted(t.seed for t in mine if t.error is not None)),
+                finished=len(done),
+                delta_single=paired_difference(mine, reference, SINGLE) if paired else None,
+                delta_multi=paired_difference(mine, reference, MULTI) if paired else None,
+                gamma=stat(f"attention/{place}/gamma") if place else None,
+                share=stat(f"attention/{place}/share") if place else None,
+                place=place,
+                wall_seconds=stat(WALL),
+            )
+        )
     return rows
 
 
@@ -230,11 +238,15 @@ def results_table(rows: Sequence[VariantRow], baseline: str | None = None) -> st
     header = "| variant | n | val mIoU single (%, ± 95 % CI) | val mIoU ms+flip (%, ± 95 % CI) |"
     align = "|---|---:|---:|---:|"
     if baseline is not None:
-        header += (f" pairs | Δ single vs {baseline} (pp, 95 % CI) | Δ ms+flip vs {baseline} (pp, 95 % CI) "
-                   "| verdict |")
+        header += (
+            f" pairs | Δ single vs {baseline} (pp, 95 % CI) | Δ ms+flip vs {baseline} (pp, 95 % CI) "
+            "| verdict |"
+        )
         align += "---:|---:|---:|---|"
-    header += (" attention at the end: γ / share | params (M) | GFLOPs | attention GFLOPs | train img/s | "
-               "wall per run (min) | peak memory (MiB) | seeds |")
+    header += (
+        " attention at the end: γ / share | params (M) | GFLOPs | attention GFLOPs | train img/s | "
+        "wall per run (min) | peak memory (MiB) | seeds |"
+    )
     align += "---|---:|---:|---:|---:|---:|---:|---|"
     lines = [header, align]
     for row in rows:
@@ -246,9 +258,16 @@ def results_table(rows: Sequence[VariantRow], baseline: str | None = None) -> st
             cells += _paired_cells(row, baseline)
         cost = row.cost
         wall = "-" if row.wall_seconds is None else f"{row.wall_seconds.mean / 60:.1f}"
-        cells += [_attention(row), f"{cost.params / 1e6:.3f}", f"{cost.gflops:.2f}",
-                  f"{cost.attention_gflops:.3f}", _num(row.images_per_second, 1), wall,
-                  _num(row.peak_memory_mib, 0), seeds]
+        cells += [
+            _attention(row),
+            f"{cost.params / 1e6:.3f}",
+            f"{cost.gflops:.2f}",
+            f"{cost.attention_gflops:.3f}",
+            _num(row.images_per_second, 1),
+            wall,
+            _num(row.peak_memory_mib, 0),
+            seeds,
+        ]
         lines.append(f"| {' | '.join(cells)} |")
     return "\n".join(lines)
 
@@ -259,23 +278,46 @@ def results_csv(rows: Sequence[VariantRow], baseline: str | None = None) -> str:
     mean paired difference, its interval's bounds (empty for one pair) and the verdict."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    stats = ("miou_single", "miou_multi_flip", "images_per_second", "peak_memory_mib", "gamma", "share",
-             "wall_seconds")
-    header = ["variant", "n", *(f"{name}_{part}" for name in stats for part in ("mean", "ci95")),
-              "attention_place", "params", "gflops", "attention_gflops"]
+    stats = (
+        "miou_single",
+        "miou_multi_flip",
+        "images_per_second",
+        "peak_memory_mib",
+        "gamma",
+        "share",
+        "wall_seconds",
+    )
+    header = [
+        "variant",
+        "n",
+        *(f"{name}_{part}" for name in stats for part in ("mean", "ci95")),
+        "attention_place",
+        "params",
+        "gflops",
+        "attention_gflops",
+    ]
     if baseline is not None:
         parts = ("pairs", "mean", "low", "high", "verdict")
         header += [f"{name}_{part}" for name in ("delta_single", "delta_multi_flip") for part in parts]
     writer.writerow([*header, "seeds", "failed_seeds"])
     for row in rows:
         values: list[Any] = [row.variant, row.finished]
-        for stat in (row.single, row.multi, row.images_per_second, row.peak_memory_mib, row.gamma, row.share,
-                     row.wall_seconds):
+        for stat in (
+            row.single,
+            row.multi,
+            row.images_per_second,
+            row.peak_memory_mib,
+            row.gamma,
+            row.share,
+            row.wall_seconds,
+        ):
             values += ["", ""] if stat is None else [stat.mean, _blank(stat.half_width)]
         values += [row.place or "", row.cost.params, row.cost.gflops, row.cost.attention_gflops]
         if baseline is not None:
-            values += [*_delta_fields(row, row.delta_single, baseline),
-                       *_delta_fields(row, row.delta_multi, baseline)]
+            values += [
+                *_delta_fields(row, row.delta_single, baseline),
+                *_delta_fields(row, row.delta_multi, baseline),
+            ]
         values += [" ".join(map(str, row.seeds)), " ".join(map(str, row.failed))]
         writer.writerow(values)
     return buffer.getvalue()
@@ -307,7 +349,15 @@ def results_figure(rows: Sequence[VariantRow], baseline: str | None = None, titl
     miou = {"single-scale": series([r.single for r in rows]), "ms+flip": series([r.multi for r in rows])}
     differences = None
     if baseline is not None:
-        differences = {"single-scale": series([r.delta_single for r in rows]),
-                       "ms+flip": series([r.delta_multi for r in rows])}
-    return ablation_figure([r.variant for r in rows], miou, [r.cost.attention_gflops for r in rows],
-                           title=title, differences=differences, baseline=baseline)
+        differences = {
+            "single-scale": series([r.delta_single for r in rows]),
+            "ms+flip": series([r.delta_multi for r in rows]),
+        }
+    return ablation_figure(
+        [r.variant for r in rows],
+        miou,
+        [r.cost.attention_gflops for r in rows],
+        title=title,
+        differences=differences,
+        baseline=baseline,
+    )

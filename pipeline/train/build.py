@@ -66,9 +66,15 @@ class Training:
         """The resumable state at ``iteration``; ``rng``: every rank's random state, rank 0's first;
         ``val_result``: the validation of this iteration, if it ran (the final results reuse the best's)."""
         return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(), "iteration": iteration, "best_miou": self.best_miou,
-            "rng": rng[0], "rng_per_rank": rng, **self.meta, "val_result": val_result,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "iteration": iteration,
+            "best_miou": self.best_miou,
+            "rng": rng[0],
+            "rng_per_rank": rng,
+            **self.meta,
+            "val_result": val_result,
             "attention_history": self.attention_history,
         }
 
@@ -78,9 +84,13 @@ def build_loss(config: Config, ignore_index: int) -> SegmentationLoss:
     train_cfg = config.train
     weight = train_cfg.consistency_weight
     return SegmentationLoss(
-        aux_weight=train_cfg.aux_weight, ignore_index=ignore_index, ohem=train_cfg.ohem,
-        ohem_thresh=train_cfg.ohem_thresh, ohem_min_kept=train_cfg.ohem_min_kept,
-        consistency=weight > 0, consistency_weights=(weight, weight, 0.001 * weight),
+        aux_weight=train_cfg.aux_weight,
+        ignore_index=ignore_index,
+        ohem=train_cfg.ohem,
+        ohem_thresh=train_cfg.ohem_thresh,
+        ohem_min_kept=train_cfg.ohem_min_kept,
+        consistency=weight > 0,
+        consistency_weights=(weight, weight, 0.001 * weight),
     )
 
 
@@ -94,14 +104,22 @@ def _batches(
         epoch_end = min((epoch + 1) * sampler.batches_per_epoch, sampler.end_iteration)
         dataset.set_epoch(epoch)
         part = ShardBatchSampler(
-            sampler.shard_sizes, sampler.batch_size, rank=sampler.rank, world_size=sampler.world_size,
-            seed=sampler.seed, start_iteration=iteration, end_iteration=epoch_end,
+            sampler.shard_sizes,
+            sampler.batch_size,
+            rank=sampler.rank,
+            world_size=sampler.world_size,
+            seed=sampler.seed,
+            start_iteration=iteration,
+            end_iteration=epoch_end,
         )
         # Its own generator: a DataLoader draws a seed when iterated, which would shift the global RNG
         # (dropout) differently in a resumed run that starts mid-epoch.
         generator = torch.Generator().manual_seed(sampler.seed + epoch)
         loader = torch.utils.data.DataLoader(  # pinned host memory: the copies overlap the GPU's work
-            dataset, batch_sampler=part, num_workers=loader_workers, generator=generator,
+            dataset,
+            batch_sampler=part,
+            num_workers=loader_workers,
+            generator=generator,
             pin_memory=device.type == "cuda",
         )
         for batch in loader:
@@ -134,8 +152,9 @@ def _distribute(model: nn.Module, session: Session, sync_bn: bool) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
-def parameter_groups(model: nn.Module, *, head_lr_mult: float = 1.0, weight_decay: float = 0.0,
-                     no_decay_1d: bool = False) -> list[dict[str, Any]]:
+def parameter_groups(
+    model: nn.Module, *, head_lr_mult: float = 1.0, weight_decay: float = 0.0, no_decay_1d: bool = False
+) -> list[dict[str, Any]]:
     """The optimiser's parameter groups: the backbone's and the rest's (head, aux head, stem attention), each
     split into decayed and undecayed parameters when ``no_decay_1d``; empty groups are left out.
 
@@ -158,10 +177,15 @@ def parameter_groups(model: nn.Module, *, head_lr_mult: float = 1.0, weight_deca
         part = "backbone" if id(parameter) in backbone else "head"
         undecayed = no_decay_1d and parameter.ndim <= 1
         name = f"{part}_no_decay" if undecayed else part
-        group = groups.setdefault(name, {
-            "name": name, "params": [], "lr_mult": 1.0 if part == "backbone" else head_lr_mult,
-            "weight_decay": 0.0 if undecayed else weight_decay,
-        })
+        group = groups.setdefault(
+            name,
+            {
+                "name": name,
+                "params": [],
+                "lr_mult": 1.0 if part == "backbone" else head_lr_mult,
+                "weight_decay": 0.0 if undecayed else weight_decay,
+            },
+        )
         group["params"].append(parameter)
     order = ("backbone", "backbone_no_decay", "head", "head_no_decay")
     return [groups[name] for name in order if name in groups]
@@ -171,8 +195,9 @@ def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
     """SGD with momentum and weight decay over :func:`parameter_groups` (the poly schedule sets each group's
     learning rate, ``lr * lr_mult``, every iteration)."""
     train = config.train
-    groups = parameter_groups(model, head_lr_mult=train.head_lr_mult, weight_decay=train.weight_decay,
-                              no_decay_1d=train.no_decay_1d)
+    groups = parameter_groups(
+        model, head_lr_mult=train.head_lr_mult, weight_decay=train.weight_decay, no_decay_1d=train.no_decay_1d
+    )
     for group in groups:
         group["lr"] = train.lr * group["lr_mult"]
     return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
@@ -183,9 +208,13 @@ def train_transform(config: Config, manifest: Manifest) -> JointTransform:
     manifest's ``ignore_index``: one recipe for the shards' loader and for Ray Data."""
     data = config.data
     normalization = input_normalization(config)
-    return build_train_transform(data.crop_size, (data.scale_min, data.scale_max),
-                                 ignore_index=manifest.ignore_index, mean=normalization.mean,
-                                 std=normalization.std)
+    return build_train_transform(
+        data.crop_size,
+        (data.scale_min, data.scale_max),
+        ignore_index=manifest.ignore_index,
+        mean=normalization.mean,
+        std=normalization.std,
+    )
 
 
 def build_train_batches(spec: RunSpec, session: Session, start: int) -> Batches:
@@ -196,11 +225,21 @@ def build_train_batches(spec: RunSpec, session: Session, start: int) -> Batches:
     shard = getattr(session, "train_shard", None)
     if shard is not None:
         return _ray_batches(shard, data.batch_size, start, train.iterations, session.device)
-    dataset = ShardDataset(data.uri, data.train_split, seed=train.seed,
-                           transform=train_transform(spec.config, spec.manifest), manifest=spec.manifest)
+    dataset = ShardDataset(
+        data.uri,
+        data.train_split,
+        seed=train.seed,
+        transform=train_transform(spec.config, spec.manifest),
+        manifest=spec.manifest,
+    )
     sampler = ShardBatchSampler(
-        [shard.rows for shard in dataset.shards], data.batch_size, rank=session.rank,
-        world_size=session.world_size, seed=train.seed, start_iteration=start, end_iteration=train.iterations,
+        [shard.rows for shard in dataset.shards],
+        data.batch_size,
+        rank=session.rank,
+        world_size=session.world_size,
+        seed=train.seed,
+        start_iteration=start,
+        end_iteration=train.iterations,
     )
     return _batches(dataset, sampler, data.loader_workers, session.device)
 
@@ -235,12 +274,32 @@ def build_training(spec: RunSpec, session: Session, run_id: str | None = None) -
     if train.compile:
         trained = cast(nn.Module, torch.compile(trained))  # a compiled module is called as the module
     normalization = input_normalization(config)
-    val_data = ShardDataset(config.data.uri, config.data.val_split, manifest=manifest,
-                            transform=build_eval_transform(normalization.mean, normalization.std))
-    meta = {"tracking_run_id": run_id, "model_name": config.model.name, "num_classes": manifest.num_classes,
-            "config": config.to_dict(), "normalization": normalization.as_dict(), "identity": identity}
+    val_data = ShardDataset(
+        config.data.uri,
+        config.data.val_split,
+        manifest=manifest,
+        transform=build_eval_transform(normalization.mean, normalization.std),
+    )
+    meta = {
+        "tracking_run_id": run_id,
+        "model_name": config.model.name,
+        "num_classes": manifest.num_classes,
+        "config": config.to_dict(),
+        "normalization": normalization.as_dict(),
+        "identity": identity,
+    }
     return Training(
-        model, trained, optimizer, scaler, loss_fn,
-        build_train_batches(spec, session, start), val_data,
-        manifest.num_classes, manifest.ignore_index, start, best_miou, meta, attention_history,
+        model,
+        trained,
+        optimizer,
+        scaler,
+        loss_fn,
+        build_train_batches(spec, session, start),
+        val_data,
+        manifest.num_classes,
+        manifest.ignore_index,
+        start,
+        best_miou,
+        meta,
+        attention_history,
     )

@@ -84,11 +84,15 @@ def check_data(config: Config, manifest: Manifest) -> None:
             try:
                 found = storage.size(uri)
             except FileNotFoundError:
-                raise FileNotFoundError(f"data.uri: shard {storage.redact(uri)} of dataset "
-                                        f"{manifest.dataset}/{manifest.version} is missing") from None
+                raise FileNotFoundError(
+                    f"data.uri: shard {storage.redact(uri)} of dataset "
+                    f"{manifest.dataset}/{manifest.version} is missing"
+                ) from None
             if found != shard.bytes:
-                raise ValueError(f"data.uri: shard {storage.redact(uri)} has {found} bytes, its manifest "
-                                 f"says {shard.bytes}: the version was changed after it was published")
+                raise ValueError(
+                    f"data.uri: shard {storage.redact(uri)} has {found} bytes, its manifest "
+                    f"says {shard.bytes}: the version was changed after it was published"
+                )
 
 
 def end_status(error: BaseException) -> str:
@@ -98,18 +102,31 @@ def end_status(error: BaseException) -> str:
     return "KILLED" if isinstance(error, KeyboardInterrupt) or stopped else "FAILED"
 
 
-def start_tracker(config: Config, tracking_uri: str, name: str, *, run_id: str | None = None,
-                  resume: bool = False, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-                  required: bool | None = None, announce: bool = True) -> Tracker:
+def start_tracker(
+    config: Config,
+    tracking_uri: str,
+    name: str,
+    *,
+    run_id: str | None = None,
+    resume: bool = False,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    required: bool | None = None,
+    announce: bool = True,
+) -> Tracker:
     """A started tracker for run ``name``: continues ``run_id``, or with ``resume`` the latest run of that
     name, nested under ``parent_run_id`` when given; ``required`` (default ``tracking.required``) decides
     whether an unusable store is fatal; ``announce`` False keeps the run's line off the console (a process
     that continues a run the driver announced)."""
-    tracker = open_tracker(tracking_uri, config.tracking.experiment,
-                           required=config.tracking.required if required is None else required,
-                           settle_timeout=config.tracking.settle_timeout)
-    tracker.start(name, run_id=run_id, tags=tags, announce=announce, resume=resume,
-                  parent_run_id=parent_run_id)
+    tracker = open_tracker(
+        tracking_uri,
+        config.tracking.experiment,
+        required=config.tracking.required if required is None else required,
+        settle_timeout=config.tracking.settle_timeout,
+    )
+    tracker.start(
+        name, run_id=run_id, tags=tags, announce=announce, resume=resume, parent_run_id=parent_run_id
+    )
     return tracker
 
 
@@ -126,8 +143,15 @@ def ended_with_status(tracker: Tracker) -> Iterator[Tracker]:
 
 
 @contextlib.contextmanager
-def open_run(config: Config, name: str, what: str, *, tags: dict[str, str] | None = None,
-             resume: bool | None = None, driver_cpus: float = 0.0) -> Iterator[RunContext]:
+def open_run(
+    config: Config,
+    name: str,
+    what: str,
+    *,
+    tags: dict[str, str] | None = None,
+    resume: bool | None = None,
+    driver_cpus: float = 0.0,
+) -> Iterator[RunContext]:
     """Opens run ``name`` of the resolved ``config`` (see the module's docstring).
 
     Args:

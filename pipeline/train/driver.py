@@ -92,7 +92,8 @@ def run_training(config: Config) -> TrainingReport:
     """Train ``config`` end to end and record it; returns what the command prints."""
     config = resolve(config)
     # One writer per run: a second command with this run.name stops in open_run, before MLflow or Ray.
-    with open_run(config, config.run.name, f"run {config.run.name!r}",
-                  tags={"ccnet.model": config.model.name}) as run:
+    with open_run(
+        config, config.run.name, f"run {config.run.name!r}", tags={"ccnet.model": config.model.name}
+    ) as run:
         results, table, best = _train_and_record(run)
     return TrainingReport(run.tracker.run_id, run.spec.tracking_uri, results, table, best, run.tracker)

@@ -49,8 +49,13 @@ def run_identity(config: Config, manifest: Manifest) -> dict[str, Any]:
     classes and where it was read)."""
     return {
         "model": {"name": config.model.name, "architecture": architecture(config.model)},
-        "dataset": {"name": manifest.dataset, "version": manifest.version, "digest": dataset_digest(manifest),
-                    "classes": list(manifest.classes), "uri": config.data.uri},
+        "dataset": {
+            "name": manifest.dataset,
+            "version": manifest.version,
+            "digest": dataset_digest(manifest),
+            "classes": list(manifest.classes),
+            "uri": config.data.uri,
+        },
     }
 
 
@@ -91,21 +96,27 @@ def checkpoint_identity(state: dict[str, Any], saved_config: Config) -> dict[str
     }
 
 
-def check_checkpoint(saved: dict[str, Any], config: Config, classes: tuple[str, ...] | None,
-                     checkpoint: str) -> None:
+def check_checkpoint(
+    saved: dict[str, Any], config: Config, classes: tuple[str, ...] | None, checkpoint: str
+) -> None:
     """Refuses to run ``checkpoint`` (its identity ``saved``) under another architecture than its own, or on
     a dataset with other classes (``classes``: None when unknown)."""
     where = redact(checkpoint)
-    change = _model_change(saved, {"model": {"name": config.model.name,
-                                             "architecture": architecture(config.model)}})
+    change = _model_change(
+        saved, {"model": {"name": config.model.name, "architecture": architecture(config.model)}}
+    )
     if change:
         trained = f" trained on {_dataset(saved)}" if saved["dataset"] else ""
-        raise IdentityError(f"{where} holds a {saved['model']['name']}{trained}; --set would change "
-                            f"{change}. Its weights run only under their own model")
+        raise IdentityError(
+            f"{where} holds a {saved['model']['name']}{trained}; --set would change "
+            f"{change}. Its weights run only under their own model"
+        )
     if saved["dataset"] and classes is not None and list(classes) != saved["dataset"]["classes"]:
         count = len(saved["dataset"]["classes"])
-        raise IdentityError(f"{where} was trained on {_dataset(saved)} ({count} classes); "
-                            f"data.uri={redact(config.data.uri)} has other classes ({len(classes)})")
+        raise IdentityError(
+            f"{where} was trained on {_dataset(saved)} ({count} classes); "
+            f"data.uri={redact(config.data.uri)} has other classes ({len(classes)})"
+        )
 
 
 def read_identity(run_uri: str) -> dict[str, Any] | None:

@@ -116,8 +116,9 @@ class _Validation:
     (the final results reuse the best one's). Rank 0 also measures the attention (:mod:`ccnet.diagnostics`)
     on one fixed image, and keeps the figures in the training's ``attention_history``."""
 
-    def __init__(self, training: Training, eval_config: EvalConfig, session: Session,
-                 amp_dtype: torch.dtype | None) -> None:
+    def __init__(
+        self, training: Training, eval_config: EvalConfig, session: Session, amp_dtype: torch.dtype | None
+    ) -> None:
         self.training, self.session, self.amp_dtype = training, session, amp_dtype
         self.protocol = EvalProtocol.single_scale(eval_config)
         self.latest: tuple[int, EvalResult] | None = None
@@ -127,9 +128,16 @@ class _Validation:
         0, the attention diagnostics (``attention/<place>/<figure>``) too, when the model has attention."""
         training, session = self.training, self.session
         result = evaluate(
-            training.model, training.val_data, self.protocol, num_classes=training.num_classes,
-            ignore_index=training.ignore_index, device=session.device, rank=session.rank,
-            world_size=session.world_size, progress=False, amp_dtype=self.amp_dtype,
+            training.model,
+            training.val_data,
+            self.protocol,
+            num_classes=training.num_classes,
+            ignore_index=training.ignore_index,
+            device=session.device,
+            rank=session.rank,
+            world_size=session.world_size,
+            progress=False,
+            amp_dtype=self.amp_dtype,
         )
         self.latest = (iteration, result)
         metrics = {name: value for name, value in result.as_metrics("val").items() if not math.isnan(value)}
@@ -148,7 +156,7 @@ class _Validation:
         image = self.training.val_data[0]["image"]  # (3, H, W), normalised
         crop = self.protocol.crop_size
         top, left = max(0, (image.shape[1] - crop) // 2), max(0, (image.shape[2] - crop) // 2)
-        return image[None, :, top:top + crop, left:left + crop].to(self.session.device)
+        return image[None, :, top : top + crop, left : left + crop].to(self.session.device)
 
     def state_at(self, iteration: int) -> dict | None:
         return self.latest[1].state() if self.latest and self.latest[0] == iteration else None
@@ -172,8 +180,13 @@ class _Throughput:
         return self.latest
 
 
-def _save(session: Session, training: Training, iteration: int, validation: _Validation,
-          report: dict[str, float] | None = None) -> None:
+def _save(
+    session: Session,
+    training: Training,
+    iteration: int,
+    validation: _Validation,
+    report: dict[str, float] | None = None,
+) -> None:
     """A checkpoint through the session: the best one (``report`` None) or a periodic one with ``report``.
     Every rank calls it: the ranks' random states are gathered (a collective)."""
     rng = rng_states(session)  # every rank's: a resumed run draws what this one would have
@@ -188,12 +201,15 @@ def _save(session: Session, training: Training, iteration: int, validation: _Val
 def _check_finite(step: Step, iteration: int, nonfinite: int, limit: int) -> None:
     log.warning("iteration %d: non-finite loss %s, step skipped", iteration, step.loss)
     if nonfinite >= limit:
-        raise NonFiniteLossError(f"loss was non-finite for {nonfinite} iterations in a row (last at "
-                                 f"{iteration}); lower train.lr or use train.amp=O0/O2")
+        raise NonFiniteLossError(
+            f"loss was non-finite for {nonfinite} iterations in a row (last at "
+            f"{iteration}); lower train.lr or use train.amp=O0/O2"
+        )
 
 
-def run_loop(training: Training, recipe: TrainConfig, eval_config: EvalConfig, session: Session,
-             tracker: Tracker) -> TrainSummary:
+def run_loop(
+    training: Training, recipe: TrainConfig, eval_config: EvalConfig, session: Session, tracker: Tracker
+) -> TrainSummary:
     """Train ``training`` to ``recipe.iterations``: log every ``log_every``, validate every ``eval_every``
     (a better val mIoU saves the best checkpoint), checkpoint every ``checkpoint_every`` and at the end; then
     one WARNING when the attention never engaged (:func:`ccnet.diagnostics.never_engaged`)."""
@@ -207,8 +223,9 @@ def run_loop(training: Training, recipe: TrainConfig, eval_config: EvalConfig, s
         lr = poly_lr(recipe.lr, iteration, recipe.iterations, recipe.poly_power)
         for group in training.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
-        step = train_step(training.trained, images, labels, training.loss_fn, training.optimizer,
-                          training.scaler, amp_dtype)
+        step = train_step(
+            training.trained, images, labels, training.loss_fn, training.optimizer, training.scaler, amp_dtype
+        )
         iteration += 1
         throughput.count(images.shape[0])
         if not step.finite:
@@ -218,12 +235,22 @@ def run_loop(training: Training, recipe: TrainConfig, eval_config: EvalConfig, s
         nonfinite, loss_value, last = 0, step.loss, iteration == recipe.iterations
         metrics: dict[str, float] = {}
         if iteration % recipe.log_every == 0 or last:
-            metrics = {"train/loss": step.loss, "train/lr": lr, **group_lrs(training.optimizer),
-                       "train/images_per_second": throughput.close_window(),
-                       **{f"train/loss_{name}": value for name, value in step.parts.items()}}
+            metrics = {
+                "train/loss": step.loss,
+                "train/lr": lr,
+                **group_lrs(training.optimizer),
+                "train/images_per_second": throughput.close_window(),
+                **{f"train/loss_{name}": value for name, value in step.parts.items()},
+            }
             if session.rank == 0:
-                log.info("iteration %d/%d loss %.4f lr %.5f %.1f img/s", iteration, recipe.iterations,
-                         step.loss, lr, throughput.latest)
+                log.info(
+                    "iteration %d/%d loss %.4f lr %.5f %.1f img/s",
+                    iteration,
+                    recipe.iterations,
+                    step.loss,
+                    lr,
+                    throughput.latest,
+                )
         if iteration % recipe.eval_every == 0 or last:
             metrics.update(validate(iteration))
             val_miou = metrics.get(VAL_MIOU)  # absent when no validation pixel is labelled
@@ -243,12 +270,20 @@ def run_loop(training: Training, recipe: TrainConfig, eval_config: EvalConfig, s
     unengaged = never_engaged_note([diagnostics for _, diagnostics in history])
     if session.rank == 0 and unengaged:
         log.warning(unengaged)
-    return TrainSummary(iteration, loss_value, training.best_miou, val_miou, throughput.latest, skipped,
-                        history[-1][1] if history else {})
+    return TrainSummary(
+        iteration,
+        loss_value,
+        training.best_miou,
+        val_miou,
+        throughput.latest,
+        skipped,
+        history[-1][1] if history else {},
+    )
 
 
-def train_loop(spec: RunSpec, session: Session, run_id: str | None = None,
-               tracker: Tracker | None = None) -> TrainSummary:
+def train_loop(
+    spec: RunSpec, session: Session, run_id: str | None = None, tracker: Tracker | None = None
+) -> TrainSummary:
     """Train (or resume) the run ``spec`` in this worker; returns a summary. Rank 0 logs to ``tracker``."""
     training = build_training(spec, session, run_id)
     tracker = NullTracker() if tracker is None else tracker

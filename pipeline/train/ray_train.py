@@ -48,14 +48,20 @@ def _worker(loop_config: dict[str, Any]) -> None:
     # is its driver's, which only waits) would compute on one thread of two.
     torch.set_num_threads(max(1, math.ceil(config.run.cpus_per_worker)))
     context = ray.train.get_context()
-    session = RaySession(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
-                         resume_from=loop_config.get("resume_from"), run_uri=spec.run_uri)
+    session = RaySession(
+        context.get_world_rank(),
+        context.get_world_size(),
+        ray.train.torch.get_device(),
+        resume_from=loop_config.get("resume_from"),
+        run_uri=spec.run_uri,
+    )
     if config.data.loader == "ray":
         session.train_shard = ray.train.get_dataset_shard("train")
     tracker: Tracker = NullTracker()
     if session.rank == 0 and loop_config["run_id"]:  # the driver's run, continued; the driver ends it
-        tracker = start_tracker(config, spec.tracking_uri, spec.name, run_id=loop_config["run_id"],
-                                required=False, announce=False)
+        tracker = start_tracker(
+            config, spec.tracking_uri, spec.name, run_id=loop_config["run_id"], required=False, announce=False
+        )
     try:
         summary = train_loop(spec, session, loop_config["run_id"], tracker)
     finally:
@@ -73,8 +79,13 @@ def train_datasets(spec: RunSpec) -> dict[str, Any]:
 
     data = config.data
     dataset = ray_dataset(
-        data.uri, data.train_split, transform=train_transform(config, spec.manifest), seed=config.train.seed,
-        epoch=None, batch_size=data.batch_size, manifest=spec.manifest,
+        data.uri,
+        data.train_split,
+        transform=train_transform(config, spec.manifest),
+        seed=config.train.seed,
+        epoch=None,
+        batch_size=data.batch_size,
+        manifest=spec.manifest,
     )
     return {"train": dataset.select_columns(["image", "label"])}  # tensors only: sample ids are strings
 
@@ -106,7 +117,6 @@ class Unregistered:
 def unregistered_checkpoints(run_folder: str) -> Unregistered:
     """Finds the ``checkpoint_*`` folders of ``run_folder`` missing from Ray's
     ``checkpoint_manager_snapshot.json``, and the newest one that loads and is ahead of Ray's latest."""
-
 
     names = storage.list_files(run_folder)
     folders = sorted({name.split("/")[0] for name in names if name.startswith("checkpoint_") and "/" in name})
@@ -177,8 +187,9 @@ def fit(spec: RunSpec, run_id: str | None, callbacks: list | None = None) -> Any
     try:
         result = trainer.fit()
     except ray.train.WorkerGroupError as error:  # one line per failed rank, not Ray's traceback dump
-        failures = "; ".join(f"rank {rank}: {user_message(failure)}"
-                             for rank, failure in sorted(error.worker_failures.items()))
+        failures = "; ".join(
+            f"rank {rank}: {user_message(failure)}" for rank, failure in sorted(error.worker_failures.items())
+        )
         raise RuntimeError(f"training failed: {failures}") from None
     # The run went past every checkpoint Ray never registered, and Ray's own are the record now: those found
     # above, and those a worker wrote just before it was lost (Ray Train restarted the group from the last one
@@ -187,6 +198,9 @@ def fit(spec: RunSpec, run_id: str | None, callbacks: list | None = None) -> Any
     if leftover:
         for folder in leftover:
             storage.delete_tree(storage.join(run_folder, folder))
-        log.info("removed %d checkpoint folder(s) that Ray never registered: %s", len(leftover),
-                 ", ".join(leftover))
+        log.info(
+            "removed %d checkpoint folder(s) that Ray never registered: %s",
+            len(leftover),
+            ", ".join(leftover),
+        )
     return result

@@ -69,8 +69,10 @@ def shortfall(request: WorkerRequest, nodes: Sequence[dict[str, float]]) -> str 
     if request.driver_cpus:
         asked += f" (+{request.driver_cpus:g} CPU for the trial's driver)"
     have = f"{total_cpus:g} CPUs" + (f" and {total_gpus:g} GPUs" if request.gpus else "")
-    return (f"{asked} needs {need_cpus:g} CPUs, but the Ray cluster has {have} on {len(nodes)} node(s), "
-            f"room for {fit} such worker(s)")
+    return (
+        f"{asked} needs {need_cpus:g} CPUs, but the Ray cluster has {have} on {len(nodes)} node(s), "
+        f"room for {fit} such worker(s)"
+    )
 
 
 def alive_nodes() -> list[dict[str, float]]:
@@ -116,8 +118,11 @@ def ensure_placeable(
         finally:
             demand(None)  # Ray Train's own placement group holds the nodes from here
     if missing:
-        hint = (f"after waiting {wait:g} s (run.resource_wait)" if wait > 0
-                else "lower them, or set run.resource_wait=SECONDS to wait for an autoscaler")
+        hint = (
+            f"after waiting {wait:g} s (run.resource_wait)"
+            if wait > 0
+            else "lower them, or set run.resource_wait=SECONDS to wait for an autoscaler"
+        )
         raise ResourceError(f"{missing}; {hint}")
 
 
@@ -151,8 +156,11 @@ def _init_quietly() -> None:
     if watcher_off:
         os.environ[PREEMPTION_WATCHER_ENV] = "0"
     try:
-        ray.init(include_dashboard=False, log_to_driver=True,
-                 logging_config=ray.LoggingConfig(log_level=ray_log_level()))
+        ray.init(
+            include_dashboard=False,
+            log_to_driver=True,
+            logging_config=ray.LoggingConfig(log_level=ray_log_level()),
+        )
     finally:
         if watcher_off:
             del os.environ[PREEMPTION_WATCHER_ENV]
@@ -182,7 +190,10 @@ def warn_if_node_local(run_storage: str, nodes: list[dict[str, float]]) -> bool:
     at the same path on every node, NFS for example); returns whether it warned."""
     if storage.is_s3(run_storage) or len(nodes) < 2:
         return False
-    log.warning("run.storage=%s is a local folder but the Ray cluster has %d nodes: checkpoints written on "
-                "one node are lost with it; use s3://... (or a folder shared at the same path on every node)",
-                run_storage, len(nodes))
+    log.warning(
+        "run.storage=%s is a local folder but the Ray cluster has %d nodes: checkpoints written on "
+        "one node are lost with it; use s3://... (or a folder shared at the same path on every node)",
+        run_storage,
+        len(nodes),
+    )
     return True

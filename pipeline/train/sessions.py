@@ -42,8 +42,12 @@ def restore_rng(state: dict[str, Any], session: Session, seed: int) -> None:
         torch.set_rng_state(per_rank[session.rank])
         return
     if session.rank == 0:
-        log.info("resuming %d workers from a checkpoint of %d: the random streams of ranks 1+ start afresh "
-                 "(a correct resume, not a bit-equal one)", session.world_size, len(per_rank))
+        log.info(
+            "resuming %d workers from a checkpoint of %d: the random streams of ranks 1+ start afresh "
+            "(a correct resume, not a bit-equal one)",
+            session.world_size,
+            len(per_rank),
+        )
         torch.set_rng_state(per_rank[0])
     else:
         torch.manual_seed(seed * 1000 + session.rank + 1 + state["iteration"] * 7919)
@@ -110,8 +114,10 @@ class RaySession:
         if self.resume_from is not None:
             newer = load(self.resume_from)
             if state is None or newer["iteration"] > state["iteration"]:
-                log.info("resuming from %s, which the run wrote but Ray never registered",
-                         storage.redact(self.resume_from))
+                log.info(
+                    "resuming from %s, which the run wrote but Ray never registered",
+                    storage.redact(self.resume_from),
+                )
                 state = newer
         return state
 

@@ -51,8 +51,9 @@ class RunSpec:
         config = config_from_dict(values, source=source)
         same_data = config.data.uri == self.config.data.uri
         manifest = self.manifest if same_data else open_manifest(config.data.uri)
-        return RunSpec(config, name, run_uri_of(config.run.storage, name), self.tracking_uri, manifest,
-                       parent_run_id)
+        return RunSpec(
+            config, name, run_uri_of(config.run.storage, name), self.tracking_uri, manifest, parent_run_id
+        )
 
     @classmethod
     def of(cls, config: Config, tracking_uri: str = "") -> RunSpec:

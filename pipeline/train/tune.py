@@ -93,17 +93,30 @@ def _trial(sampled: dict[str, Any], search: RunSpec, search_run_id: str | None) 
     trial_id = ray.tune.get_context().get_trial_id()
     values = {key: value for key, value in sampled.items() if key not in _LEGACY_KEYS}
     variant = values.pop(VARIANT, None)
-    overrides = [*(search.config.tune.variants[variant] if variant else []),
-                 *(f"{key}={value}" for key, value in values.items())]
-    spec = search.derive(overrides, trial_name(search.config, variant, values, trial_id), search_run_id,
-                         source=f"trial {trial_id}")
+    overrides = [
+        *(search.config.tune.variants[variant] if variant else []),
+        *(f"{key}={value}" for key, value in values.items()),
+    ]
+    spec = search.derive(
+        overrides,
+        trial_name(search.config, variant, values, trial_id),
+        search_run_id,
+        source=f"trial {trial_id}",
+    )
     config = spec.config
     tags = {"ccnet.variant": variant, "ccnet.seed": str(config.train.seed)} if variant is not None else {}
     # A trial's run is optional: a tracking outage must not fail one trial of a search. A trial started again
     # (Tune's restart after its process was lost with its node, or a resumed search) continues its nested
     # run, as its TorchTrainer continues the run's checkpoints.
-    tracker = start_tracker(config, spec.tracking_uri, spec.name, resume=search_run_id is not None,
-                            parent_run_id=search_run_id, tags=tags, required=False)
+    tracker = start_tracker(
+        config,
+        spec.tracking_uri,
+        spec.name,
+        resume=search_run_id is not None,
+        parent_run_id=search_run_id,
+        tags=tags,
+        required=False,
+    )
     with ended_with_status(tracker):
         log_run_context(tracker, spec, variant, {f"sampled.{k}": v for k, v in values.items()})
         tracker.flush()
@@ -114,8 +127,9 @@ def _trial(sampled: dict[str, Any], search: RunSpec, search_run_id: str | None) 
     ray.tune.report({**(result.metrics or {}), **final})
 
 
-def _final_evaluation(spec: RunSpec, tracker: Tracker,
-                      attention_history: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+def _final_evaluation(
+    spec: RunSpec, tracker: Tracker, attention_history: list[tuple[int, dict[str, float]]]
+) -> dict[str, float]:
     """The best checkpoint's single-scale and multi-scale + flip results, logged to the trial's run with
     its description (which says when the attention never engaged) and the attention's plot; the model is a
     new version of the task's registered model, as a training's is."""
@@ -124,8 +138,9 @@ def _final_evaluation(spec: RunSpec, tracker: Tracker,
     model, dataset, results = evaluate_checkpoint(config, best, reuse_validation=True, manifest=spec.manifest)
     metrics = log_final_results(tracker, results, config.train.iterations)
     best_bytes = storage.read_bytes(best)
-    note = describe_results(config, results, from_bytes(best_bytes, "the best checkpoint"), dataset.manifest,
-                            attention_history)
+    note = describe_results(
+        config, results, from_bytes(best_bytes, "the best checkpoint"), dataset.manifest, attention_history
+    )
     tracker.describe(note)
     log_attention_plot(tracker, config, attention_history)
     record_model(tracker, config, model, results, dataset.manifest, best_bytes)
@@ -158,8 +173,12 @@ def _record_ablation(
     """The per-variant table (markdown, CSV) and chart on the parent run; returns the markdown."""
 
     trials = [
-        ablation.Trial(result.config[VARIANT], int(result.config["train.seed"]), dict(result.metrics or {}),
-                       error=None if result.error is None else str(result.error).splitlines()[0])
+        ablation.Trial(
+            result.config[VARIANT],
+            int(result.config["train.seed"]),
+            dict(result.metrics or {}),
+            error=None if result.error is None else str(result.error).splitlines()[0],
+        )
         for result in results
         if result.config and VARIANT in result.config
     ]
@@ -180,7 +199,6 @@ def run_search(config: Config) -> SearchReport:
     ``tune.baseline``, each variant's paired differences to it).
     """
 
-
     config = resolve(config)
     if not config.run.ray:
         raise ValueError("run.ray=false: a search runs its trials with Ray")
@@ -192,8 +210,14 @@ def run_search(config: Config) -> SearchReport:
         sampled = {**grid, **sampled}
     tags = {"ccnet.search": "true", **({"ccnet.ablation": "true"} if variants else {})}
     # One writer per search: a second command with this tune.name stops in open_run, before MLflow or Tune.
-    with open_run(config, config.tune.name, f"search {config.tune.name!r}", tags=tags, resume=True,
-                  driver_cpus=TRIAL_CPUS) as run:
+    with open_run(
+        config,
+        config.tune.name,
+        f"search {config.tune.name!r}",
+        tags=tags,
+        resume=True,
+        driver_cpus=TRIAL_CPUS,
+    ) as run:
         size = (config.data.crop_size, config.data.crop_size)
         num_classes = run.spec.manifest.num_classes
         costs = {name: ablation.variant_cost(c, num_classes, size) for name, c in variants.items()}
@@ -203,16 +227,18 @@ def run_search(config: Config) -> SearchReport:
     return report
 
 
-def _tuner(spec: RunSpec, search_run_id: str | None, space: dict[str, Any], ablation_grid: bool, fs: Any,
-           path: str) -> tune.Tuner:
+def _tuner(
+    spec: RunSpec, search_run_id: str | None, space: dict[str, Any], ablation_grid: bool, fs: Any, path: str
+) -> tune.Tuner:
     """The search's Tuner: restored from ``<path>/<tune.name>`` when an earlier run of it is there (its
     finished trials are not run again), else a new one. Each trial receives the search's spec and run id
     through ``tune.with_parameters`` (Ray's object store), never through the space, which Tune saves."""
     config = spec.config
     # The trial function only drives its TorchTrainer, whose workers hold the CPUs/GPUs; Tune refuses an
     # empty request, hence a sliver.
-    trainable = tune.with_resources(tune.with_parameters(_trial, search=spec, search_run_id=search_run_id),
-                                    {"CPU": TRIAL_CPUS})
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, search=spec, search_run_id=search_run_id), {"CPU": TRIAL_CPUS}
+    )
     search_path = storage.join(path, config.tune.name) if fs else str(Path(path) / config.tune.name)
     if tune.Tuner.can_restore(search_path, storage_filesystem=fs):
         log.info("resuming search %s", config.tune.name)
@@ -227,8 +253,11 @@ def _tuner(spec: RunSpec, search_run_id: str | None, space: dict[str, Any], abla
         scheduler = None
         if config.tune.scheduler == "asha":
             scheduler = ASHAScheduler(
-                time_attr="iteration", metric=config.tune.metric, mode=config.tune.mode,
-                max_t=config.train.iterations, grace_period=config.tune.grace_period,
+                time_attr="iteration",
+                metric=config.tune.metric,
+                mode=config.tune.mode,
+                max_t=config.train.iterations,
+                grace_period=config.tune.grace_period,
                 reduction_factor=config.tune.reduction_factor,
             )
         tuner = tune.Tuner(
@@ -244,8 +273,12 @@ def _tuner(spec: RunSpec, search_run_id: str | None, space: dict[str, Any], abla
             # nodes) is started again, up to run.max_failures times; Ray Train restarts lost workers.
             # TODO: Tune cannot tell a lost process from an error, so a trial failing in its own code (after
             # Ray Train's run.max_failures restarts) is also started again: up to (max_failures + 1)^2 tries.
-            run_config=tune.RunConfig(name=config.tune.name, storage_path=path, storage_filesystem=fs,
-                                      failure_config=tune.FailureConfig(max_failures=config.run.max_failures)),
+            run_config=tune.RunConfig(
+                name=config.tune.name,
+                storage_path=path,
+                storage_filesystem=fs,
+                failure_config=tune.FailureConfig(max_failures=config.run.max_failures),
+            ),
         )
     return tuner
 
@@ -278,7 +311,10 @@ def _fit(tuner: tune.Tuner, tracker: Tracker) -> Any:
 
 
 def _search(
-    spec: RunSpec, tracker: Tracker, space: dict[str, Any], variants: dict[str, Config],
+    spec: RunSpec,
+    tracker: Tracker,
+    space: dict[str, Any],
+    variants: dict[str, Config],
     costs: dict[str, ablation.VariantCost],
 ) -> SearchReport:
     """The search itself, under the parent run that ``tracker`` holds open."""

@@ -122,8 +122,15 @@ def test_memory_efficient_step_chunks_values_exactly(chunk: int) -> None:
         gamma, wq, bq, wk, bk, wv, bv = params
         return CrissCrossStep.apply(x, gamma, chunk, wq, bq, wk, bk, wv, bv)
 
-    params = [module.gamma, module.query.weight, module.query.bias, module.key.weight, module.key.bias,
-              module.value.weight, module.value.bias]
+    params = [
+        module.gamma,
+        module.query.weight,
+        module.query.bias,
+        module.key.weight,
+        module.key.bias,
+        module.value.weight,
+        module.value.bias,
+    ]
     torch.testing.assert_close(step(x, *params), criss_cross_oracle(module, x))
     assert torch.autograd.gradcheck(step, (x, *params))
 
@@ -153,8 +160,12 @@ def test_gradcheck_float64(cls: type) -> None:
     x = torch.randn(2, 16, 3, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(module, (x,))
     params = tuple(module.parameters())
-    assert torch.autograd.gradcheck(lambda *p: torch.func.functional_call(
-        module, dict(zip(dict(module.named_parameters()), p, strict=True)), (x.detach(),)), params)
+    assert torch.autograd.gradcheck(
+        lambda *p: torch.func.functional_call(
+            module, dict(zip(dict(module.named_parameters()), p, strict=True)), (x.detach(),)
+        ),
+        params,
+    )
 
 
 def _dependency(

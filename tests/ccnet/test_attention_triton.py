@@ -21,9 +21,13 @@ from ccnet.attention import AxialAttention, CrissCrossAttention
 
 def _triton_modules() -> dict[str, ModuleType]:
     """Triton's Python modules (its native extension stays: it cannot be loaded twice) and ours."""
-    return {name: module for name, module in sys.modules.items()
-            if (name == "triton" or name.startswith("triton.")) and not name.startswith("triton._C")
-            or name in ("ccnet.attention_triton", "ccnet.attention_triton_kernels")}
+    return {
+        name: module
+        for name, module in sys.modules.items()
+        if (name == "triton" or name.startswith("triton."))
+        and not name.startswith("triton._C")
+        or name in ("ccnet.attention_triton", "ccnet.attention_triton_kernels")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +97,9 @@ def _compare(function, oracle, shape: tuple[int, ...], dtype: torch.dtype, toler
     exact_inputs = [t.to(dtype).double().requires_grad_() for t in inputs]  # the same rounded values
     expected = oracle(*exact_inputs)
     expected_grads = torch.autograd.grad(expected, exact_inputs, grad.double())
-    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *fused_grads), (expected, *expected_grads),
-                               strict=True):
+    for name, got, want in zip(
+        ("out", "dq", "dk", "dv"), (out, *fused_grads), (expected, *expected_grads), strict=True
+    ):
         scale = want.abs().max().item() + 1e-12
         error = (got.double() - want).abs().max().item() / scale
         assert error < tolerance, f"{function.__name__} {shape} {dtype} {name}: relative error {error:.2e}"
@@ -163,11 +168,14 @@ def test_modules_give_the_reference_results(kernels: ModuleType, module_type: ty
         torch.testing.assert_close(grads[name].double(), grad, rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_impl_triton_without_a_device_is_a_clear_error(kernels: ModuleType,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_impl_triton_without_a_device_is_a_clear_error(
+    kernels: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(RuntimeError, match="impl='triton': the Triton kernels need a CUDA device or "
-                                           "TRITON_INTERPRET=1, got cpu"):
+    with pytest.raises(
+        RuntimeError,
+        match="impl='triton': the Triton kernels need a CUDA device or TRITON_INTERPRET=1, got cpu",
+    ):
         CrissCrossAttention(16, impl="triton")(torch.randn(1, 16, 3, 3))
 
 

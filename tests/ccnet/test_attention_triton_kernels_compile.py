@@ -38,14 +38,27 @@ def test_kernel_compiles_for_sm90(kernel_name: str, dtype: str) -> None:
     from ccnet import attention_triton_kernels
 
     kernel = getattr(attention_triton_kernels, kernel_name)
-    values = {"SKIP_CENTRE": True, "PRECISION": "ieee" if dtype == "fp32" else "tf32", "UPCAST": False,
-              "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_CK": 64}
+    values = {
+        "SKIP_CENTRE": True,
+        "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+        "UPCAST": False,
+        "BLOCK_M": 64,
+        "BLOCK_N": 64,
+        "BLOCK_C": 64,
+        "BLOCK_CK": 64,
+    }
     names = list(inspect.signature(kernel.fn).parameters)
-    signature = {name: "constexpr" if name in values else
-                 ("*fp32" if name in _FLOAT32_POINTERS else f"*{dtype}") if name.endswith("_ptr") else "i32"
-                 for name in names}
+    signature = {
+        name: "constexpr"
+        if name in values
+        else ("*fp32" if name in _FLOAT32_POINTERS else f"*{dtype}")
+        if name.endswith("_ptr")
+        else "i32"
+        for name in names
+    }
     constexprs = {(names.index(name),): value for name, value in values.items() if name in names}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32))
+    compiled = triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32)
+    )
     assert compiled.asm["cubin"]  # ptxas produced machine code
     assert 0 < compiled.metadata.shared <= H100_SHARED_MEMORY

@@ -172,5 +172,7 @@ def test_never_engaged_looks_at_the_whole_history() -> None:
     assert never_engaged([]) == [] and never_engaged([{}]) == []
     assert never_engaged_note(_history(0.01, 0.06)) is None
     note = never_engaged_note(_history(0.001, 0.004, 0.003))
-    assert note == ("attention never engaged: head share 0.003 < 0.05 at the end (gamma 0.0015, at most "
-                    "0.004 over 3 measurements)")
+    assert note == (
+        "attention never engaged: head share 0.003 < 0.05 at the end (gamma 0.0015, at most "
+        "0.004 over 3 measurements)"
+    )

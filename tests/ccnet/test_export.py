@@ -56,8 +56,9 @@ def test_camvid_frames_predict_the_same_with_onnxruntime(tmp_path: Path) -> None
     from ccnet.efficientnet import imagenet_weights
 
     torch.manual_seed(0)
-    model = build_ccnet("ccnet_lite0_d16", 11, gamma_init=0.5,
-                        pretrained=str(imagenet_weights("lite0"))).eval()
+    model = build_ccnet(
+        "ccnet_lite0_d16", 11, gamma_init=0.5, pretrained=str(imagenet_weights("lite0"))
+    ).eval()
     segmenter = OnnxSegmenter(export_onnx(model, tmp_path / "camvid.onnx"))
     frames = sorted((CAMVID / "val").glob("*.png"))[:3]
     mean = torch.tensor(SYMMETRIC_NORMALIZATION.mean).view(1, 3, 1, 1)

@@ -269,8 +269,9 @@ def test_sliding_window_logits_are_resized_with_the_models_align_corners() -> No
     assert (expected - other).abs().max() > 1e-3
     torch.testing.assert_close(predict_whole(model, image), expected, atol=1e-6, rtol=0)
     # One window covering the image: the sliding path resizes the same way.
-    torch.testing.assert_close(predict_sliding(model, image, (8, 10), (8, 10), NUM_CLASSES), expected,
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        predict_sliding(model, image, (8, 10), (8, 10), NUM_CLASSES), expected, atol=1e-6, rtol=0
+    )
 
 
 def test_whole_upsamples_a_smaller_output() -> None:

@@ -215,8 +215,15 @@ def test_gamma_init_sets_every_attention_and_lets_its_weights_learn_at_once(atte
     gradients = {}
     for gamma_init in (0.0, 0.5):
         torch.manual_seed(0)
-        model = build_ccnet("ccnet_tiny", num_classes=3, attention=attention, placement="both",
-                            recurrence=1, gamma_init=gamma_init, impl="autograd")
+        model = build_ccnet(
+            "ccnet_tiny",
+            num_classes=3,
+            attention=attention,
+            placement="both",
+            recurrence=1,
+            gamma_init=gamma_init,
+            impl="autograd",
+        )
         gammas = [module.gamma.item() for module in model.modules() if hasattr(module, "gamma")]
         assert gammas == [gamma_init, gamma_init]  # stem and head
         model(image)["out"].square().mean().backward()

@@ -52,7 +52,11 @@ def test_compare_attention_table() -> None:
     rows = compare_attention((9, 11), channels=32, repeats=1)
     names = [row.name for row in rows]
     assert names == [
-        "non-local", "criss-cross R=1", "criss-cross R=2", "criss-cross R=3", "rows-then-columns"
+        "non-local",
+        "criss-cross R=1",
+        "criss-cross R=2",
+        "criss-cross R=3",
+        "rows-then-columns",
     ]
     flops = {row.name: row.gflops for row in rows}
     assert flops["criss-cross R=2"] == 2 * flops["criss-cross R=1"]

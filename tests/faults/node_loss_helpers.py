@@ -31,10 +31,18 @@ def run_settings(data: str, runs: str, tracking: str) -> list[str]:
     """The training both tests lose a node in: tiny, a checkpoint every EVERY iterations (all kept), two
     restarts allowed, data and checkpoints in S3, tracked at ``tracking``."""
     return [
-        f"data.uri={data}", "data.crop_size=48", "data.batch_size=2", f"train.iterations={ITERATIONS}",
-        f"train.checkpoint_every={EVERY}", "train.eval_every=8", f"train.log_every={EVERY}",
-        f"train.keep_checkpoints={ITERATIONS // EVERY + 2}", "eval.scales=[1.0]", f"run.storage={runs}",
-        "run.max_failures=2", f"tracking.uri={tracking}",
+        f"data.uri={data}",
+        "data.crop_size=48",
+        "data.batch_size=2",
+        f"train.iterations={ITERATIONS}",
+        f"train.checkpoint_every={EVERY}",
+        "train.eval_every=8",
+        f"train.log_every={EVERY}",
+        f"train.keep_checkpoints={ITERATIONS // EVERY + 2}",
+        "eval.scales=[1.0]",
+        f"run.storage={runs}",
+        "run.max_failures=2",
+        f"tracking.uri={tracking}",
     ]
 
 
@@ -63,22 +71,33 @@ def actors(class_name: str | None = None) -> dict[str, dict[str, Any]]:
     ``OwnerAddress`` (the ``Port`` of the process that created it)."""
     import ray._private.state
 
-    return {actor_id: info for actor_id, info in ray._private.state.actors().items()
-            if class_name is None or info["ActorClassName"] == class_name}
+    return {
+        actor_id: info
+        for actor_id, info in ray._private.state.actors().items()
+        if class_name is None or info["ActorClassName"] == class_name
+    }
 
 
 def node_ids() -> dict[str, str]:
     """Custom resource name (``node_a``, ...) -> node id, for the alive nodes."""
     import ray
 
-    return {name: node["NodeID"] for node in ray.nodes() if node["Alive"]
-            for name in node["Resources"] if name.startswith("node_")}
+    return {
+        name: node["NodeID"]
+        for node in ray.nodes()
+        if node["Alive"]
+        for name in node["Resources"]
+        if name.startswith("node_")
+    }
 
 
 def checkpoint_folders(run_folder: str) -> set[str]:
     """The run's checkpoint folders that hold a checkpoint file in S3, registered by Ray or not."""
-    return {name.split("/")[0] for name in storage.list_files(run_folder)
-            if name.startswith("checkpoint_") and name.endswith(CHECKPOINT_FILE)}
+    return {
+        name.split("/")[0]
+        for name in storage.list_files(run_folder)
+        if name.startswith("checkpoint_") and name.endswith(CHECKPOINT_FILE)
+    }
 
 
 def registered(run_folder: str) -> list[int]:
@@ -96,15 +115,23 @@ def registered(run_folder: str) -> list[int]:
 def final_model(run_folder: str) -> dict[str, torch.Tensor]:
     """The weights of the run's last checkpoint, which must be its last iteration's."""
     names = storage.list_files(run_folder)
-    states = [load(storage.join(run_folder, name)) for name in names
-              if name.startswith("checkpoint_") and name.endswith(CHECKPOINT_FILE)]
+    states = [
+        load(storage.join(run_folder, name))
+        for name in names
+        if name.startswith("checkpoint_") and name.endswith(CHECKPOINT_FILE)
+    ]
     final = max(states, key=lambda state: state["iteration"])
     assert final["iteration"] == ITERATIONS
     return final["model"]
 
 
-def lose_a_node(cluster: Any, nodes: dict[str, Any], run_folders: list[str], after: int,
-                running: concurrent.futures.Future) -> dict[str, Any]:
+def lose_a_node(
+    cluster: Any,
+    nodes: dict[str, Any],
+    run_folders: list[str],
+    after: int,
+    running: concurrent.futures.Future,
+) -> dict[str, Any]:
     """Once each run of ``run_folders`` has ``after`` checkpoints in S3, remove ``node_b`` at once (its
     raylet, object store and every process on it), then add a replacement node ``node_c``, as an autoscaler
     would. Runs in the main thread (a Ray node installs signal handlers); the job runs in ``running``.
@@ -124,8 +151,9 @@ def lose_a_node(cluster: Any, nodes: dict[str, Any], run_folders: list[str], aft
         time.sleep(0.1)
     record["checkpoints_at_kill"] = counts
     record["node_ids"] = node_ids()
-    record["alive_at_kill"] = {actor_id: info for actor_id, info in actors().items()
-                               if info["State"] == "ALIVE"}
+    record["alive_at_kill"] = {
+        actor_id: info for actor_id, info in actors().items() if info["State"] == "ALIVE"
+    }
     started = time.monotonic()
     try:
         cluster.remove_node(nodes["node_b"], allow_graceful=False)

@@ -60,8 +60,15 @@ def _ccnet(
     env = env or _env()
     if cwd != ROOT:  # the code of this tree, wherever the command runs from
         env = env | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, *entry, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=180, check=False)
+    return subprocess.run(
+        [sys.executable, *entry, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
 
 
 def _refused(result: subprocess.CompletedProcess, *expected: str) -> str:
@@ -144,13 +151,19 @@ RAW_CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "corrupt image": (_corrupt_image, IMAGE + ": unreadable image (not a format PIL can decode)"),
     "truncated image": (_truncate_image, IMAGE + ": unreadable image (image file is truncated)"),
     "label ids outside the mapping": (
-        _label_outside_mapping, LABEL + ": label values [200] are outside the camvid id mapping"),
+        _label_outside_mapping,
+        LABEL + ": label values [200] are outside the camvid id mapping",
+    ),
     "image/label size mismatch": (
-        _label_of_another_size, LABEL + ": label is 16x8 but image train/train_001.png is 16x16"),
+        _label_of_another_size,
+        LABEL + ": label is 16x8 but image train/train_001.png is 16x16",
+    ),
     "missing label file": (_remove_label, LABEL + ": label file is missing"),
     "empty dataset folder": (_empty_dataset_folder, "{root}/train: split folder is missing"),
     "empty split folders": (
-        _empty_split_folders, "{root}: no camvid samples found in splits ['train', 'val']"),
+        _empty_split_folders,
+        "{root}: no camvid samples found in splits ['train', 'val']",
+    ),
 }
 
 
@@ -161,8 +174,9 @@ def test_bad_raw_dataset_is_refused_and_nothing_is_written(case: str, tmp_path: 
     root = _camvid(tmp_path / "camvid")
     breaks(root)
     out = tmp_path / "datasets"
-    result = _ccnet("data", "prepare", "--dataset", "camvid", "--root", str(root), "--out", str(out),
-                    "--workers", "1")
+    result = _ccnet(
+        "data", "prepare", "--dataset", "camvid", "--root", str(root), "--out", str(out), "--workers", "1"
+    )
     _refused(result, expected.format(root=root))
     assert _files(out) == []
 
@@ -173,8 +187,9 @@ def test_bad_sample_in_a_later_shard_publishes_nothing(tmp_path: Path) -> None:
     root = _camvid(tmp_path / "camvid")
     (root / "valannot/val_001.png").write_bytes(_png(np.full((SIZE, SIZE), 77, np.uint8)))
     out = tmp_path / "datasets"
-    result = _ccnet("data", "prepare", "--dataset", "camvid", "--root", str(root), "--out", str(out),
-                    "--workers", "1")
+    result = _ccnet(
+        "data", "prepare", "--dataset", "camvid", "--root", str(root), "--out", str(out), "--workers", "1"
+    )
     _refused(result, f"{root}/valannot/val_001.png: label values [77] are outside the camvid id mapping")
     version = out / "camvid" / "v1"
     assert _files(version) == ["_receipts/train-00000.json", "shards/train-00000.parquet"]
@@ -183,8 +198,18 @@ def test_bad_sample_in_a_later_shard_publishes_nothing(tmp_path: Path) -> None:
 
 
 def test_generated_count_of_zero_is_refused(tmp_path: Path) -> None:
-    result = _ccnet("data", "prepare", "--dataset", "generated", "--out", str(tmp_path), "--count",
-                    "train=0,val=2", "--workers", "1")
+    result = _ccnet(
+        "data",
+        "prepare",
+        "--dataset",
+        "generated",
+        "--out",
+        str(tmp_path),
+        "--count",
+        "train=0,val=2",
+        "--workers",
+        "1",
+    )
     line = _refused(result, "--count", "counts must be positive, got 'train=0,val=2'")
     assert line.startswith("ERROR ccnet data prepare: argument --count")
     assert _files(tmp_path) == []
@@ -197,8 +222,25 @@ def test_generated_count_of_zero_is_refused(tmp_path: Path) -> None:
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small prepared generated dataset version (train 4, val 2, one shard each), never modified."""
     out = tmp_path_factory.mktemp("prepared")
-    assert main(["data", "prepare", "--dataset", "generated", "--out", str(out), "--count", "train=4,val=2",
-                 "--image-size", "32", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "--dataset",
+                "generated",
+                "--out",
+                str(out),
+                "--count",
+                "train=4,val=2",
+                "--image-size",
+                "32",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     return out / "generated" / "v1"
 
 
@@ -264,16 +306,23 @@ SHARD = "{version}/shards/train-00000.parquet"
 SHARD_CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     # case: (how the copy is broken, the expected error; {version} is the copy, {sha} its train shard's hash)
     "version without manifest": (
-        _remove_manifest, "{version}: no manifest.json (dataset not prepared, or preparation did not finish)",
+        _remove_manifest,
+        "{version}: no manifest.json (dataset not prepared, or preparation did not finish)",
     ),
     "manifest not JSON": (_garble_manifest, "{version}/manifest.json: not valid JSON"),
     "manifest checksum does not match": (
-        _wrong_checksum, SHARD + ": sha256 {sha} does not match the manifest's 000"),
+        _wrong_checksum,
+        SHARD + ": sha256 {sha} does not match the manifest's 000",
+    ),
     "truncated shard, manifest updated": (_truncate_shard_recorded, SHARD + ": not a readable Parquet file"),
     "foreign Parquet shard": (
-        _foreign_shard, SHARD + ": not a shard of this format; missing columns ['sample_id', 'split',"),
+        _foreign_shard,
+        SHARD + ": not a shard of this format; missing columns ['sample_id', 'split',",
+    ),
     "row checksum does not match": (
-        _corrupt_row, SHARD + ": sample 'train-000001' does not match its checksum (corrupted row)"),
+        _corrupt_row,
+        SHARD + ": sample 'train-000001' does not match its checksum (corrupted row)",
+    ),
     "shard path escapes the prefix": (
         _escaping_shard_path,
         "{version}/manifest.json: shard path '../../x.parquet' escapes the dataset prefix",
@@ -304,8 +353,16 @@ def test_training_on_a_bad_shard_leaves_no_checkpoint_and_no_running_run(
     shutil.copytree(dataset, version)
     _truncate_shard_recorded(version)
     runs, db = tmp_path / "runs", tmp_path / "mlflow.db"
-    settings = [f"data.uri={version}", f"run.storage={runs}", "run.ray=false", f"tracking.uri=sqlite:///{db}",
-                "train.iterations=2", "data.crop_size=32", "data.batch_size=2", "model.recurrence=1"]
+    settings = [
+        f"data.uri={version}",
+        f"run.storage={runs}",
+        "run.ray=false",
+        f"tracking.uri=sqlite:///{db}",
+        "train.iterations=2",
+        "data.crop_size=32",
+        "data.batch_size=2",
+        "model.recurrence=1",
+    ]
     result = _ccnet("train", *[arg for setting in settings for arg in ("--set", setting)])
     _refused(result, f"{version}/shards/train-00000.parquet: not a readable Parquet file")
     assert [name for name in _files(runs) if name.endswith(".pt")] == []
@@ -326,9 +383,15 @@ CONFIG_CASES: dict[str, tuple[str, list[str], str]] = {
     # Train crops and slide windows pad the image up to the crop, so a crop cannot exceed the padded image;
     # what can be impossible is a window stride longer than the window (pixels left uncovered).
     "eval stride larger than the crop": (
-        "eval:\n  mode: slide\n  crop_size: 64\n  stride: 96\n", [], "{path}: eval.stride=96 is not allowed"),
+        "eval:\n  mode: slide\n  crop_size: 64\n  stride: 96\n",
+        [],
+        "{path}: eval.stride=96 is not allowed",
+    ),
     "run name escaping run.storage": (
-        "run:\n  name: ../elsewhere\n", [], "{path}: run.name='../elsewhere' is not allowed"),
+        "run:\n  name: ../elsewhere\n",
+        [],
+        "{path}: run.name='../elsewhere' is not allowed",
+    ),
     "invalid YAML": ("train: [lr: 0.1\n", [], "{path}: invalid YAML ("),
 }
 
@@ -361,20 +424,35 @@ LOCATION_CASES: dict[str, tuple[str, str, str]] = {
     # case: (config key, value, expected text); each was once taken as a local folder of that name
     "s3 without a bucket": ("run.storage", "s3://", "run.storage='s3://' has no bucket"),
     "s3 key without a bucket": (
-        "data.uri", "s3:///datasets/generated/v1", "data.uri='s3:///datasets/generated/v1' has no bucket"),
-    "gs scheme": ("data.uri", "gs://bucket/datasets/v1", "data.uri='gs://bucket/datasets/v1' has an "
-                  "unsupported scheme 'gs'; use s3://bucket[/prefix], a local path or file:///absolute/path"),
+        "data.uri",
+        "s3:///datasets/generated/v1",
+        "data.uri='s3:///datasets/generated/v1' has no bucket",
+    ),
+    "gs scheme": (
+        "data.uri",
+        "gs://bucket/datasets/v1",
+        "data.uri='gs://bucket/datasets/v1' has an "
+        "unsupported scheme 'gs'; use s3://bucket[/prefix], a local path or file:///absolute/path",
+    ),
     "hdfs scheme": (
-        "run.storage", "hdfs://namenode/runs", "run.storage='hdfs://namenode/runs' has an unsupported"),
+        "run.storage",
+        "hdfs://namenode/runs",
+        "run.storage='hdfs://namenode/runs' has an unsupported",
+    ),
     "s4 typo": ("run.storage", "s4://bucket/runs", "run.storage='s4://bucket/runs' has an unsupported"),
     "s3 with one slash": ("run.storage", "s3:/bucket/runs", "run.storage='s3:/bucket/runs' is not a URI"),
     "file URI naming a host": (
-        "run.storage", "file://runs/checkpoints", "run.storage='file://runs/checkpoints' names host 'runs': "
-        "write file:///absolute/path, or a plain path"),
+        "run.storage",
+        "file://runs/checkpoints",
+        "run.storage='file://runs/checkpoints' names host 'runs': "
+        "write file:///absolute/path, or a plain path",
+    ),
     "endpoint in the bucket's place": (
-        "data.uri", "s3://127.0.0.1:8333/datasets",
+        "data.uri",
+        "s3://127.0.0.1:8333/datasets",
         "data.uri='s3://127.0.0.1:8333/datasets' has a port in the bucket's place: the endpoint belongs in "
-        "AWS_ENDPOINT_URL"),
+        "AWS_ENDPOINT_URL",
+    ),
     "URI inside a path": ("run.storage", "runs/s3://bucket", "run.storage='runs/s3://bucket' holds '://'"),
 }
 
@@ -384,36 +462,58 @@ def test_bad_location_in_config_is_refused_before_anything_is_written(case: str,
     """``ccnet train`` refuses the key before tracking or storage are touched: the folder it runs in stays
     empty (no ``s3:`` folder, no MLflow store)."""
     key, value, expected = LOCATION_CASES[case]
-    settings = {"data.uri": str(tmp_path / "no-dataset"), "run.storage": "runs", "run.ray": "false",
-                "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "train.iterations": "2", key: value}
+    settings = {
+        "data.uri": str(tmp_path / "no-dataset"),
+        "run.storage": "runs",
+        "run.ray": "false",
+        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "train.iterations": "2",
+        key: value,
+    }
     args = [arg for name, setting in settings.items() for arg in ("--set", f"{name}={setting}")]
     result = _ccnet("train", *args, cwd=tmp_path)
     _refused(result, f"ERROR defaults: {expected}")
     assert _files(tmp_path) == []
 
 
-PREPARE = ["data", "prepare", "--dataset", "generated", "--count", "train=1,val=1", "--image-size", "32",
-           "--workers", "1"]
+PREPARE = [
+    "data",
+    "prepare",
+    "--dataset",
+    "generated",
+    "--count",
+    "train=1,val=1",
+    "--image-size",
+    "32",
+    "--workers",
+    "1",
+]
 FLAG_CASES: dict[str, tuple[list[str], str]] = {
     # case: (command line, expected text)
     "prepare --out s3 without a bucket": (
         [*PREPARE, "--out", "s3://"],
-        "ERROR ccnet data prepare: argument --out: 's3://' has no bucket"),
+        "ERROR ccnet data prepare: argument --out: 's3://' has no bucket",
+    ),
     "prepare --out gs": (
         [*PREPARE, "--out", "gs://bucket/datasets"],
-        "argument --out: 'gs://bucket/datasets' has an unsupported scheme 'gs'"),
+        "argument --out: 'gs://bucket/datasets' has an unsupported scheme 'gs'",
+    ),
     "prepare --out file URI naming a host": (
         [*PREPARE, "--out", "file://datasets"],
-        "argument --out: 'file://datasets' names host 'datasets'"),
+        "argument --out: 'file://datasets' names host 'datasets'",
+    ),
     "inspect hdfs": (
         ["data", "inspect", "hdfs://namenode/datasets/v1"],
-        "ERROR ccnet data inspect: argument uri: 'hdfs://namenode/datasets/v1' has an unsupported scheme"),
+        "ERROR ccnet data inspect: argument uri: 'hdfs://namenode/datasets/v1' has an unsupported scheme",
+    ),
     "evaluate --checkpoint s3 without a bucket": (
         ["evaluate", "--checkpoint", "s3:///runs/quickstart/best/checkpoint.pt"],
-        "argument --checkpoint: 's3:///runs/quickstart/best/checkpoint.pt' has no bucket"),
+        "argument --checkpoint: 's3:///runs/quickstart/best/checkpoint.pt' has no bucket",
+    ),
     "predict --out on s3": (
         ["predict", "street.png", "--checkpoint", "checkpoint.pt", "--out", "s3://bucket/predictions"],
-        "argument --out: 's3://bucket/predictions' is on S3: this command writes to a local folder"),
+        "argument --out: 's3://bucket/predictions' is on S3: this command writes to a local folder",
+    ),
 }
 
 
@@ -433,8 +533,12 @@ def test_relative_locations_are_resolved_and_shown_once(tmp_path: Path) -> None:
     assert f"INFO --out: datasets resolved to {tmp_path / 'datasets'}\n" in result.stderr
     assert result.stdout.startswith(f"{tmp_path / 'datasets/generated/v1'}: train 1, val 1 samples")
 
-    settings = ["data.uri=missing/v1", "run.storage=runs", "run.ray=false",
-                f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    settings = [
+        "data.uri=missing/v1",
+        "run.storage=runs",
+        "run.ray=false",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
     result = _ccnet("train", *[arg for setting in settings for arg in ("--set", setting)], cwd=tmp_path)
     _refused(result, f"{tmp_path / 'missing/v1'}: no manifest.json")
     for key, value in (("data.uri", "missing/v1"), ("run.storage", "runs")):
@@ -470,8 +574,13 @@ def _checkpoint(folder: Path, dataset: Path, weights: list[str], config: list[st
     """A checkpoint of a model built with ``weights`` overrides, whose saved config has ``config``."""
     model = build_model(load_config(None, weights), num_classes)
     saved = load_config(None, [f"data.uri={dataset}", "run.ray=false", *config]).to_dict()
-    state = {"model": model.state_dict(), "iteration": 4, "num_classes": num_classes, "config": saved,
-             "model_name": "ccnet_tiny"}
+    state = {
+        "model": model.state_dict(),
+        "iteration": 4,
+        "num_classes": num_classes,
+        "config": saved,
+        "model_name": "ccnet_tiny",
+    }
     return save_file(folder, state)
 
 
@@ -485,8 +594,12 @@ def test_checkpoint_of_another_architecture_is_refused(dataset: Path, tmp_path: 
 def test_checkpoint_for_another_number_of_classes_is_refused(dataset: Path, tmp_path: Path) -> None:
     path = _checkpoint(tmp_path, dataset, [], [], num_classes=19)
     result = _ccnet("evaluate", "--checkpoint", str(path), "--no-tracking")
-    _refused(result, f"{path}: checkpoint does not fit this model: size mismatch for head.classifier.weight",
-             "torch.Size([19, ", "torch.Size([6, ")
+    _refused(
+        result,
+        f"{path}: checkpoint does not fit this model: size mismatch for head.classifier.weight",
+        "torch.Size([19, ",
+        "torch.Size([6, ",
+    )
 
 
 def test_checkpoint_of_random_bytes_is_refused(tmp_path: Path) -> None:
@@ -521,12 +634,20 @@ def test_predict_reads_a_16_bit_png_as_its_8_bit_twin(dataset: Path, tmp_path: P
     Image.fromarray(gray).save(tmp_path / "eight.png")
     # The 8-bit picture in the high bytes, noise in the low ones.
     Image.fromarray(gray.astype(np.uint16) * 256 + rng.integers(0, 256, gray.shape, np.uint16)).save(
-        tmp_path / "sixteen.png")
+        tmp_path / "sixteen.png"
+    )
     with Image.open(tmp_path / "sixteen.png") as image:
         assert image.mode == "I;16"
     out = tmp_path / "predictions"
-    result = _ccnet("predict", str(tmp_path / "eight.png"), str(tmp_path / "sixteen.png"), "--checkpoint",
-                    str(checkpoint), "--out", str(out))
+    result = _ccnet(
+        "predict",
+        str(tmp_path / "eight.png"),
+        str(tmp_path / "sixteen.png"),
+        "--checkpoint",
+        str(checkpoint),
+        "--out",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     for suffix in ("mask", "overlay"):
         sixteen, eight = (_array(out / f"{stem}_{suffix}.png") for stem in ("sixteen", "eight"))
@@ -544,21 +665,33 @@ def test_unreachable_endpoint_is_refused_naming_it() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     endpoint = f"http://127.0.0.1:{port}"
-    env = _env(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="fake-key-id",
-               AWS_SECRET_ACCESS_KEY="fake-secret-key")
+    env = _env(
+        AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="fake-key-id", AWS_SECRET_ACCESS_KEY="fake-secret-key"
+    )
     result = _ccnet("data", "inspect", "s3://bucket/datasets/generated/v1", env=env, code=NO_RETRY_WAIT)
-    line = _refused(result, "gave up after 11 attempts: check s3://bucket/datasets/generated/v1/manifest.json",
-                    "Could not connect", f"[endpoint {endpoint}]")
+    line = _refused(
+        result,
+        "gave up after 11 attempts: check s3://bucket/datasets/generated/v1/manifest.json",
+        "Could not connect",
+        f"[endpoint {endpoint}]",
+    )
     assert "fake-secret-key" not in result.stderr and "fake-key-id" not in line
 
 
 @pytest.mark.integration
 def test_wrong_credentials_are_refused_naming_the_location(seaweedfs: Any) -> None:
-    env = _env(AWS_ENDPOINT_URL=seaweedfs.endpoint, AWS_ACCESS_KEY_ID=seaweedfs.access_key,
-               AWS_SECRET_ACCESS_KEY="not-the-secret-key", AWS_DEFAULT_REGION="us-east-1")
+    env = _env(
+        AWS_ENDPOINT_URL=seaweedfs.endpoint,
+        AWS_ACCESS_KEY_ID=seaweedfs.access_key,
+        AWS_SECRET_ACCESS_KEY="not-the-secret-key",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     result = _ccnet("data", "inspect", "s3://bucket/datasets/generated/v1", env=env)
-    line = _refused(result, "credentials rejected for s3://bucket/datasets/generated/v1/manifest.json",
-                    "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+    line = _refused(
+        result,
+        "credentials rejected for s3://bucket/datasets/generated/v1/manifest.json",
+        "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
+    )
     assert "not-the-secret-key" not in result.stderr and seaweedfs.access_key not in line
 
 
@@ -569,12 +702,33 @@ def test_wrong_credentials_write_nothing(seaweedfs: Any) -> None:
     import boto3
 
     bucket = f"bad-inputs-{secrets.token_hex(4)}"
-    env = _env(AWS_ENDPOINT_URL=seaweedfs.endpoint, AWS_ACCESS_KEY_ID=seaweedfs.access_key,
-               AWS_SECRET_ACCESS_KEY="not-the-secret-key", AWS_DEFAULT_REGION="us-east-1")
-    result = _ccnet("data", "prepare", "--dataset", "generated", "--out", f"s3://{bucket}/datasets",
-                    "--count", "train=2,val=1", "--image-size", "32", "--workers", "1", env=env)
+    env = _env(
+        AWS_ENDPOINT_URL=seaweedfs.endpoint,
+        AWS_ACCESS_KEY_ID=seaweedfs.access_key,
+        AWS_SECRET_ACCESS_KEY="not-the-secret-key",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    result = _ccnet(
+        "data",
+        "prepare",
+        "--dataset",
+        "generated",
+        "--out",
+        f"s3://{bucket}/datasets",
+        "--count",
+        "train=2,val=1",
+        "--image-size",
+        "32",
+        "--workers",
+        "1",
+        env=env,
+    )
     _refused(result, f"credentials rejected for s3://{bucket}")
     client = boto3.session.Session().client(
-        "s3", endpoint_url=seaweedfs.endpoint, aws_access_key_id=seaweedfs.access_key,
-        aws_secret_access_key=seaweedfs.secret_key, region_name="us-east-1")
+        "s3",
+        endpoint_url=seaweedfs.endpoint,
+        aws_access_key_id=seaweedfs.access_key,
+        aws_secret_access_key=seaweedfs.secret_key,
+        region_name="us-east-1",
+    )
     assert bucket not in {item["Name"] for item in client.list_buckets()["Buckets"]}

@@ -63,9 +63,24 @@ def test_the_cli_refuses_a_bad_search_before_anything_starts(
     env |= {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
     database = tmp_path / "mlflow.db"
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "tune", "--set", override,
-         "--set", f"tracking.uri=sqlite:///{database}", "--set", f"run.storage={tmp_path / 'runs'}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "tune",
+            "--set",
+            override,
+            "--set",
+            f"tracking.uri=sqlite:///{database}",
+            "--set",
+            f"run.storage={tmp_path / 'runs'}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
     )
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
@@ -83,13 +98,33 @@ def test_workers_that_do_not_fit_the_cluster_are_refused_before_anything_is_writ
     source = build_source("generated", None, image_size=(32, 32), counts={"train": 2, "val": 1})
     data_uri, _ = write_shards(source, str(tmp_path / "data"), workers=1, progress=False)
     # a cluster of 2 CPUs whatever this machine has
-    code = "import ray, sys; ray.init(num_cpus=2, include_dashboard=False); " \
-           "from pipeline.cli.main import main; sys.exit(main())"
+    code = (
+        "import ray, sys; ray.init(num_cpus=2, include_dashboard=False); "
+        "from pipeline.cli.main import main; sys.exit(main())"
+    )
     result = subprocess.run(
-        [sys.executable, "-c", code, "train", "--set", "run.num_workers=8", "--set", "run.cpus_per_worker=1",
-         "--set", f"tracking.uri=sqlite:///{database}", "--set", f"run.storage={tmp_path / 'runs'}",
-         "--set", f"data.uri={data_uri}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "-c",
+            code,
+            "train",
+            "--set",
+            "run.num_workers=8",
+            "--set",
+            "run.cpus_per_worker=1",
+            "--set",
+            f"tracking.uri=sqlite:///{database}",
+            "--set",
+            f"run.storage={tmp_path / 'runs'}",
+            "--set",
+            f"data.uri={data_uri}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]

@@ -41,13 +41,24 @@ def run_storage(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def _train(data_uri: str, run_storage: str, tracking: str, iterations: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env |= {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
-    overrides = [f"data.uri={data_uri}", "data.batch_size=2", "data.crop_size=48",
-                 f"run.storage={run_storage}", f"train.iterations={iterations}", "train.log_every=1",
-                 "train.checkpoint_every=2", "train.eval_every=1000000", "run.ray=false",
-                 f"tracking.uri={tracking}", f"run.name={RUN}", "eval.scales=[1.0]"]
+    overrides = [
+        f"data.uri={data_uri}",
+        "data.batch_size=2",
+        "data.crop_size=48",
+        f"run.storage={run_storage}",
+        f"train.iterations={iterations}",
+        "train.log_every=1",
+        "train.checkpoint_every=2",
+        "train.eval_every=1000000",
+        "run.ray=false",
+        f"tracking.uri={tracking}",
+        f"run.name={RUN}",
+        "eval.scales=[1.0]",
+    ]
     command = [sys.executable, "-m", "pipeline.cli", "train", *(a for o in overrides for a in ("--set", o))]
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _wait_for(predicate: Any, process: subprocess.Popen, timeout: float = 300.0) -> None:
@@ -66,8 +77,9 @@ def _runs(tracking: str) -> list[Any]:
     return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
-def test_a_second_writer_is_refused_and_the_run_resumes_after_the_owner_died(run_storage: str,
-                                                                              tmp_path: Path) -> None:
+def test_a_second_writer_is_refused_and_the_run_resumes_after_the_owner_died(
+    run_storage: str, tmp_path: Path
+) -> None:
     source = build_source("generated", None, image_size=(48, 48), counts={"train": 8, "val": 2})
     data_uri, _ = write_shards(source, str(tmp_path / "data"), workers=1, progress=False)
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -85,8 +97,10 @@ def test_a_second_writer_is_refused_and_the_run_resumes_after_the_owner_died(run
         assert second.returncode == 2, stderr
         errors = [line for line in stderr.splitlines() if line.startswith("ERROR")]
         assert len(errors) == 1 and "Traceback" not in stderr, stderr
-        assert f"run '{RUN}' is being written by ccnet train (pid {owner.pid} on {socket.gethostname()}" \
+        assert (
+            f"run '{RUN}' is being written by ccnet train (pid {owner.pid} on {socket.gethostname()}"
             in errors[0]
+        )
         assert [run.info.run_name for run in _runs(tracking)] == [RUN]  # the second opened no MLflow run
         assert json.loads(storage.read_bytes(storage.join(prefix, LEASE_FILE)))["id"] == lease["id"]
     finally:
@@ -104,10 +118,28 @@ def test_a_second_writer_is_refused_and_the_run_resumes_after_the_owner_died(run
 
 
 def _prepare(out: str, *options: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "pipeline.cli", "data", "prepare", "--dataset", "generated",
-               "--out", out, "--workers", "1", *options]
-    return subprocess.Popen(command, cwd=ROOT, env=os.environ | {"PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "data",
+        "prepare",
+        "--dataset",
+        "generated",
+        "--out",
+        out,
+        "--workers",
+        "1",
+        *options,
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 # Two preparations into the same --out and version, from different inputs under the same file names.
@@ -137,8 +169,12 @@ def test_two_preparations_of_one_version_never_mix(case: str, run_storage: str, 
     assert last.startswith("ERROR") and "dataset version generated/v1" in last, intruder_err[-2000:]
     assert "being written by" in last or "already published with other content" in last, last
 
-    alone = write_shards(build_source("generated", None, **_options(*sizes, *first)), str(tmp_path / "alone"),
-                         workers=1, progress=False)[1]
+    alone = write_shards(
+        build_source("generated", None, **_options(*sizes, *first)),
+        str(tmp_path / "alone"),
+        workers=1,
+        progress=False,
+    )[1]
     published = json.loads(storage.read_bytes(storage.join(out, "generated", "v1", "manifest.json")))
     assert [shard["sha256"] for shard in published["shards"]] == [shard.sha256 for shard in alone.shards]
     assert LEASE_FILE not in storage.list_files(storage.join(out, "generated", "v1"))
@@ -149,5 +185,8 @@ def _options(*args: str) -> dict[str, Any]:
     flags = dict(zip(args[::2], args[1::2], strict=True))
     counts = dict(part.split("=") for part in flags["--count"].split(","))
     size = int(flags["--image-size"])
-    return {"seed": int(flags.get("--seed", 0)), "image_size": (size, size),
-            "counts": {split: int(count) for split, count in counts.items()}}
+    return {
+        "seed": int(flags.get("--seed", 0)),
+        "image_size": (size, size),
+        "counts": {split: int(count) for split, count in counts.items()},
+    }

@@ -28,12 +28,23 @@ def _interrupted(command: str, signum: int, tmp_path: Path, settings: list[str])
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
     env |= {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    settings = [f"data.uri={data_uri}", "data.batch_size=2", "data.crop_size=48", "train.iterations=100000",
-                "train.log_every=1", f"run.storage={tmp_path / 'runs'}", f"tracking.uri={tracking}",
-                *settings]
+    settings = [
+        f"data.uri={data_uri}",
+        "data.batch_size=2",
+        "data.crop_size=48",
+        "train.iterations=100000",
+        "train.log_every=1",
+        f"run.storage={tmp_path / 'runs'}",
+        f"tracking.uri={tracking}",
+        *settings,
+    ]
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", command, *(a for s in settings for a in ("--set", s))],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     lines = []
     deadline = time.monotonic() + 300  # a condition, not a fixed sleep: the second logged iteration
@@ -73,9 +84,19 @@ def test_an_interrupted_search_is_killed_not_finished(signum: int, tmp_path: Pat
     every trial's run end KILLED, nothing prints a best result, and the exit status says what happened."""
     from mlflow.tracking import MlflowClient
 
-    output, _, tracking = _interrupted("tune", signum, tmp_path, [
-        "tune.name=interrupted", "tune.num_samples=3", "tune.max_concurrent=1", "tune.scheduler=none",
-        "tune.space={train.lr: {loguniform: [0.001, 0.1]}}", "run.cpus_per_worker=0.5"])
+    output, _, tracking = _interrupted(
+        "tune",
+        signum,
+        tmp_path,
+        [
+            "tune.name=interrupted",
+            "tune.num_samples=3",
+            "tune.max_concurrent=1",
+            "tune.scheduler=none",
+            "tune.space={train.lr: {loguniform: [0.001, 0.1]}}",
+            "run.cpus_per_worker=0.5",
+        ],
+    )
     assert "best:" not in output and "search stopped:" in output
     client = MlflowClient(tracking)
     runs = client.search_runs([client.get_experiment_by_name("ccnet").experiment_id])
@@ -106,8 +127,14 @@ while True:  # a library whose graceful shutdown never ends: it swallows the int
 @pytest.mark.parametrize("second_ctrl_c", [False, True])
 def test_ctrl_c_ends_a_hanging_shutdown_within_the_grace_time(second_ctrl_c: bool, tmp_path: Path) -> None:
     env = os.environ | {"CCNET_INTERRUPT_GRACE_SECONDS": "3", "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-c", HANGING_SHUTDOWN], cwd=tmp_path, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", HANGING_SHUTDOWN],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert process.stdout.readline().strip() == "ready"
     process.send_signal(signal.SIGINT)
     line = process.stdout.readline().strip()

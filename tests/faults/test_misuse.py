@@ -25,8 +25,15 @@ ROOT = Path(__file__).parents[2]
 def _ccnet(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
     env |= {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
 
 
 def _refused(result: subprocess.CompletedProcess, *named: str) -> str:
@@ -62,10 +69,21 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     manifest = Path(uris["classes"]) / "manifest.json"  # the same images, one class named otherwise
     manifest.write_text(manifest.read_text().replace('"object-cyan"', '"object-teal"'))
     tracking = f"sqlite:///{tmp / 'mlflow.db'}"
-    settings = [f"data.uri={uris['data']}", "data.batch_size=2", "data.crop_size=32", "train.iterations=2",
-                "train.log_every=1", "train.eval_every=2", "train.checkpoint_every=2", "eval.scales=[1.0]",
-                "run.ray=false", f"run.storage={tmp / 'runs'}", f"tracking.uri={tracking}", "run.name=first",
-                "model.name=ccnet_tiny"]
+    settings = [
+        f"data.uri={uris['data']}",
+        "data.batch_size=2",
+        "data.crop_size=32",
+        "train.iterations=2",
+        "train.log_every=1",
+        "train.eval_every=2",
+        "train.checkpoint_every=2",
+        "eval.scales=[1.0]",
+        "run.ray=false",
+        f"run.storage={tmp / 'runs'}",
+        f"tracking.uri={tracking}",
+        "run.name=first",
+        "model.name=ccnet_tiny",
+    ]
     result = _ccnet("train", *(a for s in settings for a in ("--set", s)))
     assert result.returncode == 0, result.stderr[-3000:]
     (checkpoint,) = (tmp / "runs" / "first").rglob("best*/checkpoint.pt")
@@ -81,8 +99,9 @@ CONTINUATIONS = {  # the same run.name again, with ...
 
 
 @pytest.mark.parametrize("case", CONTINUATIONS, ids=list(CONTINUATIONS))
-def test_a_run_is_not_continued_on_other_data_or_under_another_model(case: str,
-                                                                     trained: dict[str, str]) -> None:
+def test_a_run_is_not_continued_on_other_data_or_under_another_model(
+    case: str, trained: dict[str, str]
+) -> None:
     change, named = CONTINUATIONS[case]
     before = _runs(trained["tracking"])
     settings = [*trained["settings"].splitlines(), change.format(**trained), "train.iterations=4"]
@@ -101,8 +120,9 @@ CHECKPOINT_MISUSE = {  # ccnet evaluate / predict --checkpoint <a ccnet_tiny> wi
 
 
 @pytest.mark.parametrize("case", CHECKPOINT_MISUSE, ids=list(CHECKPOINT_MISUSE))
-def test_a_checkpoint_runs_only_under_its_own_model(case: str, trained: dict[str, str],
-                                                    tmp_path: Path) -> None:
+def test_a_checkpoint_runs_only_under_its_own_model(
+    case: str, trained: dict[str, str], tmp_path: Path
+) -> None:
     command, change, named = CHECKPOINT_MISUSE[case]
     before = _runs(trained["tracking"])
     args = ["--checkpoint", trained["checkpoint"], "--set", change.format(**trained)]
@@ -120,8 +140,13 @@ def test_the_same_run_and_checkpoint_still_go_on(trained: dict[str, str], tmp_pa
     """The checks refuse changes only: continuing the run unchanged, and evaluating its checkpoint on its own
     dataset under its own model, work."""
     settings = [*trained["settings"].splitlines(), "model.impl=autograd"]  # how it computes, not what
-    result = _ccnet("evaluate", "--checkpoint", trained["checkpoint"], "--no-tracking",
-                    *(a for s in settings[-1:] for a in ("--set", s)))
+    result = _ccnet(
+        "evaluate",
+        "--checkpoint",
+        trained["checkpoint"],
+        "--no-tracking",
+        *(a for s in settings[-1:] for a in ("--set", s)),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "mIoU" in result.stdout
 
@@ -130,8 +155,9 @@ def _tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_predict_never_replaces_an_input_or_a_file_it_did_not_write(trained: dict[str, str],
-                                                                    tmp_path: Path) -> None:
+def test_predict_never_replaces_an_input_or_a_file_it_did_not_write(
+    trained: dict[str, str], tmp_path: Path
+) -> None:
     from PIL import Image
 
     photos = tmp_path / "photos"
@@ -141,10 +167,16 @@ def test_predict_never_replaces_an_input_or_a_file_it_did_not_write(trained: dic
     (photos / "b_overlay.png").write_bytes(b"the user's own file")
     predict = ["predict", "--checkpoint", trained["checkpoint"]]
     cases = {  # inputs and --out: each would replace something the command reads or did not write
-        "an input is an output": ([photos / "a.png", photos / "a_mask.png"], photos,
-                                  "a_mask.png is also an input"),
-        "a file the user made": ([photos / "b.png"], photos,
-                                 "b_overlay.png exists and was not written by ccnet"),
+        "an input is an output": (
+            [photos / "a.png", photos / "a_mask.png"],
+            photos,
+            "a_mask.png is also an input",
+        ),
+        "a file the user made": (
+            [photos / "b.png"],
+            photos,
+            "b_overlay.png exists and was not written by ccnet",
+        ),
         "an output is a link to an input": ([photos / "a.png"], photos / "links", "is also an input"),
     }
     (photos / "links").mkdir()
@@ -159,8 +191,12 @@ def test_predict_never_replaces_an_input_or_a_file_it_did_not_write(trained: dic
     for _ in range(2):
         result = _ccnet(*predict, str(photos / "a.png"), str(photos / "b.png"), "--out", str(out))
         assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == ["a_mask.png", "a_overlay.png", "b_mask.png",
-                                                     "b_overlay.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a_mask.png",
+        "a_overlay.png",
+        "b_mask.png",
+        "b_overlay.png",
+    ]
 
 
 def test_data_commands_never_write_into_what_they_read(trained: dict[str, str], tmp_path: Path) -> None:
@@ -172,10 +208,23 @@ def test_data_commands_never_write_into_what_they_read(trained: dict[str, str], 
         (["data", "inspect", data, "--grid", f"{data}/manifest.json"], "lies inside an input"),
         (["data", "inspect", data, "--grid", str(tmp_path / "notes.png")], "was not written by ccnet"),
         (["data", "inspect", data, "--grid", str(tmp_path)], "is a folder"),
-        (["data", "prepare", "--dataset", "camvid", "--root", str(tmp_path), "--out", str(tmp_path)],
-         "overlap"),
-        (["data", "prepare", "--dataset", "camvid", "--root", str(tmp_path / "camvid" / "v1"), "--out",
-          str(tmp_path)], "overlap"),
+        (
+            ["data", "prepare", "--dataset", "camvid", "--root", str(tmp_path), "--out", str(tmp_path)],
+            "overlap",
+        ),
+        (
+            [
+                "data",
+                "prepare",
+                "--dataset",
+                "camvid",
+                "--root",
+                str(tmp_path / "camvid" / "v1"),
+                "--out",
+                str(tmp_path),
+            ],
+            "overlap",
+        ),
     ]
     for args, named in cases:
         _refused(_ccnet(*args), named)
@@ -244,8 +293,13 @@ def test_mistakes_are_refused_before_tracking_and_ray_start(trained: dict[str, s
             args = [*settings, *changes, *overrides]
             result = subprocess.run(
                 [sys.executable, "-m", "pipeline.cli", "train", *(a for s in args for a in ("--set", s))],
-                cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
-                env={**os.environ, "RAY_TMPDIR": str(ray_dir), "RAY_USAGE_STATS_ENABLED": "0"})
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=False,
+                env={**os.environ, "RAY_TMPDIR": str(ray_dir), "RAY_USAGE_STATS_ENABLED": "0"},
+            )
             _refused(result, named)
             assert not ray_dir.exists(), f"{case}: Ray started"
             assert not (tmp_path / "runs").exists(), f"{case}: something was written"
@@ -255,8 +309,13 @@ def test_mistakes_are_refused_before_tracking_and_ray_start(trained: dict[str, s
 
 def test_an_error_in_a_dataloader_worker_is_one_line(trained: dict[str, str], tmp_path: Path) -> None:
     changed = _broken_copies(trained["data"], tmp_path)["changed shard"]
-    settings = [*trained["settings"].splitlines(), f"data.uri={changed}", "data.loader_workers=1",
-                "run.name=changed", f"run.storage={tmp_path / 'runs'}"]
+    settings = [
+        *trained["settings"].splitlines(),
+        f"data.uri={changed}",
+        "data.loader_workers=1",
+        "run.name=changed",
+        f"run.storage={tmp_path / 'runs'}",
+    ]
     result = _ccnet("train", *(a for s in settings for a in ("--set", s)))
     line = _refused(result, "train-00000.parquet: sha256")
     assert "DataLoader worker" not in result.stderr and "Original Traceback" not in line

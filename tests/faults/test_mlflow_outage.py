@@ -28,17 +28,30 @@ def dataset(generated_dataset: Callable[..., str]) -> str:
 
 
 def _settings(dataset: str, storage: Path, tracking: str, iterations: int) -> list[str]:
-    return [f"data.uri={dataset}", "data.crop_size=32", "data.batch_size=2", f"train.iterations={iterations}",
-            "train.log_every=4", f"train.checkpoint_every={iterations}", f"train.eval_every={iterations}",
-            "eval.scales=[1.0]", "eval.flip=false", f"run.storage={storage}", "run.name=outage",
-            "run.ray=false", f"tracking.uri={tracking}", "tracking.experiment=outage"]
+    return [
+        f"data.uri={dataset}",
+        "data.crop_size=32",
+        "data.batch_size=2",
+        f"train.iterations={iterations}",
+        "train.log_every=4",
+        f"train.checkpoint_every={iterations}",
+        f"train.eval_every={iterations}",
+        "eval.scales=[1.0]",
+        "eval.flip=false",
+        f"run.storage={storage}",
+        "run.name=outage",
+        "run.ray=false",
+        f"tracking.uri={tracking}",
+        "tracking.experiment=outage",
+    ]
 
 
 def _train(args: list[str], home: Path) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "pipeline.cli", "train", *(a for item in args for a in ("--set", item))]
     env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
-                          env=env)
+    return subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False, env=env
+    )
 
 
 def test_unreachable_at_start_is_one_line_before_any_training(dataset: str, tmp_path: Path) -> None:
@@ -57,8 +70,9 @@ def test_optional_tracking_trains_without_it(dataset: str, tmp_path: Path) -> No
     assert (tmp_path / "runs" / "outage" / "best" / "checkpoint.pt").exists()
 
 
-def test_outage_during_a_run_loses_no_metric(dataset: str, tmp_path: Path, mlflow_server: Any,
-                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_outage_during_a_run_loses_no_metric(
+    dataset: str, tmp_path: Path, mlflow_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     from mlflow.tracking import MlflowClient
 
     from pipeline.train.driver import run_training
@@ -72,10 +86,12 @@ def test_outage_during_a_run_loses_no_metric(dataset: str, tmp_path: Path, mlflo
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                          "attributes.run_name = 'outage'")
-                if runs and any(m.step >= 8 for m in client.get_metric_history(runs[0].info.run_id,
-                                                                               "train/loss")):
+                runs = client.search_runs(
+                    [e.experiment_id for e in client.search_experiments()], "attributes.run_name = 'outage'"
+                )
+                if runs and any(
+                    m.step >= 8 for m in client.get_metric_history(runs[0].info.run_id, "train/loss")
+                ):
                     break
                 time.sleep(0.1)
             mlflow_server.stop()
@@ -90,8 +106,9 @@ def test_outage_during_a_run_loses_no_metric(dataset: str, tmp_path: Path, mlflo
     thread.start()
     try:
         with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
-            report = run_training(load_config(None, _settings(dataset, tmp_path / "runs", mlflow_server.uri,
-                                                              iterations)))
+            report = run_training(
+                load_config(None, _settings(dataset, tmp_path / "runs", mlflow_server.uri, iterations))
+            )
     finally:
         thread.join()
     assert "error" not in seen

@@ -55,13 +55,25 @@ def cluster(s3_env: str) -> Iterator[tuple[Any, dict[str, Any]]]:
 
 
 def _config(data: str, runs: str, name: str, tracking: str) -> Config:
-    return load_config(None, [*run_settings(data, runs, tracking), f"run.name={name}", "run.num_workers=2",
-                              "run.cpus_per_worker=1", "tracking.experiment=node-loss"])
+    return load_config(
+        None,
+        [
+            *run_settings(data, runs, tracking),
+            f"run.name={name}",
+            "run.num_workers=2",
+            "run.cpus_per_worker=1",
+            "tracking.experiment=node-loss",
+        ],
+    )
 
 
-def test_a_lost_node_resumes_from_s3_with_the_same_weights(cluster: tuple[Any, dict[str, Any]], s3_env: str,
-                                                            mlflow_server: Any, tmp_path: Path,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_a_lost_node_resumes_from_s3_with_the_same_weights(
+    cluster: tuple[Any, dict[str, Any]],
+    s3_env: str,
+    mlflow_server: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     from mlflow.tracking import MlflowClient
 
     from pipeline.train.driver import run_training
@@ -91,8 +103,12 @@ def test_a_lost_node_resumes_from_s3_with_the_same_weights(cluster: tuple[Any, d
         record = lose_a_node(ray_cluster, nodes, [storage.join(runs, "lost-node")], after, training)
         report = training.result(timeout=600)
     fault = {key: value for key, value in record.items() if key != "alive_at_kill"} | {"seed": seed}
-    log.warning("uninterrupted run %.0f s, run with a lost node %.0f s; kill record %s", reference_s,
-                time.monotonic() - started, fault)
+    log.warning(
+        "uninterrupted run %.0f s, run with a lost node %.0f s; kill record %s",
+        reference_s,
+        time.monotonic() - started,
+        fault,
+    )
 
     # The two workers ran on the two worker nodes; after the loss, on the surviving one and the replacement.
     ids = record["node_ids"]
@@ -100,8 +116,9 @@ def test_a_lost_node_resumes_from_s3_with_the_same_weights(cluster: tuple[Any, d
     at_kill = set(workers) & set(record["alive_at_kill"])
     first = {workers[actor_id]["Address"]["NodeID"] for actor_id in at_kill}
     assert first == {ids["node_a"], ids["node_b"]}, (first, ids, seed)
-    later = {info["Address"]["NodeID"] for actor_id, info in workers.items()
-             if actor_id not in at_kill}  # the worker group Ray Train restarted
+    later = {
+        info["Address"]["NodeID"] for actor_id, info in workers.items() if actor_id not in at_kill
+    }  # the worker group Ray Train restarted
     assert ids["node_c"] in later and ids["node_b"] not in later, (later, ids, seed)
     assert max(record["checkpoints_at_kill"].values()) < ITERATIONS // EVERY, fault
     assert "remove_error" not in record, fault

@@ -62,12 +62,21 @@ def cluster(s3_env: str) -> Iterator[tuple[Any, dict[str, Any]]]:
 def _config(data: str, runs: str, name: str, tracking: str) -> Config:
     """A grid of one variant (the preset as it is) and two seeds, both trials at once, each to its end; the
     search and its MLflow experiment are both called ``name``."""
-    return load_config(None, [
-        *run_settings(data, runs, tracking), "run.num_workers=1", "run.cpus_per_worker=0.6",
-        f"tracking.experiment={name}",
-        f"tune.name={name}", "tune.space={}", "tune.scheduler=none", "tune.variants={cc: []}",
-        f"tune.seeds=[{', '.join(map(str, SEEDS))}]", f"tune.max_concurrent={len(SEEDS)}",
-    ])
+    return load_config(
+        None,
+        [
+            *run_settings(data, runs, tracking),
+            "run.num_workers=1",
+            "run.cpus_per_worker=0.6",
+            f"tracking.experiment={name}",
+            f"tune.name={name}",
+            "tune.space={}",
+            "tune.scheduler=none",
+            "tune.variants={cc: []}",
+            f"tune.seeds=[{', '.join(map(str, SEEDS))}]",
+            f"tune.max_concurrent={len(SEEDS)}",
+        ],
+    )
 
 
 def _trial_folders(runs: str, name: str) -> dict[int, str]:
@@ -78,8 +87,9 @@ def _trial_folders(runs: str, name: str) -> dict[int, str]:
 def _driver_of(worker: dict[str, Any], table: dict[str, dict[str, Any]]) -> str:
     """The trial driver that a Train worker works for: the worker's owner is its run's TrainController, whose
     owner is the trial's driver (actors are matched by the node and port of their process)."""
-    by_process = {(info["Address"]["NodeID"], info["Address"]["Port"]): actor_id
-                  for actor_id, info in table.items()}
+    by_process = {
+        (info["Address"]["NodeID"], info["Address"]["Port"]): actor_id for actor_id, info in table.items()
+    }
 
     def owner(info: dict[str, Any]) -> str:
         return by_process[(info["OwnerAddress"]["NodeID"], info["OwnerAddress"]["Port"])]
@@ -89,8 +99,9 @@ def _driver_of(worker: dict[str, Any], table: dict[str, dict[str, Any]]) -> str:
     return driver
 
 
-def test_a_lost_node_during_a_search_resumes_each_trial(cluster: tuple[Any, dict[str, Any]], s3_env: str,
-                                                        mlflow_server: Any) -> None:
+def test_a_lost_node_during_a_search_resumes_each_trial(
+    cluster: tuple[Any, dict[str, Any]], s3_env: str, mlflow_server: Any
+) -> None:
     from mlflow.tracking import MlflowClient
 
     from pipeline.train.tune import run_search
@@ -118,12 +129,19 @@ def test_a_lost_node_during_a_search_resumes_each_trial(cluster: tuple[Any, dict
     table = {actor_id: info for actor_id, info in actors().items() if actor_id not in before}
     ids = record["node_ids"]
     at_kill = {actor_id: table[actor_id] for actor_id in record["alive_at_kill"] if actor_id in table}
-    on_b = {actor_id for actor_id, info in at_kill.items()
-            if info["Address"]["NodeID"] == ids["node_b"] and info["ActorClassName"] in (TRIAL, WORKER)}
+    on_b = {
+        actor_id
+        for actor_id, info in at_kill.items()
+        if info["Address"]["NodeID"] == ids["node_b"] and info["ActorClassName"] in (TRIAL, WORKER)
+    }
     fault = {key: value for key, value in record.items() if key not in ("alive_at_kill", "node_ids")}
     fault |= {"seed": seed, "node_b_hosted": sorted(at_kill[actor_id]["ActorClassName"] for actor_id in on_b)}
-    log.warning("uninterrupted search %.0f s, search with a lost node %.0f s; %s", reference_s,
-                time.monotonic() - started, fault)
+    log.warning(
+        "uninterrupted search %.0f s, search with a lost node %.0f s; %s",
+        reference_s,
+        time.monotonic() - started,
+        fault,
+    )
     assert "remove_error" not in record, fault
     assert max(record["checkpoints_at_kill"].values()) < ITERATIONS // EVERY, fault
 
@@ -135,8 +153,11 @@ def test_a_lost_node_during_a_search_resumes_each_trial(cluster: tuple[Any, dict
     # from the lost node. The other trial's worker went on undisturbed.
     lost_drivers = {actor_id for actor_id in on_b if at_kill[actor_id]["ActorClassName"] == TRIAL}
     hit = lost_drivers | {_driver_of(at_kill[actor_id], table) for actor_id in workers & on_b}
-    later = {actor_id: info for actor_id, info in table.items()
-             if actor_id not in at_kill and info["ActorClassName"] in (TRIAL, WORKER)}
+    later = {
+        actor_id: info
+        for actor_id, info in table.items()
+        if actor_id not in at_kill and info["ActorClassName"] in (TRIAL, WORKER)
+    }
     restarted = [info["ActorClassName"] for info in later.values()]
     assert restarted.count(TRIAL) == len(lost_drivers), (restarted, fault)
     assert restarted.count(WORKER) == len(hit), (restarted, fault)
@@ -174,7 +195,8 @@ def test_a_lost_node_during_a_search_resumes_each_trial(cluster: tuple[Any, dict
     experiment = client.get_experiment_by_name("lost-node")
     found = client.search_runs([experiment.experiment_id])
     assert [run.info.run_id for run in found if "mlflow.parentRunId" not in run.data.tags] == [
-        report.parent_run_id]
+        report.parent_run_id
+    ]
     children = [run for run in found if run.data.tags.get("mlflow.parentRunId") == report.parent_run_id]
     assert len(found) == 1 + len(SEEDS), [(run.info.run_name, run.info.status) for run in found]
     assert sorted(run.info.run_name for run in children) == [f"lost-node_cc_seed{s}" for s in SEEDS]

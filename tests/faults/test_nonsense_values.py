@@ -67,8 +67,10 @@ NONSENSE: dict[str, list[tuple[str, str]]] = {
     "data.uri": [("s3://", "data.uri"), ("hdfs://nn/data", "unsupported scheme 'hdfs'")],
     "tracking.experiment": [("' '", "tracking.experiment=' ' is not allowed")],
     "tracking.settle_timeout": [("-1", "tracking.settle_timeout=-1.0 is not allowed")],
-    "tracking.registered_model": [("' '", "tracking.registered_model=' ' is not allowed"),
-                                  ("a/b", "tracking.registered_model='a/b' is not allowed")],
+    "tracking.registered_model": [
+        ("' '", "tracking.registered_model=' ' is not allowed"),
+        ("a/b", "tracking.registered_model='a/b' is not allowed"),
+    ],
     "tune.name": [("/abs", "tune.name='/abs' is not allowed")],
     "tune.num_samples": [("0", "tune.num_samples=0 is not allowed")],
     "tune.max_concurrent": [("0", "tune.max_concurrent=0 is not allowed")],
@@ -77,8 +79,11 @@ NONSENSE: dict[str, list[tuple[str, str]]] = {
     "tune.scheduler": [("pbt", "tune.scheduler='pbt' is not allowed")],
     "tune.grace_period": [("0", "tune.grace_period=0 is not allowed")],
     "tune.reduction_factor": [("1", "tune.reduction_factor=1 is not allowed")],
-    "tune.seeds": [("[]", "tune.seeds=[] is not allowed"), ("[1, 1]", "tune.seeds=[1, 1]"),
-                   ("[-1]", "tune.seeds=[-1]")],
+    "tune.seeds": [
+        ("[]", "tune.seeds=[] is not allowed"),
+        ("[1, 1]", "tune.seeds=[1, 1]"),
+        ("[-1]", "tune.seeds=[-1]"),
+    ],
     "tune.space": [("{train.lr: {choice: []}}", "choice needs at least one value")],
     "tune.baseline": [("fcn", "tune.baseline='fcn' is not allowed (expected null or one of tune.variants")],
 }
@@ -86,12 +91,18 @@ NONSENSE: dict[str, list[tuple[str, str]]] = {
 # tests/pipeline/test_config.py), or that are checked where they are used, with the file named.
 EXEMPT = {
     "model.pretrained": "a local file, 'imagenet' or 'none': checked when the backbone loads it, naming it",
-    "model.align_corners": "bool or null", "model.sync_bn": "bool",
-    "train.ohem": "bool", "train.no_decay_1d": "bool", "train.compile": "bool", "eval.flip": "bool",
-    "run.ray": "bool", "run.use_gpu": "bool",
+    "model.align_corners": "bool or null",
+    "model.sync_bn": "bool",
+    "train.ohem": "bool",
+    "train.no_decay_1d": "bool",
+    "train.compile": "bool",
+    "eval.flip": "bool",
+    "run.ray": "bool",
+    "run.use_gpu": "bool",
     "tune.variants": "each variant's overrides, checked by ccnet tune before anything starts "
     "(tests/faults/test_bad_search.py)",
-    "tracking.uri": "parsed by the tracking module when it connects", "tracking.required": "bool",
+    "tracking.uri": "parsed by the tracking module when it connects",
+    "tracking.required": "bool",
 }
 CASES = [(key, value, text) for key, cases in NONSENSE.items() for value, text in cases]
 
@@ -116,9 +127,23 @@ def test_the_command_line_shows_one_line_and_writes_nothing(key: str, tmp_path: 
     value, text = NONSENSE[key][0]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "train", "--set", f"{key}={value}", "--set", "run.ray=false",
-         "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
-        cwd=tmp_path, env=env | {"PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "train",
+            "--set",
+            f"{key}={value}",
+            "--set",
+            "run.ray=false",
+            "--set",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+        cwd=tmp_path,
+        env=env | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()

@@ -32,11 +32,33 @@ IMAGE_SIZE = 64
 
 def _prepare(out: str) -> subprocess.Popen:
     """``ccnet data prepare`` of a generated dataset cut into many small shards, in its own process."""
-    command = [sys.executable, "-m", "pipeline.cli", "data", "prepare", "--dataset", "generated",
-               "--out", out, "--count", ",".join(f"{split}={n}" for split, n in COUNTS.items()),
-               "--image-size", str(IMAGE_SIZE), "--workers", "1", "--max-shard-mb", "0.02"]
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"RAY_USAGE_STATS_ENABLED": "0"})
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "data",
+        "prepare",
+        "--dataset",
+        "generated",
+        "--out",
+        out,
+        "--count",
+        ",".join(f"{split}={n}" for split, n in COUNTS.items()),
+        "--image-size",
+        str(IMAGE_SIZE),
+        "--workers",
+        "1",
+        "--max-shard-mb",
+        "0.02",
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"RAY_USAGE_STATS_ENABLED": "0"},
+    )
 
 
 def _objects(uri: str) -> list[str]:
@@ -66,8 +88,11 @@ def _check_version(version: str) -> None:
     for shard in manifest.shards:
         data = storage.read_bytes(storage.join(version, shard.path))
         assert hashlib.sha256(data).hexdigest() == shard.sha256, shard.path
-        table = pq.read_table(storage.filesystem(storage.join(version, shard.path))[1],
-                              filesystem=storage.filesystem(version)[0], columns=["sample_id"])
+        table = pq.read_table(
+            storage.filesystem(storage.join(version, shard.path))[1],
+            filesystem=storage.filesystem(version)[0],
+            columns=["sample_id"],
+        )
         assert table.num_rows == shard.rows
         ids[shard.split] += table.column("sample_id").to_pylist()
     source = build_source("generated", None, image_size=(IMAGE_SIZE, IMAGE_SIZE), counts=COUNTS)
@@ -94,8 +119,9 @@ def test_short_outage_during_preparation_is_ridden_out(s3_env: str, seaweedfs: A
     _check_version(storage.join(out, "generated", "v1"))
 
 
-def test_long_outage_during_preparation_fails_cleanly_and_a_rerun_completes(s3_env: str,
-                                                                            seaweedfs: Any) -> None:
+def test_long_outage_during_preparation_fails_cleanly_and_a_rerun_completes(
+    s3_env: str, seaweedfs: Any
+) -> None:
     storage.ensure_bucket(s3_env)
     out = storage.join(s3_env, "datasets")
     version = storage.join(out, "generated", "v1")
@@ -130,12 +156,25 @@ def test_outage_during_checkpoint_uploads(s3_env: str, seaweedfs: Any, tmp_path:
     source = build_source("generated", None, image_size=(48, 48), counts={"train": 16, "val": 2})
     data, _ = write_shards(source, str(tmp_path / "data"), workers=1, progress=False)
     runs = storage.join(s3_env, "runs")
-    config = load_config(None, [
-        f"data.uri={data}", "data.crop_size=48", "data.batch_size=2", "train.iterations=16",
-        "train.checkpoint_every=2", "train.eval_every=4", "train.log_every=4", "eval.scales=[1.0]",
-        f"run.storage={runs}", "run.name=outage", "run.num_workers=1", "run.cpus_per_worker=1",
-        "run.max_failures=2", "train.keep_checkpoints=10",
-    ]).with_absolute_paths()
+    config = load_config(
+        None,
+        [
+            f"data.uri={data}",
+            "data.crop_size=48",
+            "data.batch_size=2",
+            "train.iterations=16",
+            "train.checkpoint_every=2",
+            "train.eval_every=4",
+            "train.log_every=4",
+            "eval.scales=[1.0]",
+            f"run.storage={runs}",
+            "run.name=outage",
+            "run.num_workers=1",
+            "run.cpus_per_worker=1",
+            "run.max_failures=2",
+            "train.keep_checkpoints=10",
+        ],
+    ).with_absolute_paths()
     errors: list[BaseException] = []
 
     def outage() -> None:

@@ -27,8 +27,9 @@ def _scan(name: str, data: bytes, secrets: list[str]) -> list[str]:
     return [f"{name} holds secret {secrets.index(secret)}" for secret in secrets if secret.encode() in data]
 
 
-def test_no_secret_in_params_artifacts_checkpoints_or_logs(s3_env: str, seaweedfs: Any, mlflow_server: Any,
-                                                           tmp_path: Path) -> None:
+def test_no_secret_in_params_artifacts_checkpoints_or_logs(
+    s3_env: str, seaweedfs: Any, mlflow_server: Any, tmp_path: Path
+) -> None:
     from mlflow.tracking import MlflowClient
 
     source = build_source("generated", None, image_size=(32, 32), counts={"train": 4, "val": 2})
@@ -37,12 +38,26 @@ def test_no_secret_in_params_artifacts_checkpoints_or_logs(s3_env: str, seaweedf
     # Credentials from the environment only (a config holding them is refused, below); the server ignores
     # the basic-auth password, so the run goes through with it.
     tracking = mlflow_server.uri.replace("http://", f"http://ccnet:{PASSWORD}@")
-    settings = [f"data.uri={data}", "data.crop_size=32", "data.batch_size=2", "train.iterations=2",
-                "train.log_every=1", "train.checkpoint_every=2", "train.eval_every=2", "eval.scales=[1.0]",
-                f"run.storage={runs}", "run.name=secrets", "run.ray=false", "tracking.experiment=secrets"]
+    settings = [
+        f"data.uri={data}",
+        "data.crop_size=32",
+        "data.batch_size=2",
+        "train.iterations=2",
+        "train.log_every=1",
+        "train.checkpoint_every=2",
+        "train.eval_every=2",
+        "eval.scales=[1.0]",
+        f"run.storage={runs}",
+        "run.name=secrets",
+        "run.ray=false",
+        "tracking.experiment=secrets",
+    ]
     command = [sys.executable, "-m", "pipeline.cli", "train", *(a for s in settings for a in ("--set", s))]
-    env = os.environ | {"HOME": str(tmp_path), "MLFLOW_DISABLE_TELEMETRY": "true",
-                        "MLFLOW_TRACKING_URI": tracking}
+    env = os.environ | {
+        "HOME": str(tmp_path),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_TRACKING_URI": tracking,
+    }
     result = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=300, check=False, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     secrets = [seaweedfs.secret_key, seaweedfs.access_key, PASSWORD]
@@ -97,21 +112,27 @@ PLACES = [
 
 
 @pytest.mark.parametrize("place", PLACES, ids=[" ".join(p[0][:2]) + f" {p[1]}" for p in PLACES])
-def test_a_location_with_credentials_is_refused_redacted(place: tuple[list[str], str],
-                                                         tmp_path: Path) -> None:
+def test_a_location_with_credentials_is_refused_redacted(
+    place: tuple[list[str], str], tmp_path: Path
+) -> None:
     """Whatever the secret holds, every message quoting the location redacts it: exit 2, one ERROR line
     naming the key or flag, no piece of the secret in the output, nothing written (no MLflow database)."""
     template, named = place
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
-    env |= {"HOME": str(tmp_path.parent / f"{tmp_path.name}-home"), "RAY_USAGE_STATS_ENABLED": "0",
-            "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONPATH": str(ROOT)}
+    env |= {
+        "HOME": str(tmp_path.parent / f"{tmp_path.name}-home"),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PYTHONPATH": str(ROOT),
+    }
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     (tmp_path / "README.md").write_text("not an image")
     failures = []
     for uri, pieces in CREDENTIAL_URIS:
         command = [sys.executable, "-m", "pipeline.cli", *(a.replace("{uri}", uri) for a in template)]
-        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env,
-                                check=False)
+        result = subprocess.run(
+            command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env, check=False
+        )
         lines = result.stderr.strip().splitlines()
         shown = result.stdout + result.stderr
         if result.returncode != 2 or not lines or not lines[-1].startswith("ERROR") or named not in lines[-1]:

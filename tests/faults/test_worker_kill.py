@@ -93,12 +93,25 @@ def _fit(dataset: str, storage: Path, name: str) -> tuple[object, dict[str, torc
     from pipeline.train.ray_train import fit
     from pipeline.train.spec import RunSpec
 
-    config = load_config(None, [
-        f"data.uri={dataset}", "data.crop_size=48", "data.batch_size=2", f"train.iterations={ITERATIONS}",
-        f"train.checkpoint_every={EVERY}", "train.eval_every=8", "train.log_every=4", "eval.scales=[1.0]",
-        f"run.storage={storage}", f"run.name={name}", "run.num_workers=1", "run.cpus_per_worker=1",
-        "run.max_failures=2", f"train.keep_checkpoints={ITERATIONS // EVERY + 2}",
-    ])
+    config = load_config(
+        None,
+        [
+            f"data.uri={dataset}",
+            "data.crop_size=48",
+            "data.batch_size=2",
+            f"train.iterations={ITERATIONS}",
+            f"train.checkpoint_every={EVERY}",
+            "train.eval_every=8",
+            "train.log_every=4",
+            "eval.scales=[1.0]",
+            f"run.storage={storage}",
+            f"run.name={name}",
+            "run.num_workers=1",
+            "run.cpus_per_worker=1",
+            "run.max_failures=2",
+            f"train.keep_checkpoints={ITERATIONS // EVERY + 2}",
+        ],
+    )
     result = fit(RunSpec.of(config.with_absolute_paths()), None)
     with result.checkpoint.as_directory() as folder:
         final = load(str(Path(folder) / CHECKPOINT_FILE))

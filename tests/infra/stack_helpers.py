@@ -19,14 +19,26 @@ from infra.local.servers import free_port_pair, free_ports
 SCRIPT = Path(__file__).resolve().parents[2] / "infra" / "local" / "stack.py"
 SCRIPTS = Path(sysconfig.get_path("scripts"))
 WEED_PORTS = ("s3", "s3.grpc", "master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc")
-OTHER_PORTS = ("mlflow", "ray.gcs", "ray.dashboard", "ray.client", "ray.agent", "ray.metrics",
-               "ray.autoscaler_metrics", "ray.dashboard_metrics")
+OTHER_PORTS = (
+    "mlflow",
+    "ray.gcs",
+    "ray.dashboard",
+    "ray.client",
+    "ray.agent",
+    "ray.metrics",
+    "ray.autoscaler_metrics",
+    "ray.dashboard_metrics",
+)
 
 
 def run_stack(root: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """``infra/local/stack.py ARGS --dir ROOT``."""
-    return subprocess.run([sys.executable, str(SCRIPT), *args, "--dir", str(root)], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--dir", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @contextlib.contextmanager
@@ -111,7 +123,8 @@ def stack_pids(root: Path, pids: dict[str, dict]) -> set[int]:
         with contextlib.suppress(OSError, IndexError):
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-            if fields[0] != "Z" and (int(fields[3]) in groups or str(root) in cmdline
-                                     or cwd.startswith(str(root))):
+            if fields[0] != "Z" and (
+                int(fields[3]) in groups or str(root) in cmdline or cwd.startswith(str(root))
+            ):
                 found.add(int(entry.name))
     return found

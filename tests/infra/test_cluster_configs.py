@@ -47,8 +47,11 @@ def parse_command(where: str, words: list[str], workers_can_be_0: bool) -> Submi
 def readme_commands(path: Path) -> list[list[str]]:
     """The `ccnet submit` and `ccnet schedule` commands of a README's shell blocks, continuations joined."""
     text = path.read_text().replace("\\\n", " ")
-    return [shlex.split(line, comments=True) for line in text.splitlines()
-            if re.match(r"\s*ccnet (submit|schedule)\b", line)]
+    return [
+        shlex.split(line, comments=True)
+        for line in text.splitlines()
+        if re.match(r"\s*ccnet (submit|schedule)\b", line)
+    ]
 
 
 def cluster_submissions() -> list[Submission]:
@@ -61,12 +64,17 @@ def cluster_submissions() -> list[Submission]:
         if submission:
             found.append(submission)
     (aws,) = load_documents(INFRA / "aws" / "cluster.yaml")
-    aws_can_be_0 = any(t.get("min_workers", 0) == 0 for name, t in aws["available_node_types"].items()
-                       if name != aws["head_node_type"])
+    aws_can_be_0 = any(
+        t.get("min_workers", 0) == 0
+        for name, t in aws["available_node_types"].items()
+        if name != aws["head_node_type"]
+    )
     ((_, raycluster),) = of_kind("RayCluster")
     k8s_can_be_0 = any(g["minReplicas"] == 0 for g in raycluster["spec"]["workerGroupSpecs"])
-    for readme, can_be_0 in ((INFRA / "aws" / "README.md", aws_can_be_0),
-                             (INFRA / "k8s" / "README.md", k8s_can_be_0)):
+    for readme, can_be_0 in (
+        (INFRA / "aws" / "README.md", aws_can_be_0),
+        (INFRA / "k8s" / "README.md", k8s_can_be_0),
+    ):
         for words in readme_commands(readme):
             submission = parse_command(readme.relative_to(ROOT).as_posix(), words, can_be_0)
             if submission:
@@ -90,14 +98,19 @@ def crop_space_problems(config_path: Path, config: Config) -> list[str]:
     if "space" not in section:
         return [f"{config_path.name}: no tune.space, so the default space (crops 160/192) is searched"]
     crops = config.tune.space.get("data.crop_size", {}).get("choice", [config.data.crop_size])
-    problems = [f"crop {crop} is not within 25 % of data.crop_size={config.data.crop_size}"
-                for crop in crops if abs(crop - config.data.crop_size) > 0.25 * config.data.crop_size]
+    problems = [
+        f"crop {crop} is not within 25 % of data.crop_size={config.data.crop_size}"
+        for crop in crops
+        if abs(crop - config.data.crop_size) > 0.25 * config.data.crop_size
+    ]
     if config.data.crop_size not in crops:
         problems.append(f"the recipe's own crop {config.data.crop_size} is not searched")
     if not config.train.eval_every <= config.tune.grace_period < config.train.iterations:
-        problems.append(f"tune.grace_period={config.tune.grace_period} is not between the first val mIoU "
-                        f"(train.eval_every={config.train.eval_every}) and the end "
-                        f"(train.iterations={config.train.iterations})")
+        problems.append(
+            f"tune.grace_period={config.tune.grace_period} is not between the first val mIoU "
+            f"(train.eval_every={config.train.eval_every}) and the end "
+            f"(train.iterations={config.train.iterations})"
+        )
     return problems
 
 
@@ -106,8 +119,12 @@ def crop_space_problems(config_path: Path, config: Config) -> list[str]:
 
 def test_the_submissions_are_found() -> None:
     submissions = cluster_submissions()
-    expected = {"rayjob-train.yaml", "rayjob-tune.yaml", "cronjob-tune.yaml:rayjob.yaml",
-                "infra/aws/README.md"}
+    expected = {
+        "rayjob-train.yaml",
+        "rayjob-tune.yaml",
+        "cronjob-tune.yaml:rayjob.yaml",
+        "infra/aws/README.md",
+    }
     assert expected <= {s.where for s in submissions}
     assert {s.job for s in submissions if s.where == "infra/aws/README.md"} == {"train", "tune"}
 
@@ -129,8 +146,9 @@ def test_searches_search_around_their_recipe() -> None:
 
 def test_gpu_runs_retry_as_the_readme_says() -> None:
     claim = max_failures_claim()
-    gpu_configs = [path for path in sorted((ROOT / "configs").glob("*.yaml"))
-                   if load_config(path, []).run.use_gpu]
+    gpu_configs = [
+        path for path in sorted((ROOT / "configs").glob("*.yaml")) if load_config(path, []).run.use_gpu
+    ]
     assert gpu_configs
     for path in gpu_configs:
         assert load_config(path, []).run.max_failures == claim, path.name

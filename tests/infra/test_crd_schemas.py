@@ -30,8 +30,10 @@ def schema_problems(doc: dict[str, Any], schema: dict[str, Any]) -> list[str]:
     """Where the document breaks the schema's types, enums, patterns and required fields (x-kubernetes-*
     keywords and the int-or-string format are Kubernetes' own: jsonschema leaves them to the next check)."""
     validator = jsonschema.Draft7Validator(schema)
-    return [f"{'.'.join(map(str, error.absolute_path))}: {error.message[:200]}"
-            for error in validator.iter_errors(doc)]
+    return [
+        f"{'.'.join(map(str, error.absolute_path))}: {error.message[:200]}"
+        for error in validator.iter_errors(doc)
+    ]
 
 
 def unknown_fields(node: Any, schema: dict[str, Any], path: str = "") -> list[str]:
@@ -42,15 +44,27 @@ def unknown_fields(node: Any, schema: dict[str, Any], path: str = "") -> list[st
     if isinstance(node, dict):
         if "properties" in schema:
             properties = schema["properties"]
-            return [problem for key, value in node.items()
-                    for problem in ([f"{path}.{key}"] if key not in properties
-                                    else unknown_fields(value, properties[key], f"{path}.{key}"))]
+            return [
+                problem
+                for key, value in node.items()
+                for problem in (
+                    [f"{path}.{key}"]
+                    if key not in properties
+                    else unknown_fields(value, properties[key], f"{path}.{key}")
+                )
+            ]
         if isinstance(schema.get("additionalProperties"), dict):  # a map: its values have a schema
-            return [problem for key, value in node.items()
-                    for problem in unknown_fields(value, schema["additionalProperties"], f"{path}.{key}")]
+            return [
+                problem
+                for key, value in node.items()
+                for problem in unknown_fields(value, schema["additionalProperties"], f"{path}.{key}")
+            ]
     if isinstance(node, list) and isinstance(schema.get("items"), dict):
-        return [problem for i, item in enumerate(node)
-                for problem in unknown_fields(item, schema["items"], f"{path}[{i}]")]
+        return [
+            problem
+            for i, item in enumerate(node)
+            for problem in unknown_fields(item, schema["items"], f"{path}[{i}]")
+        ]
     return []
 
 
@@ -59,7 +73,10 @@ RESOURCES = [(name, doc) for kind in PLURALS for name, doc in of_kind(kind)]
 
 def test_every_ray_resource_is_checked() -> None:
     assert {name for name, _ in RESOURCES} == {
-        "raycluster.yaml", "rayjob-train.yaml", "rayjob-tune.yaml", "cronjob-tune.yaml:rayjob.yaml"
+        "raycluster.yaml",
+        "rayjob-train.yaml",
+        "rayjob-tune.yaml",
+        "cronjob-tune.yaml:rayjob.yaml",
     }
     assert all(doc["apiVersion"] == "ray.io/v1" for _, doc in RESOURCES)
 

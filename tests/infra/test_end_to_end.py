@@ -26,12 +26,23 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG = "configs/quickstart_ccnet-tiny_generated-192x192_cpu.yaml"
 DATA = "s3://ccnet/datasets/generated/v1"
 TINY = [  # a few iterations of the tiny model on 48x48 images, one Ray worker on half a CPU
-    f"data.uri={DATA}", "run.storage=s3://ccnet/runs", "train.iterations=4", "train.checkpoint_every=2",
-    "train.eval_every=2", "train.log_every=2", "data.crop_size=48", "data.batch_size=4", "eval.scales=[1.0]",
-    "run.cpus_per_worker=0.5", "tracking.experiment=e2e",
+    f"data.uri={DATA}",
+    "run.storage=s3://ccnet/runs",
+    "train.iterations=4",
+    "train.checkpoint_every=2",
+    "train.eval_every=2",
+    "train.log_every=2",
+    "data.crop_size=48",
+    "data.batch_size=4",
+    "eval.scales=[1.0]",
+    "run.cpus_per_worker=0.5",
+    "tracking.experiment=e2e",
 ]
-SEARCH = ["tune.num_samples=2", "tune.grace_period=2",
-          "tune.space={train.lr: {loguniform: [0.001, 0.1]}, data.crop_size: {choice: [32, 48]}}"]
+SEARCH = [
+    "tune.num_samples=2",
+    "tune.grace_period=2",
+    "tune.space={train.lr: {loguniform: [0.001, 0.1]}, data.crop_size: {choice: [32, 48]}}",
+]
 
 
 def _sets(items: list[str]) -> list[str]:
@@ -67,8 +78,12 @@ def _s3(env: dict[str, str]) -> Any:
     import boto3
 
     return boto3.session.Session().client(
-        "s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        region_name=env["AWS_DEFAULT_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
 
 
 def _submitted_id(out: str) -> str:
@@ -86,19 +101,36 @@ def _assert_no_secret(env: dict[str, str], job_id: str) -> None:
 
 
 def test_prepare_the_dataset_into_s3(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["submit", "prepare_data", "--", "--dataset", "generated", "--out", "s3://ccnet/datasets",
-                 "--count", "train=8,val=2", "--image-size", "48", "--workers", "1"])
+    code = main(
+        [
+            "submit",
+            "prepare_data",
+            "--",
+            "--dataset",
+            "generated",
+            "--out",
+            "s3://ccnet/datasets",
+            "--count",
+            "train=8,val=2",
+            "--image-size",
+            "48",
+            "--workers",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert f"{DATA}: train 8, val 2 samples" in out
-    manifest = json.loads(_s3(env).get_object(Bucket="ccnet", Key="datasets/generated/v1/manifest.json")
-                          ["Body"].read())
+    manifest = json.loads(
+        _s3(env).get_object(Bucket="ccnet", Key="datasets/generated/v1/manifest.json")["Body"].read()
+    )
     assert manifest["counts"] == {"train": 8, "val": 2}
     _assert_no_secret(env, _submitted_id(out))
 
 
-def test_training_job_records_metrics_and_checkpoint_in_s3(env: dict[str, str],
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_training_job_records_metrics_and_checkpoint_in_s3(
+    env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
     from mlflow.tracking import MlflowClient
 
     code = main(["submit", "train", "-c", CONFIG, *_sets([*TINY, "run.name=e2e-train"])])
@@ -107,8 +139,13 @@ def test_training_job_records_metrics_and_checkpoint_in_s3(env: dict[str, str],
     assert code == 0, out
     assert f"job {job_id} SUCCEEDED" in out and "| multi-scale+flip |" in out  # the job's output, followed
     runtime_env = _jobs_client().get_job_info(job_id).runtime_env
-    assert set(runtime_env["env_vars"]) <= {"MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
-                                            "RAY_USAGE_STATS_ENABLED", "MLFLOW_DISABLE_TELEMETRY"}
+    assert set(runtime_env["env_vars"]) <= {
+        "MLFLOW_TRACKING_URI",
+        "AWS_ENDPOINT_URL",
+        "AWS_DEFAULT_REGION",
+        "RAY_USAGE_STATS_ENABLED",
+        "MLFLOW_DISABLE_TELEMETRY",
+    }
     _assert_no_secret(env, job_id)
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
@@ -131,7 +168,10 @@ def _assert_a_user_can_decide_from(client: Any, experiment: Any, run: Any) -> No
     their short names, and the best model registered with its aliases and its eval metrics."""
     params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
     assert (params["model.attention"], params["model.recurrence"], params["model.placement"]) == (
-        "criss_cross", "2", "head")
+        "criss_cross",
+        "2",
+        "head",
+    )
     assert not any(key.startswith(("tracking.", "tune.")) for key in params)
     assert tags["ccnet.variant"] == "criss_cross R=2 head os8"
     assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"] == "jobs.train"
@@ -139,8 +179,10 @@ def _assert_a_user_can_decide_from(client: Any, experiment: Any, run: Any) -> No
     assert experiment.tags["mlflow.note.content"].startswith("CCNet (criss-cross attention) trainings")
     note = tags["mlflow.note.content"]
     assert "trained 4 iterations on generated v1 train" in note and "multi-scale+flip" in note
-    inputs = {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"])
-              for d in run.inputs.dataset_inputs}
+    inputs = {
+        (d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+        for d in run.inputs.dataset_inputs
+    }
     assert inputs == {("generated/v1/train", "training"), ("generated/v1/val", "validation")}
     assert {"final/mIoU_ss", "final/mIoU_ms_flip"} <= set(metrics)
     assert not any("single-scale" in key or "multi-scale" in key for key in metrics)
@@ -155,8 +197,9 @@ def _assert_a_user_can_decide_from(client: Any, experiment: Any, run: Any) -> No
     assert scores["val_mIoU"] == pytest.approx(metrics["final/mIoU_ms_flip"])
 
 
-def test_scheduled_search_records_nested_runs(env: dict[str, str], capsys: pytest.CaptureFixture[str],
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_scheduled_search_records_nested_runs(
+    env: dict[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mlflow.tracking import MlflowClient
 
     import pipeline.cli.schedule
@@ -164,8 +207,11 @@ def test_scheduled_search_records_nested_runs(env: dict[str, str], capsys: pytes
 
     # The Kubernetes CronJob's schedule, Saturdays 02:00, on a clock that is 2 s before one.
     started, fake_start = time.monotonic(), dt.datetime(2026, 12, 5, 1, 59, 58, tzinfo=dt.UTC)
-    monkeypatch.setattr(pipeline.cli.schedule, "_now",
-                        lambda tz: fake_start + dt.timedelta(seconds=time.monotonic() - started))
+    monkeypatch.setattr(
+        pipeline.cli.schedule,
+        "_now",
+        lambda tz: fake_start + dt.timedelta(seconds=time.monotonic() - started),
+    )
     code = main(["schedule", "0 2 * * 6", "tune", "-c", CONFIG, *_sets([*TINY, *SEARCH]), "--max-runs", "1"])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -177,10 +223,12 @@ def test_scheduled_search_records_nested_runs(env: dict[str, str], capsys: pytes
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("e2e")
-    (parent,) = client.search_runs([experiment.experiment_id],
-                                   "attributes.run_name = 'scheduled-20261205-0200'")
-    children = client.search_runs([experiment.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    (parent,) = client.search_runs(
+        [experiment.experiment_id], "attributes.run_name = 'scheduled-20261205-0200'"
+    )
+    children = client.search_runs(
+        [experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     assert len(children) == 2
     assert all(client.get_metric_history(child.info.run_id, "val/mIoU") for child in children)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
@@ -195,9 +243,16 @@ def _wait_running(job_id: str, timeout: float = 120) -> None:
 
 
 def test_jobs_list_logs_and_stop(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
-    long_run = ["submit", "train", "-c", CONFIG,
-                *_sets([*TINY, "train.iterations=100000", "run.name=e2e-long"]),
-                "--no-follow", "--submission-id", "e2e-long"]
+    long_run = [
+        "submit",
+        "train",
+        "-c",
+        CONFIG,
+        *_sets([*TINY, "train.iterations=100000", "run.name=e2e-long"]),
+        "--no-follow",
+        "--submission-id",
+        "e2e-long",
+    ]
     assert main(long_run) == 0
     _wait_running("e2e-long")
     assert main(["jobs", "stop", "e2e-long"]) == 0
@@ -210,12 +265,25 @@ def test_jobs_list_logs_and_stop(env: dict[str, str], capsys: pytest.CaptureFixt
     assert "Running entrypoint for job e2e-long" in capsys.readouterr().out
 
 
-def test_down_with_a_job_running_leaves_nothing(stack: tuple[Path, dict[str, int]],
-                                                env: dict[str, str]) -> None:
+def test_down_with_a_job_running_leaves_nothing(
+    stack: tuple[Path, dict[str, int]], env: dict[str, str]
+) -> None:
     root, ports = stack
-    assert main(["submit", "train", "-c", CONFIG,
-                 *_sets([*TINY, "train.iterations=100000", "run.name=e2e-left-running"]),
-                 "--no-follow", "--submission-id", "e2e-left-running"]) == 0
+    assert (
+        main(
+            [
+                "submit",
+                "train",
+                "-c",
+                CONFIG,
+                *_sets([*TINY, "train.iterations=100000", "run.name=e2e-left-running"]),
+                "--no-follow",
+                "--submission-id",
+                "e2e-left-running",
+            ]
+        )
+        == 0
+    )
     _wait_running("e2e-left-running")
     pids = json.loads((root / "pids.json").read_text())
     running = stack_pids(root, pids)

@@ -30,13 +30,30 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG = "configs/quickstart_ccnet-tiny_generated-192x192_cpu.yaml"
 DATA = "s3://ccnet/datasets/generated/v1"
 ITERATIONS = 16
-TINY = [f"data.uri={DATA}", "run.storage=s3://ccnet/runs", f"train.iterations={ITERATIONS}",
-        "train.checkpoint_every=4", "train.eval_every=8", "train.log_every=2", "data.crop_size=48",
-        "data.batch_size=4", "eval.scales=[1.0]", "run.cpus_per_worker=0.25", "run.max_failures=3",
-        "tracking.experiment=load", "train.keep_checkpoints=2"]
+TINY = [
+    f"data.uri={DATA}",
+    "run.storage=s3://ccnet/runs",
+    f"train.iterations={ITERATIONS}",
+    "train.checkpoint_every=4",
+    "train.eval_every=8",
+    "train.log_every=2",
+    "data.crop_size=48",
+    "data.batch_size=4",
+    "eval.scales=[1.0]",
+    "run.cpus_per_worker=0.25",
+    "run.max_failures=3",
+    "tracking.experiment=load",
+    "train.keep_checkpoints=2",
+]
 TRAININGS = ("load-a", "load-b", "load-c")
-SEARCH = ["tune.name=load-search", "tune.num_samples=2", "tune.scheduler=none", "tune.max_concurrent=2",
-          "tune.space={train.lr: {loguniform: [0.001, 0.1]}}", "train.iterations=8"]
+SEARCH = [
+    "tune.name=load-search",
+    "tune.num_samples=2",
+    "tune.scheduler=none",
+    "tune.max_concurrent=2",
+    "tune.space={train.lr: {loguniform: [0.001, 0.1]}}",
+    "train.iterations=8",
+]
 OUTAGE_SECONDS = 10.0  # how long each server stays down (the fault injected, not a bound on anything)
 
 
@@ -82,8 +99,7 @@ def _logged(client: Any, run_name: str) -> bool:
     return bool(runs) and bool(client.get_metric_history(runs[0].info.run_id, "train/loss"))
 
 
-def test_jobs_at_once_through_an_s3_outage_and_an_mlflow_restart(
-        env: tuple[Stack, dict[str, str]]) -> None:
+def test_jobs_at_once_through_an_s3_outage_and_an_mlflow_restart(env: tuple[Stack, dict[str, str]]) -> None:
     from mlflow.tracking import MlflowClient
 
     from pipeline.cli.submit import client as jobs_client
@@ -123,15 +139,22 @@ def test_jobs_at_once_through_an_s3_outage_and_an_mlflow_restart(
         assert steps == list(range(2, iterations + 1, 2)), (run.info.run_name, steps)  # none lost or twice
         points += len(steps)
         folder = f"s3://ccnet/runs/{run.info.run_name}"
-        kept = [name for name in storage.list_files(folder)  # Ray's checkpoints; best/ is a copy of one
-                if name.startswith("checkpoint_") and name.endswith("/checkpoint.pt")]
-        loaded = [torch.load(io.BytesIO(storage.read_bytes(f"{folder}/{name}")),
-                             weights_only=True)["iteration"] for name in kept]
+        kept = [
+            name
+            for name in storage.list_files(folder)  # Ray's checkpoints; best/ is a copy of one
+            if name.startswith("checkpoint_") and name.endswith("/checkpoint.pt")
+        ]
+        loaded = [
+            torch.load(io.BytesIO(storage.read_bytes(f"{folder}/{name}")), weights_only=True)["iteration"]
+            for name in kept
+        ]
         assert iterations in loaded and len(set(loaded)) == len(loaded), (run.info.run_name, kept, loaded)
         checkpoints += len(kept)
     trials = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
     assert len(trials) == 2 and len(runs) == len(TRAININGS) + 1 + 2
-    print(f"\nload test: {len(statuses) + 1} jobs ({len(statuses)} SUCCEEDED, 1 refused), {len(runs)} "
-          f"MLflow runs all FINISHED ({len(trials)} trials), {points} train/loss points each logged once, "
-          f"{checkpoints} checkpoints kept and loaded, S3 and MLflow each down {OUTAGE_SECONDS:.0f} s "
-          "mid-run")
+    print(
+        f"\nload test: {len(statuses) + 1} jobs ({len(statuses)} SUCCEEDED, 1 refused), {len(runs)} "
+        f"MLflow runs all FINISHED ({len(trials)} trials), {points} train/loss points each logged once, "
+        f"{checkpoints} checkpoints kept and loaded, S3 and MLflow each down {OUTAGE_SECONDS:.0f} s "
+        "mid-run"
+    )

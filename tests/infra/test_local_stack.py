@@ -19,6 +19,7 @@ from stack_helpers import alive, port_open, run_stack, running_stack, stack_pids
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+
 def _listeners(pids: set[int]) -> dict[int, list[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
     """Listening TCP sockets owned by ``pids``: port -> local addresses (from /proc/net/tcp{,6})."""
     inodes = set()
@@ -38,7 +39,7 @@ def _listeners(pids: set[int]) -> dict[int, list[ipaddress.IPv4Address | ipaddre
             address, port = fields[1].split(":")
             raw = bytes.fromhex(address)
             # The kernel prints each 32-bit word in host (little-endian) order.
-            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
             found.setdefault(int(port, 16), []).append(ipaddress.ip_address(raw))
     return found
 
@@ -71,8 +72,11 @@ def test_services_listen_on_loopback_only(stack: tuple[Path, dict[str, int]]) ->
     listeners = _listeners(stack_pids(root, json.loads((root / "pids.json").read_text())))
     # The check must see the ports that matter, or it proves nothing.
     assert {ports[name] for name in ("s3", "mlflow", "ray.gcs", "ray.dashboard")} <= listeners.keys()
-    exposed = {port: [str(a) for a in addresses] for port, addresses in listeners.items()
-               if not all(_is_loopback(a) for a in addresses)}
+    exposed = {
+        port: [str(a) for a in addresses]
+        for port, addresses in listeners.items()
+        if not all(_is_loopback(a) for a in addresses)
+    }
     assert not exposed, f"listening beyond 127.0.0.1: {exposed}"
 
 
@@ -86,19 +90,28 @@ def test_s3_with_generated_credentials(stack: tuple[Path, dict[str, int]]) -> No
     env_sh = (root / "env.sh").read_text()
     assert keys["AWS_SECRET_ACCESS_KEY"] not in env_sh and f"http://127.0.0.1:{ports['s3']}" in env_sh
     client = boto3.session.Session().client(
-        "s3", endpoint_url=f"http://127.0.0.1:{ports['s3']}", region_name="us-east-1",
-        aws_access_key_id=keys["AWS_ACCESS_KEY_ID"], aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"])
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{ports['s3']}",
+        region_name="us-east-1",
+        aws_access_key_id=keys["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"],
+    )
     client.put_object(Bucket="ccnet", Key="test/hello.txt", Body=b"hello")
     assert client.get_object(Bucket="ccnet", Key="test/hello.txt")["Body"].read() == b"hello"
     wrong = boto3.session.Session().client(
-        "s3", endpoint_url=f"http://127.0.0.1:{ports['s3']}", region_name="us-east-1",
-        aws_access_key_id=keys["AWS_ACCESS_KEY_ID"], aws_secret_access_key="not-the-secret")
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{ports['s3']}",
+        region_name="us-east-1",
+        aws_access_key_id=keys["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key="not-the-secret",
+    )
     with pytest.raises(wrong.exceptions.ClientError):
         wrong.get_object(Bucket="ccnet", Key="test/hello.txt")
 
 
-def test_mlflow_run_with_artifact_in_s3(stack: tuple[Path, dict[str, int]],
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mlflow_run_with_artifact_in_s3(
+    stack: tuple[Path, dict[str, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import boto3
     from mlflow.tracking import MlflowClient
 
@@ -114,11 +127,17 @@ def test_mlflow_run_with_artifact_in_s3(stack: tuple[Path, dict[str, int]],
     client.set_terminated(run.info.run_id)
     assert client.get_run(run.info.run_id).data.metrics == {"loss": 0.5}
 
-    keys = dict(line.removeprefix("export ").split("=", 1)
-                for line in (root / "credentials.env").read_text().splitlines())
+    keys = dict(
+        line.removeprefix("export ").split("=", 1)
+        for line in (root / "credentials.env").read_text().splitlines()
+    )
     s3 = boto3.session.Session().client(
-        "s3", endpoint_url=f"http://127.0.0.1:{ports['s3']}", region_name="us-east-1",
-        aws_access_key_id=keys["AWS_ACCESS_KEY_ID"], aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"])
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{ports['s3']}",
+        region_name="us-east-1",
+        aws_access_key_id=keys["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"],
+    )
     listed = s3.list_objects_v2(Bucket="ccnet", Prefix="mlflow/")
     assert any(item["Key"].endswith(f"{run.info.run_id}/artifacts/note.txt") for item in listed["Contents"])
 

@@ -39,9 +39,31 @@ IMAGE_TOOLS = {
     # github.com/alpine-docker/k8s, Dockerfile and build.sh (2026-01): FROM alpine (busybox applets: sh, grep,
     # sed, awk, date, tr, base64, ...), kubectl from dl.k8s.io into /usr/bin, apk bash curl jq yq gettext git,
     # helm, kustomize; tags are kubectl versions (1.33.3 is pinned by several public manifests), no `latest`.
-    "alpine/k8s": {"sh", "bash", "kubectl", "helm", "kustomize", "grep", "sed", "awk", "date", "tr", "base64",
-                   "cut", "head", "tail", "sort", "wc", "cat", "sleep", "curl", "jq", "yq", "envsubst",
-                   "git"},
+    "alpine/k8s": {
+        "sh",
+        "bash",
+        "kubectl",
+        "helm",
+        "kustomize",
+        "grep",
+        "sed",
+        "awk",
+        "date",
+        "tr",
+        "base64",
+        "cut",
+        "head",
+        "tail",
+        "sort",
+        "wc",
+        "cat",
+        "sleep",
+        "curl",
+        "jq",
+        "yq",
+        "envsubst",
+        "git",
+    },
 }
 SHELL_BUILTINS = {"set", "exit", "[", "test", "echo", "printf", "true", "false", "export", "read", "cd"}
 SHELL_KEYWORDS = {"if", "then", "elif", "else", "fi", "while", "until", "do", "done", "!"}
@@ -363,8 +385,11 @@ def test_mlflow_upgrades_its_database_before_serving() -> None:
     pod = doc["spec"]["template"]["spec"]
     (server,) = pod["containers"]
     upgrade = 'mlflow db upgrade "$MLFLOW_BACKEND_STORE_URI"'
-    upgrades = [c for c in pod.get("initContainers", [])
-                if upgrade in " ".join([*c.get("command", []), *c.get("args", [])])]
+    upgrades = [
+        c
+        for c in pod.get("initContainers", [])
+        if upgrade in " ".join([*c.get("command", []), *c.get("args", [])])
+    ]
     assert len(upgrades) == 1, f"{name}: an init container runs `mlflow db upgrade` before the server starts"
     assert upgrades[0]["image"] == server["image"], "the schema of the server's own MLflow version"
     assert container_env(upgrades[0])["MLFLOW_BACKEND_STORE_URI"] == STORE_URI_SECRET

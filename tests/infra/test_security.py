@@ -14,8 +14,16 @@ from test_manifests import INFRA, ROOT, containers, k8s_documents, of_kind, walk
 
 NAMESPACE = "ccnet"
 # Pod Security Standards, "restricted" profile: the volume types it allows
-RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
-                      "projected", "secret"}
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 # A URI with a password in it (scheme://user:password@host), or a Kubernetes $(VAR) reference to a secret one
 CREDENTIAL_ARGUMENT = re.compile(r"://[^\s/@:]+:[^\s/@]*@|\$\(\w*(PASSWORD|SECRET|TOKEN)\w*\)|password", re.I)
 # The labels KubeRay gives the pods of a Ray cluster (ray-operator/controllers/ray/utils/constant.go)
@@ -69,11 +77,17 @@ def restricted_problems(pod: dict[str, Any]) -> list[str]:
 
 def command_line_problems(doc: dict[str, Any]) -> list[str]:
     """Credentials on a command line (a container's command/args, a RayJob's entry point) or env literal."""
-    lines = [" ".join(map(str, [*c.get("command", []), *c.get("args", [])])) for p in pod_specs(doc)
-             for c in containers(p)]
+    lines = [
+        " ".join(map(str, [*c.get("command", []), *c.get("args", [])]))
+        for p in pod_specs(doc)
+        for c in containers(p)
+    ]
     lines += [node["entrypoint"] for node in walk(doc) if isinstance(node, dict) and "entrypoint" in node]
-    lines += [str(node["value"]) for node in walk(doc)
-              if isinstance(node, dict) and "name" in node and "value" in node]
+    lines += [
+        str(node["value"])
+        for node in walk(doc)
+        if isinstance(node, dict) and "name" in node and "value" in node
+    ]
     return [line[:80] for line in lines if CREDENTIAL_ARGUMENT.search(line)]
 
 
@@ -85,8 +99,12 @@ def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
 
 def ingress_sources(policies: list[dict[str, Any]], labels: dict[str, str]) -> set[str]:
     """Who may connect to a pod of the namespace with these labels, as "<source>:<ports>" strings."""
-    selecting = [p["spec"] for p in policies if selects(p["spec"]["podSelector"], labels)
-                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    selecting = [
+        p["spec"]
+        for p in policies
+        if selects(p["spec"]["podSelector"], labels)
+        and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+    ]
     if not selecting:
         return {"anywhere:any port"}  # a pod no policy selects accepts every connection
     sources = set()
@@ -189,8 +207,18 @@ def test_network_policies_keep_mlflow_and_ray_inside_the_namespace() -> None:
 def test_secrets_stay_out_of_git_and_docker_builds() -> None:
     assert ignored(pattern_lines(ROOT / ".gitignore"), "infra/k8s/secrets.yaml", anywhere=True)
     docker = pattern_lines(ROOT / ".dockerignore")
-    for path in (".venv", "runs", "mlruns", ".git", "runs/mlflow.db", "infra/k8s/secrets.yaml",
-                 "pipeline/__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache"):
+    for path in (
+        ".venv",
+        "runs",
+        "mlruns",
+        ".git",
+        "runs/mlflow.db",
+        "infra/k8s/secrets.yaml",
+        "pipeline/__pycache__",
+        ".pytest_cache",
+        ".mypy_cache",
+        ".ruff_cache",
+    ):
         assert ignored(docker, path, anywhere=False), path
     # ...while everything the images copy stays in the build context
     for dockerfile in sorted((INFRA / "k8s").glob("*Dockerfile")):
@@ -207,12 +235,21 @@ def test_checkers_reject_insecure_manifests() -> None:
     restricted = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
     pod = {"securityContext": good, "containers": [{"name": "a", "securityContext": restricted}]}
     assert restricted_problems(pod) == []
-    for pod_context in ({}, {"runAsNonRoot": True}, {**good, "runAsUser": 0},
-                        {**good, "seccompProfile": {"type": "Unconfined"}}):
+    for pod_context in (
+        {},
+        {"runAsNonRoot": True},
+        {**good, "runAsUser": 0},
+        {**good, "seccompProfile": {"type": "Unconfined"}},
+    ):
         assert restricted_problems({**pod, "securityContext": pod_context}), pod_context
-    for context in ({}, {**restricted, "allowPrivilegeEscalation": True}, {**restricted, "capabilities": {}},
-                    {**restricted, "capabilities": {"drop": ["ALL"], "add": ["SYS_ADMIN"]}},
-                    {**restricted, "privileged": True}, {**restricted, "runAsNonRoot": False}):
+    for context in (
+        {},
+        {**restricted, "allowPrivilegeEscalation": True},
+        {**restricted, "capabilities": {}},
+        {**restricted, "capabilities": {"drop": ["ALL"], "add": ["SYS_ADMIN"]}},
+        {**restricted, "privileged": True},
+        {**restricted, "runAsNonRoot": False},
+    ):
         container = {"name": "a", "securityContext": context}
         assert restricted_problems({**pod, "containers": [container]}), context
     assert restricted_problems({**pod, "hostNetwork": True})

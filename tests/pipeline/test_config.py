@@ -39,12 +39,21 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
         ("", ["train.ohem_min_kept=-1"], r"train.ohem_min_kept=-1 is not allowed"),
         ("", ["train.consistency_weight=-1"], r"train.consistency_weight=-1.0 is not allowed"),
         ("", ["model.embedding_channels=-8"], r"model.embedding_channels=-8 is not allowed"),
-        ("", ["model.impl=lean", "model.attention=axial"],
-         r"model.impl='lean' with attention='axial' is not allowed; choose one of \['auto', 'triton', "),
-        ("", ["model.impl=triton", "model.attention=nonlocal"],
-         r"model.impl='triton' with attention='nonlocal'"),
-        ("model: {fused: 3}\n", [],
-         r"run.yaml: model.fused is now model.impl \(auto, triton, lean or autograd\)"),
+        (
+            "",
+            ["model.impl=lean", "model.attention=axial"],
+            r"model.impl='lean' with attention='axial' is not allowed; choose one of \['auto', 'triton', ",
+        ),
+        (
+            "",
+            ["model.impl=triton", "model.attention=nonlocal"],
+            r"model.impl='triton' with attention='nonlocal'",
+        ),
+        (
+            "model: {fused: 3}\n",
+            [],
+            r"run.yaml: model.fused is now model.impl \(auto, triton, lean or autograd\)",
+        ),
         ("", ["train.consistency_weight=1"], r"consistency_weight=1.0 needs model.embedding_channels > 0"),
         ("", ["train.consistency_weight=1", "model.embedding_channels=0"], r"needs model.embedding_channels"),
         ("", ["lr=0.1"], r"expected section.key=value, got 'lr=0.1'"),
@@ -105,8 +114,9 @@ def test_paper_defaults() -> None:
 
 
 def test_model_options_reach_the_model_config() -> None:
-    config = load_config(None, ["model.align_corners=true", "model.embedding_channels=16",
-                                "train.consistency_weight=0.5"])
+    config = load_config(
+        None, ["model.align_corners=true", "model.embedding_channels=16", "train.consistency_weight=0.5"]
+    )
     assert config.model.overrides() == {"align_corners": True, "embedding_channels": 16}
 
 
@@ -125,11 +135,14 @@ def test_pretrained_none_means_no_weights(value: str) -> None:
     assert load_config(None, ["model.pretrained=w.pth"]).model.overrides()["pretrained"] == "w.pth"
 
 
-@pytest.mark.parametrize(("setting", "expected"), [
-    ("run.storage=s3://", "defaults: run.storage='s3://' has no bucket"),
-    ("data.uri=gs://bucket/v1", "defaults: data.uri='gs://bucket/v1' has an unsupported scheme 'gs'"),
-    ("data.uri=file://host/v1", "defaults: data.uri='file://host/v1' names host 'host'"),
-])
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("run.storage=s3://", "defaults: run.storage='s3://' has no bucket"),
+        ("data.uri=gs://bucket/v1", "defaults: data.uri='gs://bucket/v1' has an unsupported scheme 'gs'"),
+        ("data.uri=file://host/v1", "defaults: data.uri='file://host/v1' names host 'host'"),
+    ],
+)
 def test_locations_are_parsed_by_validation(setting: str, expected: str) -> None:
     with pytest.raises(ConfigError) as error:
         load_config(None, [setting])
@@ -156,7 +169,10 @@ def test_every_model_option_is_a_field_of_the_model_config() -> None:
     from ccnet.models import CCNetConfig
 
     options = set(ModelConfig().overrides()) | {
-        f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("name", "sync_bn")}
+        f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("name", "sync_bn")
+    }
     assert options <= {f.name for f in dataclasses.fields(CCNetConfig)}
     assert load_config(None, ["model.recurrence=1", "model.attention=axial"]).model.overrides() == {
-        "recurrence": 1, "attention": "axial"}
+        "recurrence": 1,
+        "attention": "axial",
+    }

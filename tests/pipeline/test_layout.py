@@ -17,8 +17,11 @@ PIPELINE = ROOT / "pipeline"
 
 
 def _modules() -> list[str]:
-    return sorted(".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-                  for path in PIPELINE.rglob("*.py") if path.name != "__main__.py")
+    return sorted(
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for path in PIPELINE.rglob("*.py")
+        if path.name != "__main__.py"
+    )
 
 
 def _imported_roots(path: Path) -> set[str]:
@@ -32,10 +35,13 @@ def _imported_roots(path: Path) -> set[str]:
 
 
 def test_importing_all_of_pipeline_never_imports_jobs() -> None:
-    code = (f"import importlib, sys\nfor name in {_modules()!r}:\n    importlib.import_module(name)\n"
-            "assert 'jobs' not in sys.modules, [m for m in sys.modules if m.startswith('jobs')]\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
-                            cwd=ROOT)
+    code = (
+        f"import importlib, sys\nfor name in {_modules()!r}:\n    importlib.import_module(name)\n"
+        "assert 'jobs' not in sys.modules, [m for m in sys.modules if m.startswith('jobs')]\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -98,19 +104,23 @@ def test_data_never_imports_eval() -> None:
     for path in (PIPELINE / "data").rglob("*.py"):
         assert not any(name.startswith("pipeline.eval") for name in _imported_roots(path)), path
     code = "import sys, pipeline.data.inspect\nassert 'matplotlib' not in sys.modules\n"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
-                            cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_the_command_line_starts_without_the_heavy_libraries() -> None:
     """`ccnet --help`, `ccnet data` and `ccnet submit` start fast: the command line's modules import
     neither torch, Ray, MLflow, pyarrow nor matplotlib until a command needs them."""
-    code = ("import sys, pipeline.cli.main\n"
-            "heavy = [m for m in ('torch', 'ray', 'mlflow', 'pyarrow', 'matplotlib') if m in sys.modules]\n"
-            "assert not heavy, heavy\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
-                            cwd=ROOT)
+    code = (
+        "import sys, pipeline.cli.main\n"
+        "heavy = [m for m in ('torch', 'ray', 'mlflow', 'pyarrow', 'matplotlib') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -137,7 +147,7 @@ def test_no_module_imports_itself_through_others() -> None:
         state[module] = 1
         path.append(module)
         for other in sorted(graph[module]):
-            assert state.get(other) != 1, " -> ".join([*path[path.index(other):], other])
+            assert state.get(other) != 1, " -> ".join([*path[path.index(other) :], other])
             if other not in state:
                 visit(other, path)
         path.pop()

@@ -51,11 +51,23 @@ def dataset(generated_dataset: Callable[..., str]) -> str:
 def lite_run(dataset: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[object, str, list]:
     """Two iterations of fcn_lite0_d16 (no ImageNet file needed), spying on the train transform's mean/std."""
     storage = tmp_path_factory.mktemp("runs")
-    config = load_config(None, [
-        f"data.uri={dataset}", "data.crop_size=32", "data.batch_size=2", "train.iterations=2",
-        "train.checkpoint_every=2", "train.eval_every=2", f"run.storage={storage}", "run.ray=false",
-        "model.name=fcn_lite0_d16", "model.pretrained=none", "eval.scales=[1.0]", "eval.flip=false",
-    ])
+    config = load_config(
+        None,
+        [
+            f"data.uri={dataset}",
+            "data.crop_size=32",
+            "data.batch_size=2",
+            "train.iterations=2",
+            "train.checkpoint_every=2",
+            "train.eval_every=2",
+            f"run.storage={storage}",
+            "run.ray=false",
+            "model.name=fcn_lite0_d16",
+            "model.pretrained=none",
+            "eval.scales=[1.0]",
+            "eval.flip=false",
+        ],
+    )
     with pytest.MonkeyPatch.context() as patch:
         seen = spy_on_normalisation(patch, pipeline.train.build, "build_train_transform")
         spec = RunSpec.of(config)

@@ -36,8 +36,9 @@ def _free_port() -> int:
 
 
 def _post(url: str, payload: object) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as answer:
             return answer.status, json.loads(answer.read())
@@ -60,24 +61,72 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """A quickstart model trained for 4 iterations and registered, served on 127.0.0.1 (stopped by PID)."""
     root = tmp_path_factory.mktemp("serve")
     data = str(root / "datasets")
-    assert main(["data", "prepare", "--dataset", "generated", "--out", data, "--count", "train=8,val=3",
-                 "--image-size", "48", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "--dataset",
+                "generated",
+                "--out",
+                data,
+                "--count",
+                "train=8,val=3",
+                "--image-size",
+                "48",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     tracking = f"sqlite:///{root / 'mlflow.db'}"
-    settings = [f"data.uri={data}/generated/v1", "data.crop_size=48", "data.batch_size=4",
-                "data.loader_workers=0", "train.iterations=4", "train.eval_every=2", "model.gamma_init=0.5",
-                f"run.storage={root / 'runs'}", "run.ray=false", f"tracking.uri={tracking}"]
+    settings = [
+        f"data.uri={data}/generated/v1",
+        "data.crop_size=48",
+        "data.batch_size=4",
+        "data.loader_workers=0",
+        "train.iterations=4",
+        "train.eval_every=2",
+        "model.gamma_init=0.5",
+        f"run.storage={root / 'runs'}",
+        "run.ray=false",
+        f"tracking.uri={tracking}",
+    ]
     assert main(["train", "-c", QUICKSTART, *[arg for s in settings for arg in ("--set", s)]]) == 0
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
-    env |= {"MLFLOW_TRACKING_URI": tracking, "MLFLOW_DISABLE_TELEMETRY": "true",
-            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-            # it starts `uvicorn` by name: the one installed beside this Python (an activated environment's)
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env |= {
+        "MLFLOW_TRACKING_URI": tracking,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        # it starts `uvicorn` by name: the one installed beside this Python (an activated environment's)
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     log = open(root / "serve.log", "w")  # noqa: SIM115  (closed below)
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/ccnet-generated@champion",
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/ccnet-generated@champion",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300  # a condition, not a fixed sleep: /ping answers 200
@@ -103,7 +152,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
 
 def test_a_posted_image_comes_back_as_the_mask_ccnet_predict_paints(
-        served: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    served: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pipeline.data.readers import open_manifest
 
     rng = np.random.default_rng(0)
@@ -115,8 +165,19 @@ def test_a_posted_image_comes_back_as_the_mask_ccnet_predict_paints(
     ids = np.asarray(class_map)
     assert ids.shape == (45, 61)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", served["tracking"])
-    assert main(["predict", str(tmp_path / "frame.png"), "--checkpoint", "models:/ccnet-generated@champion",
-                 "--out", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "frame.png"),
+                "--checkpoint",
+                "models:/ccnet-generated@champion",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     painted = np.asarray(Image.open(tmp_path / "out" / "frame_mask.png").convert("RGB"))
     served_painted = colorize(ids, open_manifest(served["data"]).palette, 255)
     assert (painted == served_painted).all(axis=-1).mean() >= 0.999
@@ -127,14 +188,18 @@ def test_a_posted_image_comes_back_as_the_mask_ccnet_predict_paints(
     assert status == 200 and [np.asarray(m).shape for m in answer["predictions"]] == [(45, 61), (40, 50)]
 
 
-@pytest.mark.parametrize(("payload", "says"), [
-    (_files(base64.b64encode(b"not an image").decode()), "not an image file"),
-    (_files("%%% not base64 %%%"), "not base64"),
-    (_files(_png(np.zeros((4100, 4100), dtype=np.uint8))), "pixels"),
-    ({"inputs": [[1, 2], [3, 4]]}, "expected RGB pixel arrays"),
-    ({"dataframe_split": {"columns": ["picture"], "data": [["x"]]}}, "expected a column 'image'"),
-    ({"inputs": np.full((4, 4, 3), 300).tolist()}, "0..255"),
-], ids=["not-an-image", "not-base64", "huge", "wrong-shape", "wrong-column", "out-of-range"])
+@pytest.mark.parametrize(
+    ("payload", "says"),
+    [
+        (_files(base64.b64encode(b"not an image").decode()), "not an image file"),
+        (_files("%%% not base64 %%%"), "not base64"),
+        (_files(_png(np.zeros((4100, 4100), dtype=np.uint8))), "pixels"),
+        ({"inputs": [[1, 2], [3, 4]]}, "expected RGB pixel arrays"),
+        ({"dataframe_split": {"columns": ["picture"], "data": [["x"]]}}, "expected a column 'image'"),
+        ({"inputs": np.full((4, 4, 3), 300).tolist()}, "0..255"),
+    ],
+    ids=["not-an-image", "not-base64", "huge", "wrong-shape", "wrong-column", "out-of-range"],
+)
 def test_a_bad_request_gets_a_4xx_and_the_server_goes_on(served: dict, payload: object, says: str) -> None:
     status, answer = _post(f"{served['url']}/invocations", payload)
     assert 400 <= status < 500 and says in answer.get("message", ""), (status, answer)

@@ -112,8 +112,15 @@ def _jitter(rng: np.random.Generator) -> tuple[float, float, float]:
     return red, green, blue
 
 
-def _place_bands(rng: np.random.Generator, scene_size: tuple[int, int], horizontal: bool, count: int,
-                 lowest: int, border: int, marker: int) -> list[Band]:
+def _place_bands(
+    rng: np.random.Generator,
+    scene_size: tuple[int, int],
+    horizontal: bool,
+    count: int,
+    lowest: int,
+    border: int,
+    marker: int,
+) -> list[Band]:
     """Up to ``count`` non-touching bands of one orientation, across positions ``[lowest, size - border)``."""
     height, width = scene_size
     across, along = (height, width) if horizontal else (width, height)
@@ -127,17 +134,19 @@ def _place_bands(rng: np.random.Generator, scene_size: tuple[int, int], horizont
         if any(start < b.start + b.thickness + 3 and b.start < start + thickness + 3 for b in bands):
             continue
         body = along - 2 * border - marker
-        bands.append(Band(
-            horizontal=horizontal,
-            start=start,
-            thickness=thickness,
-            end=int(rng.integers(border + marker + body // 2, along - border + 1)),
-            class_id=int(rng.choice(BAND_CLASSES)),
-            grey=float(rng.uniform(135, 185)),
-            period=float(rng.uniform(5, 16)),
-            phase=float(rng.uniform(0, 1)),
-            marker_jitter=_jitter(rng),
-        ))
+        bands.append(
+            Band(
+                horizontal=horizontal,
+                start=start,
+                thickness=thickness,
+                end=int(rng.integers(border + marker + body // 2, along - border + 1)),
+                class_id=int(rng.choice(BAND_CLASSES)),
+                grey=float(rng.uniform(135, 185)),
+                period=float(rng.uniform(5, 16)),
+                phase=float(rng.uniform(0, 1)),
+                marker_jitter=_jitter(rng),
+            )
+        )
     return bands
 
 
@@ -151,14 +160,16 @@ def draw_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
     blobs = []
     for _ in range(int(rng.integers(3, 8))):
         radius = int(rng.integers(radius_low, radius_high + 1))
-        blobs.append(Blob(
-            disc=bool(rng.integers(2)),
-            y=int(rng.integers(strip + radius, height - border - radius)),
-            x=int(rng.integers(strip + radius, width - border - radius)),
-            radius=radius,
-            class_id=int(rng.choice(OBJECT_CLASSES)),
-            colour_jitter=_jitter(rng),
-        ))
+        blobs.append(
+            Blob(
+                disc=bool(rng.integers(2)),
+                y=int(rng.integers(strip + radius, height - border - radius)),
+                x=int(rng.integers(strip + radius, width - border - radius)),
+                radius=radius,
+                class_id=int(rng.choice(OBJECT_CLASSES)),
+                colour_jitter=_jitter(rng),
+            )
+        )
     vertical = _place_bands(rng, (height, width), False, int(rng.integers(1, 4)), strip, border, marker)
     horizontal = _place_bands(rng, (height, width), True, int(rng.integers(1, 4)), strip, border, marker)
     red, green, blue = (float(v) for v in rng.uniform(30, 90, 3))

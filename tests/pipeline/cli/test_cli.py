@@ -18,8 +18,22 @@ def test_models_lists_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_efficiency_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["efficiency", "--feature-size", "9", "--channels", "32", "--repeats", "1",
-                 "--model", "ccnet_tiny"]) == 0
+    assert (
+        main(
+            [
+                "efficiency",
+                "--feature-size",
+                "9",
+                "--channels",
+                "32",
+                "--repeats",
+                "1",
+                "--model",
+                "ccnet_tiny",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     for row in ("non-local", "criss-cross R=1", "criss-cross R=2", "criss-cross R=3", "rows-then-columns"):
         assert f"\n{row} " in out
@@ -48,8 +62,20 @@ def test_console_script() -> None:
 
 def test_data_prepare_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = str(tmp_path / "datasets")
-    args = ["data", "prepare", "--dataset", "generated", "--out", out, "--count", "train=6,val=2",
-            "--image-size", "64", "--workers", "1"]
+    args = [
+        "data",
+        "prepare",
+        "--dataset",
+        "generated",
+        "--out",
+        out,
+        "--count",
+        "train=6,val=2",
+        "--image-size",
+        "64",
+        "--workers",
+        "1",
+    ]
     assert main(args) == 0
     assert f"{out}/generated/v1: train 6, val 2 samples in 2 shards" in capsys.readouterr().out
     assert main(args) == 0  # idempotent
@@ -60,8 +86,19 @@ def test_data_prepare_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_data_prepare_bad_root_is_one_line(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "pipeline.cli", "data", "prepare", "--dataset", "camvid",
-               "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "data",
+        "prepare",
+        "--dataset",
+        "camvid",
+        "--root",
+        str(tmp_path / "nowhere"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]

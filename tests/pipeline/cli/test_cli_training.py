@@ -19,18 +19,48 @@ QUICKSTART = str(Path(__file__).parents[3] / "configs" / "quickstart_ccnet-tiny_
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("cli")
     data = str(root / "datasets")
-    assert main(["data", "prepare", "--dataset", "generated", "--out", data, "--count", "train=8,val=3",
-                 "--image-size", "48", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "--dataset",
+                "generated",
+                "--out",
+                data,
+                "--count",
+                "train=8,val=3",
+                "--image-size",
+                "48",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     settings = [
-        f"data.uri={data}/generated/v1", "data.crop_size=48", "data.batch_size=4", "data.loader_workers=0",
-        "train.iterations=4", "train.checkpoint_every=2", "train.eval_every=2", "eval.scales=[1.0, 1.25]",
-        f"run.storage={root / 'runs'}", "run.ray=false", f"tracking.uri={tracking}",
+        f"data.uri={data}/generated/v1",
+        "data.crop_size=48",
+        "data.batch_size=4",
+        "data.loader_workers=0",
+        "train.iterations=4",
+        "train.checkpoint_every=2",
+        "train.eval_every=2",
+        "eval.scales=[1.0, 1.25]",
+        f"run.storage={root / 'runs'}",
+        "run.ray=false",
+        f"tracking.uri={tracking}",
     ]
     assert main(["train", "-c", QUICKSTART, *[arg for s in settings for arg in ("--set", s)]]) == 0
     checkpoint = root / "runs" / "quickstart_ccnet-tiny-r2" / "best" / "checkpoint.pt"
-    return {"root": str(root), "checkpoint": str(checkpoint), "tracking": tracking, "data": data,
-            "settings": "\n".join(settings)}
+    return {
+        "root": str(root),
+        "checkpoint": str(checkpoint),
+        "tracking": tracking,
+        "data": data,
+        "settings": "\n".join(settings),
+    }
 
 
 def test_the_registry_compares_like_with_like(trained: dict[str, str]) -> None:
@@ -41,18 +71,30 @@ def test_the_registry_compares_like_with_like(trained: dict[str, str]) -> None:
 
     # Their own experiment and registered model name (tracking.registered_model): the other tests' stay as
     # the fixture left them.
-    settings = [*trained["settings"].splitlines(), "tracking.experiment=registry",
-                "tracking.registered_model=registry-test"]
-    for extra in (["run.name=registry-r2"], ["model.recurrence=0", "run.name=registry-r0"],
-                  ["eval.flip=false", "run.name=registry-r2-noflip"]):
+    settings = [
+        *trained["settings"].splitlines(),
+        "tracking.experiment=registry",
+        "tracking.registered_model=registry-test",
+    ]
+    for extra in (
+        ["run.name=registry-r2"],
+        ["model.recurrence=0", "run.name=registry-r0"],
+        ["eval.flip=false", "run.name=registry-r2-noflip"],
+    ):
         assert main(["train", "-c", QUICKSTART, *[a for s in [*settings, *extra] for a in ("--set", s)]]) == 0
     client = MlflowClient(trained["tracking"])
     versions = sorted(client.search_model_versions("name = 'registry-test'"), key=lambda v: int(v.version))
-    assert [v.tags["ccnet.variant"] for v in versions] == ["criss_cross R=2 head os8", "fcn os8",
-                                                           "criss_cross R=2 head os8"]
+    assert [v.tags["ccnet.variant"] for v in versions] == [
+        "criss_cross R=2 head os8",
+        "fcn os8",
+        "criss_cross R=2 head os8",
+    ]
     assert {v.tags["ccnet.dataset"] for v in versions} == {"generated/v1"}
-    assert versions[0].tags["ccnet.protocol"] == versions[1].tags["ccnet.protocol"] != versions[2].tags[
-        "ccnet.protocol"]
+    assert (
+        versions[0].tags["ccnet.protocol"]
+        == versions[1].tags["ccnet.protocol"]
+        != versions[2].tags["ccnet.protocol"]
+    )
     scores = [client.get_run(v.run_id).data.metrics["final/mIoU_ms_flip"] for v in versions]  # unrounded
     champion = client.get_model_version_by_alias("registry-test", "champion")
     assert str(champion.version) == ("1" if scores[0] >= scores[1] else "2")
@@ -72,18 +114,24 @@ def test_train_records_a_run(trained: dict[str, str]) -> None:
     # the run came from, and the dataset version as inputs; no tracking or search settings among the params.
     params, tags = run.data.params, run.data.tags
     assert (params["model.attention"], params["model.recurrence"], params["model.backbone"]) == (
-        "criss_cross", "2", "tiny")
+        "criss_cross",
+        "2",
+        "tiny",
+    )
     assert not any(key.startswith(("tracking.", "tune.")) for key in params)
     assert tags["ccnet.variant"] == "criss_cross R=2 head os8" and tags["mlflow.source.type"] == "LOCAL"
     assert tags["mlflow.source.name"] and "mlflow.user" in tags  # the command line's program (pytest here)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                          text=True, check=False).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=False
+    ).stdout.strip()
     assert tags.get("mlflow.source.git.commit") == (head or None)
     note = tags["mlflow.note.content"]
     assert "ccnet_tiny (criss_cross R=2 head os8) trained 4 iterations on generated v1 train" in note
     assert "single-scale" in note and "multi-scale+flip" in note
-    inputs = {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"])
-              for d in run.inputs.dataset_inputs}
+    inputs = {
+        (d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+        for d in run.inputs.dataset_inputs
+    }
     assert inputs == {("generated/v1/train", "training"), ("generated/v1/val", "validation")}
     assert experiment.tags["mlflow.note.content"].startswith("CCNet (criss-cross attention) trainings")
     # Which step made best, and the checkpoint bytes stored once: last only when it differs from best.
@@ -99,8 +147,12 @@ def test_train_records_a_run(trained: dict[str, str]) -> None:
     assert not any("single-scale" in key or "multi-scale" in key for key in final)
     assert run.data.metrics["final/mIoU_ss"] == history[best_iteration]
     names = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert names == {"plots/confusion_matrix.png", "plots/predictions.png", "plots/attention.png",
-                     "plots/attention_diagnostics.png"}
+    assert names == {
+        "plots/confusion_matrix.png",
+        "plots/predictions.png",
+        "plots/attention.png",
+        "plots/attention_diagnostics.png",
+    }
     # The attention's diagnostics at each validation, and a sentence in the description when it never engaged.
     shares = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "attention/head/share")}
     assert list(shares) == [2, 4]
@@ -139,10 +191,13 @@ def test_predict_writes_masks_and_overlays(trained: dict[str, str], tmp_path: Pa
     assert Image.open(tmp_path / "out" / "street_mask.png").size == (40, 30)
 
 
-def test_predict_and_evaluate_take_the_registered_champion(trained: dict[str, str], tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch,
-                                                           capsys: pytest.CaptureFixture[str],
-                                                           caplog: pytest.LogCaptureFixture) -> None:
+def test_predict_and_evaluate_take_the_registered_champion(
+    trained: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """The training registered its best model; its checkpoint (not the pickled model) is what they load."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["tracking"])
     image = tmp_path / "street.png"
@@ -155,14 +210,34 @@ def test_predict_and_evaluate_take_the_registered_champion(trained: dict[str, st
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert main(["evaluate", "--checkpoint", champion, "--no-tracking", "--set", "eval.flip=false"]) == 0
     assert "| single-scale | whole | 1 | no | 3 |" in capsys.readouterr().out
-    assert main(["predict", str(image), "--checkpoint", "models:/no-such-model@champion", "--out",
-                 str(tmp_path / "c")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                str(image),
+                "--checkpoint",
+                "models:/no-such-model@champion",
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 2
+    )
     assert "models:/no-such-model@champion: no registered model checkpoint" in caplog.text
 
 
 def test_checkpoint_of_another_model_is_one_line(trained: dict[str, str]) -> None:
-    command = [sys.executable, "-m", "pipeline.cli", "evaluate", "--checkpoint", trained["checkpoint"],
-               "--set", "model.recurrence=0", "--no-tracking"]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "evaluate",
+        "--checkpoint",
+        trained["checkpoint"],
+        "--set",
+        "model.recurrence=0",
+        "--no-tracking",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -170,9 +245,9 @@ def test_checkpoint_of_another_model_is_one_line(trained: dict[str, str]) -> Non
     assert "recurrence 2 -> 0" in last
 
 
-def test_export_and_predict_with_onnxruntime(trained: dict[str, str], tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch,
-                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_export_and_predict_with_onnxruntime(
+    trained: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """``ccnet export`` of a checkpoint and of the registered champion; ``predict`` on the .onnx file (and
     with --backend onnx on the checkpoint) paints the masks PyTorch paints, multi-scale + flip included."""
     import numpy as np
@@ -188,14 +263,27 @@ def test_export_and_predict_with_onnxruntime(trained: dict[str, str], tmp_path: 
     assert "onnxruntime vs PyTorch: max |logit difference|" in caplog.text
     metadata = {p.key: p.value for p in onnx.load(str(exported)).metadata_props}
     assert metadata["ccnet.variant"] == "criss_cross R=2 head os8" and metadata["ccnet.num_classes"] == str(
-        load(trained["checkpoint"])["num_classes"])
-    assert main(["export", "--checkpoint", "models:/ccnet-generated@champion", "--out",
-                 str(tmp_path / "champion.onnx")]) == 0
+        load(trained["checkpoint"])["num_classes"]
+    )
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                "models:/ccnet-generated@champion",
+                "--out",
+                str(tmp_path / "champion.onnx"),
+            ]
+        )
+        == 0
+    )
     for scales in ([], ["--multi-scale"]):
         outputs = {}
-        backends = {"torch": ["--checkpoint", trained["checkpoint"]],
-                    "onnx-file": ["--checkpoint", str(exported)],
-                    "onnx-backend": ["--checkpoint", trained["checkpoint"], "--backend", "onnx"]}
+        backends = {
+            "torch": ["--checkpoint", trained["checkpoint"]],
+            "onnx-file": ["--checkpoint", str(exported)],
+            "onnx-backend": ["--checkpoint", trained["checkpoint"], "--backend", "onnx"],
+        }
         for name, args in backends.items():
             outputs[name] = tmp_path / f"{name}{len(scales)}"
             assert main(["predict", str(image), *args, "--out", str(outputs[name]), *scales]) == 0
@@ -204,8 +292,9 @@ def test_export_and_predict_with_onnxruntime(trained: dict[str, str], tmp_path: 
             assert (masks[name] == masks["torch"]).all(axis=-1).mean() >= 0.999, name
 
 
-def test_export_refuses_to_replace_a_file_it_did_not_write(trained: dict[str, str], tmp_path: Path,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_export_refuses_to_replace_a_file_it_did_not_write(
+    trained: dict[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     notes = tmp_path / "notes.onnx"
     notes.write_text("mine")
     assert main(["export", "--checkpoint", trained["checkpoint"], "--out", str(notes)]) == 2

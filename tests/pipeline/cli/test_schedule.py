@@ -98,8 +98,9 @@ def test_loop_submits_at_each_fire_time_and_skips_while_running() -> None:
     def is_running(job_id: str) -> bool:
         return job_id in running and not running.discard(job_id)  # running once, finished when asked again
 
-    jobs = run_schedule(parse_cron("*/30 * * * *"), submit, is_running, max_runs=3, now=clock.now,
-                        sleep=clock.sleep)
+    jobs = run_schedule(
+        parse_cron("*/30 * * * *"), submit, is_running, max_runs=3, now=clock.now, sleep=clock.sleep
+    )
     assert jobs == ["job-1", "job-2"]
     # 08:30 submitted; 09:00 skipped (job-1 still running); 09:30 submitted.
     assert calls == [("20261201-0830", at("2026-12-01 08:30")), ("20261201-0930", at("2026-12-01 09:30"))]

@@ -23,9 +23,16 @@ REMOTE = ["data.uri=s3://ccnet/datasets/generated/v1", "run.storage=s3://ccnet/r
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
-                 "RAY_USAGE_STATS_ENABLED", "MLFLOW_DISABLE_TELEMETRY", "RAY_ADDRESS",
-                 "RAY_API_SERVER_ADDRESS"):
+    for name in (
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_S3_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL",
+        "AWS_DEFAULT_REGION",
+        "RAY_USAGE_STATS_ENABLED",
+        "MLFLOW_DISABLE_TELEMETRY",
+        "RAY_ADDRESS",
+        "RAY_API_SERVER_ADDRESS",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(ROOT)
 
@@ -40,7 +47,18 @@ def test_entrypoint_runs_the_job_module_with_quoted_arguments(monkeypatch: pytes
     space = "tune.space={train.lr: {loguniform: [0.001, 0.1]}}"
     submission = build_submission("tune", [], config_path=CONFIG, overrides=[*REMOTE, space])
     assert shlex.split(submission.entrypoint) == [
-        "python", "-m", "jobs.tune", "-c", CONFIG, "--set", REMOTE[0], "--set", REMOTE[1], "--set", space]
+        "python",
+        "-m",
+        "jobs.tune",
+        "-c",
+        CONFIG,
+        "--set",
+        REMOTE[0],
+        "--set",
+        REMOTE[1],
+        "--set",
+        space,
+    ]
     env = submission.runtime_env
     assert env["working_dir"] == str(ROOT) and ".venv" in env["excludes"] and "runs" in env["excludes"]
     assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}  # only named, non-secret values
@@ -51,7 +69,9 @@ def test_entrypoint_runs_the_job_module_with_quoted_arguments(monkeypatch: pytes
 
 def test_job_arguments_after_the_config() -> None:
     submission = build_submission("prepare_data", ["--dataset", "generated", "--out", "s3://ccnet/datasets"])
-    assert submission.entrypoint == "python -m jobs.prepare_data --dataset generated --out s3://ccnet/datasets"
+    assert (
+        submission.entrypoint == "python -m jobs.prepare_data --dataset generated --out s3://ccnet/datasets"
+    )
 
 
 def test_pip_carries_the_projects_pins() -> None:
@@ -63,8 +83,17 @@ def test_pip_carries_the_projects_pins() -> None:
     assert submission.runtime_env["pip"]["packages"] == pins
 
 
-@pytest.mark.parametrize("name", ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN",
-                                  "MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_TOKEN", "HF_API_KEY"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SESSION_TOKEN",
+        "MLFLOW_TRACKING_PASSWORD",
+        "RAY_AUTH_TOKEN",
+        "HF_API_KEY",
+    ],
+)
 def test_secret_names_are_refused(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(name, "value")
     with pytest.raises(SubmitError, match=f"--env {name}: secrets do not travel"):
@@ -85,8 +114,12 @@ def test_credentials_in_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> N
     assert "hunter22" not in str(error.value)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     with pytest.raises(ConfigError, match=r"tracking.uri=https://\*\*\*@mlflow.example.com holds"):
-        build_submission("train", [], config_path=CONFIG,
-                         overrides=[*REMOTE, "tracking.uri=https://alice:hunter22@mlflow.example.com"])
+        build_submission(
+            "train",
+            [],
+            config_path=CONFIG,
+            overrides=[*REMOTE, "tracking.uri=https://alice:hunter22@mlflow.example.com"],
+        )
     with pytest.raises(SubmitError, match=r"argument holds credentials \(s3://\*\*\*@bucket/x\)"):
         build_submission("prepare_data", ["--out", "s3://key:secret@bucket/x"])
 
@@ -118,22 +151,32 @@ def test_config_errors_fail_before_submitting() -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, check=False, env={"PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+    )
 
 
 def test_unreachable_job_server_is_one_line() -> None:
     result = _cli("jobs", "list", "--address", "http://127.0.0.1:9")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        "ERROR cannot reach the Ray job server at http://127.0.0.1:9")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("ERROR cannot reach the Ray job server at http://127.0.0.1:9")
+    )
 
 
 def test_no_address_is_one_line() -> None:
     result = _cli("submit", "prepare_data", "--", "--dataset", "generated", "--out", "s3://ccnet/datasets")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "ERROR no Ray cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+        "ERROR no Ray cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS"
+    )
 
 
 def test_job_arguments_belong_to_submit_only() -> None:

@@ -33,8 +33,17 @@ def test_the_fixture_covers_every_mode(image_modes: dict[str, tuple[bytes, np.nd
         with Image.open(io.BytesIO(data)) as image:
             opened[case] = image.mode
     # 16-bit RGB(A) PNGs open as RGB(A): PIL keeps the high bytes itself.
-    assert opened == {"RGB": "RGB", "RGB 16-bit": "RGB", "RGBA": "RGBA", "RGBA 16-bit": "RGBA", "P": "P",
-                      "L": "L", "I;16": "I;16", "I": "I", "LA": "LA"}
+    assert opened == {
+        "RGB": "RGB",
+        "RGB 16-bit": "RGB",
+        "RGBA": "RGBA",
+        "RGBA 16-bit": "RGBA",
+        "P": "P",
+        "L": "L",
+        "I;16": "I;16",
+        "I": "I",
+        "LA": "LA",
+    }
 
 
 @pytest.mark.parametrize("case", MODES)
@@ -57,7 +66,7 @@ def test_training_decodes_every_mode_like_predict(case: str, image_modes: dict) 
 
 
 def test_16_bit_gray_keeps_the_high_byte_as_pil_does_for_16_bit_rgb(
-    encode_png16: Callable[[np.ndarray], bytes]
+    encode_png16: Callable[[np.ndarray], bytes],
 ) -> None:
     """The oracle is PIL's own reading of a 16-bit RGB PNG of the same values: gray must not differ from it
     (v >> 8, not round(v / 257): 511 is 1, not 2)."""

@@ -205,8 +205,13 @@ except ValueError:
     pass
 print(len(set(os.listdir("/proc/self/task")) - before))
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                            cwd=Path(__file__).parents[3])
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parents[3],
+    )
     assert result.stdout.strip() == "0", result.stderr
 
 

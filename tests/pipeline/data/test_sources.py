@@ -59,8 +59,11 @@ class Case:
 
 def _cityscapes(split: str, city: str, frame: str) -> tuple[str, str, str]:
     stem = f"{city}_{frame}"
-    return (stem, f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png",
-            f"gtFine/{split}/{city}/{stem}_gtFine_labelIds.png")
+    return (
+        stem,
+        f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png",
+        f"gtFine/{split}/{city}/{stem}_gtFine_labelIds.png",
+    )
 
 
 def _ade(split: str, folder: str, number: int, prefix: str = "ADEChallengeData2016/") -> tuple[str, str, str]:
@@ -81,20 +84,26 @@ CASES = (
     Case(
         CityscapesSource,
         listing={
-            "train": [_cityscapes("train", "aachen", "000000_000019"),
-                      _cityscapes("train", "aachen", "000001_000019"),
-                      _cityscapes("train", "bochum", "000000_000313")],
-            "val": [_cityscapes("val", "frankfurt", "000000_000294"),
-                    _cityscapes("val", "lindau", "000000_000019")],
+            "train": [
+                _cityscapes("train", "aachen", "000000_000019"),
+                _cityscapes("train", "aachen", "000001_000019"),
+                _cityscapes("train", "bochum", "000000_000313"),
+            ],
+            "val": [
+                _cityscapes("val", "frankfurt", "000000_000294"),
+                _cityscapes("val", "lindau", "000000_000019"),
+            ],
         },
         folders={split: (f"leftImg8bit/{split}", f"gtFine/{split}") for split in ("train", "val")},
         pairs=((26, 13), (0, 255), (7, 0), (33, 18), (1, 255), (24, 11), (29, 255)),
         fill=7,
         outside=34,
         num_classes=19,
-        distractors=("gtFine/train/aachen/aachen_000000_000019_gtFine_color.png",
-                     "gtFine/train/aachen/aachen_000000_000019_gtFine_instanceIds.png",
-                     "leftImg8bit/train/README"),
+        distractors=(
+            "gtFine/train/aachen/aachen_000000_000019_gtFine_color.png",
+            "gtFine/train/aachen/aachen_000000_000019_gtFine_instanceIds.png",
+            "leftImg8bit/train/README",
+        ),
     ),
     Case(
         ADE20KSource,
@@ -102,8 +111,10 @@ CASES = (
             "train": [_ade("train", "training", n) for n in (1, 2, 10)],
             "val": [_ade("val", "validation", 1), _ade("val", "validation", 2)],
         },
-        folders={split: tuple(f"ADEChallengeData2016/{kind}/{folder}" for kind in ("images", "annotations"))
-                 for split, folder in (("train", "training"), ("val", "validation"))},
+        folders={
+            split: tuple(f"ADEChallengeData2016/{kind}/{folder}" for kind in ("images", "annotations"))
+            for split, folder in (("train", "training"), ("val", "validation"))
+        },
         pairs=((0, 255), (150, 149), (1, 0), (13, 12)),
         fill=1,
         outside=151,
@@ -116,8 +127,10 @@ CASES = (
             "train": [_coco("train2017", 9), _coco("train2017", 25), _coco("train2017", 30)],
             "val": [_coco("val2017", 139), _coco("val2017", 285)],
         },
-        folders={split: (f"images/{folder}", f"annotations/{folder}")
-                 for split, folder in (("train", "train2017"), ("val", "val2017"))},
+        folders={
+            split: (f"images/{folder}", f"annotations/{folder}")
+            for split, folder in (("train", "train2017"), ("val", "val2017"))
+        },
         pairs=((0, 0), (12, 11), (181, 170), (255, 255), (91, 80), (10, 10), (13, 12)),
         fill=0,
         outside=11,  # street sign: a COCO id no image uses
@@ -126,8 +139,11 @@ CASES = (
     Case(
         CamVidSource,
         listing={
-            "train": [_camvid("train", "0001TP_006690"), _camvid("train", "0001TP_006720"),
-                      _camvid("train", "0006R0_f00930")],
+            "train": [
+                _camvid("train", "0001TP_006690"),
+                _camvid("train", "0001TP_006720"),
+                _camvid("train", "0006R0_f00930"),
+            ],
             "val": [_camvid("val", "0016E5_07959"), _camvid("val", "0016E5_07961")],
         },
         folders={split: (split, f"{split}annot") for split in ("train", "val")},
@@ -145,8 +161,12 @@ def write_image(path: Path, rng: np.random.Generator, size: tuple[int, int] = (H
     Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path, quality=90)
 
 
-def write_label(path: Path, case: Case, values: tuple[int, ...] = (), size: tuple[int, int] = (HEIGHT, WIDTH),
-                ) -> None:
+def write_label(
+    path: Path,
+    case: Case,
+    values: tuple[int, ...] = (),
+    size: tuple[int, int] = (HEIGHT, WIDTH),
+) -> None:
     """A label filled with ``case.fill`` whose first row starts with ``values``."""
     label = np.full(size, case.fill, np.uint8)
     label[0, : len(values)] = values
@@ -160,7 +180,7 @@ def make_dataset(root: Path, case: Case, empty: bool = False) -> Path:
     for image_folder, label_folder in case.folders.values():
         (root / image_folder).mkdir(parents=True, exist_ok=True)
         (root / label_folder).mkdir(parents=True, exist_ok=True)
-    for rows in ([] if empty else case.listing.values()):
+    for rows in [] if empty else case.listing.values():
         for _, image, label in reversed(rows):
             write_image(root / image, rng)
             write_label(root / label, case, tuple(raw for raw, _ in case.pairs))
@@ -294,7 +314,26 @@ def test_cityscapes_maps_every_label_id() -> None:
     mapping = CityscapesSource.id_mapping
     assert sorted(mapping) == list(range(34))
     assert {raw for raw, train in mapping.items() if train != IGNORE_INDEX} == {
-        7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33}
+        7,
+        8,
+        11,
+        12,
+        13,
+        17,
+        19,
+        20,
+        21,
+        22,
+        23,
+        24,
+        25,
+        26,
+        27,
+        28,
+        31,
+        32,
+        33,
+    }
     assert CityscapesSource.palette[mapping[26]] == (0, 0, 142)  # car
     assert CityscapesSource.classes[mapping[31]] == "train"
 
@@ -317,8 +356,9 @@ def test_real_camvid() -> None:
     source = CamVidSource(CAMVID)
     train, val = list(source.samples("train")), list(source.samples("val"))
     assert (len(train), len(val)) == (367, 101)
-    assert train[0] == SampleRef("0001TP_006690", "train", "train/0001TP_006690.png",
-                                 "trainannot/0001TP_006690.png")
+    assert train[0] == SampleRef(
+        "0001TP_006690", "train", "train/0001TP_006690.png", "trainannot/0001TP_006690.png"
+    )
     assert len({ref.sample_id for ref in train + val}) == 468
     sample = source.load(train[0])
     assert (sample.width, sample.height) == (480, 360) and sample.label.shape == (360, 480)
@@ -340,10 +380,15 @@ def test_generated_listing_and_settings() -> None:
     source = GeneratedSource(seed=5, image_size=(48, 80), counts={"train": 3, "val": 0, "test": 2})
     assert source.splits == ("train", "val", "test")
     assert list(source.samples("train")) == [
-        SampleRef(f"train-{i:06d}", "train", f"generated://5/train/{i}", None) for i in range(3)]
+        SampleRef(f"train-{i:06d}", "train", f"generated://5/train/{i}", None) for i in range(3)
+    ]
     assert list(source.samples("val")) == [] and len(list(source.samples("test"))) == 2
-    assert source.extra() == {"generator_version": 1, "seed": 5, "image_size": [48, 80],
-                              "counts": {"train": 3, "val": 0, "test": 2}}
+    assert source.extra() == {
+        "generator_version": 1,
+        "seed": 5,
+        "image_size": [48, 80],
+        "counts": {"train": 3, "val": 0, "test": 2},
+    }
     sample = source.load(next(iter(source.samples("test"))))
     assert (sample.height, sample.width) == (48, 80) and sample.label.shape == (48, 80)
     decoded = Image.open(io.BytesIO(sample.image))
@@ -377,17 +422,25 @@ def test_generated_is_the_same_in_another_process() -> None:
         "print(hashlib.sha256(x.image + x.label.tobytes()).hexdigest())"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}  # a str hash in the seeding would show here
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
-                            cwd=Path(__file__).parents[3])
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        cwd=Path(__file__).parents[3],
+    )
     assert result.stdout.strip() == digest(GeneratedSource(seed=7), ref)
 
 
 def test_generated_rejects_foreign_references() -> None:
     source = GeneratedSource(seed=1, counts={"train": 2})
-    for uri, reason in (("generated://2/train/0", "not a sample of this source"),
-                        ("generated://1/train/2", "index outside"),
-                        ("generated://1/val/0", "index outside"),
-                        ("train/000.png", "not a generated://")):
+    for uri, reason in (
+        ("generated://2/train/0", "not a sample of this source"),
+        ("generated://1/train/2", "index outside"),
+        ("generated://1/val/0", "index outside"),
+        ("train/000.png", "not a generated://"),
+    ):
         with pytest.raises(BadSampleError, match=reason) as caught:
             source.load(SampleRef("x", "train", uri, None))
         assert caught.value.path == uri
@@ -421,8 +474,10 @@ def test_band_class_is_invisible_within_41x41() -> None:
     fractions = []
     for index in range(30):
         scene = draw_scene(np.random.default_rng(index), 128, 128)
-        swapped = dataclasses.replace(scene, bands=tuple(
-            dataclasses.replace(band, class_id=permute[band.class_id]) for band in scene.bands))
+        swapped = dataclasses.replace(
+            scene,
+            bands=tuple(dataclasses.replace(band, class_id=permute[band.class_id]) for band in scene.bands),
+        )
         image, label = render(scene, np.random.default_rng(1000 + index))
         image_swapped, label_swapped = render(swapped, np.random.default_rng(1000 + index))
         changed = (image != image_swapped).any(axis=-1)
@@ -441,8 +496,9 @@ def test_band_looks_do_not_depend_on_class() -> None:
         means = [np.mean([getattr(b, field) for b in bands if b.class_id == c]) for c in BAND_CLASSES]
         assert max(means) - min(means) < tolerance, (field, means)
     for horizontal in (True, False):
-        shares = [np.mean([b.horizontal == horizontal for b in bands if b.class_id == c])
-                  for c in BAND_CLASSES]
+        shares = [
+            np.mean([b.horizontal == horizontal for b in bands if b.class_id == c]) for c in BAND_CLASSES
+        ]
         assert max(shares) - min(shares) < 0.05
 
 

@@ -209,8 +209,12 @@ def test_other_inputs_under_the_same_names_are_another_plan(tmp_path: Path) -> N
     from pipeline.data.sources import build_source
 
     out = str(tmp_path / "out")
-    write_shards(build_source("generated", None, image_size=(32, 32), counts={"train": 2, "val": 1}), out,
-                 workers=1, progress=False)
+    write_shards(
+        build_source("generated", None, image_size=(32, 32), counts={"train": 2, "val": 1}),
+        out,
+        workers=1,
+        progress=False,
+    )
     for options in ({"seed": 1}, {"image_size": (40, 40)}):
         settings = {"image_size": (32, 32), "counts": {"train": 2, "val": 1}, **options}
         with pytest.raises(PreparationError, match="already published with other content"):

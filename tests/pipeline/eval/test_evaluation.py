@@ -128,7 +128,10 @@ def test_ranks_without_a_process_group_split_the_images() -> None:
 
 def _gloo_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
         timeout=timedelta(seconds=60),
     )
     try:
@@ -215,8 +218,15 @@ def test_protocols_reuse_a_known_single_scale_result_and_the_summary_names_each_
     assert restored.confusion.tolist() == CONFUSION and restored.class_names == CLASSES
     assert (restored.scales, restored.flip, restored.num_images) == ((1.0,), False, 2)
     model = ChannelArgmax()
-    results = evaluate_protocols(model, hand_dataset(), eval_config=config, num_classes=4,
-                                 class_names=CLASSES, progress=False, single_scale=restored)
+    results = evaluate_protocols(
+        model,
+        hand_dataset(),
+        eval_config=config,
+        num_classes=4,
+        class_names=CLASSES,
+        progress=False,
+        single_scale=restored,
+    )
     assert results["single-scale"] is restored
     assert len(model.calls) == 8  # only the multi-scale + flip pass ran: 2 images x 2 scales x 2 flips
     metrics = summary_metrics(results)
@@ -243,7 +253,11 @@ def test_protocols_predict_with_the_configured_fusion(monkeypatch: pytest.Monkey
     monkeypatch.setattr(pipeline.eval.evaluation, "predict_multiscale", spy)
     config = EvalConfig(mode="whole", scales=[1.0, 2.0], flip=True, fusion=fusion)
     results = evaluate_protocols(
-        ChannelArgmax(), hand_dataset(), eval_config=config, num_classes=4, class_names=CLASSES,
+        ChannelArgmax(),
+        hand_dataset(),
+        eval_config=config,
+        num_classes=4,
+        class_names=CLASSES,
         progress=False,
     )
     assert seen == [fusion] * 4  # 2 images x 2 protocols
@@ -285,8 +299,14 @@ def test_ccnet_tiny_on_images_of_different_sizes() -> None:
         label = torch.randint(0, 3, (height, width))
         label[:4] = IGNORE
         dataset.append({"image": torch.randn(3, height, width), "label": label, "sample_id": f"{height}"})
-    result = evaluate(model, dataset, EvalProtocol(mode="slide", crop_size=32, stride=24), num_classes=3,
-                      batch_size=2, progress=False)
+    result = evaluate(
+        model,
+        dataset,
+        EvalProtocol(mode="slide", crop_size=32, stride=24),
+        num_classes=3,
+        batch_size=2,
+        progress=False,
+    )
     assert result.num_images == 3
     assert result.num_pixels == sum(int((item["label"] != IGNORE).sum()) for item in dataset)
     assert result.class_names == ("class_0", "class_1", "class_2")

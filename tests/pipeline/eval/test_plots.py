@@ -89,8 +89,14 @@ def test_overlay_figure_has_one_row_per_sample(with_labels: bool, columns: int) 
 def test_overlay_figure_names_the_run_and_shows_the_class_colours() -> None:
     images = [np.zeros((8, 12, 3), dtype=np.uint8)]
     predictions = [np.zeros((8, 12), dtype=np.int64)]
-    figure = overlay_figure(images, predictions, predictions, PALETTE, class_names=["road", "car", "sky"],
-                            title="quickstart: val, single-scale")
+    figure = overlay_figure(
+        images,
+        predictions,
+        predictions,
+        PALETTE,
+        class_names=["road", "car", "sky"],
+        title="quickstart: val, single-scale",
+    )
     (legend,) = figure.legends
     assert [text.get_text() for text in legend.get_texts()] == ["road", "car", "sky"]
     colours = [tuple(round(c * 255) for c in patch.get_facecolor()[:3]) for patch in legend.get_patches()]
@@ -121,10 +127,17 @@ def test_attention_maps_figure_checks_pixel_count() -> None:
 
 
 def test_attention_diagnostics_figure_one_line_per_place_over_the_iterations() -> None:
-    history = [(iteration, {f"attention/{place}/{name}": iteration / 100 + offset
-                            for place, offset in (("head", 0.0), ("stem", 1.0))
-                            for name in ("gamma", "share", "entropy_normalised", "distance")})
-               for iteration in (10, 20, 30)]
+    history = [
+        (
+            iteration,
+            {
+                f"attention/{place}/{name}": iteration / 100 + offset
+                for place, offset in (("head", 0.0), ("stem", 1.0))
+                for name in ("gamma", "share", "entropy_normalised", "distance")
+            },
+        )
+        for iteration in (10, 20, 30)
+    ]
     history[0][1]["val/mIoU"] = 0.5  # not a diagnostic: ignored
     figure = attention_diagnostics_figure(history, threshold=0.05, title="run")
     assert len(figure.axes) == 4

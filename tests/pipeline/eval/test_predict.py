@@ -84,8 +84,15 @@ def test_writes_mask_and_overlay_in_palette_colours(tmp_path: Path) -> None:
 
 def test_sliding_multiscale_flip_predicts_the_same_per_pixel(tmp_path: Path) -> None:
     write_image(tmp_path / "street.png")
-    predict_images(StrongestChannel(), [tmp_path / "street.png"], palette=PALETTE, out_dir=tmp_path / "out",
-                   protocol=EvalProtocol("slide", 3, 2, (1.0, 2.0), True), progress=False, **UNIT)
+    predict_images(
+        StrongestChannel(),
+        [tmp_path / "street.png"],
+        palette=PALETTE,
+        out_dir=tmp_path / "out",
+        protocol=EvalProtocol("slide", 3, 2, (1.0, 2.0), True),
+        progress=False,
+        **UNIT,
+    )
     mask = read(tmp_path / "out" / "street_mask.png")
     assert (mask == np.asarray(PALETTE, dtype=np.uint8)[expected_ids()]).all()
 
@@ -93,14 +100,27 @@ def test_sliding_multiscale_flip_predicts_the_same_per_pixel(tmp_path: Path) -> 
 def test_fusion_reaches_the_inference(tmp_path: Path) -> None:
     write_image(tmp_path / "street.png")
     for fusion in ("logits", "probs"):
-        predict_images(StrongestChannel(), [tmp_path / "street.png"], palette=PALETTE,
-                       out_dir=tmp_path / fusion, progress=False, **UNIT,
-                       protocol=EvalProtocol(scales=(1.0, 2.0), flip=True, fusion=fusion))
+        predict_images(
+            StrongestChannel(),
+            [tmp_path / "street.png"],
+            palette=PALETTE,
+            out_dir=tmp_path / fusion,
+            progress=False,
+            **UNIT,
+            protocol=EvalProtocol(scales=(1.0, 2.0), flip=True, fusion=fusion),
+        )
         mask = read(tmp_path / fusion / "street_mask.png")
         assert (mask == np.asarray(PALETTE, dtype=np.uint8)[expected_ids()]).all()
     with pytest.raises(ValueError, match="fusion"):  # passed on, not dropped
-        predict_images(StrongestChannel(), [tmp_path / "street.png"], palette=PALETTE, out_dir=tmp_path / "x",
-                       protocol=EvalProtocol(fusion="votes"), progress=False, **UNIT)
+        predict_images(
+            StrongestChannel(),
+            [tmp_path / "street.png"],
+            palette=PALETTE,
+            out_dir=tmp_path / "x",
+            protocol=EvalProtocol(fusion="votes"),
+            progress=False,
+            **UNIT,
+        )
 
 
 def test_unreadable_image_raises_naming_it_and_writes_nothing_for_it(tmp_path: Path) -> None:
@@ -109,18 +129,30 @@ def test_unreadable_image_raises_naming_it_and_writes_nothing_for_it(tmp_path: P
     write_image(tmp_path / "later.png")
     out_dir = tmp_path / "out"
     with pytest.raises(ValueError, match="broken.png"):
-        predict_images(StrongestChannel(), [tmp_path / n for n in ("good.png", "broken.png", "later.png")],
-                       palette=PALETTE, out_dir=out_dir, progress=False, **UNIT)
+        predict_images(
+            StrongestChannel(),
+            [tmp_path / n for n in ("good.png", "broken.png", "later.png")],
+            palette=PALETTE,
+            out_dir=out_dir,
+            progress=False,
+            **UNIT,
+        )
     assert sorted(p.name for p in out_dir.iterdir()) == ["good_mask.png", "good_overlay.png"]
     with pytest.raises(ValueError, match="missing.png"):
-        predict_images(StrongestChannel(), [tmp_path / "missing.png"], palette=PALETTE, out_dir=out_dir,
-                       progress=False)
+        predict_images(
+            StrongestChannel(), [tmp_path / "missing.png"], palette=PALETTE, out_dir=out_dir, progress=False
+        )
 
 
 def test_inputs_sharing_a_stem_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="street"):
-        predict_images(StrongestChannel(), [tmp_path / "a" / "street.png", tmp_path / "b" / "street.jpg"],
-                       palette=PALETTE, out_dir=tmp_path / "out", progress=False)
+        predict_images(
+            StrongestChannel(),
+            [tmp_path / "a" / "street.png", tmp_path / "b" / "street.jpg"],
+            palette=PALETTE,
+            out_dir=tmp_path / "out",
+            progress=False,
+        )
 
 
 def test_colorize_paints_void_black_and_refuses_unknown_ids() -> None:
@@ -137,8 +169,13 @@ def test_ccnet_tiny_with_imagenet_normalisation(tmp_path: Path) -> None:
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(
         tmp_path / "noise.jpg"
     )
-    written = predict_images(build_ccnet("ccnet_tiny", num_classes=3), [tmp_path / "noise.jpg"],
-                             palette=PALETTE, out_dir=tmp_path / "out", progress=False)
+    written = predict_images(
+        build_ccnet("ccnet_tiny", num_classes=3),
+        [tmp_path / "noise.jpg"],
+        palette=PALETTE,
+        out_dir=tmp_path / "out",
+        progress=False,
+    )
     mask = read(written[0])
     assert mask.shape == (24, 40, 3)
     assert {tuple(colour) for colour in mask.reshape(-1, 3)} <= set(PALETTE)
@@ -171,10 +208,17 @@ def test_every_image_mode_is_predicted_from_its_8_bit_picture(
     Image.fromarray(picture).save(tmp_path / "reference.png")
     model = InputRecorder()
     out_dir = tmp_path / "out"
-    predict_images(model, [tmp_path / "picture.img", tmp_path / "reference.png"], palette=PALETTE,
-                   out_dir=out_dir, progress=False, **UNIT)
+    predict_images(
+        model,
+        [tmp_path / "picture.img", tmp_path / "reference.png"],
+        palette=PALETTE,
+        out_dir=out_dir,
+        progress=False,
+        **UNIT,
+    )
     seen = model.inputs[0][0].permute(1, 2, 0).numpy() * 255  # (1, 3, H, W) -> (H, W, 3), back to 0..255
     np.testing.assert_allclose(seen, picture, atol=1e-3)
     for suffix in ("mask", "overlay"):
-        np.testing.assert_array_equal(read(out_dir / f"picture_{suffix}.png"),
-                                      read(out_dir / f"reference_{suffix}.png"))
+        np.testing.assert_array_equal(
+            read(out_dir / f"picture_{suffix}.png"), read(out_dir / f"reference_{suffix}.png")
+        )

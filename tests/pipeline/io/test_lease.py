@@ -32,8 +32,14 @@ def prefix(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 def _forge(prefix: str, **fields: Any) -> None:
     """A lease file written by some other writer."""
-    lease = {"id": "someone-else", "host": socket.gethostname(), "pid": 1, "command": "ccnet train",
-             "started": time.time() - 60, "expires": time.time() + 600} | fields
+    lease = {
+        "id": "someone-else",
+        "host": socket.gethostname(),
+        "pid": 1,
+        "command": "ccnet train",
+        "started": time.time() - 60,
+        "expires": time.time() + 600,
+    } | fields
     storage.write_bytes(storage.join(prefix, LEASE_FILE), json.dumps(lease).encode())
 
 

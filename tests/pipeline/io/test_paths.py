@@ -10,39 +10,45 @@ import pytest
 from pipeline.io.paths import Location, LocationError, absolute_location, is_relative_path, parse_location
 
 
-@pytest.mark.parametrize(("uri", "expected"), [
-    ("s3://bucket", Location("bucket", "")),
-    ("S3://bucket/a/b/", Location("bucket", "a/b")),
-    ("s3://my.bucket-1/datasets/v1", Location("my.bucket-1", "datasets/v1")),
-    ("runs/checkpoints", Location(None, "runs/checkpoints")),
-    ("/data/runs", Location(None, "/data/runs")),
-    ("./a:b", Location(None, "./a:b")),  # a colon inside a local name is no scheme
-    ("file:///data/a%20b", Location(None, "/data/a b")),
-    ("FILE://localhost/data", Location(None, "/data")),
-])
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("s3://bucket", Location("bucket", "")),
+        ("S3://bucket/a/b/", Location("bucket", "a/b")),
+        ("s3://my.bucket-1/datasets/v1", Location("my.bucket-1", "datasets/v1")),
+        ("runs/checkpoints", Location(None, "runs/checkpoints")),
+        ("/data/runs", Location(None, "/data/runs")),
+        ("./a:b", Location(None, "./a:b")),  # a colon inside a local name is no scheme
+        ("file:///data/a%20b", Location(None, "/data/a b")),
+        ("FILE://localhost/data", Location(None, "/data")),
+    ],
+)
 def test_locations(uri: str, expected: Location) -> None:
     assert parse_location(uri) == expected
 
 
-@pytest.mark.parametrize(("uri", "reason"), [
-    ("", "is empty"),
-    ("  ", "is empty"),
-    ("s3://", "has no bucket"),
-    ("s3:///key", "has no bucket"),
-    ("s3:bucket/key", "is not a URI (s3: needs //)"),
-    ("s3:/bucket/key", "is not a URI (s3: needs //)"),
-    ("file:/data", "is not a URI (file: needs //)"),
-    ("gs://bucket/x", "has an unsupported scheme 'gs'"),
-    ("hdfs://namenode:8020/x", "has an unsupported scheme 'hdfs'"),
-    ("s4://bucket", "has an unsupported scheme 's4'"),
-    ("runs/s3://bucket", "holds '://' but is not a URI"),
-    ("file://host/data", "names host 'host'"),
-    ("file://relative/path", "names host 'relative'"),
-    ("file://", "has no path"),
-    ("s3://127.0.0.1:8333/bucket", "has a port in the bucket's place"),
-    ("s3://bucket/key?versionId=1", "has a query or fragment"),
-    ("s3://bucket/key#part", "has a query or fragment"),
-])
+@pytest.mark.parametrize(
+    ("uri", "reason"),
+    [
+        ("", "is empty"),
+        ("  ", "is empty"),
+        ("s3://", "has no bucket"),
+        ("s3:///key", "has no bucket"),
+        ("s3:bucket/key", "is not a URI (s3: needs //)"),
+        ("s3:/bucket/key", "is not a URI (s3: needs //)"),
+        ("file:/data", "is not a URI (file: needs //)"),
+        ("gs://bucket/x", "has an unsupported scheme 'gs'"),
+        ("hdfs://namenode:8020/x", "has an unsupported scheme 'hdfs'"),
+        ("s4://bucket", "has an unsupported scheme 's4'"),
+        ("runs/s3://bucket", "holds '://' but is not a URI"),
+        ("file://host/data", "names host 'host'"),
+        ("file://relative/path", "names host 'relative'"),
+        ("file://", "has no path"),
+        ("s3://127.0.0.1:8333/bucket", "has a port in the bucket's place"),
+        ("s3://bucket/key?versionId=1", "has a query or fragment"),
+        ("s3://bucket/key#part", "has a query or fragment"),
+    ],
+)
 def test_what_is_not_a_location_is_refused_with_the_key(uri: str, reason: str) -> None:
     with pytest.raises(LocationError, match=re.escape(f"run.storage={uri!r} {reason}")):
         parse_location(uri, "run.storage")

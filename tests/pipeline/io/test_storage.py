@@ -44,9 +44,12 @@ def fake_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again on leaving: connections are refused
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "eu-west-3",
-           "AWS_ACCESS_KEY_ID": "AKIDTEST" + secrets.token_hex(4),
-           "AWS_SECRET_ACCESS_KEY": "SECRET" + secrets.token_hex(12)}
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_DEFAULT_REGION": "eu-west-3",
+        "AWS_ACCESS_KEY_ID": "AKIDTEST" + secrets.token_hex(4),
+        "AWS_SECRET_ACCESS_KEY": "SECRET" + secrets.token_hex(12),
+    }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     s3.clear_caches()
@@ -81,12 +84,19 @@ def test_is_s3() -> None:
 
 
 @pytest.mark.parametrize("uri", ["/data/s3://x", "s3:/x", "s3://", "gs://bucket/x", "file://host/x"])
-def test_storage_refuses_what_is_not_a_location(uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                                ) -> None:
+def test_storage_refuses_what_is_not_a_location(
+    uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every operation parses its location: none of these becomes a local folder of that name."""
     monkeypatch.chdir(tmp_path)
-    for operation in (storage.is_s3, storage.ensure_bucket, storage.exists, storage.list_files,
-                      storage.filesystem, lambda uri: storage.write_bytes(uri, b"x")):
+    for operation in (
+        storage.is_s3,
+        storage.ensure_bucket,
+        storage.exists,
+        storage.list_files,
+        storage.filesystem,
+        lambda uri: storage.write_bytes(uri, b"x"),
+    ):
         with pytest.raises(ValueError, match=re.escape(repr(uri))):
             operation(uri)
     assert list(tmp_path.iterdir()) == []
@@ -101,7 +111,9 @@ def test_join() -> None:
 
 
 @pytest.mark.parametrize("base", ["s3://bucket/prefix", "/data/prefix", "file:///data/prefix"])
-@pytest.mark.parametrize("part", ["", "/etc/passwd", "..", "../x", "a/../../x", "a/..", "..\\x", "s3://other/x"])
+@pytest.mark.parametrize(
+    "part", ["", "/etc/passwd", "..", "../x", "a/../../x", "a/..", "..\\x", "s3://other/x"]
+)
 def test_join_rejects_parts_that_leave_the_prefix(base: str, part: str) -> None:
     with pytest.raises(ValueError, match=re.escape(repr(part))):
         storage.join(base, "ok", part)
@@ -141,8 +153,9 @@ def test_filesystem_s3_takes_endpoint_and_credentials_from_environment(fake_env:
     assert storage.filesystem("s3://other")[0] is fs and storage.filesystem("s3://other")[1] == "other"
 
 
-def test_clients_are_cached_per_environment(fake_env: dict[str, str],
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_clients_are_cached_per_environment(
+    fake_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     client = s3.s3_client()
     assert client.meta.endpoint_url == fake_env["AWS_ENDPOINT_URL"] and client.meta.region_name == "eu-west-3"
     assert s3.s3_client() is client
@@ -208,8 +221,14 @@ def test_local_write_is_invisible_until_complete(tmp_path: Path, monkeypatch: py
 
     def fsync_and_look(fd: int) -> None:  # runs when every byte is in the temporary file
         real_fsync(fd)
-        seen.append((target.exists(), storage.exists(str(target)), storage.list_files(str(tmp_path)),
-                     len(os.listdir(tmp_path))))
+        seen.append(
+            (
+                target.exists(),
+                storage.exists(str(target)),
+                storage.list_files(str(tmp_path)),
+                len(os.listdir(tmp_path)),
+            )
+        )
 
     monkeypatch.setattr(os, "fsync", fsync_and_look)
     storage.write_bytes(str(target), b"payload" * 100)
@@ -217,8 +236,9 @@ def test_local_write_is_invisible_until_complete(tmp_path: Path, monkeypatch: py
     assert target.read_bytes() == b"payload" * 100
 
 
-def test_local_failed_write_leaves_nothing_and_keeps_old_content(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_failed_write_leaves_nothing_and_keeps_old_content(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     storage.write_bytes(str(tmp_path / "old.bin"), b"old")
 
     def disk_full(fd: int) -> None:
@@ -245,8 +265,9 @@ TRANSIENT = [
 
 
 @pytest.mark.parametrize("error", TRANSIENT, ids=lambda e: type(e).__name__)
-def test_retry_succeeds_after_transient_failures(error: Exception, sleeps: list[float],
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_retry_succeeds_after_transient_failures(
+    error: Exception, sleeps: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
     calls, fn = flaky([error, error])
     with caplog.at_level(logging.WARNING, logger="pipeline.io.retry"):
         assert retries.retry(fn, what="read s3://b/k") == "ok"
@@ -255,8 +276,9 @@ def test_retry_succeeds_after_transient_failures(error: Exception, sleeps: list[
     assert all("read s3://b/k" in r.getMessage() for r in caplog.records)
 
 
-def test_retry_budget_is_a_minute_of_backoff_by_default(sleeps: list[float],
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_retry_budget_is_a_minute_of_backoff_by_default(
+    sleeps: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A loaded object store took longer than 11 s to restart: the default rides out about a minute."""
     monkeypatch.delenv(retries.RETRY_SECONDS_ENV, raising=False)
     calls, fn = flaky([client_error("SlowDown", 503)] * 20)
@@ -268,8 +290,9 @@ def test_retry_budget_is_a_minute_of_backoff_by_default(sleeps: list[float],
 
 
 @pytest.mark.parametrize(("raw", "attempts"), [("0", 1), ("3.5", 4), ("600", 79)])
-def test_retry_budget_comes_from_the_environment(raw: str, attempts: int, sleeps: list[float],
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_retry_budget_comes_from_the_environment(
+    raw: str, attempts: int, sleeps: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(retries.RETRY_SECONDS_ENV, raw)
     calls, fn = flaky([client_error("SlowDown", 503)] * 100)
     with pytest.raises(StorageError):
@@ -278,15 +301,17 @@ def test_retry_budget_comes_from_the_environment(raw: str, attempts: int, sleeps
 
 
 @pytest.mark.parametrize("raw", ["soon", "-1", "inf", "nan"])
-def test_a_nonsense_retry_budget_is_refused_naming_the_variable(raw: str,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_nonsense_retry_budget_is_refused_naming_the_variable(
+    raw: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(retries.RETRY_SECONDS_ENV, raw)
     with pytest.raises(ValueError, match=f"CCNET_STORAGE_RETRY_SECONDS={raw!r}"):
         retries.retry(lambda: "ok", what="read s3://b/k")
 
 
-def test_retry_gives_up_after_attempts_with_capped_backoff(fake_env: dict[str, str],
-                                                           sleeps: list[float]) -> None:
+def test_retry_gives_up_after_attempts_with_capped_backoff(
+    fake_env: dict[str, str], sleeps: list[float]
+) -> None:
     error = botocore.exceptions.ConnectTimeoutError(endpoint_url="http://10.9.8.7:9000/b/k")
     calls, fn = flaky([error] * 6 + [client_error("SlowDown", 503)] * 4)
     with pytest.raises(StorageError) as info:
@@ -299,28 +324,38 @@ def test_retry_gives_up_after_attempts_with_capped_backoff(fake_env: dict[str, s
     assert fake_env["AWS_ENDPOINT_URL"] in message and "\n" not in message
 
 
-@pytest.mark.parametrize(("error", "expected", "text"), [
-    (client_error("NoSuchKey", 404), FileNotFoundError, "not found"),
-    (client_error("404", 404), FileNotFoundError, "not found"),
-    (client_error("AccessDenied", 403), StorageError, "credentials rejected for s3://b/k"),
-    (client_error("SignatureDoesNotMatch", 403), StorageError, "credentials rejected for s3://b/k"),
-    (client_error("InvalidAccessKeyId", 403), StorageError, "credentials rejected for s3://b/k"),
-    (OSError("AWS Error ACCESS_DENIED during HeadObject operation"), StorageError, "credentials rejected"),
-    (client_error("InvalidBucketName", 400), StorageError, "InvalidBucketName"),
-    (FileNotFoundError(errno.ENOENT, "Path does not exist 'b/k'"), FileNotFoundError, "does not exist"),
-    (PermissionError(errno.EACCES, "Permission denied: connection.json"), PermissionError, "denied"),
-    (ValueError("a bug, not a storage problem"), ValueError, "a bug"),
-], ids=lambda value: getattr(value, "__name__", None))
-def test_retry_does_not_retry_other_errors(error: Exception, expected: type, text: str,
-                                           sleeps: list[float]) -> None:
+@pytest.mark.parametrize(
+    ("error", "expected", "text"),
+    [
+        (client_error("NoSuchKey", 404), FileNotFoundError, "not found"),
+        (client_error("404", 404), FileNotFoundError, "not found"),
+        (client_error("AccessDenied", 403), StorageError, "credentials rejected for s3://b/k"),
+        (client_error("SignatureDoesNotMatch", 403), StorageError, "credentials rejected for s3://b/k"),
+        (client_error("InvalidAccessKeyId", 403), StorageError, "credentials rejected for s3://b/k"),
+        (
+            OSError("AWS Error ACCESS_DENIED during HeadObject operation"),
+            StorageError,
+            "credentials rejected",
+        ),
+        (client_error("InvalidBucketName", 400), StorageError, "InvalidBucketName"),
+        (FileNotFoundError(errno.ENOENT, "Path does not exist 'b/k'"), FileNotFoundError, "does not exist"),
+        (PermissionError(errno.EACCES, "Permission denied: connection.json"), PermissionError, "denied"),
+        (ValueError("a bug, not a storage problem"), ValueError, "a bug"),
+    ],
+    ids=lambda value: getattr(value, "__name__", None),
+)
+def test_retry_does_not_retry_other_errors(
+    error: Exception, expected: type, text: str, sleeps: list[float]
+) -> None:
     calls, fn = flaky([error])
     with pytest.raises(expected, match=re.escape(text)):
         retries.retry(fn, what="read s3://b/k")
     assert len(calls) == 1 and sleeps == []
 
 
-def test_retry_errors_and_logs_carry_no_credentials(fake_env: dict[str, str], sleeps: list[float],
-                                                    caplog: pytest.LogCaptureFixture) -> None:
+def test_retry_errors_and_logs_carry_no_credentials(
+    fake_env: dict[str, str], sleeps: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
     secret, key_id = fake_env["AWS_SECRET_ACCESS_KEY"], fake_env["AWS_ACCESS_KEY_ID"]
     error = botocore.exceptions.EndpointConnectionError(endpoint_url=f"http://{key_id}:{secret}@host/b")
     _, fn = flaky([error] * 3)
@@ -330,8 +365,9 @@ def test_retry_errors_and_logs_carry_no_credentials(fake_env: dict[str, str], sl
     assert caplog.records and secret not in caplog.text and key_id not in caplog.text
 
 
-def test_unreachable_endpoint_fails_fast_naming_it(fake_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_unreachable_endpoint_fails_fast_naming_it(
+    fake_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(storage, "retry", functools.partial(retries.retry, attempts=3, base_delay=0.01))
     endpoint = fake_env["AWS_ENDPOINT_URL"]
     for operation in (storage.read_bytes, storage.exists, lambda uri: storage.write_bytes(uri, b"x")):
@@ -349,8 +385,13 @@ def test_unreachable_endpoint_fails_fast_naming_it(fake_env: dict[str, str], mon
 
 def server_client(seaweedfs) -> object:
     """A boto3 client built here, independent of the module under test."""
-    return boto3.client("s3", endpoint_url=seaweedfs.endpoint, aws_access_key_id=seaweedfs.access_key,
-                        aws_secret_access_key=seaweedfs.secret_key, region_name="us-east-1")
+    return boto3.client(
+        "s3",
+        endpoint_url=seaweedfs.endpoint,
+        aws_access_key_id=seaweedfs.access_key,
+        aws_secret_access_key=seaweedfs.secret_key,
+        region_name="us-east-1",
+    )
 
 
 def listening_addresses(pid: int) -> set[str]:
@@ -421,17 +462,28 @@ def test_s3_parquet_through_filesystem(s3_env: str) -> None:
 
 
 @pytest.mark.integration
-def test_s3_wrong_credentials(s3_env: str, seaweedfs, monkeypatch: pytest.MonkeyPatch, sleeps: list[float],
-                              caplog: pytest.LogCaptureFixture) -> None:
+def test_s3_wrong_credentials(
+    s3_env: str,
+    seaweedfs,
+    monkeypatch: pytest.MonkeyPatch,
+    sleeps: list[float],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     storage.ensure_bucket(s3_env)
     uri = storage.join(s3_env, "a.bin")
     storage.write_bytes(uri, b"a")
     wrong = "wrong" + secrets.token_hex(16)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
     fs, path = storage.filesystem(uri)
-    operations = [storage.read_bytes, storage.exists, storage.size, storage.list_files, storage.ensure_bucket,
-                  lambda u: storage.write_bytes(u, b"b"),
-                  lambda u: retries.retry(lambda: fs.get_file_info(path), what=f"stat {u}")]
+    operations = [
+        storage.read_bytes,
+        storage.exists,
+        storage.size,
+        storage.list_files,
+        storage.ensure_bucket,
+        lambda u: storage.write_bytes(u, b"b"),
+        lambda u: retries.retry(lambda: fs.get_file_info(path), what=f"stat {u}"),
+    ]
     with caplog.at_level(logging.DEBUG):
         for operation in operations:
             with pytest.raises(StorageError, match="credentials rejected for s3://") as info:
@@ -472,8 +524,9 @@ def test_s3_write_survives_server_restart(s3_env: str, seaweedfs, caplog: pytest
     assert storage.read_bytes(storage.join(s3_env, "before.bin")) == b"before"
 
 
-def test_without_keys_the_default_credential_chain_applies(fake_env: dict[str, str], tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_keys_the_default_credential_chain_applies(
+    fake_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An EC2 instance profile or a web identity: no keys in the environment, the AWS SDK finds them."""
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
@@ -487,8 +540,9 @@ def test_without_keys_the_default_credential_chain_applies(fake_env: dict[str, s
     assert not fs.__reduce__()[1][0].get("access_key")  # left to the SDK's chain
 
 
-def test_one_key_without_the_other_is_refused(fake_env: dict[str, str],
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_key_without_the_other_is_refused(
+    fake_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     s3.clear_caches()
     with pytest.raises(StorageError, match="AWS_SECRET_ACCESS_KEY is not set but AWS_ACCESS_KEY_ID is"):
@@ -527,7 +581,9 @@ def test_redact_removes_pieces_of_remembered_credentials(monkeypatch: pytest.Mon
     monkeypatch.setattr(redaction, "_known", set())
     redaction.remember(["--address", "http://alice:pass/word@head:8265"])
     # What a URL parser quotes after splitting the URI at its first "/": neither a URI nor a whole secret.
-    assert storage.redact("Failed to parse: 'alice:pass' is not a valid port") == \
-        "Failed to parse: '***' is not a valid port"
+    assert (
+        storage.redact("Failed to parse: 'alice:pass' is not a valid port")
+        == "Failed to parse: '***' is not a valid port"
+    )
     assert storage.redact("got word, and pass") == "got ***, and ***"
     assert storage.redact("a class of its own") == "a class of its own"

@@ -35,11 +35,22 @@ class JsonLinesTracker:
     def _events(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
 
-    def start(self, run_name: str, run_id: str | None = None, tags: dict[str, str] | None = None,
-              announce: bool = True, *, resume: bool = False, parent_run_id: str | None = None) -> str | None:
+    def start(
+        self,
+        run_name: str,
+        run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+        announce: bool = True,
+        *,
+        resume: bool = False,
+        parent_run_id: str | None = None,
+    ) -> str | None:
         if run_id is None and resume:
-            named = [e["run"] for e in self._events() if e["event"] == "start" and e["name"] == run_name
-                     and e["parent"] == parent_run_id]
+            named = [
+                e["run"]
+                for e in self._events()
+                if e["event"] == "start" and e["name"] == run_name and e["parent"] == parent_run_id
+            ]
             run_id = named[-1] if named else None
         self.run_id, self.active = run_id or uuid.uuid4().hex, True
         self._write("start", name=run_name, parent=parent_run_id, tags=tags or {}, resumed=run_id is not None)
@@ -84,9 +95,16 @@ class JsonLinesTracker:
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         self._write("artifact", file=artifact_file)
 
-    def log_model(self, model: Any, name: str = "model", registered_name: str | None = None,
-                  metrics: dict[str, float] | None = None, checkpoint: str | None = None,
-                  version_tags: dict[str, str] | None = None, onnx_file: str | None = None) -> str | None:
+    def log_model(
+        self,
+        model: Any,
+        name: str = "model",
+        registered_name: str | None = None,
+        metrics: dict[str, float] | None = None,
+        checkpoint: str | None = None,
+        version_tags: dict[str, str] | None = None,
+        onnx_file: str | None = None,
+    ) -> str | None:
         self._write("model", name=name, registered=registered_name, onnx=onnx_file is not None)
         return "1"
 
@@ -105,9 +123,19 @@ def test_a_second_backend_records_a_training_its_resumption_and_an_evaluation(
     assert not tracker.active
     monkeypatch.setitem(pipeline.tracking.BACKENDS, "jsonl", JsonLinesTracker)
     log = tmp_path / "runs.jsonl"
-    settings = [f"data.uri={generated_dataset()}", "data.crop_size=48", "data.batch_size=2", "run.ray=false",
-                "train.log_every=1", "train.eval_every=2", "train.checkpoint_every=2", "eval.scales=[1.0]",
-                f"run.storage={tmp_path / 'runs'}", "run.name=jsonl", f"tracking.uri=jsonl://{log}"]
+    settings = [
+        f"data.uri={generated_dataset()}",
+        "data.crop_size=48",
+        "data.batch_size=2",
+        "run.ray=false",
+        "train.log_every=1",
+        "train.eval_every=2",
+        "train.checkpoint_every=2",
+        "eval.scales=[1.0]",
+        f"run.storage={tmp_path / 'runs'}",
+        "run.name=jsonl",
+        f"tracking.uri=jsonl://{log}",
+    ]
     report = run_training(load_config(None, [*settings, "train.iterations=2"]))
     resumed = run_training(load_config(None, [*settings, "train.iterations=4"]))
 
@@ -115,8 +143,12 @@ def test_a_second_backend_records_a_training_its_resumption_and_an_evaluation(
     assert resumed.run_id == report.run_id and {e["run"] for e in events} == {report.run_id}
     starts = [e for e in events if e["event"] == "start"]
     assert [e["resumed"] for e in starts] == [False, True]
-    assert sorted(e["step"] for e in events if e["event"] == "metrics" and "train/loss" in e["metrics"]) == \
-        [1, 2, 3, 4]
+    assert sorted(e["step"] for e in events if e["event"] == "metrics" and "train/loss" in e["metrics"]) == [
+        1,
+        2,
+        3,
+        4,
+    ]
     assert [e["status"] for e in events if e["event"] == "end"] == ["FINISHED", "FINISHED"]
     assert "trained 4 iterations" in [e for e in events if e["event"] == "describe"][-1]["text"]
     files = {e["file"] for e in events if e["event"] == "artifact"}

@@ -61,8 +61,9 @@ def sqlite_uri(sqlite_root: Path) -> str:
     return resolve_tracking_uri(None, default_dir=str(sqlite_root))
 
 
-def test_resolve_tracking_uri_prefers_config_then_env_then_sqlite(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resolve_tracking_uri_prefers_config_then_env_then_sqlite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://from-env:5000")
     assert resolve_tracking_uri("http://from-config:5000") == "http://from-config:5000"
     assert resolve_tracking_uri(None) == "http://from-env:5000"
@@ -163,8 +164,12 @@ def test_a_stopped_search_marks_its_trials_killed(sqlite_uri: str) -> None:
     parent.end("KILLED")
     client = _client(sqlite_uri)
     status = {name: client.get_run(run_id).info.status for name, (_, run_id) in trials.items()}
-    assert status == {"running": "KILLED", "failed-before": "FAILED", "failed-after": "KILLED",
-                      "finished": "FINISHED"}
+    assert status == {
+        "running": "KILLED",
+        "failed-before": "FAILED",
+        "failed-after": "KILLED",
+        "finished": "FINISHED",
+    }
 
 
 def test_a_resumed_run_logs_no_step_twice(sqlite_uri: str) -> None:
@@ -179,8 +184,15 @@ def test_a_resumed_run_logs_no_step_twice(sqlite_uri: str) -> None:
     for step in range(4, 8):
         second.log_metrics({"train/loss": 10.0 + step, "val/mIoU": 0.5}, step=step)
     second.end()
-    assert _steps(sqlite_uri, run_id, "train/loss") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0),
-                                                         (6, 16.0), (7, 17.0)]
+    assert _steps(sqlite_uri, run_id, "train/loss") == [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, 4.0),
+        (5, 5.0),
+        (6, 16.0),
+        (7, 17.0),
+    ]
     assert [step for step, _ in _steps(sqlite_uri, run_id, "val/mIoU")] == [4, 5, 6, 7]  # new keys: all
 
 
@@ -195,13 +207,15 @@ def test_secrets_are_redacted_in_what_mlflow_stores(sqlite_uri: str, monkeypatch
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-from-env")
     tracker = MlflowTracker(sqlite_uri, EXPERIMENT)
     run_id = tracker.start("secrets", tags={"source": "https://bob:tagpass@git.example/repo"})
-    tracker.log_params({
-        "tracking.uri": "http://alice:hunter2@mlflow.example:5000",
-        "aws_secret_access_key": "plain-secret-value",
-        "storage.AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
-        "note": "endpoint key s3cr3t-from-env",
-        "run.name": "x" * 7000,
-    })
+    tracker.log_params(
+        {
+            "tracking.uri": "http://alice:hunter2@mlflow.example:5000",
+            "aws_secret_access_key": "plain-secret-value",
+            "storage.AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+            "note": "endpoint key s3cr3t-from-env",
+            "run.name": "x" * 7000,
+        }
+    )
     tracker.end()
     run = _client(sqlite_uri).get_run(run_id)
     params = run.data.params
@@ -294,9 +308,9 @@ def _log_and_load_model(uri: str, run_id: str, monkeypatch: pytest.MonkeyPatch) 
     torch.testing.assert_close(loaded(inputs), model(inputs))
 
 
-def test_registered_versions_get_aliases_and_load_without_the_repository(sqlite_uri: str, tmp_path: Path,
-                                                                          capfd: pytest.CaptureFixture[str]
-                                                                          ) -> None:
+def test_registered_versions_get_aliases_and_load_without_the_repository(
+    sqlite_uri: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     """candidate is the newest version, champion the best val_mIoU; the model loads in a process where the
     repository is not importable (its code travels with it), with its checkpoint as an extra file."""
     import json
@@ -314,8 +328,11 @@ def test_registered_versions_get_aliases_and_load_without_the_repository(sqlite_
     for score in (0.5, 0.7, 0.6):
         tracker = MlflowTracker(sqlite_uri, EXPERIMENT)
         tracker.start("registered")
-        versions.append(tracker.log_model(model, registered_name="ccnet-test", metrics={"val_mIoU": score},
-                                          checkpoint=str(checkpoint)))
+        versions.append(
+            tracker.log_model(
+                model, registered_name="ccnet-test", metrics={"val_mIoU": score}, checkpoint=str(checkpoint)
+            )
+        )
         tracker.end()
     assert versions == ["1", "2", "3"]
     # MLflow prints its own lines about a registration to stderr; ours go through logging
@@ -349,8 +366,15 @@ print(json.dumps({{"shape": list(logits.shape), "sum": float(logits.sum()),
                   "checkpoint": open(folder + "/extra_files/checkpoint.pt", "rb").read().decode()}}))
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"MLFLOW_TRACKING_URI": sqlite_uri}
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     with torch.inference_mode():
@@ -378,10 +402,15 @@ def test_experiments_open_as_model_training(mlflow_server: Any) -> None:
         tracker = MlflowTracker(mlflow_server.uri, name)
         tracker.start("kind")
         tracker.end()
-    kinds = {name: client.get_experiment_by_name(name).tags.get("mlflow.experimentKind")
-             for name in ("created-here", "made-by-hand", "chosen-kind")}
-    assert kinds == {"created-here": "custom_model_development", "made-by-hand": "custom_model_development",
-                     "chosen-kind": "genai_development"}
+    kinds = {
+        name: client.get_experiment_by_name(name).tags.get("mlflow.experimentKind")
+        for name in ("created-here", "made-by-hand", "chosen-kind")
+    }
+    assert kinds == {
+        "created-here": "custom_model_development",
+        "made-by-hand": "custom_model_development",
+        "chosen-kind": "genai_development",
+    }
     assert existing and chosen
     # The commands link the run's page (which opens "Training runs" whatever the UI's GenAI switch says).
     tracker = MlflowTracker(mlflow_server.uri, "created-here")
@@ -398,8 +427,10 @@ def test_a_local_store_is_browsed_with_mlflow_ui(sqlite_uri: str) -> None:
     run_id = tracker.start("browsed")
     tracker.end()
     experiment = _client(sqlite_uri).get_run(run_id).info.experiment_id
-    assert browse_hint(sqlite_uri, run_id) == (f"mlflow ui --backend-store-uri {sqlite_uri}, then "
-                                               f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}")
+    assert browse_hint(sqlite_uri, run_id) == (
+        f"mlflow ui --backend-store-uri {sqlite_uri}, then "
+        f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}"
+    )
     assert browse_hint(sqlite_uri, None).endswith("then http://127.0.0.1:5000/")
 
 
@@ -430,8 +461,9 @@ def test_unreachable_server_becomes_a_no_op_when_optional(caplog: pytest.LogCapt
     assert time.monotonic() - began < 5
 
 
-def test_outage_buffers_metrics_and_the_next_call_or_end_flushes_them(mlflow_server: Any,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_outage_buffers_metrics_and_the_next_call_or_end_flushes_them(
+    mlflow_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     uri = mlflow_server.uri
     tracker = MlflowTracker(uri, EXPERIMENT)
     run_id = tracker.start("outage")
@@ -468,11 +500,14 @@ def test_outage_buffers_metrics_and_the_next_call_or_end_flushes_them(mlflow_ser
     assert _client(uri).get_run(closing_id).info.status == "FINISHED"
 
 
-@pytest.mark.parametrize(("argv", "expected"), [
-    (["/opt/venv/bin/ccnet", "train", "-c", "x.yaml"], "ccnet train"),
-    (["/srv/work/jobs/train.py", "-c", "x.yaml"], "jobs.train"),  # a submitted job: python -m jobs.train
-    (["/repo/pipeline/cli/__main__.py", "--debug", "tune"], "ccnet"),
-    ([], "ccnet"),
-])
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["/opt/venv/bin/ccnet", "train", "-c", "x.yaml"], "ccnet train"),
+        (["/srv/work/jobs/train.py", "-c", "x.yaml"], "jobs.train"),  # a submitted job: python -m jobs.train
+        (["/repo/pipeline/cli/__main__.py", "--debug", "tune"], "ccnet"),
+        ([], "ccnet"),
+    ],
+)
 def test_the_source_name_says_what_started_the_run(argv: list[str], expected: str) -> None:
     assert source_name(argv) == expected

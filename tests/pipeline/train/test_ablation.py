@@ -61,15 +61,21 @@ def test_costs_count_the_attention_alone() -> None:
 
 
 def _trial(variant: str, seed: int, single: float, multi: float, error: str | None = None) -> ablation.Trial:
-    metrics = {ablation.SINGLE: single, ablation.MULTI: multi, ablation.IMAGES_PER_SECOND: 10.0 + seed,
-               ablation.PEAK_MEMORY: 500.0}
+    metrics = {
+        ablation.SINGLE: single,
+        ablation.MULTI: multi,
+        ablation.IMAGES_PER_SECOND: 10.0 + seed,
+        ablation.PEAK_MEMORY: 500.0,
+    }
     return ablation.Trial(variant, seed, metrics, error)
 
 
 def test_rows_hold_the_mean_and_95_interval_over_seeds_and_name_failed_seeds() -> None:
     cost = ablation.VariantCost(1000, 1.0, 0.1)
     trials = [
-        _trial("cc", 0, 0.80, 0.82), _trial("cc", 1, 0.90, 0.92), _trial("cc", 2, 0.0, 0.0, error="diverged"),
+        _trial("cc", 0, 0.80, 0.82),
+        _trial("cc", 1, 0.90, 0.92),
+        _trial("cc", 2, 0.0, 0.0, error="diverged"),
         _trial("fcn", 0, 0.60, 0.61),
     ]
     rows = ablation.summarise(trials, {"fcn": cost, "cc": cost, "never_ran": cost})
@@ -125,8 +131,10 @@ def _grid(
     variant: dict[int, float], baseline: dict[int, float], multi_shift: float = 0.0
 ) -> list[ablation.Trial]:
     """Trials of "cc" and "fcn" with these single-scale mIoU per seed (ms+flip: that + ``multi_shift``)."""
-    return [*(_trial("cc", seed, value, value + multi_shift) for seed, value in variant.items()),
-            *(_trial("fcn", seed, value, value) for seed, value in baseline.items())]
+    return [
+        *(_trial("cc", seed, value, value + multi_shift) for seed, value in variant.items()),
+        *(_trial("fcn", seed, value, value) for seed, value in baseline.items()),
+    ]
 
 
 def test_a_paired_difference_whose_interval_excludes_zero_is_better_by_hand() -> None:
@@ -146,8 +154,10 @@ def test_a_paired_difference_whose_interval_excludes_zero_is_better_by_hand() ->
     table = ablation.results_table([fcn, cc], baseline="fcn").splitlines()
     assert "| pairs | Δ single vs fcn (pp, 95 % CI) | Δ ms+flip vs fcn (pp, 95 % CI) | verdict |" in table[0]
     assert "| fcn | 3 | 60.00 ± 2.48 | 60.00 ± 2.48 | - | - | - | baseline |" in table[2]
-    assert ("| cc | 3 | 62.00 ± 1.24 | 58.00 ± 1.24 | 3 | +2.00 [+0.76, +3.24] | -2.00 [-3.24, -0.76] "
-            "| single: better than fcn; ms+flip: worse than fcn |") in table[3]
+    assert (
+        "| cc | 3 | 62.00 ± 1.24 | 58.00 ± 1.24 | 3 | +2.00 [+0.76, +3.24] | -2.00 [-3.24, -0.76] "
+        "| single: better than fcn; ms+flip: worse than fcn |"
+    ) in table[3]
     assert table[3].endswith("| 0,1,2 |")
 
     fcn_csv, cc_csv = csv.DictReader(io.StringIO(ablation.results_csv([fcn, cc], baseline="fcn")))
@@ -155,8 +165,10 @@ def test_a_paired_difference_whose_interval_excludes_zero_is_better_by_hand() ->
     assert cc_csv["delta_single_pairs"] == "3" and float(cc_csv["delta_single_mean"]) == pytest.approx(0.02)
     assert float(cc_csv["delta_single_low"]) == pytest.approx(0.0075793, abs=1e-7)
     assert float(cc_csv["delta_single_high"]) == pytest.approx(0.0324207, abs=1e-7)
-    assert (cc_csv["delta_single_verdict"], cc_csv["delta_multi_flip_verdict"]) == ("better than fcn",
-                                                                                    "worse than fcn")
+    assert (cc_csv["delta_single_verdict"], cc_csv["delta_multi_flip_verdict"]) == (
+        "better than fcn",
+        "worse than fcn",
+    )
 
 
 def test_an_interval_holding_zero_or_a_single_pair_is_not_resolved() -> None:
@@ -171,8 +183,10 @@ def test_an_interval_holding_zero_or_a_single_pair_is_not_resolved() -> None:
     # One common seed: a difference of +0.05 but no interval, so no verdict either.
     rows = ablation.summarise(_grid({0: 0.65}, {0: 0.60}), {"fcn": cost, "cc": cost}, baseline="fcn")
     assert rows[1].delta_single.n == 1 and rows[1].delta_single.interval is None
-    assert "| cc | 1 | 65.00 | 65.00 | 1 | +5.00 [one pair] | +5.00 [one pair] | not resolved |" in \
-        ablation.results_table(rows, baseline="fcn")
+    assert (
+        "| cc | 1 | 65.00 | 65.00 | 1 | +5.00 [one pair] | +5.00 [one pair] | not resolved |"
+        in ablation.results_table(rows, baseline="fcn")
+    )
     parsed = list(csv.DictReader(io.StringIO(ablation.results_csv(rows, baseline="fcn"))))
     assert (parsed[1]["delta_single_low"], parsed[1]["delta_single_verdict"]) == ("", "not resolved")
     assert ablation.verdict(None, "fcn") == "not resolved"
@@ -182,9 +196,12 @@ def test_pairs_are_matched_by_seed_and_only_over_seeds_both_finished() -> None:
     cost = ablation.VariantCost(1000, 1.0, 0.1)
     trials = [
         # cc's seeds listed out of order, seed 3 one the baseline never ran.
-        _trial("cc", 3, 0.99, 0.99), _trial("cc", 1, 0.70, 0.70), _trial("cc", 2, 0.71, 0.71),
+        _trial("cc", 3, 0.99, 0.99),
+        _trial("cc", 1, 0.70, 0.70),
+        _trial("cc", 2, 0.71, 0.71),
         _trial("cc", 0, 0.64, 0.64),
-        _trial("fcn", 0, 0.60, 0.60), _trial("fcn", 1, 0.66, 0.66),
+        _trial("fcn", 0, 0.60, 0.60),
+        _trial("fcn", 1, 0.66, 0.66),
         _trial("fcn", 2, 0.0, 0.0, error="diverged"),
     ]
     _, cc = ablation.summarise(trials, {"fcn": cost, "cc": cost}, baseline="fcn")
@@ -203,8 +220,11 @@ def test_without_a_baseline_an_fcn_variant_is_not_taken_as_one() -> None:
 
 
 def test_the_baseline_must_name_a_variant() -> None:
-    with pytest.raises(ConfigError, match=r"tune\.baseline='cc_r9' is not allowed \(expected null or one of "
-                                          r"tune\.variants: fcn, cc_r2, axial_r1, stem_cc_r2\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"tune\.baseline='cc_r9' is not allowed \(expected null or one of "
+        r"tune\.variants: fcn, cc_r2, axial_r1, stem_cc_r2\)",
+    ):
         _config("tune.baseline=cc_r9")
     config = _config("tune.baseline=fcn")
     assert config.tune.baseline == "fcn"
@@ -214,8 +234,10 @@ def test_the_baseline_must_name_a_variant() -> None:
 
 def test_the_chart_has_a_bar_per_variant_and_protocol_beside_the_attention_cost() -> None:
     figure = ablation_figure(
-        ["fcn", "cc"], {"single-scale": ([0.6, 0.8], [0.0, 0.05]), "ms+flip": ([0.62, float("nan")], [0, 0])},
-        [0.0, 0.3], title="ablation",
+        ["fcn", "cc"],
+        {"single-scale": ([0.6, 0.8], [0.0, 0.05]), "ms+flip": ([0.62, float("nan")], [0, 0])},
+        [0.0, 0.3],
+        title="ablation",
     )
     miou_axes, cost_axes = figure.axes
     assert len(miou_axes.patches) == 4 and len(cost_axes.patches) == 2
@@ -227,14 +249,17 @@ def _error_bars(container: Any) -> list[tuple[float, float]]:
     """The (low, high) ends of each error bar of a bar or errorbar container, in data units; NaN for a bar
     without one."""
     segments = container.errorbar.lines[2][0] if hasattr(container, "errorbar") else container.lines[2][0]
-    return [(float(s[0][1]), float(s[1][1])) if len(s) else (math.nan, math.nan)
-            for s in segments.get_segments()]
+    return [
+        (float(s[0][1]), float(s[1][1])) if len(s) else (math.nan, math.nan) for s in segments.get_segments()
+    ]
 
 
 def test_the_chart_shows_the_intervals_and_the_paired_differences_with_a_line_at_zero() -> None:
     cost = ablation.VariantCost(1000, 1.0, 0.1)
-    trials = [*_grid({0: 0.620, 1: 0.625, 2: 0.615}, {0: 0.600, 1: 0.610, 2: 0.590}),
-              _trial("axial", 0, 0.61, 0.61)]
+    trials = [
+        *_grid({0: 0.620, 1: 0.625, 2: 0.615}, {0: 0.600, 1: 0.610, 2: 0.590}),
+        _trial("axial", 0, 0.61, 0.61),
+    ]
     rows = ablation.summarise(trials, {"fcn": cost, "cc": cost, "axial": cost}, baseline="fcn")
     figure = ablation.results_figure(rows, "fcn", title="ablation")
     figure.savefig(io.BytesIO(), format="png")  # renders headless on the Agg canvas
@@ -257,18 +282,27 @@ def test_the_chart_shows_the_intervals_and_the_paired_differences_with_a_line_at
 
 def test_the_chart_refuses_differences_without_their_baseline() -> None:
     with pytest.raises(ValueError, match="baseline"):
-        ablation_figure(["fcn", "cc"], {"single-scale": ([0.6, 0.7], [0.0, 0.0])}, [0.0, 0.1],
-                        differences={"single-scale": ([math.nan, 0.1], [math.nan, 0.0])})
+        ablation_figure(
+            ["fcn", "cc"],
+            {"single-scale": ([0.6, 0.7], [0.0, 0.0])},
+            [0.0, 0.1],
+            differences={"single-scale": ([math.nan, 0.1], [math.nan, 0.0])},
+        )
 
 
 def test_rows_show_the_attention_at_the_end_and_the_wall_time_per_run() -> None:
     cost = ablation.VariantCost(1000, 1.0, 0.1)
-    trials = [_trial("fcn", 0, 0.6, 0.6), _trial("cc", 0, 0.7, 0.7), _trial("cc", 1, 0.7, 0.7),
-              _trial("stem", 0, 0.7, 0.7)]
+    trials = [
+        _trial("fcn", 0, 0.6, 0.6),
+        _trial("cc", 0, 0.7, 0.7),
+        _trial("cc", 1, 0.7, 0.7),
+        _trial("stem", 0, 0.7, 0.7),
+    ]
     trials[0].metrics[ablation.WALL] = 600.0
     for trial, gamma, share in zip(trials[1:3], (0.2, 0.4), (0.1, 0.3), strict=True):
-        trial.metrics.update({"attention/head/gamma": gamma, "attention/head/share": share,
-                              ablation.WALL: 1200.0})
+        trial.metrics.update(
+            {"attention/head/gamma": gamma, "attention/head/share": share, ablation.WALL: 1200.0}
+        )
     trials[3].metrics.update({"attention/stem/gamma": 0.05, "attention/stem/share": 0.01})
     fcn, cc, stem = ablation.summarise(trials, {"fcn": cost, "cc": cost, "stem": cost})
     assert fcn.place is None and cc.place == "head" and stem.place == "stem"

@@ -37,17 +37,25 @@ def test_every_trainable_parameter_is_in_exactly_one_group(no_decay_1d: bool, ov
 
 def test_groups_split_backbone_and_head_and_keep_1d_out_of_decay() -> None:
     model = build_ccnet("ccnet_tiny", num_classes=5, placement="both")
-    groups = {g["name"]: g for g in parameter_groups(model, head_lr_mult=10.0, weight_decay=5e-4,
-                                                      no_decay_1d=True)}
+    groups = {
+        g["name"]: g for g in parameter_groups(model, head_lr_mult=10.0, weight_decay=5e-4, no_decay_1d=True)
+    }
     membership = {name: held[0] for name, held in _group_of(list(groups.values()), model).items()}
     assert membership["head.attention.attention.gamma"] == "head_no_decay"
     assert membership["stem_attention.attention.gamma"] == "head_no_decay"  # outside the backbone
     assert membership["head.attention.attention.query.weight"] == "head"
     assert membership["head.classifier.bias"] == "head_no_decay"
     assert membership["aux_head.2.weight"] == "head"
-    assert all(group == ("backbone" if name.endswith(".weight") and model.get_parameter(name).ndim > 1
-                         else "backbone_no_decay")
-               for name, group in membership.items() if name.startswith("backbone."))
+    assert all(
+        group
+        == (
+            "backbone"
+            if name.endswith(".weight") and model.get_parameter(name).ndim > 1
+            else "backbone_no_decay"
+        )
+        for name, group in membership.items()
+        if name.startswith("backbone.")
+    )
     assert groups["backbone"]["lr_mult"] == groups["backbone_no_decay"]["lr_mult"] == 1.0
     assert groups["head"]["lr_mult"] == groups["head_no_decay"]["lr_mult"] == 10.0
     assert groups["head"]["weight_decay"] == groups["backbone"]["weight_decay"] == 5e-4
@@ -68,8 +76,10 @@ def test_the_head_lr_multiple_follows_the_poly_schedule_and_is_logged() -> None:
     model = build_ccnet("ccnet_tiny", num_classes=5)
     optimizer = build_optimizer(config, model)
     assert group_lrs(optimizer) == {
-        "train/lr/backbone": 0.01, "train/lr/backbone_no_decay": 0.01,
-        "train/lr/head": pytest.approx(0.1), "train/lr/head_no_decay": pytest.approx(0.1),
+        "train/lr/backbone": 0.01,
+        "train/lr/backbone_no_decay": 0.01,
+        "train/lr/head": pytest.approx(0.1),
+        "train/lr/head_no_decay": pytest.approx(0.1),
     }
     lr = poly_lr(0.01, 50, 100, 0.9)
     for group in optimizer.param_groups:  # what the loop does every iteration
@@ -81,8 +91,9 @@ def test_the_head_lr_multiple_follows_the_poly_schedule_and_is_logged() -> None:
 
 def test_gamma_moves_at_the_head_rate() -> None:
     """One SGD step with a known gradient: gamma moves by head_lr_mult x lr x grad, no decay pulling it."""
-    config = load_config(None, ["model.name=ccnet_tiny", "train.head_lr_mult=10", "train.no_decay_1d=true",
-                                "train.momentum=0"])
+    config = load_config(
+        None, ["model.name=ccnet_tiny", "train.head_lr_mult=10", "train.no_decay_1d=true", "train.momentum=0"]
+    )
     model = build_ccnet("ccnet_tiny", num_classes=5)
     optimizer = build_optimizer(config, model)
     gamma = model.head.attention.attention.gamma

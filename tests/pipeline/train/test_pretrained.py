@@ -73,7 +73,10 @@ def test_torchvision_weights_refused_clearly(tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     cases = {
-        ("resnet101", "torchvision:IMAGENET1K_V2"): "is not in torch's cache and https://download.pytorch.org/",
+        (
+            "resnet101",
+            "torchvision:IMAGENET1K_V2",
+        ): "is not in torch's cache and https://download.pytorch.org/",
         ("resnet50", "torchvision:IMAGENET9K"): "ResNet50_Weights has no 'IMAGENET9K'; choose one of",
         ("resnet101_deepstem", "torchvision:IMAGENET1K_V1"): "fit the backbones ['resnet101', 'resnet50']",
         ("efficientnet_lite0", "torchvision:IMAGENET1K_V1"): "not 'efficientnet_lite0'",
@@ -82,5 +85,8 @@ def test_torchvision_weights_refused_clearly(tmp_path: Path, monkeypatch: pytest
         with pytest.raises(PretrainedWeightsError, match=re.escape(message)) as error:
             build_backbone(name, pretrained=spec)
         assert "\n" not in str(error.value)
-    assert "offline?" in str(pytest.raises(PretrainedWeightsError, build_backbone, "resnet50",
-                                           pretrained="torchvision:IMAGENET1K_V1").value)
+    assert "offline?" in str(
+        pytest.raises(
+            PretrainedWeightsError, build_backbone, "resnet50", pretrained="torchvision:IMAGENET1K_V1"
+        ).value
+    )

@@ -39,8 +39,16 @@ def test_ray_data_pads_crops_with_the_manifests_ignore_index(
     source.ignore_index = 250  # the manifest's; only the crop padding is looked at (the rim keeps 255)
     data_uri, _ = write_shards(source, str(tmp_path), workers=1, progress=False)
     monkeypatch.setattr(pipeline.train.ray_train, "ray_dataset", CapturedDataset)
-    config = load_config(None, [f"data.uri={data_uri}", "data.loader=ray", "data.crop_size=64",
-                                "data.scale_min=1.0", "data.scale_max=1.0"])
+    config = load_config(
+        None,
+        [
+            f"data.uri={data_uri}",
+            "data.loader=ray",
+            "data.crop_size=64",
+            "data.scale_min=1.0",
+            "data.scale_max=1.0",
+        ],
+    )
     dataset = train_datasets(RunSpec.of(config))["train"]
     assert dataset.args == (data_uri, "train") and dataset.columns == ["image", "label"]
     # The Ray path's transform on a real sample: a 64 crop of a 48 image always holds padding.
@@ -100,7 +108,11 @@ def test_local_storage_on_several_nodes_is_warned_about(caplog: pytest.LogCaptur
 @pytest.mark.slow
 @pytest.mark.parametrize("loader", ["torch", "ray"])
 def test_two_workers_on_s3_and_mlflow(
-    tmp_path: Path, s3_env: str, mlflow_server, monkeypatch, loader: str,  # noqa: ANN001
+    tmp_path: Path,
+    s3_env: str,
+    mlflow_server,
+    monkeypatch,
+    loader: str,  # noqa: ANN001
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     import ray
@@ -112,13 +124,26 @@ def test_two_workers_on_s3_and_mlflow(
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     source = build_source("generated", None, image_size=(48, 48), counts={"train": 16, "val": 4})
     data_uri, _ = write_shards(source, storage.join(s3_env, "datasets"), workers=1, progress=False)
-    config = load_config(None, [
-        f"data.uri={data_uri}", "data.crop_size=48", "data.batch_size=2", "train.iterations=4",
-        "train.log_every=1", "train.checkpoint_every=2", "train.eval_every=4", "eval.scales=[1.0, 1.5]",
-        f"run.storage={storage.join(s3_env, 'runs')}", "run.name=two-workers", "run.num_workers=2",
-        "run.cpus_per_worker=0.5", f"tracking.uri={mlflow_server.uri}", f"tracking.experiment=ray-{loader}",
-        f"data.loader={loader}",
-    ])
+    config = load_config(
+        None,
+        [
+            f"data.uri={data_uri}",
+            "data.crop_size=48",
+            "data.batch_size=2",
+            "train.iterations=4",
+            "train.log_every=1",
+            "train.checkpoint_every=2",
+            "train.eval_every=4",
+            "eval.scales=[1.0, 1.5]",
+            f"run.storage={storage.join(s3_env, 'runs')}",
+            "run.name=two-workers",
+            "run.num_workers=2",
+            "run.cpus_per_worker=0.5",
+            f"tracking.uri={mlflow_server.uri}",
+            f"tracking.experiment=ray-{loader}",
+            f"data.loader={loader}",
+        ],
+    )
     ray.init(num_cpus=2, include_dashboard=False)  # after s3_env: workers inherit the AWS_* settings
     try:
         report = run_training(config)
@@ -128,8 +153,9 @@ def test_two_workers_on_s3_and_mlflow(
             # no step twice, removes the orphaned folder, and continues the same MLflow run.
             run_folder = storage.join(config.run.storage, config.run.name)
             _orphan_checkpoint(run_folder, iteration=5, best_miou=0.999)
-            MlflowClient(mlflow_server.uri).log_batch(report.run_id, metrics=[
-                Metric("train/loss", 9.0, 0, step) for step in (5, 6)])
+            MlflowClient(mlflow_server.uri).log_batch(
+                report.run_id, metrics=[Metric("train/loss", 9.0, 0, step) for step in (5, 6)]
+            )
             config = config.replace(train={"iterations": 7})
             with caplog.at_level(logging.INFO):
                 resumed = run_training(config)

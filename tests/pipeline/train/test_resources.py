@@ -63,15 +63,22 @@ def test_waits_for_nodes_to_join_until_the_deadline() -> None:
         now[0] += seconds
 
     demands: list[WorkerRequest | None] = []  # what the autoscaler was shown, then the withdrawal
-    ensure_placeable(WorkerRequest(3, 2.0), wait=30, nodes=nodes, clock=lambda: now[0], sleep=sleep,
-                     demand=demands.append)
+    ensure_placeable(
+        WorkerRequest(3, 2.0), wait=30, nodes=nodes, clock=lambda: now[0], sleep=sleep, demand=demands.append
+    )
     assert 12.0 <= now[0] < 20.0  # returned soon after the nodes joined
     assert demands == [WorkerRequest(3, 2.0), None]
 
     now[0], joined["at"] = 0.0, 100.0
     with pytest.raises(ResourceError, match="after waiting 30 s"):
-        ensure_placeable(WorkerRequest(3, 2.0), wait=30, nodes=nodes, clock=lambda: now[0], sleep=sleep,
-                         demand=demands.append)
+        ensure_placeable(
+            WorkerRequest(3, 2.0),
+            wait=30,
+            nodes=nodes,
+            clock=lambda: now[0],
+            sleep=sleep,
+            demand=demands.append,
+        )
     assert now[0] == pytest.approx(30.0)
     assert demands[2:] == [WorkerRequest(3, 2.0), None]
 

@@ -24,20 +24,40 @@ def _counted_run(command: list[str], tmp_path: Path, name: str) -> tuple[collect
     """Runs ``ccnet <command>``; returns how often each counted function ran, over all processes, and how many
     processes counted something."""
     log = tmp_path / f"calls-{name}.txt"
-    env = {**os.environ, "CCNET_CALL_LOG": str(log), "RAY_USAGE_STATS_ENABLED": "0",
-           "PYTHONPATH": os.pathsep.join([str(CALL_COUNTER), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", *command], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    env = {
+        **os.environ,
+        "CCNET_CALL_LOG": str(log),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONPATH": os.pathsep.join([str(CALL_COUNTER), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *command],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = [line.split() for line in log.read_text().splitlines()]
     return collections.Counter(name for name, _ in lines), len({pid for _, pid in lines})
 
 
 def _settings(dataset: str, tmp_path: Path) -> list[str]:
-    return [f"data.uri={dataset}", "data.crop_size=48", "data.batch_size=2", "data.loader_workers=1",
-            "train.iterations=4", "train.log_every=2", "train.eval_every=2", "train.checkpoint_every=2",
-            "eval.scales=[1.0]", f"run.storage={tmp_path / 'runs'}", "run.cpus_per_worker=0.9",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    return [
+        f"data.uri={dataset}",
+        "data.crop_size=48",
+        "data.batch_size=2",
+        "data.loader_workers=1",
+        "train.iterations=4",
+        "train.log_every=2",
+        "train.eval_every=2",
+        "train.checkpoint_every=2",
+        "eval.scales=[1.0]",
+        f"run.storage={tmp_path / 'runs'}",
+        "run.cpus_per_worker=0.9",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
 
 
 @pytest.mark.integration
@@ -49,11 +69,24 @@ def test_a_training_and_a_search_decide_once(generated_dataset, tmp_path: Path) 
     assert training == {"resolve_tracking_uri": 1, "manifest_read": 1, "ray_connect": 1}
     assert processes == 1  # the worker decided nothing
     # A 2-trial ablation: the driver, two Tune trials, each with its Ray Train worker.
-    search, processes = _counted_run([
-        "tune", "-c", "configs/ablation_ccnet-tiny_generated-256x256_cpu.yaml", *sets,
-        "--set", "tune.name=once-search", "--set", "tune.seeds=[0]", "--set", "tune.max_concurrent=1",
-        "--set", "tune.variants={fcn: [model.recurrence=0], cc_r2: [model.recurrence=2]}",
-    ], tmp_path, "tune")
+    search, processes = _counted_run(
+        [
+            "tune",
+            "-c",
+            "configs/ablation_ccnet-tiny_generated-256x256_cpu.yaml",
+            *sets,
+            "--set",
+            "tune.name=once-search",
+            "--set",
+            "tune.seeds=[0]",
+            "--set",
+            "tune.max_concurrent=1",
+            "--set",
+            "tune.variants={fcn: [model.recurrence=0], cc_r2: [model.recurrence=2]}",
+        ],
+        tmp_path,
+        "tune",
+    )
     assert search == {"resolve_tracking_uri": 1, "manifest_read": 1, "ray_connect": 1}
     assert processes == 1
 

@@ -39,11 +39,21 @@ def dataset(generated_dataset: Callable[..., str]) -> str:
 
 
 def make_config(dataset: str, tmp_path: Path, *overrides: str) -> Config:
-    return load_config(None, [
-        f"data.uri={dataset}", "data.crop_size=48", "data.batch_size=4", "train.iterations=8",
-        "train.log_every=1", "train.checkpoint_every=4", "train.eval_every=100", f"run.storage={tmp_path}",
-        "run.ray=false", *overrides,
-    ])
+    return load_config(
+        None,
+        [
+            f"data.uri={dataset}",
+            "data.crop_size=48",
+            "data.batch_size=4",
+            "train.iterations=8",
+            "train.log_every=1",
+            "train.checkpoint_every=4",
+            "train.eval_every=100",
+            f"run.storage={tmp_path}",
+            "run.ray=false",
+            *overrides,
+        ],
+    )
 
 
 class Recorder:
@@ -134,8 +144,9 @@ def test_attention_diagnostics_at_each_validation_and_one_warning_when_never_eng
     dataset: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     recorder = Recorder()
-    config = make_config(dataset, tmp_path, "train.iterations=4", "train.eval_every=2",
-                         "train.checkpoint_every=2")
+    config = make_config(
+        dataset, tmp_path, "train.iterations=4", "train.eval_every=2", "train.checkpoint_every=2"
+    )
     crashing = CrashAfter(_run_uri(config))
     crashing.crash_at = 2  # after the first validation: the diagnostics so far go on with the checkpoint
     with caplog.at_level(logging.WARNING, logger="pipeline.train.loop"):
@@ -159,8 +170,9 @@ def test_attention_diagnostics_at_each_validation_and_one_warning_when_never_eng
 
 def test_category_consistent_loss_trains_on_the_generated_set(dataset: str, tmp_path: Path) -> None:
     recorder = Recorder()
-    config = make_config(dataset, tmp_path, "model.embedding_channels=8", "train.consistency_weight=1.0",
-                         "train.iterations=2")
+    config = make_config(
+        dataset, tmp_path, "model.embedding_channels=8", "train.consistency_weight=1.0", "train.iterations=2"
+    )
     summary = _train(config, LocalSession, tracker=recorder)
     assert summary.skipped_steps == 0
     for metrics in recorder.metrics.values():
@@ -175,8 +187,17 @@ def test_category_consistent_loss_trains_on_the_generated_set(dataset: str, tmp_
 def test_build_loss_reads_the_train_section(dataset: str, tmp_path: Path) -> None:
     off = build_loss(make_config(dataset, tmp_path), ignore_index=7)
     assert (off.ignore_index, off.consistency, off.ohem) == (7, False, False)
-    on = build_loss(make_config(dataset, tmp_path, "model.embedding_channels=8", "train.consistency_weight=2",
-                                "train.ohem=true", "train.ohem_min_kept=123"), ignore_index=255)
+    on = build_loss(
+        make_config(
+            dataset,
+            tmp_path,
+            "model.embedding_channels=8",
+            "train.consistency_weight=2",
+            "train.ohem=true",
+            "train.ohem_min_kept=123",
+        ),
+        ignore_index=255,
+    )
     assert on.consistency and on.consistency_weights == (2.0, 2.0, 0.002)
     assert on.ohem and on.ohem_min_kept == 123
 
@@ -213,10 +234,17 @@ class _Ends:
         self.status = status
 
 
-@pytest.mark.parametrize(("error", "status"), [
-    (None, "FINISHED"), (KeyboardInterrupt(), "KILLED"), (SystemExit(0), "KILLED"),
-    (SystemExit(None), "KILLED"), (SystemExit(1), "FAILED"), (RuntimeError("boom"), "FAILED"),
-])
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (None, "FINISHED"),
+        (KeyboardInterrupt(), "KILLED"),
+        (SystemExit(0), "KILLED"),
+        (SystemExit(None), "KILLED"),
+        (SystemExit(1), "FAILED"),
+        (RuntimeError("boom"), "FAILED"),
+    ],
+)
 def test_a_run_ends_killed_when_stopped_from_outside(error: BaseException | None, status: str) -> None:
     """Tune stops a trial by ending its thread with sys.exit(0): the trial's run is KILLED like one stopped by
     Ctrl-C, not FAILED (an interrupted search must leave no FAILED trial behind)."""

@@ -14,15 +14,22 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture
-def tiny_run(generated_dataset: Callable[..., str], tmp_path: Path,
-             monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], str]:
+def tiny_run(
+    generated_dataset: Callable[..., str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[str], str]:
     """Overrides for a tiny generated dataset, storage under tmp_path and a sqlite MLflow; and its URI."""
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     data_uri = generated_dataset(size=48, train=8, val=2)
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    overrides = [f"data.uri={data_uri}", "data.batch_size=4", f"run.storage={tmp_path / 'runs'}",
-                 f"tracking.uri={tracking}", "run.cpus_per_worker=0.5", "train.checkpoint_every=2",
-                 "train.eval_every=2"]
+    overrides = [
+        f"data.uri={data_uri}",
+        "data.batch_size=4",
+        f"run.storage={tmp_path / 'runs'}",
+        f"tracking.uri={tracking}",
+        "run.cpus_per_worker=0.5",
+        "train.checkpoint_every=2",
+        "train.eval_every=2",
+    ]
     return overrides, tracking
 
 
@@ -33,11 +40,19 @@ def test_two_trial_search(tiny_run: tuple[list[str], str]) -> None:
     from pipeline.train.tune import run_search
 
     overrides, tracking = tiny_run
-    config = load_config(None, [
-        *overrides, "train.iterations=4", "train.log_every=2", "eval.scales=[1.0]", "tune.name=tiny-search",
-        "tune.num_samples=2", "tune.grace_period=2",
-        "tune.space={train.lr: {loguniform: [0.001, 0.1]}, data.crop_size: {choice: [32, 48]}}",
-    ])
+    config = load_config(
+        None,
+        [
+            *overrides,
+            "train.iterations=4",
+            "train.log_every=2",
+            "eval.scales=[1.0]",
+            "tune.name=tiny-search",
+            "tune.num_samples=2",
+            "tune.grace_period=2",
+            "tune.space={train.lr: {loguniform: [0.001, 0.1]}, data.crop_size: {choice: [32, 48]}}",
+        ],
+    )
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         report = run_search(config)
@@ -68,13 +83,23 @@ def test_ablation_grid_of_variants_and_seeds(tiny_run: tuple[list[str], str], tm
     from pipeline.train.tune import run_search
 
     overrides, tracking = tiny_run
-    config = load_config(None, [
-        *overrides, "data.crop_size=48", "train.iterations=2", "train.log_every=1", "eval.scales=[1.0, 1.25]",
-        "tune.name=tiny-ablation", "tune.space={}", "tune.scheduler=none", "tune.seeds=[0, 1]",
-        "tune.variants={fcn: [model.recurrence=0],"
-        " axial_r1: [model.attention=axial, model.recurrence=1]}",
-        "tune.baseline=fcn",
-    ])
+    config = load_config(
+        None,
+        [
+            *overrides,
+            "data.crop_size=48",
+            "train.iterations=2",
+            "train.log_every=1",
+            "eval.scales=[1.0, 1.25]",
+            "tune.name=tiny-ablation",
+            "tune.space={}",
+            "tune.scheduler=none",
+            "tune.seeds=[0, 1]",
+            "tune.variants={fcn: [model.recurrence=0],"
+            " axial_r1: [model.attention=axial, model.recurrence=1]}",
+            "tune.baseline=fcn",
+        ],
+    )
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         report = run_search(config)
@@ -85,7 +110,11 @@ def test_ablation_grid_of_variants_and_seeds(tiny_run: tuple[list[str], str], tm
     trial_rows = report.table.splitlines()[2:]
     assert len(trial_rows) == 4  # 2 variants x 2 seeds, each once
     assert sorted(row.split(" | ")[1:3] for row in trial_rows) == [
-        ["axial_r1", "0"], ["axial_r1", "1"], ["fcn", "0"], ["fcn", "1"]]
+        ["axial_r1", "0"],
+        ["axial_r1", "1"],
+        ["fcn", "0"],
+        ["fcn", "1"],
+    ]
     assert all("(failed)" not in row and " | - | " not in row for row in trial_rows)  # final figures there
     rows = report.ablation.splitlines()
     assert [row.split(" | ")[0] for row in rows[2:]] == ["| fcn", "| axial_r1"]
@@ -106,13 +135,20 @@ def test_ablation_grid_of_variants_and_seeds(tiny_run: tuple[list[str], str], tm
     runs = client.search_runs([experiment.experiment_id])
     children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == report.parent_run_id]
     assert sorted((c.data.tags["ccnet.variant"], c.data.tags["ccnet.seed"]) for c in children) == [
-        ("axial_r1", "0"), ("axial_r1", "1"), ("fcn", "0"), ("fcn", "1")]
+        ("axial_r1", "0"),
+        ("axial_r1", "1"),
+        ("fcn", "0"),
+        ("fcn", "1"),
+    ]
     for child in children:
-        assert child.info.run_name == f"tiny-ablation_{child.data.tags['ccnet.variant']}_seed" \
+        assert (
+            child.info.run_name == f"tiny-ablation_{child.data.tags['ccnet.variant']}_seed"
             f"{child.data.tags['ccnet.seed']}"
+        )
         axial = child.data.tags["ccnet.variant"] == "axial_r1"  # fcn: the preset's attention, as resolved
         assert (child.data.params["model.attention"], child.data.params["model.recurrence"]) == (
-            ("axial", "1") if axial else ("criss_cross", "0"))
+            ("axial", "1") if axial else ("criss_cross", "0")
+        )
         assert "final/mIoU_ms_flip" in child.data.metrics
         # Each trial's description and, with attention, its diagnostics plot (2 iterations: never engaged).
         plots = {a.path for a in client.list_artifacts(child.info.run_id, "plots")}
