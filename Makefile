@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(BIN)/ccnet efficiency --repeats 1
 
 test: $(STAMP)
+	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
