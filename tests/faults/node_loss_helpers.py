@@ -67,13 +67,18 @@ def three_node_cluster() -> Iterator[tuple[Any, dict[str, Any]]]:
 
 def actors(class_name: str | None = None) -> dict[str, dict[str, Any]]:
     """Ray's actors (of ``class_name``, or all), alive or dead, by actor id (from the GCS: no dashboard
-    needed). Each gives its ``ActorClassName``, ``State``, ``Address`` (``NodeID``, ``Port``) and
-    ``OwnerAddress`` (the ``Port`` of the process that created it)."""
+    needed). Each gives its ``ActorClassName`` (without the scope of a class made inside a function: a
+    trainable wrapped by ``tune.with_parameters`` is ``wrap_function.<locals>.ImplicitFunc``), ``State``,
+    ``Address`` (``NodeID``, ``Port``) and ``OwnerAddress`` (the ``Port`` of the process that created it)."""
     import ray._private.state
 
+    found = {
+        actor_id: {**info, "ActorClassName": info["ActorClassName"].rsplit(".", 1)[-1]}
+        for actor_id, info in ray._private.state.actors().items()
+    }
     return {
         actor_id: info
-        for actor_id, info in ray._private.state.actors().items()
+        for actor_id, info in found.items()
         if class_name is None or info["ActorClassName"] == class_name
     }
 
