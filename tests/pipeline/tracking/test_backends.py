@@ -1,4 +1,4 @@
-"""The tracker boundary is real: a second backend, written here in 80 lines, is chosen by its URI's scheme
+"""The tracker boundary is real: a second backend, written here in 90 lines, is chosen by its URI's scheme
 (``pipeline.tracking.BACKENDS``) and records a whole training, its resumption and ``ccnet evaluate``, with
 nothing outside ``pipeline/tracking/`` knowing it is not MLflow."""
 
