@@ -112,8 +112,8 @@ def _trial(sampled: dict[str, Any], search: RunSpec, search_run_id: str | None) 
         config,
         spec.tracking_uri,
         spec.name,
-        resume=search_run_id is not None,
-        parent_run_id=search_run_id,
+        resume=spec.parent_run_id is not None,
+        parent_run_id=spec.parent_run_id,
         tags=tags,
         required=False,
     )
