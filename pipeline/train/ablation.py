@@ -95,12 +95,17 @@ def variant_cost(config: Config, num_classes: int, image_size: tuple[int, int]) 
 
 @dataclass(frozen=True)
 class Trial:
-    """One finished (or failed) trial of the grid: its variant, seed and end-of-run metrics."""
+    """One trial of the grid: its variant, seed and latest metrics; it finished when it reported its final
+    evaluation (an interrupted grid's trial stopped before it, and a failed one has an error)."""
 
     variant: str
     seed: int
     metrics: dict[str, float]
     error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.error is None and SINGLE in self.metrics
 
 
 def paired_difference(variant: Sequence[Trial], baseline: Sequence[Trial], key: str) -> Stat | None:
@@ -116,7 +121,7 @@ def _per_seed(trials: Sequence[Trial], key: str) -> dict[int, float]:
     values: dict[int, list[float]] = {}
     for trial in trials:
         value = trial.metrics.get(key, math.nan)
-        if trial.error is None and value is not None and not math.isnan(value):
+        if trial.finished and value is not None and not math.isnan(value):
             values.setdefault(trial.seed, []).append(value)
     return {seed: statistics.fmean(seed_values) for seed, seed_values in values.items()}
 
@@ -144,6 +149,7 @@ class VariantRow:
     seeds: tuple[int, ...]
     failed: tuple[int, ...]  # seeds whose trial failed or diverged
     finished: int  # trials that finished (one per seed unless a space is sampled as well)
+    unfinished: tuple[int, ...] = ()  # seeds stopped before their final evaluation (an interrupted grid)
     delta_single: Stat | None = None
     delta_multi: Stat | None = None
     gamma: Stat | None = None  # the attention's at the end, at its first place in PLACES present
@@ -161,7 +167,7 @@ def summarise(
     rows = []
     for variant, cost in costs.items():
         mine = [t for t in trials if t.variant == variant]
-        done = [t for t in mine if t.error is None]
+        done = [t for t in mine if t.finished]
 
         def stat(key: str, done: list[Trial] = done) -> Stat | None:
             return Stat.of([t.metrics.get(key, math.nan) for t in done])
@@ -179,6 +185,7 @@ def summarise(
                 seeds=tuple(sorted(t.seed for t in mine)),
                 failed=tuple(sorted(t.seed for t in mine if t.error is not None)),
                 finished=len(done),
+                unfinished=tuple(sorted(t.seed for t in mine if t.error is None and not t.finished)),
                 delta_single=paired_difference(mine, reference, SINGLE) if paired else None,
                 delta_multi=paired_difference(mine, reference, MULTI) if paired else None,
                 gamma=stat(f"attention/{place}/gamma") if place else None,
@@ -253,6 +260,8 @@ def results_table(rows: Sequence[VariantRow], baseline: str | None = None) -> st
         seeds = ",".join(map(str, row.seeds)) or "-"
         if row.failed:
             seeds += f" (failed: {','.join(map(str, row.failed))})"
+        if row.unfinished:
+            seeds += f" (unfinished: {','.join(map(str, row.unfinished))})"
         cells = [row.variant, str(row.finished), _pct(row.single), _pct(row.multi)]
         if baseline is not None:
             cells += _paired_cells(row, baseline)
@@ -299,7 +308,7 @@ def results_csv(rows: Sequence[VariantRow], baseline: str | None = None) -> str:
     if baseline is not None:
         parts = ("pairs", "mean", "low", "high", "verdict")
         header += [f"{name}_{part}" for name in ("delta_single", "delta_multi_flip") for part in parts]
-    writer.writerow([*header, "seeds", "failed_seeds"])
+    writer.writerow([*header, "seeds", "failed_seeds", "unfinished_seeds"])
     for row in rows:
         values: list[Any] = [row.variant, row.finished]
         for stat in (
@@ -318,7 +327,7 @@ def results_csv(rows: Sequence[VariantRow], baseline: str | None = None) -> str:
                 *_delta_fields(row, row.delta_single, baseline),
                 *_delta_fields(row, row.delta_multi, baseline),
             ]
-        values += [" ".join(map(str, row.seeds)), " ".join(map(str, row.failed))]
+        values += [" ".join(map(str, seeds)) for seeds in (row.seeds, row.failed, row.unfinished)]
         writer.writerow(values)
     return buffer.getvalue()
 

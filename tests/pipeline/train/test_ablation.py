@@ -103,6 +103,28 @@ def test_rows_hold_the_mean_and_95_interval_over_seeds_and_name_failed_seeds() -
     assert parsed[1]["failed_seeds"] == "2" and parsed[2]["miou_single_mean"] == ""
 
 
+def test_a_trial_stopped_before_its_final_evaluation_is_named_and_not_counted() -> None:
+    # An interrupted grid: seed 2 of each variant stopped at a validation, before its final evaluation; its
+    # last val mIoU, gamma and wall time are not an end-of-run result and must not enter the row or a pair.
+    cost = ablation.VariantCost(1000, 1.0, 0.1)
+    stopped = {"val/mIoU": 0.5, "attention/head/gamma": 9.0, ablation.WALL: 99.0}
+    trials = [
+        *_grid({0: 0.62, 1: 0.64}, {0: 0.60, 1: 0.61}),
+        ablation.Trial("cc", 2, {**stopped, "attention/head/share": 0.9}),
+        ablation.Trial("fcn", 2, stopped),
+    ]
+    fcn, cc = ablation.summarise(trials, {"fcn": cost, "cc": cost}, baseline="fcn")
+    assert (cc.finished, cc.seeds, cc.unfinished, cc.failed) == (2, (0, 1, 2), (2,), ())
+    assert cc.single.n == 2 and cc.single.mean == pytest.approx(0.63)
+    assert cc.delta_single.n == 2 and cc.delta_single.mean == pytest.approx(0.025)
+    assert cc.place is None and cc.gamma is None and cc.wall_seconds is None
+    assert fcn.finished == 2 and fcn.unfinished == (2,)
+    table = ablation.results_table([fcn, cc], baseline="fcn").splitlines()
+    assert table[3].startswith("| cc | 2 | 63.00 ± ") and table[3].endswith("| 0,1,2 (unfinished: 2) |")
+    parsed = list(csv.DictReader(io.StringIO(ablation.results_csv([fcn, cc], baseline="fcn"))))
+    assert (parsed[1]["n"], parsed[1]["unfinished_seeds"], parsed[1]["failed_seeds"]) == ("2", "2", "")
+
+
 # Two-sided 95 % quantiles t_{0.975, df} as printed in statistics tables.
 @pytest.mark.parametrize(
     ("df", "expected"), [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (29, 2.0452)]
