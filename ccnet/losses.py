@@ -1,6 +1,7 @@
 """Segmentation losses used to train CCNet.
 
-- :func:`cross_entropy`: pixel-wise cross-entropy, mean over labelled pixels, 0 (not NaN) when none are.
+- :func:`cross_entropy`: pixel-wise cross-entropy, mean over labelled pixels, 0 (not NaN) when none are;
+  with class weights, the weighted mean (each pixel counts its class's weight, as ``F.cross_entropy`` does).
 - :func:`ohem_cross_entropy`: online hard example mining as in the authors' ``OhemCrossEntropy2d``: keep the
   pixels whose ground-truth probability is at most ``thresh``, raising the threshold so that at least
   ``min_kept`` pixels survive.
@@ -17,15 +18,21 @@ per-image ``torch.unique`` over class ids in the category-consistent loss.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``values`` where ``mask`` holds; 0, still attached to the graph, where it holds nowhere."""
+def _masked_mean(values: Tensor, mask: Tensor, pixel_weights: Tensor | None = None) -> Tensor:
+    """Mean of ``values`` where ``mask`` holds, weighted by ``pixel_weights`` when given (``values`` are
+    then already weighted: the sum is divided by the weights' sum); 0, still attached to the graph, where
+    the mask holds nowhere."""
     mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+    count = mask if pixel_weights is None else mask * pixel_weights.to(values.dtype)
+    return (values * mask).sum() / count.sum().clamp(min=1.0 if pixel_weights is None else 1e-12)
 
 
 def _check_logits_target(logits: Tensor, target: Tensor) -> None:
@@ -36,21 +43,33 @@ def _check_logits_target(logits: Tensor, target: Tensor) -> None:
         )
 
 
-def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
+def _pixel_weights(target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor | None:
+    """Each pixel's class weight (ignored pixels: 0), (B, H, W); None without class weights."""
+    if weight is None:
+        return None
+    return weight[target.masked_fill(target == ignore_index, 0)].masked_fill(target == ignore_index, 0.0)
+
+
+def cross_entropy(
+    logits: Tensor, target: Tensor, ignore_index: int = 255, weight: Tensor | None = None
+) -> Tensor:
     """Pixel-wise cross-entropy averaged over the pixels whose label is not ``ignore_index``.
 
     Args:
         logits: unnormalised class scores, (B, K, H, W).
         target: class ids in [0, K) or ``ignore_index``, int64 (B, H, W).
         ignore_index: label of pixels that contribute nothing.
+        weight: per-class weights (K,), or None: the weighted mean ``sum w[y] CE / sum w[y]``, which is
+            ``F.cross_entropy(weight=...)``'s.
 
     Returns:
         Scalar loss. When every pixel is ignored it is 0 with a (zero) gradient instead of
         ``F.cross_entropy``'s NaN, so a fully unlabelled crop cannot poison the step.
     """
     _check_logits_target(logits, target)
-    per_pixel = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")  # (B, H, W)
-    return _masked_mean(per_pixel, target != ignore_index)
+    weight = None if weight is None else weight.to(logits.dtype)  # half logits outside autocast too
+    per_pixel = F.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction="none")
+    return _masked_mean(per_pixel, target != ignore_index, _pixel_weights(target, weight, ignore_index))
 
 
 def ohem_cross_entropy(
@@ -59,6 +78,7 @@ def ohem_cross_entropy(
     thresh: float = 0.7,
     min_kept: int = 100_000,
     ignore_index: int = 255,
+    weight: Tensor | None = None,
 ) -> Tensor:
     """Cross-entropy over the hard pixels only (online hard example mining).
 
@@ -73,6 +93,8 @@ def ohem_cross_entropy(
         thresh: probability in (0, 1] below which a pixel counts as hard.
         min_kept: least number of pixels kept over the whole batch; 0 keeps only the hard ones.
         ignore_index: label of pixels that are never kept.
+        weight: per-class weights (K,), or None: the weighted mean over the kept pixels. Which pixels are
+            hard is decided by their probability alone, as without weights.
 
     Returns:
         Scalar mean cross-entropy over the kept pixels; 0 with a gradient when none is kept.
@@ -84,9 +106,11 @@ def ohem_cross_entropy(
         raise ValueError(f"min_kept must be >= 0, got {min_kept}")
     per_pixel = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none").flatten()  # (N,)
     valid = target.flatten() != ignore_index  # (N,)
+    pixel_weights = _pixel_weights(target.flatten(), weight, ignore_index)
+    weighted = per_pixel if pixel_weights is None else per_pixel * pixel_weights
     if min_kept >= valid.numel():
         # min_kept covers every pixel, labelled or not: keep all labelled ones, decided without a sync.
-        return _masked_mean(per_pixel, valid)
+        return _masked_mean(weighted, valid, pixel_weights)
     with torch.no_grad():
         # p(gt) = exp(-CE) is the softmax probability of the true class; ignored pixels get +inf so that
         # they sort after every labelled one and are never kept.
@@ -98,7 +122,7 @@ def ohem_cross_entropy(
             kth_smallest = torch.kthvalue(prob, min_kept).values
             threshold = torch.maximum(threshold, kth_smallest)
         kept = valid & (prob <= threshold)
-    return _masked_mean(per_pixel, kept)
+    return _masked_mean(weighted, kept, pixel_weights)
 
 
 def _variance_term(distance: Tensor, delta_v: float, delta_d: float) -> Tensor:
@@ -210,6 +234,8 @@ class SegmentationLoss(nn.Module):
         consistency_weights: (w_var, w_dis, w_reg), each >= 0.
         delta_v: variance margin of the category-consistent loss, >= 0.
         delta_d: distance margin of the category-consistent loss, > delta_v.
+        class_weights: per-class weights of the main and auxiliary cross-entropy (K values >= 0, one > 0),
+            or None for the unweighted mean (the reference).
     """
 
     def __init__(
@@ -223,6 +249,7 @@ class SegmentationLoss(nn.Module):
         consistency_weights: tuple[float, float, float] = (1.0, 1.0, 0.001),
         delta_v: float = 0.5,
         delta_d: float = 1.5,
+        class_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if aux_weight < 0:
@@ -237,6 +264,16 @@ class SegmentationLoss(nn.Module):
             raise ValueError(f"delta_v must be >= 0, got {delta_v}")
         if delta_d <= delta_v:
             raise ValueError(f"delta_d must be > delta_v={delta_v}, got {delta_d}")
+        if class_weights is not None and (
+            not all(math.isfinite(w) and w >= 0 for w in class_weights) or not any(class_weights)
+        ):
+            raise ValueError(f"class_weights must be finite, >= 0 and not all 0, got {list(class_weights)}")
+        self.class_weights: Tensor | None
+        self.register_buffer(
+            "class_weights",
+            None if class_weights is None else torch.tensor(list(class_weights), dtype=torch.float32),
+            persistent=False,
+        )
         self.aux_weight = aux_weight
         self.ignore_index = ignore_index
         self.ohem = ohem
@@ -252,7 +289,8 @@ class SegmentationLoss(nn.Module):
             f"aux_weight={self.aux_weight}, ignore_index={self.ignore_index}, ohem={self.ohem}, "
             f"ohem_thresh={self.ohem_thresh}, ohem_min_kept={self.ohem_min_kept}, "
             f"consistency={self.consistency}, consistency_weights={self.consistency_weights}, "
-            f"delta_v={self.delta_v}, delta_d={self.delta_d}"
+            f"delta_v={self.delta_v}, delta_d={self.delta_d}, "
+            f"class_weights={None if self.class_weights is None else self.class_weights.tolist()}"
         )
 
     def forward(self, outputs: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
@@ -273,15 +311,19 @@ class SegmentationLoss(nn.Module):
         if "out" not in outputs:
             raise ValueError(f"outputs has no 'out' logits; keys are {sorted(outputs)}")
         main_logits = _resize_to(outputs["out"], target)
+        weight = self.class_weights
         if self.ohem:
             min_kept = self.ohem_min_kept * target.shape[0]  # per image -> per batch
-            main = ohem_cross_entropy(main_logits, target, self.ohem_thresh, min_kept, self.ignore_index)
+            main = ohem_cross_entropy(
+                main_logits, target, self.ohem_thresh, min_kept, self.ignore_index, weight
+            )
         else:
-            main = cross_entropy(main_logits, target, self.ignore_index)
+            main = cross_entropy(main_logits, target, self.ignore_index, weight)
         losses = {"main": main}
         total = main
         if "aux" in outputs:
-            losses["aux"] = cross_entropy(_resize_to(outputs["aux"], target), target, self.ignore_index)
+            aux_logits = _resize_to(outputs["aux"], target)
+            losses["aux"] = cross_entropy(aux_logits, target, self.ignore_index, weight)
             total = total + self.aux_weight * losses["aux"]
         if self.consistency:
             if "embedding" not in outputs:
@@ -289,7 +331,7 @@ class SegmentationLoss(nn.Module):
             terms = category_consistent_loss(
                 outputs["embedding"], target, self.delta_v, self.delta_d, self.ignore_index
             )
-            for name, weight in zip(("var", "dis", "reg"), self.consistency_weights, strict=True):
+            for name, term_weight in zip(("var", "dis", "reg"), self.consistency_weights, strict=True):
                 losses[name] = terms[name]
-                total = total + weight * terms[name]
+                total = total + term_weight * terms[name]
         return {"loss": total, **losses}

@@ -117,6 +117,9 @@ class TrainConfig:
     # Pixels OHEM keeps at least, per image (a batch of B keeps B times this): the authors' 100 000 per GPU
     # batch of 2 images is 50 000.
     ohem_min_kept: int = 50_000
+    # Class weights of the cross-entropy: "none" (the paper's), or "median_frequency" (SegNet's balancing,
+    # median(freq) / freq(c) counted on the train split, pipeline.data.balance) for thin, rare classes.
+    class_weights: Literal["none", "median_frequency"] = "none"
     # Category-consistent loss (TPAMI): weight x (var + dis + 0.001 reg), the paper's at 1.0; 0 is off.
     # Needs model.embedding_channels > 0.
     consistency_weight: float = 0.0

@@ -9,7 +9,7 @@ of training batches (from the shards, or from the worker's Ray Data shard) and t
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -79,8 +79,11 @@ class Training:
         }
 
 
-def build_loss(config: Config, ignore_index: int) -> SegmentationLoss:
-    """The training loss of ``config.train``: main + aux, OHEM and the category-consistent loss as set."""
+def build_loss(
+    config: Config, ignore_index: int, class_weights: Sequence[float] | None = None
+) -> SegmentationLoss:
+    """The training loss of ``config.train``: main + aux, OHEM and the category-consistent loss as set,
+    weighted per class by ``class_weights`` (a run spec's, counted on the train split) when given."""
     train_cfg = config.train
     weight = train_cfg.consistency_weight
     return SegmentationLoss(
@@ -91,6 +94,7 @@ def build_loss(config: Config, ignore_index: int) -> SegmentationLoss:
         ohem_min_kept=train_cfg.ohem_min_kept,
         consistency=weight > 0,
         consistency_weights=(weight, weight, 0.001 * weight),
+        class_weights=class_weights,
     )
 
 
@@ -254,7 +258,7 @@ def build_training(spec: RunSpec, session: Session, run_id: str | None = None) -
     model = build_model(config, manifest.num_classes).to(session.device)
     optimizer = build_optimizer(config, model)
     scaler = torch.amp.GradScaler(session.device.type, enabled=train.amp == "O1")
-    loss_fn = build_loss(config, manifest.ignore_index)
+    loss_fn = build_loss(config, manifest.ignore_index, spec.class_weights).to(session.device)
     start, best_miou, attention_history = 0, None, []
     state = session.restore()
     identity = run_identity(config, manifest)

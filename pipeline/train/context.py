@@ -38,7 +38,7 @@ from pipeline.train.identity import (
     run_identity,
     write_identity,
 )
-from pipeline.train.spec import RunSpec, run_uri_of
+from pipeline.train.spec import RunSpec, class_weights, run_uri_of
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,12 @@ def open_run(
     run_uri = run_uri_of(config.run.storage, name)
     manifest = open_manifest(config.data.uri)
     check_data(config, manifest)
+    weights = class_weights(config, manifest)
+    if weights is not None:
+        named = ", ".join(f"{c} {w:.3g}" for c, w in zip(manifest.classes, weights, strict=True))
+        log.info(
+            "class weights (%s, %s split): %s", config.train.class_weights, config.data.train_split, named
+        )
     saved = read_identity(run_uri)
     if saved is not None:
         check_continuation(saved, config, manifest, what)
@@ -178,6 +184,6 @@ def open_run(
         tracker = start_tracker(config, tracking_uri, name, resume=resume, tags=tags)
         if saved is None:  # once tracking started: a refused start leaves the run's folder as it was
             write_identity(run_uri, run_identity(config, manifest))
-        spec = RunSpec(config, name, run_uri, tracking_uri, manifest)
+        spec = RunSpec(config, name, run_uri, tracking_uri, manifest, class_weights=weights)
         with ended_with_status(tracker):
             yield RunContext(spec, tracker, lease)

@@ -93,6 +93,9 @@ def log_run_context(
     tracker.log_params({**run_params(config), **(extra_params or {})})
     tracker.set_tags({"ccnet.variant": variant or variant_label(config), "ccnet.model": config.model.name})
     tracker.log_text(dump_config(config), "config.yaml")
+    if spec.class_weights is not None:
+        weights = dict(zip(manifest.classes, spec.class_weights, strict=True))
+        tracker.log_dict({"method": config.train.class_weights, "weights": weights}, "class_weights.json")
     for split in (config.data.train_split, config.data.val_split):
         profile = {"split": split, "samples": manifest.counts.get(split, 0), "classes": len(manifest.classes)}
         digest = dataset_digest(manifest, split)

@@ -73,6 +73,49 @@ def test_cross_entropy_all_ignored_is_zero_with_finite_gradient() -> None:
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
 
 
+def test_weighted_cross_entropy_matches_torch_and_a_hand_computed_case() -> None:
+    logits, target = _random_case(seed=3)
+    weight = torch.tensor([0.5, 2.0, 4.0])
+    expected = F.cross_entropy(logits, target, weight, ignore_index=IGNORE)
+    torch.testing.assert_close(cross_entropy(logits, target, weight=weight), expected)
+    # The two pixels of test_cross_entropy_hand_computed, now labelled 1 and 0: CE ln(4/3) at weight 2 and
+    # ln(4/3) ... the second pixel's p(class 0) = 3/4 too, at weight 0.5: (2 + 0.5) ln(4/3) / 2.5 = ln(4/3).
+    two = torch.tensor([[[[0.0, math.log(3.0)]], [[math.log(3.0), 0.0]]]])  # (1, 2, 1, 2)
+    assert cross_entropy(two, torch.tensor([[[1, 0]]]), weight=torch.tensor([0.5, 2.0])).item() == (
+        pytest.approx(math.log(4 / 3), rel=1e-6)
+    )
+    # Labels 1 and 1 (CE ln(4/3) and ln 4), weight 2 each: the weights cancel, the plain mean.
+    assert cross_entropy(two, torch.tensor([[[1, 1]]]), weight=torch.tensor([0.5, 2.0])).item() == (
+        pytest.approx((math.log(4 / 3) + math.log(4)) / 2, rel=1e-6)
+    )
+    # Equal weights are the unweighted loss; all pixels ignored is 0, as without weights.
+    torch.testing.assert_close(
+        cross_entropy(logits, target, weight=torch.full((3,), 7.0)), cross_entropy(logits, target)
+    )
+    assert cross_entropy(logits, torch.full_like(target, IGNORE), weight=weight).item() == 0.0
+
+
+def test_weighted_ohem_keeps_the_same_pixels_and_weighs_them() -> None:
+    logits, target = _random_case(seed=1)
+    weight = [0.5, 2.0, 4.0]
+    # Which pixels are hard does not depend on the weights; the kept ones are averaged with them.
+    kept = [
+        (prob, ce, weight[int(label)])
+        for (prob, ce), label in zip(
+            _pixel_stats(logits, target), target[target != IGNORE].tolist(), strict=True
+        )
+        if prob <= 0.5
+    ]
+    expected = sum(w * ce for _, ce, w in kept) / sum(w for *_, w in kept)
+    got = ohem_cross_entropy(logits, target, thresh=0.5, min_kept=0, weight=torch.tensor(weight))
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    # min_kept covering every pixel: the weighted cross-entropy over all labelled ones.
+    everything = ohem_cross_entropy(logits, target, thresh=0.5, min_kept=10**6, weight=torch.tensor(weight))
+    torch.testing.assert_close(
+        everything, F.cross_entropy(logits, target, torch.tensor(weight), ignore_index=IGNORE)
+    )
+
+
 # --- ohem_cross_entropy ------------------------------------------------------------------------------------
 
 
@@ -299,6 +342,25 @@ def test_segmentation_loss_requires_embedding_with_consistency() -> None:
         SegmentationLoss(consistency=True)({"out": out}, target)
 
 
+def test_segmentation_loss_weighs_main_and_aux_by_class_and_moves_its_weights() -> None:
+    out, target = _random_case(seed=7)
+    aux, _ = _random_case(seed=8)
+    weights = (0.5, 2.0, 4.0)
+    criterion = SegmentationLoss(class_weights=weights)
+    losses = criterion({"out": out, "aux": aux}, target)
+    weight = torch.tensor(weights)
+    torch.testing.assert_close(losses["main"], F.cross_entropy(out, target, weight, ignore_index=IGNORE))
+    torch.testing.assert_close(losses["aux"], F.cross_entropy(aux, target, weight, ignore_index=IGNORE))
+    # A buffer: it follows the module's device and dtype moves, and is not saved in a state dict.
+    assert criterion.class_weights is not None and "class_weights" not in criterion.state_dict()
+    assert criterion.to(torch.float64).class_weights.dtype == torch.float64
+    half = criterion({"out": out.bfloat16(), "aux": aux.bfloat16()}, target)  # float32 weights, bf16 logits
+    assert half["loss"].item() == pytest.approx(losses["loss"].item(), rel=0.05)
+    assert "class_weights=[0.5, 2.0, 4.0]" in repr(criterion) and "class_weights=None" in repr(
+        SegmentationLoss()
+    )
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -309,6 +371,9 @@ def test_segmentation_loss_requires_embedding_with_consistency() -> None:
         ({"consistency_weights": (1.0, -1.0, 0.001)}, r"consistency_weights.*-1\.0"),
         ({"delta_v": -0.5}, r"delta_v.*-0\.5"),
         ({"delta_v": 1.0, "delta_d": 1.0}, r"delta_d.*1\.0"),
+        ({"class_weights": (1.0, -1.0)}, r"class_weights.*-1\.0"),
+        ({"class_weights": (0.0, 0.0)}, r"class_weights.*not all 0"),
+        ({"class_weights": (1.0, math.nan)}, r"class_weights.*nan"),
     ],
 )
 def test_segmentation_loss_rejects_bad_arguments(kwargs: dict[str, object], match: str) -> None:

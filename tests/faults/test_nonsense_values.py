@@ -43,6 +43,7 @@ NONSENSE: dict[str, list[tuple[str, str]]] = {
     "train.aux_weight": [("-0.4", "train.aux_weight=-0.4 is not allowed")],
     "train.ohem_thresh": [("0", "train.ohem_thresh=0.0 is not allowed"), ("1.5", "train.ohem_thresh=1.5")],
     "train.ohem_min_kept": [("-1", "train.ohem_min_kept=-1 is not allowed")],
+    "train.class_weights": [("inverse", "train.class_weights='inverse' is not allowed")],
     "train.consistency_weight": [("-1", "train.consistency_weight=-1.0 is not allowed")],
     "train.amp": [("O3", "train.amp='O3' is not allowed (expected one of O0, O1, O2)")],
     "train.max_nonfinite": [("0", "train.max_nonfinite=0 is not allowed")],

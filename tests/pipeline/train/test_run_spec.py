@@ -112,3 +112,21 @@ def test_a_trial_spec_is_its_search_with_the_trial_overrides(generated_dataset, 
     assert "sqlite" not in repr(trial)  # a tracking URI may hold credentials
     other = search.derive(["train.seed=1"], "name: with a colon", None, "trial u")
     assert other.config.run.name == "name: with a colon"  # the name as it is, not parsed as YAML
+
+
+def test_class_weights_are_counted_once_and_a_trial_keeps_its_searchs(
+    generated_dataset, tmp_path: Path
+) -> None:
+    uri = generated_dataset()
+    weighted = load_config(
+        None, [f"data.uri={uri}", f"run.storage={tmp_path}", "train.class_weights=median_frequency"]
+    )
+    search = RunSpec.of(weighted)
+    assert search.class_weights is not None and len(search.class_weights) == search.manifest.num_classes
+    trial = search.derive(["model.recurrence=0"], "t", None, "trial t")
+    assert trial.class_weights is search.class_weights  # the same data and option: not counted again
+    assert search.derive(["train.class_weights=none"], "u", None, "trial u").class_weights is None
+    plain = RunSpec.of(load_config(None, [f"data.uri={uri}", f"run.storage={tmp_path}"]))
+    assert plain.class_weights is None
+    turned_on = plain.derive(["train.class_weights=median_frequency"], "v", None, "trial v")
+    assert turned_on.class_weights == search.class_weights

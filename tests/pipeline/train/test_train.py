@@ -16,9 +16,11 @@ from ccnet.diagnostics import FIGURES
 from ccnet.losses import SegmentationLoss
 from pipeline.config import Config, load_config
 from pipeline.config.model import warn_if_not_pretrained
+from pipeline.data.balance import class_pixels, median_frequency_weights
 from pipeline.io.checkpoints import CheckpointStore, load
-from pipeline.train.build import build_loss
+from pipeline.train.build import build_loss, build_training
 from pipeline.train.loop import NonFiniteLossError, poly_lr, train_loop, train_step
+from pipeline.train.record import log_run_context
 from pipeline.train.sessions import LocalSession
 from pipeline.train.spec import RunSpec
 
@@ -200,6 +202,44 @@ def test_build_loss_reads_the_train_section(dataset: str, tmp_path: Path) -> Non
     )
     assert on.consistency and on.consistency_weights == (2.0, 2.0, 0.002)
     assert on.ohem and on.ohem_min_kept == 123
+
+
+class ContextRecorder:
+    """Keeps the dicts a run's context logs (the tracker verbs log_run_context uses)."""
+
+    def __init__(self) -> None:
+        self.dicts: dict[str, dict] = {}
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self.dicts[artifact_file] = data
+
+    def log_params(self, *_: Any) -> None: ...
+    def set_tags(self, *_: Any) -> None: ...
+    def log_text(self, *_: Any) -> None: ...
+    def log_dataset(self, *_: Any) -> None: ...
+
+
+def test_median_frequency_class_weights_go_from_the_spec_to_the_loss_and_the_record(
+    dataset: str, tmp_path: Path
+) -> None:
+    config = make_config(dataset, tmp_path, "train.class_weights=median_frequency", "train.iterations=2")
+    spec = RunSpec.of(config)
+    expected = median_frequency_weights(class_pixels(dataset, spec.manifest, "train"))
+    assert spec.class_weights == expected and len(expected) == spec.manifest.num_classes
+    assert len(set(expected)) > 1  # the generated classes are not balanced: the weights differ
+    training = build_training(spec, LocalSession(spec.run_uri))
+    assert training.loss_fn.class_weights is not None
+    assert training.loss_fn.class_weights.tolist() == pytest.approx(expected)
+    recorder = ContextRecorder()
+    log_run_context(recorder, spec)  # type: ignore[arg-type]
+    recorded = recorder.dicts["class_weights.json"]
+    assert recorded["method"] == "median_frequency"
+    assert recorded["weights"] == dict(zip(spec.manifest.classes, expected, strict=True))
+    assert train_loop(spec, LocalSession(spec.run_uri)).skipped_steps == 0
+    unweighted = RunSpec.of(make_config(dataset, tmp_path))
+    assert unweighted.class_weights is None and build_loss(unweighted.config, 255).class_weights is None
+    log_run_context(recorder := ContextRecorder(), unweighted)  # type: ignore[arg-type]
+    assert "class_weights.json" not in recorder.dicts
 
 
 @pytest.mark.parametrize(
