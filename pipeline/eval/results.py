@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,16 @@ def metric_name(name: str) -> str:
     """``name`` made safe for a metric key: runs of characters other than letters, digits, ``_-.`` become
     ``_`` (``"traffic light"`` -> ``"traffic_light"``)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "class"
+
+
+def class_keys(class_names: Sequence[str]) -> list[str]:
+    """Each class's name in metric keys (``IoU/<key>``): :func:`metric_name`, with ``_<class id>`` appended to
+    a name that collides with an earlier one once cleaned."""
+    keys: list[str] = []
+    for index, name in enumerate(class_names):
+        key = metric_name(name)
+        keys.append(f"{key}_{index}" if key in keys else key)
+    return keys
 
 
 def percent(value: float) -> str:
@@ -109,9 +119,8 @@ class EvalResult:
             f"{head}pixel_accuracy": self.pixel_accuracy,
             f"{head}mean_accuracy": self.mean_accuracy,
         }
-        for index, (name, value) in enumerate(self.iou.items()):
-            key = f"{head}IoU/{metric_name(name)}"
-            metrics[f"{key}_{index}" if key in metrics else key] = value
+        for key, value in zip(class_keys(self.class_names), self.iou.values(), strict=True):
+            metrics[f"{head}IoU/{key}"] = value
         return metrics
 
     def state(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,9 +169,14 @@ def _table(results: Any, keys: list[str], metric: str) -> str:
 
 
 def _record_ablation(
-    tracker: Tracker, config: Config, results: Any, costs: dict[str, ablation.VariantCost]
+    tracker: Tracker,
+    config: Config,
+    results: Any,
+    costs: dict[str, ablation.VariantCost],
+    classes: Sequence[str],
 ) -> str:
-    """The per-variant table (markdown, CSV) and chart on the parent run; returns the markdown."""
+    """The per-variant table (markdown, CSV), chart and per-class IoU table on the parent run; returns the
+    per-variant markdown."""
 
     trials = [
         ablation.Trial(
@@ -188,6 +194,8 @@ def _record_ablation(
     tracker.log_text(table, "ablation/results.md")
     tracker.log_text(ablation.results_csv(rows, baseline), "ablation/results.csv")
     tracker.log_figure(ablation.results_figure(rows, baseline, config.tune.name), "ablation/chart.png")
+    per_class = ablation.class_table(trials, list(costs), classes, baseline)
+    tracker.log_text(per_class, "ablation/per_class.md")
     return table
 
 
@@ -339,5 +347,7 @@ def _search(
     best_config["tune"]["variants"] = {}
     best_config["tune"]["baseline"] = None  # it names a variant, and the best config is no ablation
     tracker.log_text(dump_config(config_from_dict(best_config)), "search/best_config.yaml")
-    ablation_table = _record_ablation(tracker, config, results, costs) if variants else None
+    ablation_table = None
+    if variants:
+        ablation_table = _record_ablation(tracker, config, results, costs, spec.manifest.classes)
     return SearchReport(parent, table, best_values, best_value, ablation_table)

@@ -9,6 +9,7 @@ import statistics
 from typing import Any
 
 import pytest
+import torch
 
 from pipeline.config import ConfigError, load_config
 from pipeline.eval import intervals
@@ -123,6 +124,40 @@ def test_a_trial_stopped_before_its_final_evaluation_is_named_and_not_counted() 
     assert table[3].startswith("| cc | 2 | 63.00 ± ") and table[3].endswith("| 0,1,2 (unfinished: 2) |")
     parsed = list(csv.DictReader(io.StringIO(ablation.results_csv([fcn, cc], baseline="fcn"))))
     assert (parsed[1]["n"], parsed[1]["unfinished_seeds"], parsed[1]["failed_seeds"]) == ("2", "2", "")
+
+
+def test_the_class_table_holds_each_class_per_variant_with_the_paired_difference() -> None:
+    def trial(variant: str, seed: int, pole: float, sky: float, finished: bool = True) -> ablation.Trial:
+        metrics = {"final/IoU_ss/Pole": pole, "final/IoU_ms_flip/Pole": pole + 0.01, "final/IoU_ss/Sky": sky}
+        return ablation.Trial(variant, seed, {**metrics, **({ablation.SINGLE: 0.5} if finished else {})})
+
+    trials = [
+        trial("fcn", 0, 0.00, 0.90),
+        trial("fcn", 1, 0.02, 0.92),
+        trial("cc", 0, 0.10, 0.91),
+        trial("cc", 1, 0.14, 0.91),
+        trial("cc", 2, 0.99, 0.99, finished=False),  # an interrupted trial counts nowhere
+    ]
+    table = ablation.class_table(trials, ["fcn", "cc", "never_ran"], ["Pole", "Sky"], baseline="fcn")
+    lines = table.splitlines()
+    assert lines[0] == "| variant | n | Pole | Sky |"
+    # Pole: fcn 1.0 ss / 2.0 ms+flip; cc 12.0 / 13.0, paired differences 10 and 12 points: +11.0. Sky has no
+    # ms+flip figure here: "-".
+    assert lines[2] == "| fcn | 2 | 1.0 / 2.0 | 91.0 / - |"
+    assert lines[3] == "| cc | 2 | 12.0 / 13.0 (+11.0) | 91.0 / - (+0.0) |"
+    assert lines[4] == "| never_ran | 0 | - / - | - / - |"
+    assert "(+" not in ablation.class_table(trials, ["cc"], ["Pole"])  # no baseline, no differences
+
+
+def test_class_keys_are_the_metric_names_with_collisions_numbered() -> None:
+    from pipeline.eval.results import EvalResult, class_keys
+
+    names = ("traffic light", "traffic_light", "sky")
+    assert class_keys(names) == ["traffic_light", "traffic_light_1", "sky"]
+    metrics = EvalResult(torch.eye(3, dtype=torch.int64), names).as_metrics("val")
+    assert [key for key in metrics if key.startswith("val/IoU/")] == [
+        f"val/IoU/{k}" for k in class_keys(names)
+    ]
 
 
 # Two-sided 95 % quantiles t_{0.975, df} as printed in statistics tables.

@@ -157,9 +157,18 @@ def test_ablation_grid_of_variants_and_seeds(tiny_run: tuple[list[str], str], tm
         assert ("plots/attention_diagnostics.png" in plots) == axial == ("Attention never engaged" in note)
         assert ("attention/head/share" in child.data.metrics) == axial
     artifacts = {a.path for a in client.list_artifacts(report.parent_run_id, "ablation")}
-    assert artifacts == {"ablation/results.md", "ablation/results.csv", "ablation/chart.png"}
+    assert artifacts == {
+        "ablation/results.md",
+        "ablation/results.csv",
+        "ablation/chart.png",
+        "ablation/per_class.md",
+    }
     logged = client.download_artifacts(report.parent_run_id, "ablation/results.md", str(tmp_path))
     assert Path(logged).read_text() == report.ablation  # what the command prints is what MLflow holds
+    per_class = client.download_artifacts(report.parent_run_id, "ablation/per_class.md", str(tmp_path))
+    lines = Path(per_class).read_text().splitlines()
+    assert lines[0].startswith("| variant | n | ")
+    assert [line.split(" | ")[:2] for line in lines[2:]] == [["| fcn", "2"], ["| axial_r1", "2"]]
 
 
 def test_tune_restore_leaves_the_search_lease_alone(tmp_path: Path) -> None:
