@@ -20,20 +20,17 @@ import torch
 
 from ccnet.receptive import effective_receptive_field
 from pipeline.config import config_from_dict
-from pipeline.config.model import build_model
 from pipeline.data.readers import ShardDataset
 from pipeline.data.transforms import build_eval_transform
+from pipeline.eval.checkpoint import load_checkpoint_model
 from pipeline.io import storage
-from pipeline.io.checkpoints import checkpoint_normalization, load, load_model_state
+from pipeline.io.checkpoints import load
 
 
 def measure(checkpoint: str, images: int, split: str | None) -> dict[str, str]:
     state = load(checkpoint)
     config = config_from_dict(state["config"], source=storage.redact(checkpoint))
-    model = build_model(config, state["num_classes"], pretrained=False)
-    load_model_state(model, state, storage.redact(checkpoint))
-    model.eval()
-    normalization = checkpoint_normalization(state, model)
+    model, _, normalization = load_checkpoint_model(config, checkpoint, state["num_classes"])
     dataset = ShardDataset(
         config.data.uri,
         split or config.data.val_split,

@@ -3,8 +3,11 @@ normalisation the checkpoint's model was trained with (``ccnet evaluate``, and e
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from ccnet.backbones import Normalization
 from pipeline.config import Config
 from pipeline.config.model import build_model
 from pipeline.data.readers import ShardDataset, open_manifest
@@ -14,6 +17,18 @@ from pipeline.eval.evaluation import evaluate_protocols
 from pipeline.eval.results import EvalResult
 from pipeline.io import storage
 from pipeline.io.checkpoints import checkpoint_normalization, load, load_model_state
+
+
+def load_checkpoint_model(
+    config: Config, checkpoint_uri: str, num_classes: int
+) -> tuple[torch.nn.Module, dict[str, Any], Normalization]:
+    """``config``'s model with the checkpoint's weights, in eval mode; the checkpoint; the input
+    normalisation its model was trained with."""
+    model = build_model(config, num_classes, pretrained=False)
+    state = load(checkpoint_uri)
+    load_model_state(model, state, storage.redact(checkpoint_uri))
+    model.eval()
+    return model, state, checkpoint_normalization(state, model)
 
 
 def evaluate_checkpoint(
@@ -32,11 +47,7 @@ def evaluate_checkpoint(
     pass over the same images computing the same figures."""
 
     manifest = manifest if manifest is not None else open_manifest(config.data.uri)
-    model = build_model(config, manifest.num_classes, pretrained=False)
-    state = load(checkpoint_uri)
-    load_model_state(model, state, storage.redact(checkpoint_uri))
-    model.eval()
-    normalization = checkpoint_normalization(state, model)
+    model, state, normalization = load_checkpoint_model(config, checkpoint_uri, manifest.num_classes)
     dataset = ShardDataset(
         config.data.uri,
         split or config.data.val_split,
