@@ -130,3 +130,28 @@ def test_class_weights_are_counted_once_and_a_trial_keeps_its_searchs(
     assert plain.class_weights is None
     turned_on = plain.derive(["train.class_weights=median_frequency"], "v", None, "trial v")
     assert turned_on.class_weights == search.class_weights
+
+
+def test_a_train_split_without_a_labelled_pixel_is_refused_naming_the_key(
+    generated_dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    from pipeline.config import ConfigError
+    from pipeline.data.balance import ClassPixels
+    from pipeline.train import spec as spec_module
+
+    empty = ClassPixels(np.zeros(3, dtype=np.int64), np.zeros(3, dtype=np.int64))
+    monkeypatch.setattr(spec_module, "class_pixels", lambda *_: empty)  # a split of void labels only
+    config = load_config(
+        None,
+        [
+            f"data.uri={generated_dataset()}",
+            f"run.storage={tmp_path}",
+            "train.class_weights=median_frequency",
+        ],
+    )
+    with pytest.raises(
+        ConfigError, match=r"^train\.class_weights=median_frequency: split 'train' of .*no labelled"
+    ):
+        RunSpec.of(config)
