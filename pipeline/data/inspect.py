@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
+from pipeline.data.balance import ClassPixels, median_frequency_weights
 from pipeline.data.images import colorize, decode_rgb
 from pipeline.data.readers import open_manifest, read_shard
 from pipeline.data.schema import Manifest
@@ -17,11 +18,18 @@ from pipeline.io.outputs import check_targets, png_bytes
 
 @dataclass(frozen=True)
 class DatasetReport:
-    """What ``ccnet data inspect`` prints: per-split counts and per-class pixel counts (void last)."""
+    """What ``ccnet data inspect`` prints: per-split counts, per-class pixel counts (void last) and the
+    median-frequency weights ``train.class_weights`` would give them (:mod:`pipeline.data.balance`)."""
 
     manifest: Manifest
     pixels: dict[str, np.ndarray]  # split -> (num_classes + 1,) pixel counts, the last entry void
     samples_read: dict[str, int]
+    image_pixels: dict[str, np.ndarray] = field(default_factory=dict)  # split -> (num_classes,)
+
+    def weights(self, split: str) -> tuple[float, ...] | None:
+        """The median-frequency class weights of the samples read from ``split``; None without a pixel."""
+        counts = ClassPixels(self.pixels[split][:-1], self.image_pixels[split])
+        return median_frequency_weights(counts) if counts.pixels.any() else None
 
     def format(self) -> str:
         m = self.manifest
@@ -34,10 +42,18 @@ class DatasetReport:
             lines.append(f"skipped at preparation: {len(m.skipped)} (listed in the manifest)")
         for split, counts in self.pixels.items():
             total = max(int(counts.sum()), 1)
-            lines.append(f"class pixels, {split} ({self.samples_read[split]} samples read):")
+            weights = self.weights(split) if split in self.image_pixels else None
+            lines.append(
+                f"class pixels, {split} ({self.samples_read[split]} samples read)"
+                + (", median-frequency weight:" if weights else ":")
+            )
             names = [*m.classes, "(void)"]
-            for name, count in sorted(zip(names, counts.tolist(), strict=True), key=lambda item: -item[1]):
-                lines.append(f"  {name:<24}{count / total:>8.2%}")
+            column = [*(weights or [None] * m.num_classes), None]
+            rows = sorted(zip(names, counts.tolist(), column, strict=True), key=lambda item: -item[1])
+            for name, count, weight in rows:
+                lines.append(
+                    f"  {name:<24}{count / total:>8.2%}" + (f"{weight:>9.3f}" if weight is not None else "")
+                )
         return "\n".join(lines)
 
 
@@ -64,10 +80,12 @@ def inspect_dataset(
         check_targets([grid], [], "--grid", input_folders=[uri])
     splits = [split] if split else list(manifest.counts)
     pixels: dict[str, np.ndarray] = {}
+    image_pixels: dict[str, np.ndarray] = {}
     read: dict[str, int] = {}
     tiles: list[np.ndarray] = []
     for name in splits:
         counts = np.zeros(manifest.num_classes + 1, dtype=np.int64)
+        present = np.zeros(manifest.num_classes, dtype=np.int64)  # pixels of the images holding each class
         seen = 0
         for shard in manifest.shards_of(name):
             if limit is not None and seen >= limit:
@@ -79,15 +97,17 @@ def inspect_dataset(
                     break
                 label = np.array(Image.open(io.BytesIO(label_bytes)))
                 ids = np.where(label == manifest.ignore_index, manifest.num_classes, label)
-                counts += np.bincount(ids.ravel(), minlength=manifest.num_classes + 1)
+                label_counts = np.bincount(ids.ravel(), minlength=manifest.num_classes + 1)
+                counts += label_counts
+                present += np.where(label_counts[:-1] > 0, label.size, 0)
                 seen += 1
                 if grid and len(tiles) < grid_rows:
                     image = decode_rgb(image_bytes)  # (H, W, 3) uint8, as training sees it
                     colours = colorize(label, manifest.palette, manifest.ignore_index)
                     tiles.append(np.concatenate([image, colours], axis=1))  # (H, 2W, 3)
-        pixels[name], read[name] = counts, seen
+        pixels[name], read[name], image_pixels[name] = counts, seen, present
     if grid and tiles:
         width = max(tile.shape[1] for tile in tiles)
         padded = [np.pad(tile, ((0, 4), (0, width - tile.shape[1]), (0, 0))) for tile in tiles]
         storage.write_bytes(grid, png_bytes(np.concatenate(padded, 0), "data inspect"))
-    return DatasetReport(manifest, pixels, read)
+    return DatasetReport(manifest, pixels, read, image_pixels)

@@ -83,6 +83,12 @@ def test_data_prepare_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["data", "inspect", f"{out}/generated/v1", "--grid", str(grid)]) == 0
     report = capsys.readouterr().out
     assert "samples: train 6, val 2" in report and "band-red" in report and grid.stat().st_size > 0
+    assert "class pixels, train (6 samples read), median-frequency weight:" in report
+    # Each class's line: its share, then its weight; void has none.
+    train = report.split("class pixels, train")[1].split("class pixels, val")[0].splitlines()[1:]
+    rows = {line.split()[0]: line.split()[1:] for line in train}
+    assert rows.pop("(void)")[1:] == [] and len(rows) == 6  # the generated dataset's classes
+    assert all(len(cells) == 2 and float(cells[1]) > 0 for cells in rows.values())
 
 
 def test_data_prepare_bad_root_is_one_line(tmp_path: Path) -> None:
