@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -24,7 +24,7 @@ class DatasetReport:
     manifest: Manifest
     pixels: dict[str, np.ndarray]  # split -> (num_classes + 1,) pixel counts, the last entry void
     samples_read: dict[str, int]
-    image_pixels: dict[str, np.ndarray] = field(default_factory=dict)  # split -> (num_classes,)
+    image_pixels: dict[str, np.ndarray]  # split -> (num_classes,) pixels of the images holding each class
 
     def weights(self, split: str) -> tuple[float, ...] | None:
         """The median-frequency class weights of the samples read from ``split``; None without a pixel."""
@@ -42,7 +42,7 @@ class DatasetReport:
             lines.append(f"skipped at preparation: {len(m.skipped)} (listed in the manifest)")
         for split, counts in self.pixels.items():
             total = max(int(counts.sum()), 1)
-            weights = self.weights(split) if split in self.image_pixels else None
+            weights = self.weights(split)
             lines.append(
                 f"class pixels, {split} ({self.samples_read[split]} samples read)"
                 + (", median-frequency weight:" if weights else ":")
