@@ -30,6 +30,12 @@ class ClassPixels:
     image_pixels: np.ndarray  # (K,) int64
 
 
+def label_counts(label: np.ndarray, num_classes: int, ignore_index: int) -> np.ndarray:
+    """One label map's pixels per class, (num_classes + 1,) int64, the last entry void (``ignore_index``)."""
+    ids = np.where(label == ignore_index, num_classes, label)
+    return np.bincount(ids.ravel(), minlength=num_classes + 1)
+
+
 def class_pixels(uri: str, manifest: Manifest, split: str) -> ClassPixels:
     """Count ``split``'s label pixels per class over every sample of the dataset version at ``uri`` (its
     shards verified as they are read); void pixels count towards an image's size, not towards a class."""
@@ -39,7 +45,7 @@ def class_pixels(uri: str, manifest: Manifest, split: str) -> ClassPixels:
     for shard in manifest.shards_of(split):
         for label_bytes in read_shard(uri, shard).column("label").to_pylist():
             label = np.asarray(Image.open(io.BytesIO(label_bytes)))
-            counts = np.bincount(label[label != manifest.ignore_index].ravel(), minlength=k)[:k]
+            counts = label_counts(label, k, manifest.ignore_index)[:k]
             pixels += counts
             image_pixels += np.where(counts > 0, label.size, 0)
     return ClassPixels(pixels, image_pixels)

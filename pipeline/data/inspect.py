@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from pipeline.data.balance import ClassPixels, median_frequency_weights
+from pipeline.data.balance import ClassPixels, label_counts, median_frequency_weights
 from pipeline.data.images import colorize, decode_rgb
 from pipeline.data.readers import open_manifest, read_shard
 from pipeline.data.schema import Manifest
@@ -96,10 +96,9 @@ def inspect_dataset(
                 if limit is not None and seen >= limit:
                     break
                 label = np.array(Image.open(io.BytesIO(label_bytes)))
-                ids = np.where(label == manifest.ignore_index, manifest.num_classes, label)
-                label_counts = np.bincount(ids.ravel(), minlength=manifest.num_classes + 1)
-                counts += label_counts
-                present += np.where(label_counts[:-1] > 0, label.size, 0)
+                per_class = label_counts(label, manifest.num_classes, manifest.ignore_index)
+                counts += per_class
+                present += np.where(per_class[:-1] > 0, label.size, 0)
                 seen += 1
                 if grid and len(tiles) < grid_rows:
                     image = decode_rgb(image_bytes)  # (H, W, 3) uint8, as training sees it
