@@ -151,6 +151,7 @@ def open_run(
     tags: dict[str, str] | None = None,
     resume: bool | None = None,
     driver_cpus: float = 0.0,
+    search: bool = False,
 ) -> Iterator[RunContext]:
     """Opens run ``name`` of the resolved ``config`` (see the module's docstring).
 
@@ -158,6 +159,8 @@ def open_run(
         what: how the lease names the run in a refusal (``run 'x'``, ``search 'y'``).
         resume: continue the latest tracked run of that name; default: when its storage holds files.
         driver_cpus: CPUs this process's own Ray tasks take beside the workers (a search's trial drivers).
+        search: the run is a search's parent: its identity holds the search's definition, and continuing
+            it under another is refused (:mod:`pipeline.train.identity`).
     """
     # Every check that can run here runs before Ray, the lease and tracking: a refused run leaves nothing.
     run_uri = run_uri_of(config.run.storage, name)
@@ -171,7 +174,7 @@ def open_run(
         )
     saved = read_identity(run_uri)
     if saved is not None:
-        check_continuation(saved, config, manifest, what)
+        check_continuation(saved, config, manifest, what, search=search)
     build_model(config, manifest.num_classes)  # the model and its pretrained weights, as the workers will
     if config.run.ray:
         from pipeline.train.resources import connect  # Ray starts only for runs that use it
@@ -183,7 +186,7 @@ def open_run(
             resume = any(file not in (LEASE_FILE, IDENTITY_FILE) for file in storage.list_files(run_uri))
         tracker = start_tracker(config, tracking_uri, name, resume=resume, tags=tags)
         if saved is None:  # once tracking started: a refused start leaves the run's folder as it was
-            write_identity(run_uri, run_identity(config, manifest))
+            write_identity(run_uri, run_identity(config, manifest, search=search))
         spec = RunSpec(config, name, run_uri, tracking_uri, manifest, class_weights=weights)
         with ended_with_status(tracker):
             yield RunContext(spec, tracker, lease)

@@ -7,6 +7,13 @@ train, and be evaluated, on something its first part never saw, under the old ru
 or predicting with a checkpoint under another architecture (``--set model.name=...``) is refused too: the
 parameter names of two attentions can match, so the strict load alone does not catch it. Evaluating on
 another version of the checkpoint's dataset is allowed when its classes are the same ones.
+
+A search's identity (``ccnet tune``) also holds its definition: its grid (``tune.variants``, ``tune.seeds``,
+``tune.space``, ...) and every setting its trials train and are evaluated with. Continuing a search under a
+changed definition is refused too: Tune restores the grid it started with and ignores the new one (added
+seeds would silently never run), while its unfinished trials would run under the new settings and its table
+would mix the two. Where and how the trials run and are recorded (``run.*`` but the worker count,
+``tracking.*``, ``tune.max_concurrent``, ``tune.baseline``, logging and checkpoint intervals) may change.
 """
 
 from __future__ import annotations
@@ -25,6 +32,24 @@ IDENTITY_FILE = "run.identity"  # JSON; not "*.json": Tune's restore copies thos
 # CCNetConfig fields that do not change what the weights mean: how the attention computes (same results),
 # how gamma starts and where the initial backbone weights come from.
 NOT_ARCHITECTURE = ("impl", "gamma_init", "pretrained")
+# What a search's definition leaves out: the model's architecture (compared as above), the dataset's place
+# (compared by digest), and where and how the trials run and are recorded.
+SEARCH_SECTIONS = ("data", "train", "eval", "tune")
+SEARCH_FREE = frozenset(
+    {
+        "data.uri",
+        "data.loader",
+        "data.loader_workers",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.compile",
+        "train.max_nonfinite",
+        "tune.name",
+        "tune.max_concurrent",
+        "tune.baseline",
+    }
+)
 
 
 class IdentityError(ValueError):
@@ -44,10 +69,29 @@ def dataset_digest(manifest: Manifest, split: str | None = None) -> str:
     return hashlib.sha256("".join(shards).encode()).hexdigest()
 
 
-def run_identity(config: Config, manifest: Manifest) -> dict[str, Any]:
+def search_definition(config: Config) -> dict[str, Any]:
+    """What a search's trials are and compute beyond the model's architecture: ``{"section.key": value}`` over
+    the sections data, train, eval and tune (:data:`SEARCH_FREE` aside), with ``model.gamma_init``,
+    ``model.pretrained`` and ``run.num_workers`` (the global batch); JSON values."""
+    values = config.to_dict()
+    flat = {
+        f"{section}.{key}": value for section in SEARCH_SECTIONS for key, value in values[section].items()
+    }
+    flat |= {
+        "model.gamma_init": config.model.resolved().gamma_init,
+        "model.pretrained": config.model.pretrained,
+        "run.num_workers": config.run.num_workers,
+    }
+    chosen = {key: value for key, value in sorted(flat.items()) if key not in SEARCH_FREE}
+    return dict(json.loads(json.dumps(chosen)))
+
+
+def run_identity(config: Config, manifest: Manifest, search: bool = False) -> dict[str, Any]:
     """What the run's weights are: ``model`` (name and architecture) and ``dataset`` (name, version, digest,
-    classes and where it was read)."""
+    classes and where it was read); with ``search``, the search's ``definition``."""
+    definition = {"search": search_definition(config)} if search else {}
     return {
+        **definition,
         "model": {"name": config.model.name, "architecture": architecture(config.model)},
         "dataset": {
             "name": manifest.dataset,
@@ -73,17 +117,33 @@ def _dataset(identity: dict[str, Any]) -> str:
     return f"{data['name']}/{data['version']} at {redact(data['uri'])}"
 
 
-def check_continuation(saved: dict[str, Any], config: Config, manifest: Manifest, what: str) -> None:
-    """Refuses to continue ``what`` (``run 'x'``) whose weights are ``saved`` under another architecture or
-    on another dataset version (another digest: a dataset moved elsewhere unchanged is the same one)."""
-    wanted = run_identity(config, manifest)
+def _search_changes(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    old, new = saved["search"], wanted["search"]
+    keys = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    return [f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in keys]
+
+
+def check_continuation(
+    saved: dict[str, Any], config: Config, manifest: Manifest, what: str, search: bool = False
+) -> None:
+    """Refuses to continue ``what`` (``run 'x'``, ``search 'y'``) whose weights are ``saved`` under another
+    architecture or on another dataset version (another digest: a dataset moved elsewhere unchanged is the
+    same one); with ``search``, under a changed search definition too (one saved before searches recorded
+    theirs is not compared)."""
+    wanted = run_identity(config, manifest, search=search)
     changes = [change for change in (_model_change(saved, wanted),) if change]
     if saved["dataset"]["digest"] != wanted["dataset"]["digest"]:
         changes.append(f"data.uri {_dataset(saved)} -> {_dataset(wanted)} (other images)")
+    if search and "search" in saved:
+        changes += _search_changes(saved, wanted)
     if changes:
+        started = "started" if search else "trained"
+        why = " (a resumed search keeps the grid and settings it started with)" if search else ""
+        key = "tune.name" if search else "run.name"
         raise IdentityError(
-            f"{what} was trained as {saved['model']['name']} on {_dataset(saved)}; continuing it would "
-            f"change {'; '.join(changes)}. Give this training another run.name, or undo the change"
+            f"{what} was {started} as {saved['model']['name']} on {_dataset(saved)}; continuing it would "
+            f"change {'; '.join(changes)}{why}. Give this {'search' if search else 'training'} another "
+            f"{key}, or undo the change"
         )
 
 

@@ -225,6 +225,7 @@ def run_search(config: Config) -> SearchReport:
         tags=tags,
         resume=True,
         driver_cpus=TRIAL_CPUS,
+        search=True,
     ) as run:
         size = (config.data.crop_size, config.data.crop_size)
         num_classes = run.spec.manifest.num_classes

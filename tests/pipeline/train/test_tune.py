@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
+from pipeline.train.identity import IdentityError
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -31,6 +32,15 @@ def tiny_run(
         "train.eval_every=2",
     ]
     return overrides, tracking
+
+
+def _runs(tracking: str) -> list[tuple[str, str, int | None]]:
+    """Every tracked run: id, status, end time."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking)
+    ids = [experiment.experiment_id for experiment in client.search_experiments()]
+    return sorted((run.info.run_id, run.info.status, run.info.end_time) for run in client.search_runs(ids))
 
 
 def test_two_trial_search(tiny_run: tuple[list[str], str]) -> None:
@@ -83,29 +93,33 @@ def test_ablation_grid_of_variants_and_seeds(tiny_run: tuple[list[str], str], tm
     from pipeline.train.tune import run_search
 
     overrides, tracking = tiny_run
-    config = load_config(
-        None,
-        [
-            *overrides,
-            "data.crop_size=48",
-            "train.iterations=2",
-            "train.log_every=1",
-            "eval.scales=[1.0, 1.25]",
-            "tune.name=tiny-ablation",
-            "tune.space={}",
-            "tune.scheduler=none",
-            "tune.seeds=[0, 1]",
-            "tune.variants={fcn: [model.recurrence=0],"
-            " axial_r1: [model.attention=axial, model.recurrence=1]}",
-            "tune.baseline=fcn",
-        ],
-    )
+    settings = [
+        *overrides,
+        "data.crop_size=48",
+        "train.iterations=2",
+        "train.log_every=1",
+        "eval.scales=[1.0, 1.25]",
+        "tune.name=tiny-ablation",
+        "tune.space={}",
+        "tune.scheduler=none",
+        "tune.seeds=[0, 1]",
+        "tune.variants={fcn: [model.recurrence=0], axial_r1: [model.attention=axial, model.recurrence=1]}",
+        "tune.baseline=fcn",
+    ]
+    config = load_config(None, settings)
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         report = run_search(config)
         again = run_search(config)  # the same name: the grid is restored and no finished trial runs again
+        before = _runs(tracking)
+        # A seed added to the same search would never run (Tune restores its grid): refused before tracking.
+        with pytest.raises(
+            IdentityError, match=r"search 'tiny-ablation' .* tune.seeds \[0, 1\] -> \[0, 1, 2\]"
+        ):
+            run_search(load_config(None, [*settings, "tune.seeds=[0, 1, 2]"]))
     finally:
         ray.shutdown()
+    assert _runs(tracking) == before  # no run created or changed
 
     trial_rows = report.table.splitlines()[2:]
     assert len(trial_rows) == 4  # 2 variants x 2 seeds, each once
