@@ -7,7 +7,7 @@
     ccnet data prepare --dataset generated --out ./runs/datasets --count train=200,val=50
     ccnet data inspect s3://bucket/datasets/camvid/v1 --grid camvid.png
 
-Training: ``ccnet train|tune`` (below); a trained model: ``ccnet evaluate|predict|export``
+Training: ``ccnet train|tune|ablation`` (below); a trained model: ``ccnet evaluate|predict|export``
 (``pipeline/cli/models.py``); a Ray cluster's Jobs API:
 ``ccnet submit|jobs|schedule`` (``pipeline/cli/jobs.py``).
 """
@@ -94,6 +94,21 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ablation(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.set)  # a bad config is refused before torch and Ray load
+
+    from pipeline.train.report import study_report  # lazy, as above
+
+    report = study_report(config, args.search)
+    searches = ", ".join(f"{name} ({count} trials)" for name, count in report.searches.items())
+    sys.stdout.write(
+        f"ablation of {searches} (val mIoU: mean ± 95 % interval over seeds):\n{report.table}\n\n"
+        f"val IoU per class (%, single / ms+flip, paired single-scale difference in brackets):\n"
+        f"{report.per_class}\n"
+    )
+    return 0
+
+
 def _add_training_commands(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="train a model (Ray Train, MLflow) and evaluate it")
     train.add_argument("-c", "--config", help="YAML config (see configs/); defaults otherwise")
@@ -104,6 +119,20 @@ def _add_training_commands(commands: argparse._SubParsersAction) -> None:
     tune.add_argument("-c", "--config", help="YAML config with a tune section")
     tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="tune.num_samples=8")
     tune.set_defaults(run=_tune)
+
+    report = commands.add_parser(
+        "ablation", help="the ablation table of finished searches, gathered as one study"
+    )
+    report.add_argument("-c", "--config", help="the ablation's YAML config (variants, baseline, run.storage)")
+    report.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="tune.baseline=cc_r2")
+    report.add_argument(
+        "--search",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a search (tune.name) under run.storage to gather; repeat it; default: the config's tune.name",
+    )
+    report.set_defaults(run=_ablation)
 
 
 class _Parser(argparse.ArgumentParser):

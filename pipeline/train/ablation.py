@@ -46,6 +46,7 @@ from pipeline.eval.results import (
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # The metrics a trial reports at its end (pipeline.train.tune) that the table summarises.
+VARIANT = "variant"  # a search's grid axis over tune.variants (pipeline.train.tune)
 SINGLE = FINAL_MIOU_SS
 MULTI = FINAL_MIOU_MS
 IMAGES_PER_SECOND = "train/median_images_per_second"

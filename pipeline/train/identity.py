@@ -117,10 +117,16 @@ def _dataset(identity: dict[str, Any]) -> str:
     return f"{data['name']}/{data['version']} at {redact(data['uri'])}"
 
 
-def _search_changes(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    old, new = saved["search"], wanted["search"]
-    keys = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+def _search_changes(old: dict[str, Any], new: dict[str, Any], relaxed: tuple[str, ...] = ()) -> list[str]:
+    keys = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key) and key not in relaxed]
     return [f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in keys]
+
+
+def _weights_changes(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    changes = [change for change in (_model_change(saved, wanted),) if change]
+    if saved["dataset"] is not None and saved["dataset"]["digest"] != wanted["dataset"]["digest"]:
+        changes.append(f"data.uri {_dataset(saved)} -> {_dataset(wanted)} (other images)")
+    return changes
 
 
 def check_continuation(
@@ -131,11 +137,9 @@ def check_continuation(
     same one); with ``search``, under a changed search definition too (one saved before searches recorded
     theirs is not compared)."""
     wanted = run_identity(config, manifest, search=search)
-    changes = [change for change in (_model_change(saved, wanted),) if change]
-    if saved["dataset"]["digest"] != wanted["dataset"]["digest"]:
-        changes.append(f"data.uri {_dataset(saved)} -> {_dataset(wanted)} (other images)")
+    changes = _weights_changes(saved, wanted)
     if search and "search" in saved:
-        changes += _search_changes(saved, wanted)
+        changes += _search_changes(saved["search"], wanted["search"])
     if changes:
         started = "started" if search else "trained"
         why = " (a resumed search keeps the grid and settings it started with)" if search else ""
@@ -145,6 +149,27 @@ def check_continuation(
             f"change {'; '.join(changes)}{why}. Give this {'search' if search else 'training'} another "
             f"{key}, or undo the change"
         )
+
+
+def study_differences(
+    saved: dict[str, Any], definition: dict[str, Any] | None, config: Config, manifest: Manifest
+) -> list[str]:
+    """How a finished search differs from the study ``config`` describes, seeds and variants aside (a study
+    may gather searches run over other seeds or over some of its variants, each variant as the config
+    defines it); empty: its trials belong. ``saved``: the search's identity, whose dataset may be None
+    (unknown); ``definition``: its definition, None when unknown."""
+    wanted = run_identity(config, manifest, search=True)
+    changes = _weights_changes(saved, wanted)
+    if definition is None:
+        return changes
+    changes += _search_changes(definition, wanted["search"], relaxed=("tune.seeds", "tune.variants"))
+    variants, mine = definition.get("tune.variants", {}), config.tune.variants
+    for name, overrides in sorted(variants.items()):
+        if name not in mine:
+            changes.append(f"tune.variants.{name} (not in the config's variants)")
+        elif list(overrides) != list(mine[name]):
+            changes.append(f"tune.variants.{name} {list(overrides)!r} -> {list(mine[name])!r}")
+    return changes
 
 
 def checkpoint_identity(state: dict[str, Any], saved_config: Config) -> dict[str, Any]:

@@ -68,7 +68,7 @@ def param_space(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
     return {key: samplers[kind](*values) for key, spec in space.items() for kind, values in spec.items()}
 
 
-VARIANT = "variant"  # the grid's axis over tune.variants (an ablation)
+VARIANT = ablation.VARIANT  # the grid's axis over tune.variants (an ablation)
 TRIAL_CPUS = 0.1  # a trial's own process only drives its TorchTrainer
 
 

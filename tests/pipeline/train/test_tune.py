@@ -86,10 +86,14 @@ def test_two_trial_search(tiny_run: tuple[list[str], str]) -> None:
     assert artifacts == {"search/results.md", "search/best.json", "search/best_config.yaml"}
 
 
-def test_ablation_grid_of_variants_and_seeds(tiny_run: tuple[list[str], str], tmp_path: Path) -> None:
+def test_ablation_grid_of_variants_and_seeds(
+    tiny_run: tuple[list[str], str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import ray
     from mlflow.tracking import MlflowClient
 
+    from pipeline.cli.main import build_parser
+    from pipeline.train.report import study_report
     from pipeline.train.tune import run_search
 
     overrides, tracking = tiny_run
@@ -117,9 +121,29 @@ def test_ablation_grid_of_variants_and_seeds(tiny_run: tuple[list[str], str], tm
             IdentityError, match=r"search 'tiny-ablation' .* tune.seeds \[0, 1\] -> \[0, 1, 2\]"
         ):
             run_search(load_config(None, [*settings, "tune.seeds=[0, 1, 2]"]))
+        assert _runs(tracking) == before  # no run created or changed
+        # The seed runs as a search of its own name (one variant of the study) ...
+        more = [
+            "tune.name=tiny-ablation-seed2",
+            "tune.seeds=[2]",
+            "tune.variants={fcn: [model.recurrence=0]}",
+        ]
+        run_search(load_config(None, [*settings, *more]))
     finally:
         ray.shutdown()
-    assert _runs(tracking) == before  # no run created or changed
+    # ... and `ccnet ablation` gathers both: the first search's table read back as it printed it, then fcn
+    # over seeds 0, 1, 2 beside axial_r1's two pairs.
+    assert study_report(config).table == report.ablation
+    searches = ["--search", "tiny-ablation", "--search", "tiny-ablation-seed2"]
+    args = build_parser().parse_args(["ablation", *(a for s in settings for a in ("--set", s)), *searches])
+    capsys.readouterr()  # what Tune printed
+    assert args.run(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("ablation of tiny-ablation (4 trials), tiny-ablation-seed2 (1 trials)")
+    gathered = [line for line in printed.splitlines() if line.startswith(("| fcn ", "| axial_r1 "))]
+    assert gathered[0].startswith("| fcn | 3 | ") and gathered[0].endswith("| 0,1,2 |")
+    assert gathered[1].split(" | ")[4] == "2" and gathered[1].endswith("| 0,1 |")
+    assert len(gathered) == 4  # both tables: per variant and per class
 
     trial_rows = report.table.splitlines()[2:]
     assert len(trial_rows) == 4  # 2 variants x 2 seeds, each once
