@@ -51,7 +51,8 @@ SINGLE = FINAL_MIOU_SS
 MULTI = FINAL_MIOU_MS
 IMAGES_PER_SECOND = "train/median_images_per_second"
 PEAK_MEMORY = "train/peak_memory_mib"
-WALL = "time_total_s"  # Ray Tune's: the trial's seconds, evaluation and logging included
+WALL = "run/seconds"  # a trial's seconds as if uninterrupted: training, final evaluation and logging
+TUNE_WALL = "time_total_s"  # Ray Tune's: the trial's last start alone (what a trial reported before WALL)
 # The attention at the last validation (ccnet.diagnostics), per place: the head's, else the stem's.
 PLACES = ("head", "stem")
 # Modules whose FLOPs count as "attention" (``FlopCounterMode`` names them from the model's class).
@@ -200,7 +201,7 @@ def summarise(
                 gamma=stat(f"attention/{place}/gamma") if place else None,
                 share=stat(f"attention/{place}/share") if place else None,
                 place=place,
-                wall_seconds=stat(WALL),
+                wall_seconds=Stat.of([t.metrics.get(WALL, t.metrics.get(TUNE_WALL, math.nan)) for t in done]),
             )
         )
     return rows

@@ -46,6 +46,8 @@ class Training:
             normalisation, tracking run id).
         attention_history: ``(iteration, attention diagnostics)`` at each validation so far, rank 0's
             (:func:`ccnet.diagnostics.attention_diagnostics`; a resumed run: its checkpoint's, then its own).
+        seconds: the seconds trained so far (a resumed run: its earlier starts' up to its checkpoint; the
+            loop adds its own), so that a run trained in pieces reports what it cost uninterrupted.
     """
 
     model: nn.Module
@@ -61,6 +63,7 @@ class Training:
     best_miou: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     attention_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    seconds: float = 0.0
 
     def state(self, iteration: int, rng: list[torch.Tensor], val_result: dict | None) -> dict[str, Any]:
         """The resumable state at ``iteration``; ``rng``: every rank's random state, rank 0's first;
@@ -76,6 +79,7 @@ class Training:
             **self.meta,
             "val_result": val_result,
             "attention_history": self.attention_history,
+            "train_seconds": self.seconds,
         }
 
 
@@ -259,7 +263,7 @@ def build_training(spec: RunSpec, session: Session, run_id: str | None = None) -
     optimizer = build_optimizer(config, model)
     scaler = torch.amp.GradScaler(session.device.type, enabled=train.amp == "O1")
     loss_fn = build_loss(config, manifest.ignore_index, spec.class_weights).to(session.device)
-    start, best_miou, attention_history = 0, None, []
+    start, best_miou, attention_history, seconds = 0, None, [], 0.0
     state = session.restore()
     identity = run_identity(config, manifest)
     if state is not None:
@@ -270,6 +274,7 @@ def build_training(spec: RunSpec, session: Session, run_id: str | None = None) -
         scaler.load_state_dict(state["scaler"])
         start, best_miou = state["iteration"], state.get("best_miou")
         attention_history = state.get("attention_history", [])
+        seconds = float(state.get("train_seconds", 0.0))  # 0: a checkpoint older than the count
         restore_rng(state, session, train.seed)
         log.info("resumed from iteration %d", start)
     else:
@@ -306,4 +311,5 @@ def build_training(spec: RunSpec, session: Session, run_id: str | None = None) -
         best_miou,
         meta,
         attention_history,
+        seconds,
     )

@@ -212,8 +212,15 @@ def run_loop(
 ) -> TrainSummary:
     """Train ``training`` to ``recipe.iterations``: log every ``log_every``, validate every ``eval_every``
     (a better val mIoU saves the best checkpoint), checkpoint every ``checkpoint_every`` and at the end; then
-    one WARNING when the attention never engaged (:func:`ccnet.diagnostics.never_engaged`)."""
+    one WARNING when the attention never engaged (:func:`ccnet.diagnostics.never_engaged`). The seconds
+    trained go into every checkpoint (``training.seconds``) and, at the end, into ``train/seconds`` (every
+    start's, up to its last checkpoint) and ``train/seconds_before_start`` (the earlier starts' alone)."""
     amp_dtype = AMP_DTYPES[recipe.amp]
+    before, started = training.seconds, time.perf_counter()
+
+    def clock() -> None:  # what the next checkpoint carries
+        training.seconds = before + time.perf_counter() - started
+
     validate = _Validation(training, eval_config, session, amp_dtype)
     throughput = _Throughput(session.world_size)
     nonfinite = skipped = 0
@@ -256,15 +263,19 @@ def run_loop(
             val_miou = metrics.get(VAL_MIOU)  # absent when no validation pixel is labelled
             if val_miou is not None and (training.best_miou is None or val_miou > training.best_miou):
                 training.best_miou = val_miou  # every rank takes this branch: val mIoU is the global one
+                clock()
                 _save(session, training, iteration, validate)
         if last:  # what the run cost, for ablation tables
             metrics["train/median_images_per_second"] = statistics.median(throughput.rates)
             metrics["train/peak_memory_mib"] = peak_memory_mib(session.device)
+            clock()
+            metrics |= {"train/seconds": training.seconds, "train/seconds_before_start": before}
         if session.rank == 0 and metrics:
             tracker.log_metrics(metrics, step=iteration)
         if iteration % recipe.checkpoint_every == 0 or last:
             # The latest val mIoU goes with every report: a search's scheduler reads it at each one.
             latest = {VAL_MIOU: val_miou} if val_miou is not None else {}
+            clock()
             _save(session, training, iteration, validate, {"iteration": iteration, **latest, **metrics})
     history = training.attention_history
     unengaged = never_engaged_note([diagnostics for _, diagnostics in history])

@@ -90,6 +90,7 @@ def _trial(sampled: dict[str, Any], search: RunSpec, search_run_id: str | None) 
     variant's overrides and the sampled values, a nested run, a TorchTrainer, then the best checkpoint
     evaluated single-scale and multi-scale + flip (reported to Tune as the trial's last result)."""
 
+    started = time.monotonic()
     project_logging()
     trial_id = ray.tune.get_context().get_trial_id()
     values = {key: value for key, value in sampled.items() if key not in _LEGACY_KEYS}
@@ -125,7 +126,12 @@ def _trial(sampled: dict[str, Any], search: RunSpec, search_run_id: str | None) 
         with result.checkpoint.as_directory() as folder:
             last = load(folder)
         final = _final_evaluation(spec, tracker, last.get("attention_history", []))
-    ray.tune.report({**(result.metrics or {}), **final})
+        # What the trial cost uninterrupted: this start whole (the final evaluation included), plus what its
+        # earlier starts trained up to the checkpoint this one continued (Tune's time_total_s: this start).
+        metrics = result.metrics or {}
+        final[ablation.WALL] = time.monotonic() - started + metrics.get("train/seconds_before_start", 0.0)
+        tracker.log_metrics({ablation.WALL: final[ablation.WALL]}, step=config.train.iterations)
+    ray.tune.report({**metrics, **final})
 
 
 def _final_evaluation(

@@ -356,10 +356,11 @@ def test_rows_show_the_attention_at_the_end_and_the_wall_time_per_run() -> None:
         _trial("stem", 0, 0.7, 0.7),
     ]
     trials[0].metrics[ablation.WALL] = 600.0
+    trials[0].metrics[ablation.TUNE_WALL] = 60.0  # Tune's: the last start alone, for trials run in pieces
     for trial, gamma, share in zip(trials[1:3], (0.2, 0.4), (0.1, 0.3), strict=True):
-        trial.metrics.update(
-            {"attention/head/gamma": gamma, "attention/head/share": share, ablation.WALL: 1200.0}
-        )
+        trial.metrics.update({"attention/head/gamma": gamma, "attention/head/share": share})
+    trials[1].metrics[ablation.WALL] = 1200.0
+    trials[2].metrics[ablation.TUNE_WALL] = 1200.0  # a trial older than WALL: Tune's figure
     trials[3].metrics.update({"attention/stem/gamma": 0.05, "attention/stem/share": 0.01})
     fcn, cc, stem = ablation.summarise(trials, {"fcn": cost, "cc": cost, "stem": cost})
     assert fcn.place is None and cc.place == "head" and stem.place == "stem"

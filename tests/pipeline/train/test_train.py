@@ -131,9 +131,20 @@ def test_resume_continues_exactly(dataset: str, tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         _train(config, CrashAfter, tracker=resumed)
     assert sorted(resumed.losses()) == [1, 2, 3, 4]
+    trained = load(CheckpointStore(str(tmp_path / "resumed")).latest())["train_seconds"]  # up to iteration 4
     _train(config, LocalSession, tracker=resumed)
 
     assert resumed.losses() == straight.losses()  # the same losses at every iteration, 5..8 included
+    # The seconds trained go on from the checkpoint's (the lost fifth step is not counted twice).
+    assert straight.metrics[8]["train/seconds_before_start"] == 0.0 < straight.metrics[8]["train/seconds"]
+    assert (
+        0.0
+        < trained
+        == resumed.metrics[8]["train/seconds_before_start"]
+        < resumed.metrics[8]["train/seconds"]
+    )
+    last = load(CheckpointStore(str(tmp_path / "resumed")).latest())
+    assert last["iteration"] == 8 and last["train_seconds"] >= resumed.metrics[8]["train/seconds"]
     final = {
         name: load(CheckpointStore(str(tmp_path / name)).latest())["model"]
         for name in ("straight", "resumed")
