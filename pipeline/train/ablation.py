@@ -87,6 +87,11 @@ class VariantCost:
     attention_gflops: float
 
 
+def variant_costs(variants: dict[str, Config], num_classes: int, crop_size: int) -> dict[str, VariantCost]:
+    """:func:`variant_cost` of every variant on one ``crop_size`` square image (the search's crop)."""
+    return {name: variant_cost(c, num_classes, (crop_size, crop_size)) for name, c in variants.items()}
+
+
 def variant_cost(config: Config, num_classes: int, image_size: tuple[int, int]) -> VariantCost:
     """Parameters and forward GFLOPs of ``config``'s model on one ``image_size`` image, counted on the meta
     device (nothing allocated, no weights loaded); "attention" is the stem and head attention modules."""

@@ -134,8 +134,7 @@ def study_report(config: Config, names: Sequence[str] = ()) -> StudyReport:
         found[name] = trials
     trials = gather(found)
     variants = ablation.variant_configs(config)
-    size = (config.data.crop_size, config.data.crop_size)
-    costs = {name: ablation.variant_cost(c, manifest.num_classes, size) for name, c in variants.items()}
+    costs = ablation.variant_costs(variants, manifest.num_classes, config.data.crop_size)
     baseline = config.tune.baseline
     rows = ablation.summarise(trials, costs, baseline)
     return StudyReport(

@@ -233,9 +233,7 @@ def run_search(config: Config) -> SearchReport:
         driver_cpus=TRIAL_CPUS,
         search=True,
     ) as run:
-        size = (config.data.crop_size, config.data.crop_size)
-        num_classes = run.spec.manifest.num_classes
-        costs = {name: ablation.variant_cost(c, num_classes, size) for name, c in variants.items()}
+        costs = ablation.variant_costs(variants, run.spec.manifest.num_classes, config.data.crop_size)
         run.tracker.log_text(dump_config(config), "search_config.yaml")
         run.tracker.flush()
         report = _search(run.spec, run.tracker, sampled, variants, costs)
