@@ -424,11 +424,18 @@ class MlflowTracker:
             quiet = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"} if holds_secret(self.uri) else {}
             try:
                 with env(LOG_HTTP | quiet):
+                    if status == "FAILED" and self._marked_killed():
+                        status = "KILLED"  # the search that stopped this trial marked it first
                     self._client.set_terminated(self._run_id, status)
             except Exception as error:
                 log.warning("MLflow run %s not marked %s: %s", self._run_id, status, one_line(error))
             self._ended = True
             self._unregister()
+
+    def _marked_killed(self) -> bool:
+        """Whether another process (a stopped search, for its trials) has already marked the run KILLED:
+        the error this process then sees is the stop itself, and FAILED must not overwrite it."""
+        return bool(self._client.get_run(self._run_id).info.status == "KILLED")
 
     def end_children(self, status: str, failed_since: float | None = None) -> int:
         """Closes with ``status`` every run nested under this one still RUNNING (or FAILED after the time

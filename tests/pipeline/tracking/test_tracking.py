@@ -148,11 +148,12 @@ def test_resume_continues_the_same_run(sqlite_uri: str, caplog: pytest.LogCaptur
 
 def test_a_stopped_search_marks_its_trials_killed(sqlite_uri: str) -> None:
     """end_children: the trials still RUNNING are KILLED, and so is one that ended FAILED after the stop
-    (its process saw the stop as an error); one that failed before the stop stays FAILED."""
+    (its process saw the stop as an error) or after the search marked it; one that failed before the stop
+    stays FAILED."""
     parent = MlflowTracker(sqlite_uri, EXPERIMENT)
     parent_id = parent.start("stopped-search")
     trials = {}
-    for name in ("running", "failed-before", "failed-after", "finished"):
+    for name in ("running", "failed-before", "failed-after", "finished", "failed-later"):
         trial = MlflowTracker(sqlite_uri, EXPERIMENT)
         trials[name] = (trial, trial.start(f"stopped-search_{name}", parent_run_id=parent_id))
     trials["failed-before"][0].end("FAILED")
@@ -160,7 +161,8 @@ def test_a_stopped_search_marks_its_trials_killed(sqlite_uri: str) -> None:
     time.sleep(0.01)  # end times are in milliseconds
     stopped_at = time.time()
     trials["failed-after"][0].end("FAILED")
-    assert parent.end_children("KILLED", failed_since=stopped_at) == 2
+    assert parent.end_children("KILLED", failed_since=stopped_at) == 3
+    trials["failed-later"][0].end("FAILED")  # its process saw the stop only after the search marked it
     parent.end("KILLED")
     client = _client(sqlite_uri)
     status = {name: client.get_run(run_id).info.status for name, (_, run_id) in trials.items()}
@@ -169,6 +171,7 @@ def test_a_stopped_search_marks_its_trials_killed(sqlite_uri: str) -> None:
         "failed-before": "FAILED",
         "failed-after": "KILLED",
         "finished": "FINISHED",
+        "failed-later": "KILLED",
     }
 
 
