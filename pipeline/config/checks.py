@@ -25,6 +25,10 @@ def validate(config: Config, source: str = "config") -> None:
         "train.weight_decay": (0 <= c.train.weight_decay < math.inf, non_negative),
         "train.poly_power": (0 < c.train.poly_power < math.inf, positive),
         "train.head_lr_mult": (0 < c.train.head_lr_mult < math.inf, positive),
+        "train.stem_lr_mult": (
+            c.train.stem_lr_mult is None or 0 < c.train.stem_lr_mult < math.inf,
+            positive,
+        ),
         "train.aux_weight": (0 <= c.train.aux_weight < math.inf, non_negative),
         "train.ohem_thresh": (0 < c.train.ohem_thresh <= 1, "a probability in (0, 1]"),
         "train.ohem_min_kept": (c.train.ohem_min_kept >= 0, "an integer >= 0"),

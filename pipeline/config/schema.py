@@ -107,6 +107,10 @@ class TrainConfig:
     # Learning rate of every parameter outside the backbone (head, aux head, stem attention) as a multiple
     # of lr: 1 is the paper's single SGD group; DANet and hszhao/semseg train the head at 10x.
     head_lr_mult: float = 1.0
+    # Learning rate of the attention placed before the backbone (model.placement stem or both) as a multiple
+    # of lr, in groups of its own (stem, stem_no_decay); unset, it is head_lr_mult's. The stem attention sits
+    # between pretrained stages: at the head's 10x it can replace their features before it learns anything.
+    stem_lr_mult: float | None = None
     # True keeps 1-D parameters (biases, norm weights, the attention's gamma) out of weight decay (timm's
     # param_groups_weight_decay); false decays every parameter, as the paper's recipe does.
     no_decay_1d: bool = False

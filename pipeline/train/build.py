@@ -161,28 +161,41 @@ def _distribute(model: nn.Module, session: Session, sync_bn: bool) -> nn.Module:
 
 
 def parameter_groups(
-    model: nn.Module, *, head_lr_mult: float = 1.0, weight_decay: float = 0.0, no_decay_1d: bool = False
+    model: nn.Module,
+    *,
+    head_lr_mult: float = 1.0,
+    weight_decay: float = 0.0,
+    no_decay_1d: bool = False,
+    stem_lr_mult: float | None = None,
 ) -> list[dict[str, Any]]:
     """The optimiser's parameter groups: the backbone's and the rest's (head, aux head, stem attention), each
     split into decayed and undecayed parameters when ``no_decay_1d``; empty groups are left out.
 
     Every trainable parameter lands in exactly one group (a parameter in none would silently never train:
-    DANet#84). Each group carries ``name`` (``backbone``, ``head``, ``backbone_no_decay``, ``head_no_decay``)
-    and ``lr_mult`` (1 for the backbone, ``head_lr_mult`` for the rest), which the poly schedule multiplies
-    its learning rate by at every iteration.
+    DANet#84). Each group carries ``name`` (``backbone``, ``head``, ``backbone_no_decay``, ``head_no_decay``;
+    ``stem`` and ``stem_no_decay`` with ``stem_lr_mult``) and ``lr_mult`` (1 for the backbone,
+    ``head_lr_mult`` for the rest), which the poly schedule multiplies its learning rate by at every
+    iteration.
 
     Args:
         model: the model as built (not wrapped by DistributedDataParallel), with a ``backbone`` submodule.
         head_lr_mult: learning-rate multiple for every parameter outside ``model.backbone``.
         weight_decay: the decay of the decayed groups.
         no_decay_1d: keep 1-D parameters (biases, norm weights, ``gamma``) out of weight decay.
+        stem_lr_mult: when given, the attention before the backbone (``model.stem_attention``) goes in
+            groups of its own at this multiple instead of the head's.
     """
     backbone = {id(p) for p in model.backbone.parameters()}  # type: ignore[union-attr]
+    stem_attention = getattr(model, "stem_attention", None)
+    stem = (
+        {id(p) for p in stem_attention.parameters()} if stem_lr_mult is not None and stem_attention else set()
+    )
+    multiple = {"backbone": 1.0, "stem": stem_lr_mult, "head": head_lr_mult}
     groups: dict[str, dict[str, Any]] = {}
     for parameter in model.parameters():
         if not parameter.requires_grad:
             continue
-        part = "backbone" if id(parameter) in backbone else "head"
+        part = "backbone" if id(parameter) in backbone else "stem" if id(parameter) in stem else "head"
         undecayed = no_decay_1d and parameter.ndim <= 1
         name = f"{part}_no_decay" if undecayed else part
         group = groups.setdefault(
@@ -190,12 +203,12 @@ def parameter_groups(
             {
                 "name": name,
                 "params": [],
-                "lr_mult": 1.0 if part == "backbone" else head_lr_mult,
+                "lr_mult": multiple[part],
                 "weight_decay": 0.0 if undecayed else weight_decay,
             },
         )
         group["params"].append(parameter)
-    order = ("backbone", "backbone_no_decay", "head", "head_no_decay")
+    order = ("backbone", "backbone_no_decay", "stem", "stem_no_decay", "head", "head_no_decay")
     return [groups[name] for name in order if name in groups]
 
 
@@ -204,7 +217,11 @@ def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
     learning rate, ``lr * lr_mult``, every iteration)."""
     train = config.train
     groups = parameter_groups(
-        model, head_lr_mult=train.head_lr_mult, weight_decay=train.weight_decay, no_decay_1d=train.no_decay_1d
+        model,
+        head_lr_mult=train.head_lr_mult,
+        weight_decay=train.weight_decay,
+        no_decay_1d=train.no_decay_1d,
+        stem_lr_mult=train.stem_lr_mult,
     )
     for group in groups:
         group["lr"] = train.lr * group["lr_mult"]

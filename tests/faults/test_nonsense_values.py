@@ -40,6 +40,7 @@ NONSENSE: dict[str, list[tuple[str, str]]] = {
     "train.weight_decay": [("-1e-4", "train.weight_decay=-0.0001 is not allowed"), (".inf", "=inf")],
     "train.poly_power": [("0", "train.poly_power=0.0 is not allowed")],
     "train.head_lr_mult": [("0", "train.head_lr_mult=0.0 is not allowed"), (".nan", "head_lr_mult=nan")],
+    "train.stem_lr_mult": [("0", "train.stem_lr_mult=0.0 is not allowed"), ("-1", "stem_lr_mult=-1.0")],
     "train.aux_weight": [("-0.4", "train.aux_weight=-0.4 is not allowed")],
     "train.ohem_thresh": [("0", "train.ohem_thresh=0.0 is not allowed"), ("1.5", "train.ohem_thresh=1.5")],
     "train.ohem_min_kept": [("-1", "train.ohem_min_kept=-1 is not allowed")],

@@ -22,13 +22,20 @@ def _group_of(groups: list[dict], model: torch.nn.Module) -> dict[str, list[str]
     return found
 
 
+@pytest.mark.parametrize("stem_lr_mult", [None, 1.0])
 @pytest.mark.parametrize("no_decay_1d", [False, True])
-@pytest.mark.parametrize("overrides", [{}, {"recurrence": 0}, {"placement": "both"}, {"aux_channels": 0}])
-def test_every_trainable_parameter_is_in_exactly_one_group(no_decay_1d: bool, overrides: dict) -> None:
+@pytest.mark.parametrize(
+    "overrides", [{}, {"recurrence": 0}, {"placement": "both"}, {"placement": "stem"}, {"aux_channels": 0}]
+)
+def test_every_trainable_parameter_is_in_exactly_one_group(
+    no_decay_1d: bool, overrides: dict, stem_lr_mult: float | None
+) -> None:
     model = build_ccnet("ccnet_tiny", num_classes=5, **overrides)
     frozen = "backbone.stem.0.0.weight"
     model.get_parameter(frozen).requires_grad_(False)  # a frozen parameter belongs to no group
-    groups = parameter_groups(model, head_lr_mult=10.0, weight_decay=5e-4, no_decay_1d=no_decay_1d)
+    groups = parameter_groups(
+        model, head_lr_mult=10.0, weight_decay=5e-4, no_decay_1d=no_decay_1d, stem_lr_mult=stem_lr_mult
+    )
     membership = _group_of(groups, model)
     assert membership.pop(frozen) == []
     assert all(len(held) == 1 for held in membership.values()), membership
@@ -60,6 +67,42 @@ def test_groups_split_backbone_and_head_and_keep_1d_out_of_decay() -> None:
     assert groups["head"]["lr_mult"] == groups["head_no_decay"]["lr_mult"] == 10.0
     assert groups["head"]["weight_decay"] == groups["backbone"]["weight_decay"] == 5e-4
     assert groups["head_no_decay"]["weight_decay"] == groups["backbone_no_decay"]["weight_decay"] == 0.0
+
+
+def test_the_stem_attention_takes_its_own_rate_when_asked() -> None:
+    """train.stem_lr_mult: the attention before the backbone in groups of its own at that multiple (the
+    head keeps its own); unset, it stays in the head's groups, as before the key existed."""
+    config = load_config(
+        None,
+        [
+            "model.name=ccnet_tiny",
+            "model.placement=both",
+            "train.head_lr_mult=10",
+            "train.stem_lr_mult=1",
+            "train.no_decay_1d=true",
+        ],
+    )
+    model = build_ccnet("ccnet_tiny", num_classes=5, placement="both")
+    optimizer = build_optimizer(config, model)
+    lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
+    assert lrs == pytest.approx(
+        {
+            "backbone": 0.01,
+            "backbone_no_decay": 0.01,
+            "stem": 0.01,
+            "stem_no_decay": 0.01,
+            "head": 0.1,
+            "head_no_decay": 0.1,
+        }
+    )
+    membership = {name: held[0] for name, held in _group_of(optimizer.param_groups, model).items()}
+    stem = {name: group for name, group in membership.items() if name.startswith("stem_attention.")}
+    assert stem["stem_attention.attention.gamma"] == "stem_no_decay"
+    assert set(stem.values()) == {"stem", "stem_no_decay"}
+    assert membership["head.attention.attention.gamma"] == "head_no_decay"
+    model = build_ccnet("ccnet_tiny", num_classes=5, placement="both")
+    unset = build_optimizer(load_config(None, ["model.name=ccnet_tiny", "train.head_lr_mult=10"]), model)
+    assert [group["name"] for group in unset.param_groups] == ["backbone", "head"]
 
 
 def test_reference_recipe_is_one_decayed_rate_for_all() -> None:
