@@ -435,7 +435,10 @@ class MlflowTracker:
     def _marked_killed(self) -> bool:
         """Whether another process (a stopped search, for its trials) has already marked the run KILLED:
         the error this process then sees is the stop itself, and FAILED must not overwrite it."""
-        return bool(self._client.get_run(self._run_id).info.status == "KILLED")
+        try:
+            return bool(self._client.get_run(self._run_id).info.status == "KILLED")
+        except Exception:  # the status is then set as asked; set_terminated reports a store problem
+            return False
 
     def end_children(self, status: str, failed_since: float | None = None) -> int:
         """Closes with ``status`` every run nested under this one still RUNNING (or FAILED after the time
